@@ -1,0 +1,375 @@
+//! Broker definitions: a tag, and one typed config per env.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::config;
+use crate::error::ValidationError;
+use crate::secret;
+use crate::tag::check_tag;
+
+/// The kind of broker an env runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BrokerType {
+    /// Apache Kafka (or a protocol-compatible server).
+    Kafka,
+    /// Redis Streams.
+    Redis,
+    /// RabbitMQ (AMQP 0-9-1).
+    Rabbitmq,
+    /// Google Cloud Pub/Sub.
+    GooglePubsub,
+    /// AWS SQS.
+    AwsSqs,
+    /// NATS JetStream.
+    Nats,
+    /// MQTT 3.1.1 / 5.
+    Mqtt,
+    /// polybus's own broker in a local SQLite file.
+    Embedded,
+}
+
+impl BrokerType {
+    /// Every broker type, in documentation order.
+    pub const ALL: [BrokerType; 8] = [
+        BrokerType::Kafka,
+        BrokerType::Redis,
+        BrokerType::Rabbitmq,
+        BrokerType::GooglePubsub,
+        BrokerType::AwsSqs,
+        BrokerType::Nats,
+        BrokerType::Mqtt,
+        BrokerType::Embedded,
+    ];
+
+    /// The stored (lower snake case) name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerType::Kafka => "kafka",
+            BrokerType::Redis => "redis",
+            BrokerType::Rabbitmq => "rabbitmq",
+            BrokerType::GooglePubsub => "google_pubsub",
+            BrokerType::AwsSqs => "aws_sqs",
+            BrokerType::Nats => "nats",
+            BrokerType::Mqtt => "mqtt",
+            BrokerType::Embedded => "embedded",
+        }
+    }
+}
+
+impl fmt::Display for BrokerType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BrokerType {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        BrokerType::ALL.into_iter().find(|t| t.as_str() == lower).ok_or_else(|| {
+            let names: Vec<_> = BrokerType::ALL.iter().map(|t| t.as_str()).collect();
+            format!("unknown broker type `{s}`, expected one of {}", names.join(", "))
+        })
+    }
+}
+
+impl Serialize for BrokerType {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for BrokerType {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// One environment of a broker: which broker type and how to reach it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerEnv {
+    /// Env slug, e.g. `prd`.
+    pub slug: String,
+    /// Broker type for this env.
+    #[serde(rename = "type")]
+    pub broker_type: BrokerType,
+    /// Type-specific config; strings may be `${ENV_VAR}` references.
+    #[serde(default = "empty_object")]
+    pub config: Value,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+/// A broker definition: one name for the product, one config per env.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Broker {
+    /// Display name.
+    pub name: String,
+    /// Unique tag, `[a-z0-9][a-z0-9-_]*`.
+    pub tag: String,
+    /// Short description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The envs, each with its own broker type and config.
+    pub envs: Vec<BrokerEnv>,
+    /// Version, bumped by every write (0 before the first).
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl Broker {
+    /// Deserializes and validates a broker from a parsed YAML/JSON document.
+    pub fn from_value(value: Value) -> Result<Self, ValidationError> {
+        let broker: Broker = from_value_at(value, "")?;
+        broker.validate()?;
+        Ok(broker)
+    }
+
+    /// Checks tag, names, env slugs and each env's config.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.name.trim().is_empty() {
+            return Err(ValidationError::field("name", "must not be empty"));
+        }
+        check_tag(&self.tag).map_err(|e| ValidationError::field("tag", e))?;
+        if self.envs.is_empty() {
+            return Err(ValidationError::field("envs", "at least one env is required"));
+        }
+        let mut seen = HashSet::new();
+        for (i, env) in self.envs.iter().enumerate() {
+            check_tag(&env.slug).map_err(|e| ValidationError::field(format!("envs[{i}].slug"), e))?;
+            if !seen.insert(env.slug.as_str()) {
+                return Err(ValidationError::field(
+                    format!("envs[{i}].slug"),
+                    format!("env slug `{}` appears more than once", env.slug),
+                ));
+            }
+            config::validate(env.broker_type, &env.config)
+                .map_err(|(field, message)| ValidationError::in_env(&env.slug, field, message))?;
+        }
+        Ok(())
+    }
+
+    /// The env with this slug.
+    pub fn env(&self, slug: &str) -> Option<&BrokerEnv> {
+        self.envs.iter().find(|e| e.slug == slug)
+    }
+
+    /// The env slugs, comma separated (for messages).
+    pub fn env_slugs(&self) -> String {
+        self.envs.iter().map(|e| e.slug.as_str()).collect::<Vec<_>>().join(", ")
+    }
+
+    /// A copy safe to show: literal passwords, keys and tokens replaced by `****`.
+    pub fn redacted(&self) -> Broker {
+        let mut copy = self.clone();
+        for env in &mut copy.envs {
+            secret::redact(&mut env.config);
+        }
+        copy
+    }
+}
+
+/// A partial update of a broker: given fields replace, envs are matched by slug.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BrokerPatch {
+    /// New display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// New description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Envs to replace (same slug) or add (new slug).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub envs: Vec<BrokerEnv>,
+    /// Slugs of envs to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_envs: Vec<String>,
+    /// The version this patch was based on; a stale one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Accepted and ignored so a fetched broker can be sent back as a patch; it must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+}
+
+impl BrokerPatch {
+    /// Deserializes a patch from a parsed YAML/JSON document.
+    pub fn from_value(value: Value) -> Result<Self, ValidationError> {
+        from_value_at(value, "")
+    }
+
+    /// Applies the patch to `current`, returning the validated result (version unchanged).
+    pub fn apply(&self, current: &Broker) -> Result<Broker, ValidationError> {
+        if let Some(tag) = &self.tag
+            && tag != &current.tag
+        {
+            return Err(ValidationError::field(
+                "tag",
+                format!("a broker's tag cannot change (`{}` → `{tag}`)", current.tag),
+            ));
+        }
+        let mut next = current.clone();
+        if let Some(name) = &self.name {
+            next.name = name.clone();
+        }
+        if let Some(description) = &self.description {
+            next.description = Some(description.clone());
+        }
+        for slug in &self.remove_envs {
+            if next.env(slug).is_none() {
+                return Err(ValidationError::field(
+                    "removeEnvs",
+                    format!("env `{slug}` does not exist (envs: {})", current.env_slugs()),
+                ));
+            }
+            next.envs.retain(|e| &e.slug != slug);
+        }
+        for env in &self.envs {
+            match next.envs.iter_mut().find(|e| e.slug == env.slug) {
+                Some(existing) => *existing = env.clone(),
+                None => next.envs.push(env.clone()),
+            }
+        }
+        let mut slugs = HashSet::new();
+        for env in &self.envs {
+            if !slugs.insert(env.slug.as_str()) {
+                return Err(ValidationError::field(
+                    "envs",
+                    format!("env slug `{}` appears more than once", env.slug),
+                ));
+            }
+        }
+        next.validate()?;
+        Ok(next)
+    }
+}
+
+/// Deserializes `T`, turning a serde error into a [`ValidationError`] naming the field and env.
+pub(crate) fn from_value_at<T: serde::de::DeserializeOwned>(
+    value: Value,
+    prefix: &str,
+) -> Result<T, ValidationError> {
+    let envs = value.get("envs").cloned();
+    serde_path_to_error::deserialize(value).map_err(|err| {
+        let path = err.path().to_string();
+        let message = err.inner().to_string();
+        // `envs[2].config.port` → env named by its slug when the document has one.
+        let (env, field) = split_env(&path, envs.as_ref());
+        let field = match (prefix.is_empty(), field.as_str()) {
+            (true, _) => field,
+            (false, "." | "") => prefix.to_owned(),
+            (false, f) => format!("{prefix}.{f}"),
+        };
+        let field = if field == "." { "document".to_owned() } else { field };
+        let message = if secret::is_secret_field(&field) { "expected a string".to_owned() } else { message };
+        ValidationError { env, field, message }
+    })
+}
+
+fn split_env(path: &str, envs: Option<&Value>) -> (Option<String>, String) {
+    let Some(rest) = path.strip_prefix("envs[") else { return (None, path.to_owned()) };
+    let Some((index, tail)) = rest.split_once(']') else { return (None, path.to_owned()) };
+    let slug = index
+        .parse::<usize>()
+        .ok()
+        .and_then(|i| envs?.get(i)?.get("slug")?.as_str().map(str::to_owned));
+    match slug {
+        Some(slug) => (Some(slug), tail.trim_start_matches('.').to_owned()),
+        None => (None, path.to_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn two_envs() -> Value {
+        json!({
+            "name": "Message Bus",
+            "tag": "message-bus",
+            "envs": [
+                {"slug": "prd", "type": "RABBITMQ", "config": {"url": "${RABBITMQ_URL}", "exchange": "events"}},
+                {"slug": "dev", "type": "redis", "config": {"host": "127.0.0.1", "port": 6379, "password": "hunter2"}}
+            ]
+        })
+    }
+
+    #[test]
+    fn accepts_upper_case_types_and_stores_lower_case() {
+        let b = Broker::from_value(two_envs()).unwrap();
+        assert_eq!(b.envs[0].broker_type, BrokerType::Rabbitmq);
+        assert_eq!(serde_json::to_value(&b).unwrap()["envs"][0]["type"], "rabbitmq");
+        assert_eq!("GOOGLE_PUBSUB".parse::<BrokerType>().unwrap(), BrokerType::GooglePubsub);
+    }
+
+    #[test]
+    fn wrong_type_names_env_and_field() {
+        let mut v = two_envs();
+        v["envs"][1]["config"]["port"] = json!("six");
+        let err = Broker::from_value(v).unwrap_err();
+        assert_eq!(err.env.as_deref(), Some("dev"));
+        assert_eq!(err.field, "config.port");
+        assert!(err.message.contains("expected"), "{err}");
+    }
+
+    #[test]
+    fn missing_required_field_names_it() {
+        let mut v = two_envs();
+        v["envs"][0]["config"] = json!({"exchange": "events"});
+        let err = Broker::from_value(v).unwrap_err();
+        assert_eq!(err.env.as_deref(), Some("prd"));
+        assert!(err.field.contains("url") || err.message.contains("url"), "{err}");
+    }
+
+    #[test]
+    fn unknown_type_is_rejected() {
+        let mut v = two_envs();
+        v["envs"][0]["type"] = json!("carrier-pigeon");
+        let err = Broker::from_value(v).unwrap_err();
+        assert_eq!(err.env.as_deref(), Some("prd"));
+        assert_eq!(err.field, "type");
+        assert!(err.message.contains("unknown broker type"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_env_slugs_are_rejected() {
+        let mut v = two_envs();
+        v["envs"][1]["slug"] = json!("prd");
+        let err = Broker::from_value(v).unwrap_err();
+        assert!(err.message.contains("more than once"), "{err}");
+    }
+
+    #[test]
+    fn patch_replaces_adds_and_removes_envs() {
+        let b = Broker::from_value(two_envs()).unwrap();
+        let patch = BrokerPatch::from_value(json!({
+            "envs": [{"slug": "prd", "type": "KAFKA", "config": {"brokers": ["127.0.0.1:9092"]}},
+                     {"slug": "local", "type": "embedded"}],
+            "removeEnvs": ["dev"]
+        }))
+        .unwrap();
+        let next = patch.apply(&b).unwrap();
+        let slugs: Vec<_> = next.envs.iter().map(|e| (e.slug.as_str(), e.broker_type)).collect();
+        assert_eq!(slugs, vec![("prd", BrokerType::Kafka), ("local", BrokerType::Embedded)]);
+    }
+
+    #[test]
+    fn redaction_hides_literal_secrets_only() {
+        let b = Broker::from_value(two_envs()).unwrap().redacted();
+        assert_eq!(b.envs[1].config["password"], "****");
+        assert_eq!(b.envs[0].config["url"], "${RABBITMQ_URL}");
+    }
+}

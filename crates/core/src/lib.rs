@@ -1,0 +1,22 @@
+//! polybus domain model: broker and topic definitions with their validation, secrets,
+//! the [`Message`] type and the [`Transport`] contract every adapter implements.
+
+pub mod broker;
+pub mod config;
+pub mod error;
+pub mod message;
+pub mod secret;
+pub mod tag;
+pub mod topic;
+pub mod transport;
+pub mod wire;
+
+pub use broker::{Broker, BrokerEnv, BrokerPatch, BrokerType};
+pub use error::{Error, Op, Result, ValidationError};
+pub use message::Message;
+pub use tag::EventRef;
+pub use topic::{Topic, TopicEnv, TopicPatch, TopicSpec};
+pub use transport::{
+    Acker, Capabilities, ConnectTarget, Connector, Delivery, SubscribeOptions, Subscription, Support,
+    Transport,
+};

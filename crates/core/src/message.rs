@@ -1,0 +1,95 @@
+//! The message that travels through every broker.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+/// A message: id, payload bytes, headers, optional key, content type, publish time, attempt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// Unique id (a UUIDv7 unless the publisher set one).
+    pub id: String,
+    /// The payload, unchanged byte for byte.
+    pub payload: Bytes,
+    /// String headers; trace context travels here.
+    pub headers: BTreeMap<String, String>,
+    /// Ordering / partition key.
+    pub key: Option<String>,
+    /// MIME type of the payload.
+    pub content_type: Option<String>,
+    /// When it was published.
+    pub published_at: DateTime<Utc>,
+    /// Delivery attempt, 1 on first delivery (0 on a message not yet delivered).
+    pub attempt: u32,
+    /// Publish only: deliver no earlier than this long after publishing.
+    pub delay: Option<Duration>,
+}
+
+impl Message {
+    /// A message carrying `payload`, with a fresh id.
+    pub fn new(payload: impl Into<Bytes>) -> Self {
+        Message {
+            id: uuid::Uuid::now_v7().to_string(),
+            payload: payload.into(),
+            headers: BTreeMap::new(),
+            key: None,
+            content_type: None,
+            published_at: Utc::now(),
+            attempt: 0,
+            delay: None,
+        }
+    }
+
+    /// A `text/plain` message.
+    pub fn text(text: impl Into<String>) -> Self {
+        Message::new(text.into()).content_type("text/plain")
+    }
+
+    /// An `application/json` message serialized from `value`.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
+        Ok(Message::new(serde_json::to_vec(value)?).content_type("application/json"))
+    }
+
+    /// Sets the ordering / partition key.
+    pub fn key(mut self, key: impl Into<String>) -> Self {
+        self.key = Some(key.into());
+        self
+    }
+
+    /// Adds a header.
+    pub fn header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        self.headers.insert(name.into(), value.into());
+        self
+    }
+
+    /// Sets the content type.
+    pub fn content_type(mut self, content_type: impl Into<String>) -> Self {
+        self.content_type = Some(content_type.into());
+        self
+    }
+
+    /// Sets the id (for idempotent publishing).
+    pub fn id(mut self, id: impl Into<String>) -> Self {
+        self.id = id.into();
+        self
+    }
+
+    /// Delays delivery by `delay`.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        self.delay = Some(delay).filter(|d| !d.is_zero());
+        self
+    }
+
+    /// The payload as UTF-8 text, when it is.
+    pub fn payload_str(&self) -> Option<&str> {
+        std::str::from_utf8(&self.payload).ok()
+    }
+
+    /// The payload parsed as JSON.
+    pub fn payload_json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.payload)
+    }
+}

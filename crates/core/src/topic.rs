@@ -1,0 +1,344 @@
+//! Topics: `broker-tag:topic-tag`, with optional per-env native names and settings.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::broker::{Broker, from_value_at};
+use crate::error::ValidationError;
+use crate::tag::EventRef;
+
+/// Attempts before a message is dead-lettered, unless the topic says otherwise.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
+/// Per-env settings of a topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TopicEnv {
+    /// Env slug of the topic's broker.
+    pub slug: String,
+    /// Name on the broker (default: the topic tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native_name: Option<String>,
+    /// SQS queue URL for this env.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_url: Option<String>,
+    /// Pub/Sub topic name for this env.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topic_name: Option<String>,
+    /// FIFO queue (SQS): key becomes the message group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fifo: Option<bool>,
+    /// Partitions when the topic is created on demand (Kafka).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
+}
+
+/// The seed's SQS form: `queueUrl: [{ env_slug, url }]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueUrl {
+    /// Env slug.
+    pub env_slug: String,
+    /// Queue URL.
+    pub url: String,
+}
+
+/// A topic definition.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Topic {
+    /// Display name (default: the topic tag).
+    #[serde(default)]
+    pub name: String,
+    /// The event, `broker-tag:topic-tag`.
+    pub tag: String,
+    /// The broker's tag (optional; must match the event's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_broker_tag: Option<String>,
+    /// Short description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// Deliveries before a message goes to the dead-letter destination (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// Native name of the dead-letter destination (default `<native>-dlq`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<String>,
+    /// Per-env overrides.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub envs: Vec<TopicEnv>,
+    /// The seed's per-env SQS queue URLs (merged into `envs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_url: Option<Vec<QueueUrl>>,
+    /// An example payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<Value>,
+    /// Version, bumped by every write.
+    #[serde(default)]
+    pub version: u64,
+}
+
+impl Topic {
+    /// Deserializes a topic from a parsed YAML/JSON document and normalises it (no broker checks).
+    pub fn from_value(value: Value) -> Result<Self, ValidationError> {
+        let mut topic: Topic = from_value_at(value, "")?;
+        topic.normalise()?;
+        Ok(topic)
+    }
+
+    fn normalise(&mut self) -> Result<(), ValidationError> {
+        let event = self.event()?;
+        if self.name.trim().is_empty() {
+            self.name = event.topic.clone();
+        }
+        if let Some(urls) = self.queue_url.take() {
+            for QueueUrl { env_slug, url } in urls {
+                match self.envs.iter_mut().find(|e| e.slug == env_slug) {
+                    Some(env) => env.queue_url = Some(url),
+                    None => self.envs.push(TopicEnv { slug: env_slug, queue_url: Some(url), ..Default::default() }),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The parsed event address.
+    pub fn event(&self) -> Result<EventRef, ValidationError> {
+        EventRef::parse_field(&self.tag, "tag")
+    }
+
+    /// Checks the topic against its broker: tags, env slugs, settings.
+    pub fn validate(&self, broker: &Broker) -> Result<(), ValidationError> {
+        let event = self.event()?;
+        if event.broker != broker.tag {
+            return Err(ValidationError::field("tag", format!("broker part must be `{}`", broker.tag)));
+        }
+        if let Some(tag) = &self.message_broker_tag
+            && tag != &event.broker
+        {
+            return Err(ValidationError::field(
+                "messageBrokerTag",
+                format!("`{tag}` does not match the event's broker `{}`", event.broker),
+            ));
+        }
+        if self.max_attempts == Some(0) {
+            return Err(ValidationError::field("maxAttempts", "must be at least 1"));
+        }
+        if let Some(dl) = &self.dead_letter {
+            check_native(dl).map_err(|e| ValidationError::field("deadLetter", e))?;
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, env) in self.envs.iter().enumerate() {
+            if broker.env(&env.slug).is_none() {
+                return Err(ValidationError::field(
+                    format!("envs[{i}].slug"),
+                    format!("broker `{}` has no env `{}` (envs: {})", broker.tag, env.slug, broker.env_slugs()),
+                ));
+            }
+            if !seen.insert(env.slug.as_str()) {
+                return Err(ValidationError::field(
+                    format!("envs[{i}].slug"),
+                    format!("env slug `{}` appears more than once", env.slug),
+                ));
+            }
+            if let Some(native) = &env.native_name {
+                check_native(native).map_err(|e| ValidationError::in_env(&env.slug, "nativeName", e))?;
+            }
+            if let Some(p) = env.partitions
+                && p < 1
+            {
+                return Err(ValidationError::in_env(&env.slug, "partitions", "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// What an adapter needs to know about this topic in `env`.
+    pub fn spec(&self, env: &str) -> Result<TopicSpec, ValidationError> {
+        let event = self.event()?;
+        let overrides = self.envs.iter().find(|e| e.slug == env).cloned().unwrap_or_default();
+        let native_name = overrides
+            .native_name
+            .clone()
+            .or_else(|| overrides.topic_name.clone())
+            .unwrap_or_else(|| event.topic.clone());
+        let dead_letter = self.dead_letter.clone().unwrap_or_else(|| format!("{native_name}-dlq"));
+        Ok(TopicSpec {
+            event: self.tag.clone(),
+            native_name,
+            dead_letter,
+            max_attempts: self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            fifo: overrides.fifo.unwrap_or(false),
+            partitions: overrides.partitions,
+            queue_url: overrides.queue_url,
+        })
+    }
+}
+
+fn check_native(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 255 {
+        return Err("must be 1 to 255 characters".into());
+    }
+    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("`{name}` must not contain spaces or control characters"));
+    }
+    Ok(())
+}
+
+/// A partial update of a topic.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TopicPatch {
+    /// New display name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// New description.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// New attempt limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u32>,
+    /// New dead-letter native name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<String>,
+    /// Env overrides to replace (same slug) or add.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub envs: Vec<TopicEnv>,
+    /// Env overrides to remove.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove_envs: Vec<String>,
+    /// New sample payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample: Option<Value>,
+    /// The version this patch was based on; a stale one is refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// Accepted so a fetched topic can be sent back; it must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
+    /// Accepted so a fetched topic can be sent back; it must match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message_broker_tag: Option<String>,
+}
+
+impl TopicPatch {
+    /// Deserializes a patch from a parsed YAML/JSON document.
+    pub fn from_value(value: Value) -> Result<Self, ValidationError> {
+        from_value_at(value, "")
+    }
+
+    /// Applies the patch to `current` and validates the result against `broker`.
+    pub fn apply(&self, current: &Topic, broker: &Broker) -> Result<Topic, ValidationError> {
+        if let Some(tag) = &self.tag
+            && tag != &current.tag
+        {
+            return Err(ValidationError::field("tag", format!("a topic's tag cannot change (`{}`)", current.tag)));
+        }
+        let mut next = current.clone();
+        if let Some(v) = &self.name {
+            next.name = v.clone();
+        }
+        if let Some(v) = &self.description {
+            next.description = Some(v.clone());
+        }
+        if let Some(v) = self.max_attempts {
+            next.max_attempts = Some(v);
+        }
+        if let Some(v) = &self.dead_letter {
+            next.dead_letter = Some(v.clone());
+        }
+        if let Some(v) = &self.sample {
+            next.sample = Some(v.clone());
+        }
+        if let Some(v) = &self.message_broker_tag {
+            next.message_broker_tag = Some(v.clone());
+        }
+        for slug in &self.remove_envs {
+            next.envs.retain(|e| &e.slug != slug);
+        }
+        for env in &self.envs {
+            match next.envs.iter_mut().find(|e| e.slug == env.slug) {
+                Some(existing) => *existing = env.clone(),
+                None => next.envs.push(env.clone()),
+            }
+        }
+        next.validate(broker)?;
+        Ok(next)
+    }
+}
+
+/// A topic as resolved for one env: what an adapter publishes to and consumes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TopicSpec {
+    /// The event, `broker:topic`.
+    pub event: String,
+    /// Name on the broker.
+    pub native_name: String,
+    /// Native name of the dead-letter destination.
+    pub dead_letter: String,
+    /// Deliveries before dead-lettering.
+    pub max_attempts: u32,
+    /// FIFO semantics requested (SQS).
+    pub fifo: bool,
+    /// Partitions when created on demand.
+    pub partitions: Option<i32>,
+    /// SQS queue URL, when given.
+    pub queue_url: Option<String>,
+}
+
+impl TopicSpec {
+    /// A spec for a bare native name with defaults (used for dead-letter destinations and tests).
+    pub fn named(native_name: impl Into<String>) -> Self {
+        let native_name = native_name.into();
+        TopicSpec {
+            event: native_name.clone(),
+            dead_letter: format!("{native_name}-dlq"),
+            native_name,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            fifo: false,
+            partitions: None,
+            queue_url: None,
+        }
+    }
+
+    /// The spec of this topic's dead-letter destination.
+    pub fn dead_letter_spec(&self) -> TopicSpec {
+        let mut spec = TopicSpec::named(self.dead_letter.clone());
+        spec.event = format!("{} (dead letters)", self.event);
+        spec.partitions = self.partitions;
+        spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn broker() -> Broker {
+        Broker::from_value(json!({"name": "B", "tag": "message-bus", "envs": [
+            {"slug": "prd", "type": "aws_sqs", "config": {"region": "eu-west-1"}},
+            {"slug": "dev", "type": "embedded"}]}))
+        .unwrap()
+    }
+
+    #[test]
+    fn seed_queue_urls_become_env_overrides() {
+        let t = Topic::from_value(json!({"tag": "message-bus:orders",
+            "queueUrl": [{"env_slug": "prd", "url": "http://q/orders"}]}))
+        .unwrap();
+        t.validate(&broker()).unwrap();
+        assert_eq!(t.name, "orders");
+        assert_eq!(t.spec("prd").unwrap().queue_url.as_deref(), Some("http://q/orders"));
+        let dev = t.spec("dev").unwrap();
+        assert_eq!((dev.native_name.as_str(), dev.dead_letter.as_str()), ("orders", "orders-dlq"));
+    }
+
+    #[test]
+    fn topic_of_another_broker_or_unknown_env_is_refused() {
+        let t = Topic::from_value(json!({"tag": "other:orders"})).unwrap();
+        assert_eq!(t.validate(&broker()).unwrap_err().field, "tag");
+        let t = Topic::from_value(json!({"tag": "message-bus:orders", "envs": [{"slug": "stg"}]})).unwrap();
+        assert!(t.validate(&broker()).unwrap_err().message.contains("no env `stg`"));
+    }
+}

@@ -1,0 +1,199 @@
+//! The transport contract: what every broker adapter implements.
+//!
+//! Semantics (the same on every broker): at-least-once delivery until acked; members of one
+//! group compete, every group gets every message; `nack` redelivers, optionally after a delay;
+//! a subscription holds at most `prefetch` unacked deliveries. Retry policy, dead-lettering
+//! and concurrency are not here: they live once, in the `polybus` crate.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::broker::BrokerType;
+use crate::error::Result;
+use crate::message::Message;
+use crate::secret;
+use crate::topic::TopicSpec;
+
+/// How an adapter provides a feature.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Support {
+    /// The broker does it itself.
+    Native,
+    /// The adapter builds it from other broker features.
+    Emulated,
+    /// Not available on this broker.
+    Unsupported,
+}
+
+impl Support {
+    /// True unless unsupported.
+    pub fn available(self) -> bool {
+        self != Support::Unsupported
+    }
+}
+
+/// What an adapter can do; the behaviour suite skips what is not declared.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Capabilities {
+    /// Messages are kept until acked and redelivered otherwise.
+    pub at_least_once: bool,
+    /// Messages with the same key are delivered in publish order within a group.
+    pub ordering_per_key: bool,
+    /// Delayed publish.
+    pub delayed_delivery: Support,
+    /// Nack with a redelivery delay.
+    pub nack_delay: Support,
+    /// A dead-letter destination the broker itself feeds.
+    pub dead_letter: Support,
+    /// Every group gets every message.
+    pub fan_out: Support,
+    /// A new group can read messages published before it existed.
+    pub replay: bool,
+    /// Deliveries carry an accurate attempt count.
+    pub counts_attempts: bool,
+    /// Largest payload the broker accepts, when it has a limit below 1 MiB + headers.
+    pub max_payload_bytes: Option<usize>,
+}
+
+/// How to subscribe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// Consumer group: members of a group compete, every group gets every message.
+    pub group: String,
+    /// This member's name within the group.
+    pub consumer: String,
+    /// Most unacked deliveries held at once.
+    pub prefetch: usize,
+    /// An unacked delivery is redelivered after this long.
+    pub ack_deadline: Duration,
+}
+
+impl SubscribeOptions {
+    /// Options for `group` with defaults: prefetch 32, ack deadline 30 s, a random member name.
+    pub fn new(group: impl Into<String>) -> Self {
+        SubscribeOptions {
+            group: group.into(),
+            consumer: format!("c-{}", uuid::Uuid::new_v4().simple()),
+            prefetch: 32,
+            ack_deadline: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Settles one delivery on its broker.
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Removes the message for this group.
+    async fn ack(self: Box<Self>) -> Result<()>;
+    /// Makes the message available again, after `delay` when given.
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()>;
+}
+
+/// A received message and the right to settle it, exactly once.
+pub struct Delivery {
+    /// The message, with its attempt number.
+    pub message: Message,
+    acker: Box<dyn Acker>,
+}
+
+impl Delivery {
+    /// A delivery settled through `acker`.
+    pub fn new(message: Message, acker: Box<dyn Acker>) -> Self {
+        Delivery { message, acker }
+    }
+
+    /// Acknowledges: the group will not see this message again.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Negatively acknowledges: the message is redelivered, after `delay` when given.
+    pub async fn nack(self, delay: Option<Duration>) -> Result<()> {
+        self.acker.nack(delay).await
+    }
+
+    /// Splits into the message and its acker.
+    pub fn into_parts(self) -> (Message, Box<dyn Acker>) {
+        (self.message, self.acker)
+    }
+}
+
+impl fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Delivery").field("message", &self.message).finish_non_exhaustive()
+    }
+}
+
+/// A stream of deliveries for one group member.
+#[async_trait]
+pub trait Subscription: Send {
+    /// The next delivery; waits until one is available. `None` once closed.
+    async fn next(&mut self) -> Option<Result<Delivery>>;
+    /// Stops fetching; deliveries already handed out can still be settled.
+    async fn close(&mut self) -> Result<()>;
+}
+
+/// A connection to one broker env.
+#[async_trait]
+pub trait Transport: Send + Sync {
+    /// What this adapter can do.
+    fn capabilities(&self) -> Capabilities;
+    /// Creates the topic on the broker when it does not exist.
+    async fn ensure_topic(&self, topic: &TopicSpec) -> Result<()>;
+    /// Publishes one message (its id and publish time are already set).
+    async fn publish(&self, topic: &TopicSpec, message: Message) -> Result<()>;
+    /// Publishes several messages, in order.
+    async fn publish_batch(&self, topic: &TopicSpec, messages: Vec<Message>) -> Result<()> {
+        for message in messages {
+            self.publish(topic, message).await?;
+        }
+        Ok(())
+    }
+    /// Joins `options.group` on `topic`, creating the group when needed.
+    async fn subscribe(&self, topic: &TopicSpec, options: &SubscribeOptions) -> Result<Box<dyn Subscription>>;
+    /// Checks the broker answers.
+    async fn ping(&self) -> Result<()>;
+    /// Flushes pending publishes and closes the connection.
+    async fn close(&self) -> Result<()>;
+}
+
+/// Where to connect: a broker env with its secrets already resolved.
+#[derive(Clone)]
+pub struct ConnectTarget {
+    /// Broker tag.
+    pub broker: String,
+    /// Env slug.
+    pub env: String,
+    /// Broker type.
+    pub broker_type: BrokerType,
+    /// Config with `${VAR}` references resolved (never log it).
+    pub config: Value,
+}
+
+impl fmt::Debug for ConnectTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut config = self.config.clone();
+        secret::redact(&mut config);
+        f.debug_struct("ConnectTarget")
+            .field("broker", &self.broker)
+            .field("env", &self.env)
+            .field("broker_type", &self.broker_type)
+            .field("config", &config)
+            .finish()
+    }
+}
+
+/// Makes transports for one broker type.
+#[async_trait]
+pub trait Connector: Send + Sync {
+    /// The broker type this connector serves.
+    fn broker_type(&self) -> BrokerType;
+    /// Connects to the broker env described by `target`.
+    async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>>;
+}
