@@ -281,10 +281,8 @@ pub(crate) fn from_value_at<T: serde::de::DeserializeOwned>(
 fn split_env(path: &str, envs: Option<&Value>) -> (Option<String>, String) {
     let Some(rest) = path.strip_prefix("envs[") else { return (None, path.to_owned()) };
     let Some((index, tail)) = rest.split_once(']') else { return (None, path.to_owned()) };
-    let slug = index
-        .parse::<usize>()
-        .ok()
-        .and_then(|i| envs?.get(i)?.get("slug")?.as_str().map(str::to_owned));
+    let slug =
+        index.parse::<usize>().ok().and_then(|i| envs?.get(i)?.get("slug")?.as_str().map(str::to_owned));
     match slug {
         Some(slug) => (Some(slug), tail.trim_start_matches('.').to_owned()),
         None => (None, path.to_owned()),

@@ -25,7 +25,9 @@ impl OneOrMany {
     /// The values as a list.
     pub fn to_vec(&self) -> Vec<String> {
         match self {
-            OneOrMany::One(s) => s.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect(),
+            OneOrMany::One(s) => {
+                s.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
+            }
             OneOrMany::Many(v) => v.clone(),
         }
     }
@@ -321,14 +323,26 @@ mod tests {
     #[test]
     fn each_type_accepts_its_seed_fields() {
         let cases = [
-            (BrokerType::Kafka, json!({"brokers": ["a:9092"], "clientId": "c", "groupId": "g", "ssl": false,
-                "sasl": {"mechanism": "scram-sha-256", "username": "u", "password": "${P}"}})),
+            (
+                BrokerType::Kafka,
+                json!({"brokers": ["a:9092"], "clientId": "c", "groupId": "g", "ssl": false,
+                "sasl": {"mechanism": "scram-sha-256", "username": "u", "password": "${P}"}}),
+            ),
             (BrokerType::Redis, json!({"host": "h", "port": 6379, "channel": "c", "password": "${P}"})),
-            (BrokerType::Rabbitmq, json!({"host": "h", "port": 5672, "username": "u", "password": "p",
-                "exchange": "e", "queue": "q", "routingKey": "r"})),
-            (BrokerType::GooglePubsub, json!({"projectId": "proj", "topicName": "t", "keyFilename": "k.json"})),
-            (BrokerType::AwsSqs, json!({"region": "eu-west-1", "queueUrl": "http://q", "accessKeyId": "a",
-                "secretAccessKey": "s"})),
+            (
+                BrokerType::Rabbitmq,
+                json!({"host": "h", "port": 5672, "username": "u", "password": "p",
+                "exchange": "e", "queue": "q", "routingKey": "r"}),
+            ),
+            (
+                BrokerType::GooglePubsub,
+                json!({"projectId": "proj", "topicName": "t", "keyFilename": "k.json"}),
+            ),
+            (
+                BrokerType::AwsSqs,
+                json!({"region": "eu-west-1", "queueUrl": "http://q", "accessKeyId": "a",
+                "secretAccessKey": "s"}),
+            ),
             (BrokerType::Nats, json!({"servers": ["nats://127.0.0.1:4222"], "maxReconnectAttempts": 3})),
             (BrokerType::Mqtt, json!({"host": "127.0.0.1", "version": 5})),
             (BrokerType::Embedded, json!({})),
@@ -352,7 +366,8 @@ mod tests {
 
     #[test]
     fn secret_values_never_appear_in_type_errors() {
-        let (field, msg) = validate(BrokerType::Redis, &json!({"host": "h", "password": 1234567})).unwrap_err();
+        let (field, msg) =
+            validate(BrokerType::Redis, &json!({"host": "h", "password": 1234567})).unwrap_err();
         assert_eq!(field, "config.password");
         assert!(!msg.contains("1234567"));
     }

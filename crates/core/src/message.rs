@@ -93,3 +93,11 @@ impl Message {
         serde_json::from_slice(&self.payload)
     }
 }
+
+/// A point in time, UTC.
+pub type Timestamp = DateTime<Utc>;
+
+/// The current time.
+pub fn now() -> Timestamp {
+    Utc::now()
+}

@@ -21,7 +21,9 @@ pub fn check_tag(value: &str) -> Result<(), String> {
     if value.len() > MAX_TAG_LEN {
         return Err(format!("`{value}` is longer than {MAX_TAG_LEN} characters"));
     }
-    if let Some(bad) = chars.find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_')) {
+    if let Some(bad) =
+        chars.find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+    {
         return Err(format!("`{value}` contains `{bad}`; allowed are a-z, 0-9, `-` and `_`"));
     }
     Ok(())

@@ -95,7 +95,11 @@ impl Topic {
             for QueueUrl { env_slug, url } in urls {
                 match self.envs.iter_mut().find(|e| e.slug == env_slug) {
                     Some(env) => env.queue_url = Some(url),
-                    None => self.envs.push(TopicEnv { slug: env_slug, queue_url: Some(url), ..Default::default() }),
+                    None => self.envs.push(TopicEnv {
+                        slug: env_slug,
+                        queue_url: Some(url),
+                        ..Default::default()
+                    }),
                 }
             }
         }
@@ -132,7 +136,12 @@ impl Topic {
             if broker.env(&env.slug).is_none() {
                 return Err(ValidationError::field(
                     format!("envs[{i}].slug"),
-                    format!("broker `{}` has no env `{}` (envs: {})", broker.tag, env.slug, broker.env_slugs()),
+                    format!(
+                        "broker `{}` has no env `{}` (envs: {})",
+                        broker.tag,
+                        env.slug,
+                        broker.env_slugs()
+                    ),
                 ));
             }
             if !seen.insert(env.slug.as_str()) {
@@ -232,7 +241,10 @@ impl TopicPatch {
         if let Some(tag) = &self.tag
             && tag != &current.tag
         {
-            return Err(ValidationError::field("tag", format!("a topic's tag cannot change (`{}`)", current.tag)));
+            return Err(ValidationError::field(
+                "tag",
+                format!("a topic's tag cannot change (`{}`)", current.tag),
+            ));
         }
         let mut next = current.clone();
         if let Some(v) = &self.name {

@@ -156,7 +156,8 @@ pub trait Transport: Send + Sync {
         Ok(())
     }
     /// Joins `options.group` on `topic`, creating the group when needed.
-    async fn subscribe(&self, topic: &TopicSpec, options: &SubscribeOptions) -> Result<Box<dyn Subscription>>;
+    async fn subscribe(&self, topic: &TopicSpec, options: &SubscribeOptions)
+    -> Result<Box<dyn Subscription>>;
     /// Checks the broker answers.
     async fn ping(&self) -> Result<()>;
     /// Flushes pending publishes and closes the connection.

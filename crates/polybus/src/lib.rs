@@ -1,1 +1,39 @@
-//! placeholder
+//! polybus: one interface for every message broker a product uses, with the broker chosen
+//! per environment in a registry.
+//!
+//! ```no_run
+//! # async fn demo() -> polybus::Result<()> {
+//! use polybus::{Bus, Group, Message, Registry};
+//! let bus = Bus::open(Registry::open("polybus.db").await?).await?;
+//! bus.publish("dev", "message-bus:orders", Message::text("hello").key("customer-42")).await?;
+//! let mut sub = bus.subscribe("dev", "message-bus:orders", Group("billing")).await?;
+//! while let Some(delivery) = sub.next().await {
+//!     let delivery = delivery?;
+//!     println!("{:?}", delivery.payload_str());
+//!     delivery.ack().await?;
+//! }
+//! # Ok(()) }
+//! ```
+
+mod bus;
+mod consume;
+mod delivery;
+
+pub use bus::{Bus, BusBuilder, Group};
+pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
+pub use delivery::{Delivery, Subscriber};
+
+pub use polybus_core::{
+    self as core, Broker, BrokerEnv, BrokerPatch, BrokerType, Capabilities, Connector, Error, EventRef,
+    Message, Result, SubscribeOptions, Support, Topic, TopicPatch, TopicSpec, Transport, wire,
+};
+pub use polybus_registry::{Registry, SqliteStore, Store};
+
+/// The connectors compiled into this build, one per enabled adapter feature.
+pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
+    #[allow(unused_mut)]
+    let mut connectors: Vec<std::sync::Arc<dyn Connector>> = Vec::new();
+    #[cfg(feature = "embedded")]
+    connectors.push(std::sync::Arc::new(polybus_embedded::EmbeddedConnector));
+    connectors
+}

@@ -124,7 +124,8 @@ impl Registry {
 
     /// The broker with this tag.
     pub async fn fetch_broker(&self, tag: &str) -> Result<Broker> {
-        let record = self.store.get(Kind::Broker, tag).await?.ok_or_else(|| Error::BrokerNotFound(tag.into()))?;
+        let record =
+            self.store.get(Kind::Broker, tag).await?.ok_or_else(|| Error::BrokerNotFound(tag.into()))?;
         from_record(record)
     }
 

@@ -107,7 +107,8 @@ impl Store for SqliteStore {
                 "SELECT key, version, doc FROM records
                  WHERE kind = ?1 AND (?2 IS NULL OR parent = ?2) ORDER BY key",
             )?;
-            let rows = stmt.query_map(params![kind.as_str(), parent], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+            let rows =
+                stmt.query_map(params![kind.as_str(), parent], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
             rows.map(|row| row.and_then(|(k, v, d)| decode(k, v, d))).collect()
         })
         .await

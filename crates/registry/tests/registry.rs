@@ -70,8 +70,9 @@ async fn invalid_update_and_duplicate_create_store_nothing() {
     reg.create_broker(broker("bus")).await.unwrap();
     let err = reg.create_broker(broker("bus")).await.unwrap_err();
     assert_eq!(err.code(), "ALREADY_EXISTS");
-    let bad = BrokerPatch::from_value(json!({"envs": [{"slug": "dev", "type": "redis", "config": {"port": 1}}]}))
-        .unwrap();
+    let bad =
+        BrokerPatch::from_value(json!({"envs": [{"slug": "dev", "type": "redis", "config": {"port": 1}}]}))
+            .unwrap();
     let err = reg.update_broker("bus", bad).await.unwrap_err();
     assert_eq!(err.code(), "VALIDATION_FAILED");
     assert!(err.to_string().contains("env `dev`"), "{err}");
@@ -114,8 +115,9 @@ async fn topics_belong_to_an_existing_broker_and_block_its_deletion() {
     assert_eq!(reg.create_topic(orphan).await.unwrap_err().code(), "BROKER_NOT_FOUND");
 
     reg.create_broker(broker("bus")).await.unwrap();
-    let t = Topic::from_value(json!({"tag": "bus:orders", "envs": [{"slug": "prd", "nativeName": "orders.v1"}]}))
-        .unwrap();
+    let t =
+        Topic::from_value(json!({"tag": "bus:orders", "envs": [{"slug": "prd", "nativeName": "orders.v1"}]}))
+            .unwrap();
     let t = reg.create_topic(t).await.unwrap();
     assert_eq!(t.spec("prd").unwrap().native_name, "orders.v1");
     reg.create_topic(Topic::from_value(json!({"tag": "bus:refunds"})).unwrap()).await.unwrap();

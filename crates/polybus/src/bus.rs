@@ -1,0 +1,359 @@
+//! The `Bus`: resolves `(env, "broker:topic")` through the registry to a connected transport.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use polybus_core::{
+    BrokerType, Capabilities, ConnectTarget, Connector, Error, Message, Result, SubscribeOptions, TopicSpec,
+    Transport, secret,
+};
+use polybus_registry::Registry;
+use tokio::sync::Mutex;
+
+use crate::delivery::{DeadLetterTarget, Subscriber};
+
+/// How long a resolved topic or connection is trusted before the registry is asked again.
+const REFRESH_AFTER: Duration = Duration::from_secs(1);
+
+/// A consumer group, for [`Bus::subscribe`]: `Group("billing")`.
+#[derive(Debug, Clone, Copy)]
+pub struct Group<'a>(pub &'a str);
+
+impl From<Group<'_>> for SubscribeOptions {
+    fn from(group: Group<'_>) -> Self {
+        SubscribeOptions::new(group.0)
+    }
+}
+
+struct Connection {
+    broker_version: u64,
+    broker_type: BrokerType,
+    transport: Arc<dyn Transport>,
+    checked: Instant,
+    ensured: std::collections::HashSet<String>,
+}
+
+#[derive(Clone)]
+struct Route {
+    spec: TopicSpec,
+    topic_version: u64,
+    checked: Instant,
+}
+
+/// What `(env, event)` resolves to.
+#[derive(Clone)]
+pub(crate) struct Resolved {
+    pub transport: Arc<dyn Transport>,
+    pub spec: TopicSpec,
+    pub broker_type: BrokerType,
+}
+
+/// Builds a [`Bus`] with extra or replacement connectors.
+pub struct BusBuilder {
+    registry: Registry,
+    connectors: HashMap<BrokerType, Arc<dyn Connector>>,
+}
+
+impl BusBuilder {
+    /// Adds (or replaces) the connector for its broker type.
+    pub fn connector(mut self, connector: Arc<dyn Connector>) -> Self {
+        self.connectors.insert(connector.broker_type(), connector);
+        self
+    }
+
+    /// Builds the bus; connections are made lazily, on first use of an env.
+    pub fn build(self) -> Bus {
+        Bus {
+            inner: Arc::new(Inner {
+                registry: self.registry,
+                connectors: self.connectors,
+                connections: Mutex::new(HashMap::new()),
+                routes: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+struct Inner {
+    registry: Registry,
+    connectors: HashMap<BrokerType, Arc<dyn Connector>>,
+    connections: Mutex<HashMap<(String, String), Connection>>,
+    routes: Mutex<HashMap<(String, String), Route>>,
+}
+
+/// Publish to and consume from any broker env named in the registry.
+#[derive(Clone)]
+pub struct Bus {
+    inner: Arc<Inner>,
+}
+
+impl Bus {
+    /// A bus over `registry` with the connectors compiled into this build.
+    pub async fn open(registry: Registry) -> Result<Bus> {
+        Ok(Bus::builder(registry).build())
+    }
+
+    /// A builder, to add connectors of your own.
+    pub fn builder(registry: Registry) -> BusBuilder {
+        let connectors = crate::default_connectors().into_iter().map(|c| (c.broker_type(), c)).collect();
+        BusBuilder { registry, connectors }
+    }
+
+    /// The registry this bus resolves through.
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Publishes one message to `event` in `env`; returns its id.
+    pub async fn publish(&self, env: &str, event: &str, message: Message) -> Result<String> {
+        let route = self.resolve(env, event).await?;
+        let message = prepare(message, &route)?;
+        let id = message.id.clone();
+        route.transport.publish(&route.spec, message).await?;
+        tracing::debug!(env, event, %id, "published");
+        Ok(id)
+    }
+
+    /// Publishes several messages to `event` in `env`, in order; returns their ids.
+    pub async fn publish_batch(&self, env: &str, event: &str, messages: Vec<Message>) -> Result<Vec<String>> {
+        let route = self.resolve(env, event).await?;
+        let messages = messages.into_iter().map(|m| prepare(m, &route)).collect::<Result<Vec<_>>>()?;
+        let ids = messages.iter().map(|m| m.id.clone()).collect();
+        route.transport.publish_batch(&route.spec, messages).await?;
+        Ok(ids)
+    }
+
+    /// Joins a consumer group on `event` in `env`.
+    pub async fn subscribe(
+        &self,
+        env: &str,
+        event: &str,
+        options: impl Into<SubscribeOptions>,
+    ) -> Result<Subscriber> {
+        let options = options.into();
+        polybus_core::tag::check_tag(&options.group)
+            .map_err(|e| polybus_core::ValidationError::field("group", e))?;
+        let route = self.resolve(env, event).await?;
+        let inner = route.transport.subscribe(&route.spec, &options).await?;
+        let dead_letter = DeadLetterTarget {
+            transport: route.transport.clone(),
+            spec: route.spec.dead_letter_spec(),
+            event: route.spec.event.clone(),
+            group: options.group.clone(),
+            ensured: tokio::sync::OnceCell::new(),
+        };
+        Ok(Subscriber::new(inner, route.spec.max_attempts, Arc::new(dead_letter)))
+    }
+
+    /// Joins a consumer group on the dead-letter destination of `event` in `env`.
+    pub async fn dead_letters(
+        &self,
+        env: &str,
+        event: &str,
+        options: impl Into<SubscribeOptions>,
+    ) -> Result<Subscriber> {
+        let options = options.into();
+        let route = self.resolve(env, event).await?;
+        let spec = route.spec.dead_letter_spec();
+        route.transport.ensure_topic(&spec).await?;
+        let inner = route.transport.subscribe(&spec, &options).await?;
+        let nowhere = DeadLetterTarget {
+            transport: route.transport.clone(),
+            spec: spec.clone(),
+            event: spec.event.clone(),
+            group: options.group.clone(),
+            ensured: tokio::sync::OnceCell::new(),
+        };
+        Ok(Subscriber::new(inner, u32::MAX, Arc::new(nowhere)))
+    }
+
+    /// What the adapter serving `event` in `env` can do.
+    pub async fn capabilities(&self, env: &str, event: &str) -> Result<Capabilities> {
+        Ok(self.resolve(env, event).await?.transport.capabilities())
+    }
+
+    /// The native names and broker type `event` maps to in `env`.
+    pub async fn topic_spec(&self, env: &str, event: &str) -> Result<(BrokerType, TopicSpec)> {
+        let route = self.resolve(env, event).await?;
+        Ok((route.broker_type, route.spec))
+    }
+
+    /// Connects to `broker`'s `env` afresh and pings it; returns how long that took.
+    pub async fn test_connection(&self, broker: &str, env: &str) -> Result<Duration> {
+        let started = Instant::now();
+        let (transport, _, _) = self.connect(broker, env).await?;
+        let result = transport.ping().await;
+        if let Err(e) = transport.close().await {
+            tracing::debug!(broker, env, error = %e, "closing test connection");
+        }
+        result.map(|_| started.elapsed())
+    }
+
+    /// Closes every connection this bus opened, flushing pending publishes.
+    pub async fn close(&self) -> Result<()> {
+        let connections: Vec<_> = self.inner.connections.lock().await.drain().collect();
+        self.inner.routes.lock().await.clear();
+        let mut first_error = None;
+        for ((broker, env), conn) in connections {
+            if let Err(e) = conn.transport.close().await {
+                tracing::warn!(broker, env, error = %e, "closing connection");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    pub(crate) async fn resolve(&self, env: &str, event: &str) -> Result<Resolved> {
+        let event_ref: polybus_core::EventRef = event.parse()?;
+        let key = (env.to_owned(), event_ref.to_string());
+        let cached = self.inner.routes.lock().await.get(&key).cloned();
+        let route = match cached {
+            Some(route) if route.checked.elapsed() < REFRESH_AFTER => route,
+            previous => {
+                let topic = self.inner.registry.fetch_topic(&key.1).await?;
+                let broker = self.inner.registry.fetch_broker(&event_ref.broker).await?;
+                if broker.env(env).is_none() {
+                    return Err(Error::BrokerEnvNotFound {
+                        tag: broker.tag.clone(),
+                        env: env.to_owned(),
+                        available: broker.env_slugs(),
+                    });
+                }
+                let spec = topic.spec(env)?;
+                if let Some(previous) = previous
+                    && previous.topic_version != topic.version
+                {
+                    tracing::info!(env, event, version = topic.version, "topic definition changed");
+                }
+                let route = Route { spec, topic_version: topic.version, checked: Instant::now() };
+                self.inner.routes.lock().await.insert(key.clone(), route.clone());
+                route
+            }
+        };
+        let (transport, broker_type) = self.connection(&event_ref.broker, env, &route.spec).await?;
+        Ok(Resolved { transport, spec: route.spec, broker_type })
+    }
+
+    async fn connection(
+        &self,
+        broker: &str,
+        env: &str,
+        spec: &TopicSpec,
+    ) -> Result<(Arc<dyn Transport>, BrokerType)> {
+        let key = (broker.to_owned(), env.to_owned());
+        {
+            let mut connections = self.inner.connections.lock().await;
+            if let Some(conn) = connections.get_mut(&key)
+                && conn.checked.elapsed() < REFRESH_AFTER
+            {
+                let transport = conn.transport.clone();
+                let broker_type = conn.broker_type;
+                let ensure = conn.ensured.insert(spec.native_name.clone());
+                drop(connections);
+                if ensure {
+                    self.ensure(broker, env, &transport, spec).await?;
+                }
+                return Ok((transport, broker_type));
+            }
+        }
+        let current = self.inner.registry.fetch_broker(broker).await?;
+        {
+            let mut connections = self.inner.connections.lock().await;
+            if let Some(conn) = connections.get_mut(&key)
+                && conn.broker_version == current.version
+            {
+                conn.checked = Instant::now();
+                let transport = conn.transport.clone();
+                let broker_type = conn.broker_type;
+                let ensure = conn.ensured.insert(spec.native_name.clone());
+                drop(connections);
+                if ensure {
+                    self.ensure(broker, env, &transport, spec).await?;
+                }
+                return Ok((transport, broker_type));
+            }
+        }
+        let (transport, broker_type, version) = self.connect(broker, env).await?;
+        self.ensure(broker, env, &transport, spec).await?;
+        let replaced = self.inner.connections.lock().await.insert(
+            key,
+            Connection {
+                broker_version: version,
+                broker_type,
+                transport: transport.clone(),
+                checked: Instant::now(),
+                ensured: [spec.native_name.clone()].into_iter().collect(),
+            },
+        );
+        if let Some(old) = replaced {
+            tracing::info!(broker, env, version, "broker definition changed; reconnected");
+            tokio::spawn(async move {
+                if let Err(e) = old.transport.close().await {
+                    tracing::warn!(error = %e, "closing replaced connection");
+                }
+            });
+        }
+        Ok((transport, broker_type))
+    }
+
+    async fn ensure(
+        &self,
+        broker: &str,
+        env: &str,
+        transport: &Arc<dyn Transport>,
+        spec: &TopicSpec,
+    ) -> Result<()> {
+        if let Err(e) = transport.ensure_topic(spec).await {
+            if let Some(conn) =
+                self.inner.connections.lock().await.get_mut(&(broker.to_owned(), env.to_owned()))
+            {
+                conn.ensured.remove(&spec.native_name);
+            }
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn connect(&self, broker: &str, env: &str) -> Result<(Arc<dyn Transport>, BrokerType, u64)> {
+        let definition = self.inner.registry.fetch_broker(broker).await?;
+        let broker_env = definition.env(env).ok_or_else(|| Error::BrokerEnvNotFound {
+            tag: broker.to_owned(),
+            env: env.to_owned(),
+            available: definition.env_slugs(),
+        })?;
+        let connector = self
+            .inner
+            .connectors
+            .get(&broker_env.broker_type)
+            .ok_or_else(|| Error::NoAdapter(broker_env.broker_type.to_string()))?;
+        let target = ConnectTarget {
+            broker: broker.to_owned(),
+            env: env.to_owned(),
+            broker_type: broker_env.broker_type,
+            config: secret::resolve(&broker_env.config)?,
+        };
+        tracing::debug!(broker, env, broker_type = %broker_env.broker_type, "connecting");
+        let transport = connector.connect(&target).await?;
+        Ok((transport, broker_env.broker_type, definition.version))
+    }
+}
+
+fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
+    if message.id.is_empty() {
+        message.id = uuid::Uuid::now_v7().to_string();
+    }
+    message.published_at = chrono_now();
+    message.attempt = 0;
+    if message.delay.is_some() && !route.transport.capabilities().delayed_delivery.available() {
+        return Err(Error::Unsupported {
+            broker_type: route.broker_type.to_string(),
+            what: "delayed delivery".into(),
+        });
+    }
+    Ok(message)
+}
+
+fn chrono_now() -> polybus_core::message::Timestamp {
+    polybus_core::message::now()
+}

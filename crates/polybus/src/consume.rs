@@ -1,0 +1,251 @@
+//! The consume loop: bounded concurrency, retry with exponential backoff, dead-letter after
+//! the topic's `maxAttempts`, and graceful shutdown.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use polybus_core::{Message, Result, SubscribeOptions};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinHandle;
+
+use crate::bus::Bus;
+use crate::delivery::{Delivery, Subscriber};
+
+/// What a handler returns when it could not process a message.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How a consume loop runs.
+#[derive(Debug, Clone)]
+pub struct ConsumeOptions {
+    /// Group, member name, prefetch and ack deadline.
+    pub subscribe: SubscribeOptions,
+    /// Messages handled at the same time.
+    pub concurrency: usize,
+    /// Delay before the first retry; doubled for each later attempt.
+    pub retry_base: Duration,
+    /// Longest delay between retries.
+    pub retry_max: Duration,
+}
+
+impl ConsumeOptions {
+    /// Defaults for `group`: 8 at a time, retries after 1 s, 2 s, 4 s … up to 5 min.
+    pub fn new(group: impl Into<String>) -> Self {
+        let subscribe = SubscribeOptions::new(group);
+        ConsumeOptions {
+            concurrency: 8,
+            retry_base: Duration::from_secs(1),
+            retry_max: Duration::from_secs(300),
+            subscribe,
+        }
+    }
+
+    /// Sets the concurrency (at least 1); prefetch grows to match.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self.subscribe.prefetch = self.subscribe.prefetch.max(self.concurrency);
+        self
+    }
+
+    /// Sets the retry backoff.
+    pub fn retry(mut self, base: Duration, max: Duration) -> Self {
+        self.retry_base = base;
+        self.retry_max = max.max(base);
+        self
+    }
+
+    /// Sets the ack deadline.
+    pub fn ack_deadline(mut self, deadline: Duration) -> Self {
+        self.subscribe.ack_deadline = deadline;
+        self
+    }
+
+    /// The delay before retrying a message that failed on `attempt`.
+    pub fn backoff(&self, attempt: u32) -> Duration {
+        let factor = 2u32.saturating_pow(attempt.saturating_sub(1).min(20));
+        self.retry_base.saturating_mul(factor).min(self.retry_max)
+    }
+}
+
+/// Counters of a consume loop.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConsumeStats {
+    /// Handled successfully and acked.
+    pub acked: u64,
+    /// Failed and scheduled for retry.
+    pub retried: u64,
+    /// Sent to the dead-letter destination.
+    pub dead_lettered: u64,
+    /// Settling with the broker failed (the message will come back).
+    pub settle_errors: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    acked: AtomicU64,
+    retried: AtomicU64,
+    dead_lettered: AtomicU64,
+    settle_errors: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> ConsumeStats {
+        ConsumeStats {
+            acked: self.acked.load(Ordering::Relaxed),
+            retried: self.retried.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            settle_errors: self.settle_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A running consume loop; [`shutdown`](Consumer::shutdown) stops it gracefully.
+pub struct Consumer {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<()>>,
+    counters: Arc<Counters>,
+}
+
+impl Consumer {
+    /// Counters so far.
+    pub fn stats(&self) -> ConsumeStats {
+        self.counters.snapshot()
+    }
+
+    /// Stops taking messages, finishes and settles those in flight, closes the subscription.
+    pub async fn shutdown(self) -> Result<ConsumeStats> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Waits until the loop ends by itself (its subscription closed).
+    pub async fn join(self) -> Result<ConsumeStats> {
+        match self.task.await {
+            Ok(result) => result.map(|_| self.counters.snapshot()),
+            Err(e) => Err(polybus_core::Error::Closed(format!("consume loop ended abnormally: {e}"))),
+        }
+    }
+}
+
+impl Bus {
+    /// Runs `handler` for every message of `event` in `env` for `options.subscribe.group`.
+    ///
+    /// A handler error (or panic) retries the message with exponential backoff; on the topic's
+    /// last attempt it is dead-lettered with the error as reason.
+    pub async fn consume<H, F>(
+        &self,
+        env: &str,
+        event: &str,
+        options: ConsumeOptions,
+        handler: H,
+    ) -> Result<Consumer>
+    where
+        H: Fn(Message) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    {
+        let subscriber = self.subscribe(env, event, options.subscribe.clone()).await?;
+        let (stop, stopped) = watch::channel(false);
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(run(subscriber, options, Arc::new(handler), stopped, counters.clone()));
+        Ok(Consumer { stop, task, counters })
+    }
+}
+
+async fn run<H, F>(
+    mut subscriber: Subscriber,
+    options: ConsumeOptions,
+    handler: Arc<H>,
+    mut stopped: watch::Receiver<bool>,
+    counters: Arc<Counters>,
+) -> Result<()>
+where
+    H: Fn(Message) -> F + Send + Sync + 'static,
+    F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(options.concurrency));
+    let options = Arc::new(options);
+    let mut receive_failures = 0u32;
+    loop {
+        let permit = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+        };
+        let next = tokio::select! {
+            _ = stopped.wait_for(|s| *s) => break,
+            next = subscriber.next() => next,
+        };
+        let delivery = match next {
+            None => break,
+            Some(Ok(d)) => {
+                receive_failures = 0;
+                d
+            }
+            Some(Err(e)) => {
+                receive_failures += 1;
+                let wait = Duration::from_millis(50u64 << receive_failures.min(7));
+                tracing::warn!(error = %e, retry_in = ?wait, "receiving failed");
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+        };
+        let (handler, options, counters) = (handler.clone(), options.clone(), counters.clone());
+        tokio::spawn(async move {
+            handle(delivery, handler, &options, &counters).await;
+            drop(permit);
+        });
+    }
+    // Wait for every in-flight handler to finish and settle.
+    let _all = slots.acquire_many(options.concurrency as u32).await;
+    subscriber.close().await
+}
+
+async fn handle<H, F>(delivery: Delivery, handler: Arc<H>, options: &ConsumeOptions, counters: &Counters)
+where
+    H: Fn(Message) -> F + Send + Sync + 'static,
+    F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+{
+    let message = delivery.message().clone();
+    let (id, attempt) = (message.id.clone(), message.attempt);
+    let outcome = match tokio::spawn(handler(message)).await {
+        Ok(result) => result,
+        Err(e) => Err(format!("handler panicked: {e}").into()),
+    };
+    let settled = match outcome {
+        Ok(()) => delivery.ack().await.map(|_| &counters.acked),
+        Err(e) => {
+            let reason = e.to_string();
+            if attempt >= delivery.max_attempts() {
+                delivery.dead_letter(&reason).await.map(|_| &counters.dead_lettered)
+            } else {
+                let delay = options.backoff(attempt);
+                tracing::info!(%id, attempt, retry_in = ?delay, error = %reason, "handler failed; will retry");
+                delivery.retry(Some(delay), &reason).await.map(|_| &counters.retried)
+            }
+        }
+    };
+    match settled {
+        Ok(counter) => {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => {
+            counters.settle_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%id, error = %e, "settling a delivery failed; it will be redelivered");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let o = ConsumeOptions::new("g").retry(Duration::from_millis(100), Duration::from_millis(500));
+        let delays: Vec<_> = (1..=5).map(|a| o.backoff(a).as_millis()).collect();
+        assert_eq!(delays, vec![100, 200, 400, 500, 500]);
+    }
+}

@@ -1,0 +1,149 @@
+//! Subscriber and Delivery: the broker's delivery plus polybus's dead-letter policy.
+
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::Duration;
+
+use polybus_core::{Acker, Message, Result, Subscription, TopicSpec, Transport, wire};
+
+/// Where a group's given-up messages go.
+pub(crate) struct DeadLetterTarget {
+    pub transport: Arc<dyn Transport>,
+    pub spec: TopicSpec,
+    pub event: String,
+    pub group: String,
+    pub ensured: tokio::sync::OnceCell<()>,
+}
+
+impl DeadLetterTarget {
+    async fn send(&self, message: &Message, reason: &str) -> Result<()> {
+        self.ensured.get_or_try_init(|| self.transport.ensure_topic(&self.spec)).await?;
+        let mut copy = message.clone();
+        copy.attempt = 0;
+        copy.delay = None;
+        copy.headers.insert(wire::DEAD_LETTER_REASON.into(), reason.to_owned());
+        copy.headers.insert(wire::DEAD_LETTER_ATTEMPTS.into(), message.attempt.to_string());
+        copy.headers.insert(wire::DEAD_LETTER_EVENT.into(), self.event.clone());
+        copy.headers.insert(wire::DEAD_LETTER_GROUP.into(), self.group.clone());
+        self.transport.publish(&self.spec, copy).await?;
+        tracing::warn!(event = %self.event, group = %self.group, id = %message.id, attempts = message.attempt,
+            reason, "message dead-lettered");
+        Ok(())
+    }
+}
+
+/// A received message; settle it with [`ack`](Delivery::ack), [`nack`](Delivery::nack)
+/// or [`dead_letter`](Delivery::dead_letter). Dropping it unsettled leaves it to be
+/// redelivered after the ack deadline.
+pub struct Delivery {
+    message: Message,
+    acker: Box<dyn Acker>,
+    max_attempts: u32,
+    dead_letter: Arc<DeadLetterTarget>,
+}
+
+impl Deref for Delivery {
+    type Target = Message;
+
+    fn deref(&self) -> &Message {
+        &self.message
+    }
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery").field("message", &self.message).finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    /// The message.
+    pub fn message(&self) -> &Message {
+        &self.message
+    }
+
+    /// Acknowledges: this group will not see the message again.
+    pub async fn ack(self) -> Result<()> {
+        self.acker.ack().await
+    }
+
+    /// Redelivers the message now, or dead-letters it when this was its last attempt.
+    pub async fn nack(self) -> Result<()> {
+        self.retry(None, "nacked on its last attempt").await
+    }
+
+    /// Redelivers the message after `delay`, or dead-letters it when this was its last attempt.
+    pub async fn nack_after(self, delay: Duration) -> Result<()> {
+        self.retry(Some(delay), "nacked on its last attempt").await
+    }
+
+    /// Redelivers (after `delay`) or, on the last attempt, dead-letters with `reason`.
+    pub async fn retry(self, delay: Option<Duration>, reason: &str) -> Result<()> {
+        if self.message.attempt >= self.max_attempts {
+            return self.dead_letter(reason).await;
+        }
+        self.acker.nack(delay).await
+    }
+
+    /// Sends the message to the topic's dead-letter destination with `reason`, then acks it.
+    pub async fn dead_letter(self, reason: &str) -> Result<()> {
+        self.dead_letter.send(&self.message, reason).await?;
+        self.acker.ack().await
+    }
+
+    /// The attempt limit after which the message is dead-lettered.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+}
+
+/// A member of a consumer group: yields deliveries until closed.
+pub struct Subscriber {
+    inner: Box<dyn Subscription>,
+    max_attempts: u32,
+    dead_letter: Arc<DeadLetterTarget>,
+}
+
+impl Subscriber {
+    pub(crate) fn new(
+        inner: Box<dyn Subscription>,
+        max_attempts: u32,
+        dead_letter: Arc<DeadLetterTarget>,
+    ) -> Self {
+        Subscriber { inner, max_attempts, dead_letter }
+    }
+
+    /// The next delivery; waits for one. `None` once the subscription is closed.
+    ///
+    /// A message already delivered more than the topic's `maxAttempts` times (its consumers
+    /// kept dying without settling it) is dead-lettered here instead of being handed out.
+    pub async fn next(&mut self) -> Option<Result<Delivery>> {
+        loop {
+            let delivery = match self.inner.next().await? {
+                Ok(d) => d,
+                Err(e) => return Some(Err(e)),
+            };
+            let (message, acker) = delivery.into_parts();
+            let delivery = Delivery {
+                message,
+                acker,
+                max_attempts: self.max_attempts,
+                dead_letter: self.dead_letter.clone(),
+            };
+            if delivery.message.attempt > self.max_attempts {
+                let reason =
+                    format!("delivered {} times without being settled", delivery.message.attempt - 1);
+                if let Err(e) = delivery.dead_letter(&reason).await {
+                    return Some(Err(e));
+                }
+                continue;
+            }
+            return Some(Ok(delivery));
+        }
+    }
+
+    /// Stops fetching; deliveries already handed out can still be settled.
+    pub async fn close(&mut self) -> Result<()> {
+        self.inner.close().await
+    }
+}
