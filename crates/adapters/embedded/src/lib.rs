@@ -1,1 +1,41 @@
-//! placeholder
+//! polybus embedded broker: a durable message log per topic in one local SQLite file, with
+//! consumer groups, leases, delayed delivery and per-key order. No service to run; several
+//! processes can share the file.
+//!
+//! Get a transport through [`EmbeddedConnector`] (what the registry uses) or directly with
+//! [`EmbeddedTransport::open`].
+
+mod log;
+mod store;
+mod subscription;
+mod transport;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use polybus_core::config::EmbeddedConfig;
+use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
+
+pub use transport::{DEFAULT_PATH, EmbeddedTransport};
+
+/// Connects broker envs of type `embedded`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct EmbeddedConnector;
+
+#[async_trait]
+impl Connector for EmbeddedConnector {
+    fn broker_type(&self) -> BrokerType {
+        BrokerType::Embedded
+    }
+
+    async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>> {
+        let config = if target.config.is_null() {
+            EmbeddedConfig::default()
+        } else {
+            polybus_core::config::parse::<EmbeddedConfig>(&target.config).map_err(|(field, message)| {
+                Error::Validation(ValidationError::in_env(&target.env, field, message))
+            })?
+        };
+        Ok(Arc::new(EmbeddedTransport::open(&config).await?))
+    }
+}

@@ -1,0 +1,221 @@
+//! [`EmbeddedTransport`]: the [`Transport`] over one broker file, with compaction.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use polybus_core::config::{EmbeddedConfig, RetentionConfig};
+use polybus_core::{
+    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
+};
+use tokio::sync::watch;
+
+use crate::log;
+use crate::store::Store;
+use crate::subscription::EmbeddedSubscription;
+
+/// Where the broker file is when the config names none.
+pub const DEFAULT_PATH: &str = "polybus-broker.db";
+
+/// Compaction runs after this many messages published through one transport…
+const COMPACT_AFTER_PUBLISHES: u64 = 10_000;
+/// …and at least this often.
+const COMPACT_EVERY: Duration = Duration::from_secs(30);
+
+/// A connection to an embedded broker: a durable log per topic in one local SQLite file.
+#[derive(Clone)]
+pub struct EmbeddedTransport {
+    inner: Arc<Inner>,
+}
+
+/// State shared by a transport and its subscriptions.
+pub(crate) struct Inner {
+    pub(crate) store: Arc<Store>,
+    retention: RetentionConfig,
+    closed: watch::Sender<bool>,
+    published: AtomicU64,
+    compacting: tokio::sync::Mutex<()>,
+}
+
+impl EmbeddedTransport {
+    /// Opens the broker file `config.path`, sharing its connection with every other transport
+    /// of this process on the same file.
+    pub async fn open(config: &EmbeddedConfig) -> Result<Self> {
+        let store = Store::open_shared(config_path(config)).await?;
+        Ok(Self::with_store(store, config))
+    }
+
+    /// Opens the broker file with a connection of its own, as another process would.
+    pub async fn open_separate(config: &EmbeddedConfig) -> Result<Self> {
+        let store = Store::open_separate(config_path(config)).await?;
+        Ok(Self::with_store(store, config))
+    }
+
+    fn with_store(store: Arc<Store>, config: &EmbeddedConfig) -> Self {
+        let (closed, _) = watch::channel(false);
+        let inner = Arc::new(Inner {
+            store,
+            retention: config.retention.clone().unwrap_or_default(),
+            closed,
+            published: AtomicU64::new(0),
+            compacting: tokio::sync::Mutex::new(()),
+        });
+        tokio::spawn(compact_periodically(Arc::downgrade(&inner), inner.closed.subscribe()));
+        EmbeddedTransport { inner }
+    }
+
+    /// The broker file's absolute path.
+    pub fn path(&self) -> &Path {
+        self.inner.store.path()
+    }
+
+    /// Removes messages every group has acked and applies the retention; returns how many
+    /// messages left the log. Also runs by itself every 30 s and every 10,000 publishes.
+    pub async fn compact(&self) -> Result<u64> {
+        self.inner.compact().await
+    }
+
+    fn check_open(&self, op: Op) -> Result<()> {
+        if *self.inner.closed.borrow() {
+            return Err(Error::Closed(format!(
+                "{} was closed; {op} needs a new connection",
+                self.inner.store.target(None)
+            )));
+        }
+        Ok(())
+    }
+
+    async fn append(&self, topic: &TopicSpec, messages: Vec<Message>) -> Result<()> {
+        self.check_open(Op::Publish)?;
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let handle = self.inner.store.topic(Op::Publish, &topic.native_name).await?;
+        let count = messages.len() as u64;
+        let topic_id = handle.id;
+        self.inner
+            .store
+            .run(Op::Publish, Some(&topic.native_name), move |conn| log::publish(conn, topic_id, &messages))
+            .await?;
+        handle.wake();
+        let before = self.inner.published.fetch_add(count, Ordering::AcqRel);
+        if before / COMPACT_AFTER_PUBLISHES != (before + count) / COMPACT_AFTER_PUBLISHES {
+            let inner = Arc::clone(&self.inner);
+            tokio::spawn(async move { inner.compact_in_background().await });
+        }
+        Ok(())
+    }
+}
+
+fn config_path(config: &EmbeddedConfig) -> PathBuf {
+    PathBuf::from(config.path.as_deref().filter(|p| !p.trim().is_empty()).unwrap_or(DEFAULT_PATH))
+}
+
+impl Inner {
+    /// A receiver that turns true when the transport is closed.
+    pub(crate) fn closed(&self) -> watch::Receiver<bool> {
+        self.closed.subscribe()
+    }
+
+    async fn compact(&self) -> Result<u64> {
+        let _running = self.compacting.lock().await;
+        self.compact_locked().await
+    }
+
+    async fn compact_in_background(&self) {
+        // One compaction at a time is enough; a busy one already covers this request.
+        let Ok(_running) = self.compacting.try_lock() else { return };
+        if let Err(err) = self.compact_locked().await {
+            tracing::warn!(error = %err, "embedded broker compaction failed; it will be retried");
+        }
+    }
+
+    async fn compact_locked(&self) -> Result<u64> {
+        let topics = self.store.run(Op::Close, None, log::topic_ids).await?;
+        let mut removed = 0;
+        for topic_id in topics {
+            let retention = self.retention.clone();
+            // One topic per call, so publishers and consumers get the connection in between.
+            removed += self
+                .store
+                .run(Op::Close, None, move |conn| log::compact_topic(conn, topic_id, &retention))
+                .await?;
+        }
+        if removed > 0 {
+            tracing::debug!(removed, path = %self.store.path().display(), "embedded broker compacted");
+        }
+        Ok(removed)
+    }
+}
+
+async fn compact_periodically(inner: Weak<Inner>, mut closed: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(COMPACT_EVERY) => {}
+            _ = closed.wait_for(|closed| *closed) => return,
+        }
+        let Some(inner) = inner.upgrade() else { return };
+        inner.compact_in_background().await;
+    }
+}
+
+#[async_trait]
+impl Transport for EmbeddedTransport {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            at_least_once: true,
+            ordering_per_key: true,
+            delayed_delivery: Support::Native,
+            nack_delay: Support::Native,
+            dead_letter: Support::Unsupported,
+            fan_out: Support::Native,
+            replay: true,
+            counts_attempts: true,
+            max_payload_bytes: None,
+        }
+    }
+
+    async fn ensure_topic(&self, topic: &TopicSpec) -> Result<()> {
+        self.check_open(Op::EnsureTopic)?;
+        self.inner.store.topic(Op::EnsureTopic, &topic.native_name).await?;
+        Ok(())
+    }
+
+    async fn publish(&self, topic: &TopicSpec, message: Message) -> Result<()> {
+        self.append(topic, vec![message]).await
+    }
+
+    async fn publish_batch(&self, topic: &TopicSpec, messages: Vec<Message>) -> Result<()> {
+        self.append(topic, messages).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &TopicSpec,
+        options: &SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>> {
+        self.check_open(Op::Subscribe)?;
+        let subscription =
+            EmbeddedSubscription::join(Arc::clone(&self.inner), &topic.native_name, options).await?;
+        Ok(Box::new(subscription))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.check_open(Op::Ping)?;
+        self.inner.store.run(Op::Ping, None, |conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        // Publishes are committed before they return: nothing is left to flush.
+        self.inner.closed.send_replace(true);
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for EmbeddedTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedTransport").field("path", &self.path()).finish_non_exhaustive()
+    }
+}
