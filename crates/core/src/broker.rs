@@ -272,7 +272,13 @@ pub(crate) fn from_value_at<T: serde::de::DeserializeOwned>(
             (false, "." | "") => prefix.to_owned(),
             (false, f) => format!("{prefix}.{f}"),
         };
-        let field = if field == "." { "document".to_owned() } else { field };
+        let field = match (field.as_str(), crate::config::missing_field(&message)) {
+            ("." | "", Some(missing)) => missing.to_owned(),
+            (f, Some(missing)) if f.ends_with(&format!(".{missing}")) => f.to_owned(),
+            (f, Some(missing)) if !f.contains(missing) => format!("{f}.{missing}"),
+            ("." | "", None) => "document".to_owned(),
+            _ => field,
+        };
         let message = if secret::is_secret_field(&field) { "expected a string".to_owned() } else { message };
         ValidationError { env, field, message }
     })

@@ -245,7 +245,10 @@ pub struct EmbeddedConfig {
 pub fn parse<T: DeserializeOwned>(value: &Value) -> Result<T, (String, String)> {
     serde_path_to_error::deserialize(value.clone()).map_err(|err| {
         let path = err.path().to_string();
-        let field = if path == "." { "config".to_owned() } else { format!("config.{path}") };
+        let mut field = if path == "." { "config".to_owned() } else { format!("config.{path}") };
+        if let Some(missing) = missing_field(&err.inner().to_string()) {
+            field = format!("{field}.{missing}");
+        }
         let message = if secret::is_secret_field(&field) {
             "expected a string".to_owned()
         } else {
@@ -253,6 +256,11 @@ pub fn parse<T: DeserializeOwned>(value: &Value) -> Result<T, (String, String)> 
         };
         (field, message)
     })
+}
+
+/// The field name in a serde "missing field `x`" message.
+pub(crate) fn missing_field(message: &str) -> Option<&str> {
+    message.strip_prefix("missing field `")?.split('`').next()
 }
 
 fn require_one(present: &[(bool, &str)]) -> Result<(), (String, String)> {
@@ -358,7 +366,7 @@ mod tests {
         assert_eq!(field, "config.hots");
         assert!(msg.contains("unknown field `hots`"), "{msg}");
         let (field, msg) = validate(BrokerType::AwsSqs, &json!({})).unwrap_err();
-        assert_eq!(field, "config");
+        assert_eq!(field, "config.region");
         assert!(msg.contains("region"), "{msg}");
         let (field, _) = validate(BrokerType::Kafka, &json!({"brokers": "a:9092"})).unwrap_err();
         assert_eq!(field, "config.brokers");

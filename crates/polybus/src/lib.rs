@@ -30,6 +30,7 @@ pub use polybus_core::{
 pub use polybus_registry::{Registry, SqliteStore, Store};
 
 /// The connectors compiled into this build, one per enabled adapter feature.
+#[allow(clippy::vec_init_then_push)]
 pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
     #[allow(unused_mut)]
     let mut connectors: Vec<std::sync::Arc<dyn Connector>> = Vec::new();

@@ -186,7 +186,7 @@ impl Registry {
     pub async fn fetch_topic(&self, event: &str) -> Result<Topic> {
         let parsed: EventRef = event.parse()?;
         let key = parsed.to_string();
-        let record = self.store.get(Kind::Topic, &key).await?.ok_or_else(|| Error::TopicNotFound(key))?;
+        let record = self.store.get(Kind::Topic, &key).await?.ok_or(Error::TopicNotFound(key))?;
         from_record(record)
     }
 

@@ -1,0 +1,207 @@
+//! The command line: global options, commands and their arguments.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Where the registry lives when `--registry` is not given.
+pub const DEFAULT_REGISTRY: &str = "./polybus.db";
+
+/// polybus: one interface for every message broker, chosen per environment.
+#[derive(Debug, Parser)]
+#[command(name = "polybus", version, propagate_version = true)]
+pub struct Cli {
+    /// Registry to use: a file path or `sqlite://PATH`.
+    #[arg(long, global = true, env = "POLYBUS_REGISTRY", default_value = DEFAULT_REGISTRY)]
+    pub registry: String,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How results are printed on stdout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// JSON for scripts.
+    Json,
+}
+
+/// The commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Manage broker definitions.
+    #[command(subcommand)]
+    Broker(BrokerCommand),
+    /// Manage topics (`broker-tag:topic-tag`).
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Publish a message (or several copies) to a topic in an env.
+    Publish(PublishArgs),
+    /// Consume messages of a topic in an env as a member of a group, acking each once printed.
+    Consume(ConsumeArgs),
+    /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
+    Quickstart,
+}
+
+/// `polybus broker …`
+#[derive(Debug, Subcommand)]
+pub enum BrokerCommand {
+    /// Create a broker from a YAML or JSON file.
+    Create(FileArg),
+    /// Update a broker with a patch file (`name`, `description`, `envs`, `removeEnvs`, `version`).
+    Update {
+        /// The broker's tag.
+        tag: String,
+        /// The patch.
+        #[command(flatten)]
+        file: FileArg,
+    },
+    /// Show a broker, secrets redacted.
+    Get {
+        /// The broker's tag.
+        tag: String,
+    },
+    /// List the brokers.
+    List,
+    /// Delete a broker.
+    Delete {
+        /// The broker's tag.
+        tag: String,
+        /// Also delete the broker's topics.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Connect to a broker env and ping it.
+    Test {
+        /// The broker's tag.
+        tag: String,
+        /// The env to test.
+        #[arg(long)]
+        env: String,
+    },
+}
+
+/// `polybus topic …`
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic from a YAML or JSON file.
+    Create(FileArg),
+    /// Show a topic and the native names it maps to in each env.
+    Get {
+        /// The event, `broker-tag:topic-tag`.
+        event: String,
+    },
+    /// List the topics, of every broker or of one.
+    List {
+        /// Only the topics of this broker.
+        broker: Option<String>,
+    },
+    /// Update a topic with a patch file.
+    Update {
+        /// The event, `broker-tag:topic-tag`.
+        event: String,
+        /// The patch.
+        #[command(flatten)]
+        file: FileArg,
+    },
+    /// Delete a topic.
+    Delete {
+        /// The event, `broker-tag:topic-tag`.
+        event: String,
+    },
+}
+
+/// A definition file argument.
+#[derive(Debug, Args)]
+pub struct FileArg {
+    /// YAML or JSON file; `-` reads stdin.
+    #[arg(short = 'f', long = "file", value_name = "FILE")]
+    pub file: PathBuf,
+}
+
+/// `polybus publish …`
+#[derive(Debug, Args)]
+pub struct PublishArgs {
+    /// The env to publish in.
+    #[arg(long)]
+    pub env: String,
+    /// The event, `broker-tag:topic-tag`.
+    pub event: String,
+    /// The payload as text (default: read from stdin).
+    #[arg(long, conflicts_with = "file")]
+    pub data: Option<String>,
+    /// Read the payload from this file.
+    #[arg(long, value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// Ordering / partition key.
+    #[arg(long)]
+    pub key: Option<String>,
+    /// A header, `NAME=VALUE`; repeat for several.
+    #[arg(long = "header", value_name = "NAME=VALUE", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// Content type of the payload, e.g. `application/json`.
+    #[arg(long)]
+    pub content_type: Option<String>,
+    /// Deliver no earlier than this long after publishing, e.g. `30s`.
+    #[arg(long, value_parser = parse_duration)]
+    pub delay: Option<Duration>,
+    /// Publish this many copies, each with its own id.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: u64,
+}
+
+/// `polybus consume …`
+#[derive(Debug, Args)]
+pub struct ConsumeArgs {
+    /// The env to consume in.
+    #[arg(long)]
+    pub env: String,
+    /// The event, `broker-tag:topic-tag`.
+    pub event: String,
+    /// Consumer group; members of a group share its messages.
+    #[arg(long)]
+    pub group: String,
+    /// Stop after this many messages (default: run until Ctrl-C).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+    /// Stop after this long, e.g. `10s`; with `--count`, exit code 3 when fewer arrived by then.
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+}
+
+fn parse_header(value: &str) -> Result<(String, String), String> {
+    match value.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
+        _ => Err(format!("`{value}` is not a header: expected NAME=VALUE")),
+    }
+}
+
+fn parse_duration(value: &str) -> Result<Duration, String> {
+    humantime::parse_duration(value)
+        .map_err(|e| format!("`{value}` is not a duration like `10s` or `1m`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers_split_on_the_first_equals_sign() {
+        assert_eq!(parse_header("a=b=c"), Ok(("a".into(), "b=c".into())));
+        assert_eq!(parse_header("a="), Ok(("a".into(), String::new())));
+        assert!(parse_header("=b").is_err());
+        assert!(parse_header("ab").is_err());
+    }
+
+    #[test]
+    fn command_line_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,113 @@
+//! `polybus broker create|update|get|list|delete|test`.
+
+use polybus::{Broker, BrokerPatch};
+use serde_json::json;
+
+use super::Context;
+use crate::cli::{BrokerCommand, FileArg};
+use crate::failure::{CliResult, InFile};
+use crate::files::read_document;
+use crate::output;
+
+/// Runs a broker command.
+pub async fn run(ctx: &Context, command: BrokerCommand) -> CliResult {
+    match command {
+        BrokerCommand::Create(FileArg { file }) => {
+            let doc = read_document(&file)?;
+            let broker = Broker::from_value(doc.value).in_file(&doc.name)?;
+            let created = ctx.registry().await?.create_broker(broker).await.in_file(&doc.name)?;
+            written(ctx, "created", &created)
+        }
+        BrokerCommand::Update { tag, file: FileArg { file } } => {
+            let doc = read_document(&file)?;
+            let patch = BrokerPatch::from_value(doc.value).in_file(&doc.name)?;
+            let updated = ctx.registry().await?.update_broker(&tag, patch).await.in_file(&doc.name)?;
+            written(ctx, "updated", &updated)
+        }
+        BrokerCommand::Get { tag } => {
+            let broker = ctx.registry().await?.fetch_broker(&tag).await?.redacted();
+            if ctx.json() { output::json(&broker) } else { output::line(detail(&broker)?) }
+        }
+        BrokerCommand::List => {
+            let brokers: Vec<Broker> =
+                ctx.registry().await?.fetch_brokers().await?.iter().map(Broker::redacted).collect();
+            if ctx.json() {
+                return output::json(&brokers);
+            }
+            let rows: Vec<Vec<String>> = brokers
+                .iter()
+                .map(|b| vec![b.tag.clone(), b.name.clone(), env_types(b), b.version.to_string()])
+                .collect();
+            output::table(&["TAG", "NAME", "ENVS", "VERSION"], &rows)?;
+            if brokers.is_empty() {
+                eprintln!("no brokers yet: create one with `polybus broker create -f broker.yaml`");
+            }
+            Ok(())
+        }
+        BrokerCommand::Delete { tag, force } => {
+            ctx.registry().await?.delete_broker(&tag, force).await?;
+            if ctx.json() {
+                output::json(&json!({ "deleted": "broker", "tag": tag }))
+            } else {
+                output::line(format_args!("deleted broker `{tag}`"))
+            }
+        }
+        BrokerCommand::Test { tag, env } => {
+            let registry = ctx.registry().await?;
+            let broker = registry.fetch_broker(&tag).await?;
+            let broker_type =
+                broker.env(&env).map(|e| e.broker_type).ok_or_else(|| polybus::Error::BrokerEnvNotFound {
+                    tag: tag.clone(),
+                    env: env.clone(),
+                    available: broker.env_slugs(),
+                })?;
+            let bus = polybus::Bus::open(registry).await?;
+            let latency = bus.test_connection(&tag, &env).await?;
+            let millis = latency.as_secs_f64() * 1000.0;
+            if ctx.json() {
+                output::json(&json!({
+                    "broker": tag, "env": env, "type": broker_type, "ok": true,
+                    "latencyMs": (millis * 1000.0).round() / 1000.0,
+                }))
+            } else {
+                output::line(format_args!("broker `{tag}` env `{env}` ({broker_type}): ok in {millis:.1} ms"))
+            }
+        }
+    }
+}
+
+fn written(ctx: &Context, verb: &str, broker: &Broker) -> CliResult {
+    let broker = broker.redacted();
+    if ctx.json() {
+        return output::json(&broker);
+    }
+    output::line(format_args!(
+        "{verb} broker `{}` (version {}): envs {}",
+        broker.tag,
+        broker.version,
+        env_types(&broker)
+    ))
+}
+
+/// `prd (rabbitmq), dev (embedded)`.
+fn env_types(broker: &Broker) -> String {
+    broker.envs.iter().map(|e| format!("{} ({})", e.slug, e.broker_type)).collect::<Vec<_>>().join(", ")
+}
+
+/// The fields of a (redacted) broker, then its envs with their config as compact JSON.
+fn detail(broker: &Broker) -> CliResult<String> {
+    let fields = vec![
+        vec!["tag:".to_owned(), broker.tag.clone()],
+        vec!["name:".to_owned(), broker.name.clone()],
+        vec!["description:".to_owned(), broker.description.clone().unwrap_or_default()],
+        vec!["version:".to_owned(), broker.version.to_string()],
+        vec!["envs:".to_owned(), String::new()],
+    ];
+    let mut envs = Vec::with_capacity(broker.envs.len());
+    for env in &broker.envs {
+        envs.push(vec![env.slug.clone(), env.broker_type.to_string(), output::compact(&env.config)?]);
+    }
+    let env_table = output::align(&["SLUG", "TYPE", "CONFIG"], &envs);
+    let indented: Vec<String> = env_table.lines().map(|l| format!("  {l}")).collect();
+    Ok(format!("{}\n{}", output::columns(&fields), indented.join("\n")))
+}

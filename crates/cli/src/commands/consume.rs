@@ -1,0 +1,257 @@
+//! `polybus consume --env SLUG EVENT --group G [--count N] [--timeout DURATION]`
+
+use base64::Engine;
+use polybus::{Delivery, Message, SubscribeOptions, wire};
+use serde_json::{Map, Value, json};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+
+use super::{Context, progress};
+use crate::cli::ConsumeArgs;
+use crate::failure::{CliResult, EXIT_INTERRUPTED, EXIT_TIMEOUT, Failure};
+use crate::output;
+
+/// Most deliveries fetched ahead of printing; small counts fetch no more than they need.
+const PREFETCH: u64 = 64;
+/// Acks sent to the broker at the same time, behind the printing.
+const ACKS_IN_FLIGHT: usize = 16;
+
+/// Why the receiving stopped.
+enum Stop {
+    Done,
+    TimedOut,
+    Interrupted,
+    Ended,
+    Failed(Failure),
+}
+
+/// Receives, prints and acks messages until `--count`, the timeout, or Ctrl-C.
+pub async fn run(ctx: &Context, args: ConsumeArgs) -> CliResult {
+    let bus = ctx.bus().await?;
+    let result = consume(ctx, &bus, &args).await;
+    if let Err(e) = bus.close().await {
+        tracing::warn!(error = %e, "closing broker connections");
+    }
+    result
+}
+
+async fn consume(ctx: &Context, bus: &polybus::Bus, args: &ConsumeArgs) -> CliResult {
+    let mut options = SubscribeOptions::new(args.group.as_str());
+    if let Some(count) = args.count {
+        options.prefetch = count.min(PREFETCH) as usize;
+    }
+    let mut subscriber = bus.subscribe(&args.env, &args.event, options).await?;
+    let bar = progress(args.count, "consuming");
+    let deadline = args.timeout.map(|t| Instant::now() + t);
+    let timeout = sleep_until(deadline);
+    let interrupted = shutdown_signal();
+    tokio::pin!(timeout, interrupted);
+
+    let mut received = 0u64;
+    let mut acks = Acks::default();
+    let stop = loop {
+        if args.count == Some(received) {
+            break Stop::Done;
+        }
+        let next = tokio::select! {
+            biased;
+            _ = &mut interrupted => break Stop::Interrupted,
+            _ = &mut timeout => break Stop::TimedOut,
+            next = subscriber.next() => next,
+        };
+        let delivery = match next {
+            None => break Stop::Ended,
+            Some(Err(e)) => break Stop::Failed(e.into()),
+            Some(Ok(delivery)) => delivery,
+        };
+        // Printed first, acked after: a message that could not be shown is redelivered.
+        if let Err(e) = bar.suspend(|| print(ctx, &delivery)) {
+            break Stop::Failed(e);
+        }
+        received += 1;
+        bar.inc(1);
+        acks.send(delivery).await;
+    };
+    bar.finish_and_clear();
+
+    let settle = acks.finish();
+    let failed_acks = tokio::select! {
+        failed = settle => failed,
+        _ = shutdown_signal() => {
+            return Err(Failure::new("INTERRUPTED", "stopped before the printed messages were acked; they will be redelivered")
+                .with_exit(EXIT_INTERRUPTED));
+        }
+    };
+    if let Err(e) = subscriber.close().await {
+        tracing::warn!(error = %e, "closing the subscription");
+    }
+    if failed_acks > 0 {
+        return Err(Failure::new(
+            "ACK_FAILED",
+            format!(
+                "{failed_acks} of {received} printed messages could not be acked; they will be redelivered"
+            ),
+        ));
+    }
+    let of_count = |count: u64| format!("received {received} of {count} messages");
+    match (stop, args.count) {
+        (Stop::Done, _) => Ok(()),
+        (Stop::Failed(e), _) => Err(e),
+        (Stop::TimedOut, Some(count)) => {
+            let waited = humantime::format_duration(args.timeout.unwrap_or_default());
+            Err(Failure::new("TIMEOUT", format!("{} within {waited}", of_count(count)))
+                .with_exit(EXIT_TIMEOUT))
+        }
+        (Stop::Interrupted, Some(count)) => {
+            Err(Failure::new("INTERRUPTED", of_count(count)).with_exit(EXIT_INTERRUPTED))
+        }
+        (Stop::Ended, Some(count)) => {
+            Err(Failure::new("CLOSED", format!("the subscription ended: {}", of_count(count))))
+        }
+        (Stop::Ended, None) => {
+            Err(Failure::new("CLOSED", format!("the subscription ended after {received} messages")))
+        }
+        (Stop::TimedOut | Stop::Interrupted, None) => Ok(()),
+    }
+}
+
+/// Acks sent behind the printing, a few at a time.
+#[derive(Default)]
+struct Acks {
+    pending: JoinSet<polybus::Result<()>>,
+    failed: u64,
+}
+
+impl Acks {
+    async fn send(&mut self, delivery: Delivery) {
+        self.pending.spawn(delivery.ack());
+        while self.pending.len() > ACKS_IN_FLIGHT {
+            self.settle_one().await;
+        }
+    }
+
+    async fn settle_one(&mut self) {
+        match self.pending.join_next().await {
+            Some(Ok(Ok(()))) | None => {}
+            Some(Ok(Err(e))) => {
+                self.failed += 1;
+                tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+            }
+            Some(Err(e)) => {
+                self.failed += 1;
+                tracing::warn!(error = %e, "ack task failed; the message will be redelivered");
+            }
+        }
+    }
+
+    /// Waits for every ack; returns how many failed.
+    async fn finish(mut self) -> u64 {
+        while !self.pending.is_empty() {
+            self.settle_one().await;
+        }
+        self.failed
+    }
+}
+
+fn print(ctx: &Context, message: &Message) -> CliResult {
+    if ctx.json() {
+        output::line(output::compact(&as_json(message))?)
+    } else {
+        output::line(as_line(message)?)
+    }
+}
+
+/// One JSON object: the payload as text, or as `payload_base64` when it is not UTF-8.
+fn as_json(message: &Message) -> Value {
+    let mut object = Map::new();
+    object.insert("id".into(), json!(message.id));
+    match message.payload_str() {
+        Some(text) => object.insert("payload".into(), json!(text)),
+        None => object.insert("payload_base64".into(), json!(base64(&message.payload))),
+    };
+    object.insert("headers".into(), json!(message.headers));
+    object.insert("key".into(), json!(message.key));
+    object.insert("content_type".into(), json!(message.content_type));
+    object.insert("attempt".into(), json!(message.attempt));
+    object.insert("published_at".into(), json!(wire::format_time(message.published_at)));
+    Value::Object(object)
+}
+
+/// `id  published-at  attempt N  [key K]  [headers {…}]  payload`, on one line.
+fn as_line(message: &Message) -> CliResult<String> {
+    let mut parts = vec![
+        message.id.clone(),
+        wire::format_time(message.published_at),
+        format!("attempt {}", message.attempt),
+    ];
+    if let Some(key) = &message.key {
+        parts.push(format!("key {key}"));
+    }
+    if !message.headers.is_empty() {
+        parts.push(format!("headers {}", output::compact(&message.headers)?));
+    }
+    parts.push(match message.payload_str() {
+        Some(text) if !text.chars().any(char::is_control) => text.to_owned(),
+        Some(text) => output::compact(text)?,
+        None => format!("base64:{}", base64(&message.payload)),
+    });
+    Ok(parts.join("  "))
+}
+
+fn base64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Completes on Ctrl-C or SIGTERM; never, when no handler could be installed.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_utf8_payloads_are_base64() {
+        let message = Message::new(vec![0xff, 0x00, 0x01]).key("k").header("h", "v");
+        let value = as_json(&message);
+        assert_eq!(value["payload_base64"], "/wAB");
+        assert!(value.get("payload").is_none());
+        assert_eq!(value["headers"], json!({"h": "v"}));
+        assert_eq!(value["key"], "k");
+    }
+
+    #[test]
+    fn table_lines_stay_on_one_line() {
+        let line = as_line(&Message::new("two\nlines")).expect("line");
+        assert!(line.ends_with(r#"attempt 0  "two\nlines""#), "{line}");
+        let line = as_line(&Message::new("hi").key("k")).expect("line");
+        assert!(line.ends_with("attempt 0  key k  hi"), "{line}");
+    }
+}

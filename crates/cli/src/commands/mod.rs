@@ -1,0 +1,76 @@
+//! One module per command; each prints its result and returns a [`CliResult`].
+
+mod broker;
+mod consume;
+mod publish;
+mod quickstart;
+mod topic;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use polybus::{Bus, Registry};
+use std::io::IsTerminal;
+
+use crate::cli::{Cli, Command, Format};
+use crate::failure::CliResult;
+
+/// What every command needs: where the registry is and how to print.
+pub struct Context {
+    /// The registry URL, as given.
+    pub registry_url: String,
+    /// Output format.
+    pub format: Format,
+}
+
+impl Context {
+    /// Opens the registry.
+    pub async fn registry(&self) -> CliResult<Registry> {
+        Ok(Registry::open(&self.registry_url).await?)
+    }
+
+    /// Opens the registry and a bus over it.
+    pub async fn bus(&self) -> CliResult<Bus> {
+        Ok(Bus::open(self.registry().await?).await?)
+    }
+
+    /// True for JSON output.
+    pub fn json(&self) -> bool {
+        self.format == Format::Json
+    }
+}
+
+/// Runs the command the user asked for.
+pub async fn run(cli: Cli) -> CliResult {
+    let ctx = Context { registry_url: cli.registry, format: cli.output };
+    match cli.command {
+        Command::Broker(command) => broker::run(&ctx, command).await,
+        Command::Topic(command) => topic::run(&ctx, command).await,
+        Command::Publish(args) => publish::run(&ctx, args).await,
+        Command::Consume(args) => consume::run(&ctx, args).await,
+        Command::Quickstart => quickstart::run(&ctx).await,
+    }
+}
+
+/// A progress bar of `total` steps on stderr, hidden unless stderr is a terminal.
+pub fn progress(total: Option<u64>, what: &str) -> ProgressBar {
+    let target = if std::io::stderr().is_terminal() {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    };
+    let bar = ProgressBar::with_draw_target(total, target);
+    let template = if total.is_some() {
+        "{msg} {wide_bar} {human_pos}/{human_len} ({eta} left)"
+    } else {
+        "{spinner} {msg}: {human_pos} messages ({elapsed})"
+    };
+    if let Ok(style) = ProgressStyle::with_template(template) {
+        bar.set_style(style);
+    }
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// Closes the bus, flushing what is still to be published.
+pub async fn close(bus: &Bus) -> CliResult {
+    Ok(bus.close().await?)
+}

@@ -1,0 +1,161 @@
+//! `polybus topic create|get|list|update|delete`.
+
+use polybus::{BrokerEnv, BrokerType, Topic, TopicPatch};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use super::Context;
+use crate::cli::{FileArg, TopicCommand};
+use crate::failure::{CliResult, InFile};
+use crate::files::read_document;
+use crate::output;
+
+/// Runs a topic command.
+pub async fn run(ctx: &Context, command: TopicCommand) -> CliResult {
+    match command {
+        TopicCommand::Create(FileArg { file }) => {
+            let doc = read_document(&file)?;
+            let topic = Topic::from_value(doc.value).in_file(&doc.name)?;
+            let created = ctx.registry().await?.create_topic(topic).await.in_file(&doc.name)?;
+            written(ctx, "created", &created)
+        }
+        TopicCommand::Update { event, file: FileArg { file } } => {
+            let doc = read_document(&file)?;
+            let patch = TopicPatch::from_value(doc.value).in_file(&doc.name)?;
+            let updated = ctx.registry().await?.update_topic(&event, patch).await.in_file(&doc.name)?;
+            written(ctx, "updated", &updated)
+        }
+        TopicCommand::Get { event } => {
+            let registry = ctx.registry().await?;
+            let topic = registry.fetch_topic(&event).await?;
+            let broker = registry.fetch_broker(&topic.event()?.broker).await?;
+            let mappings = broker
+                .envs
+                .iter()
+                .map(|env| Mapping::of(&topic, env))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(polybus::Error::from)?;
+            if ctx.json() {
+                output::json(&with_mappings(&topic, &mappings)?)
+            } else {
+                output::line(detail(&topic, &mappings))
+            }
+        }
+        TopicCommand::List { broker } => {
+            let topics = ctx.registry().await?.fetch_topics(broker.as_deref()).await?;
+            if ctx.json() {
+                return output::json(&topics);
+            }
+            let rows: Vec<Vec<String>> = topics
+                .iter()
+                .map(|t| {
+                    vec![
+                        t.tag.clone(),
+                        t.name.clone(),
+                        t.max_attempts.unwrap_or(polybus::core::topic::DEFAULT_MAX_ATTEMPTS).to_string(),
+                        t.version.to_string(),
+                    ]
+                })
+                .collect();
+            output::table(&["EVENT", "NAME", "MAX-ATTEMPTS", "VERSION"], &rows)?;
+            if topics.is_empty() {
+                eprintln!("no topics yet: create one with `polybus topic create -f topic.yaml`");
+            }
+            Ok(())
+        }
+        TopicCommand::Delete { event } => {
+            ctx.registry().await?.delete_topic(&event).await?;
+            if ctx.json() {
+                output::json(&json!({ "deleted": "topic", "tag": event }))
+            } else {
+                output::line(format_args!("deleted topic `{event}`"))
+            }
+        }
+    }
+}
+
+/// Where a topic lives on the broker of one env.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Mapping {
+    env: String,
+    #[serde(rename = "type")]
+    broker_type: BrokerType,
+    native_name: String,
+    dead_letter: String,
+    /// How the broker's own tools reach it, where there is more to know than the name.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    note: Option<String>,
+}
+
+impl Mapping {
+    fn of(topic: &Topic, env: &BrokerEnv) -> Result<Mapping, polybus::core::ValidationError> {
+        let spec = topic.spec(&env.slug)?;
+        let native = &spec.native_name;
+        let note = match env.broker_type {
+            BrokerType::Rabbitmq => {
+                let exchange = env.config.get("exchange").and_then(Value::as_str).unwrap_or("polybus");
+                Some(format!(
+                    "exchange `{exchange}`, routing key `{native}`; queue `{native}--<group>` per group"
+                ))
+            }
+            BrokerType::Redis => Some(format!("stream `{native}`")),
+            BrokerType::GooglePubsub => Some(format!("subscription `{native}--<group>` per group")),
+            BrokerType::AwsSqs => match &spec.queue_url {
+                Some(url) => Some(format!("queue URL {url}")),
+                None => Some(format!("queue `{native}--<group>` per group")),
+            },
+            _ => None,
+        };
+        Ok(Mapping {
+            env: env.slug.clone(),
+            broker_type: env.broker_type,
+            native_name: native.clone(),
+            dead_letter: spec.dead_letter,
+            note,
+        })
+    }
+}
+
+/// The topic's JSON with a `nativeNames` list, one entry per env of its broker.
+fn with_mappings(topic: &Topic, mappings: &[Mapping]) -> CliResult<Value> {
+    let mut value = output::value(topic)?;
+    if let Value::Object(map) = &mut value {
+        map.insert("nativeNames".into(), output::value(mappings)?);
+    }
+    Ok(value)
+}
+
+fn detail(topic: &Topic, mappings: &[Mapping]) -> String {
+    let max_attempts = topic.max_attempts.unwrap_or(polybus::core::topic::DEFAULT_MAX_ATTEMPTS);
+    let fields = vec![
+        vec!["event:".to_owned(), topic.tag.clone()],
+        vec!["name:".to_owned(), topic.name.clone()],
+        vec!["description:".to_owned(), topic.description.clone().unwrap_or_default()],
+        vec!["max attempts:".to_owned(), max_attempts.to_string()],
+        vec!["version:".to_owned(), topic.version.to_string()],
+        vec!["on the broker:".to_owned(), String::new()],
+    ];
+    let rows: Vec<Vec<String>> = mappings
+        .iter()
+        .map(|m| {
+            vec![
+                m.env.clone(),
+                m.broker_type.to_string(),
+                m.native_name.clone(),
+                m.dead_letter.clone(),
+                m.note.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    let table = output::align(&["ENV", "TYPE", "NATIVE NAME", "DEAD LETTER", "NOTE"], &rows);
+    let indented: Vec<String> = table.lines().map(|l| format!("  {l}")).collect();
+    format!("{}\n{}", output::columns(&fields), indented.join("\n"))
+}
+
+fn written(ctx: &Context, verb: &str, topic: &Topic) -> CliResult {
+    if ctx.json() {
+        return output::json(topic);
+    }
+    output::line(format_args!("{verb} topic `{}` (version {})", topic.tag, topic.version))
+}

@@ -1,0 +1,252 @@
+//! `polybus broker …` through the real binary.
+
+mod common;
+
+use common::{Run, Sandbox};
+use serde_json::json;
+
+const SECRET: &str = "hunter2";
+
+fn broker_yaml(sandbox: &Sandbox) -> String {
+    format!(
+        r#"name: Message Bus
+tag: message-bus
+description: Message broker for the product
+envs:
+  - slug: prd
+    type: RABBITMQ
+    config:
+      url: "amqp://app:{SECRET}@rabbit.internal:5672/vh"
+      exchange: events
+      password: {SECRET}
+  - slug: dev
+    type: embedded
+    config:
+      path: {}
+"#,
+        sandbox.broker_db().display()
+    )
+}
+
+/// Every run of a test, so that none of their output can hide a secret.
+#[derive(Default)]
+struct Transcript(Vec<Run>);
+
+impl Transcript {
+    fn record(&mut self, run: Run) -> &Run {
+        self.0.push(run);
+        self.0.last().expect("just pushed")
+    }
+
+    fn assert_never_shows(&self, secret: &str) {
+        for run in &self.0 {
+            assert!(!run.stdout.contains(secret), "secret on stdout: {run:#?}");
+            assert!(!run.stderr.contains(secret), "secret on stderr: {run:#?}");
+        }
+    }
+}
+
+#[test]
+fn broker_round_trips_through_the_cli_without_showing_secrets() {
+    let sandbox = Sandbox::new();
+    let mut all = Transcript::default();
+    let db = sandbox.broker_db().display().to_string();
+    let file = sandbox.write("broker.yaml", broker_yaml(&sandbox));
+
+    let created = all.record(sandbox.run(&["broker", "create", "-f", &file]));
+    assert_eq!(
+        created.ok(),
+        "created broker `message-bus` (version 1): envs prd (rabbitmq), dev (embedded)\n"
+    );
+    assert_eq!(created.stderr, "");
+
+    let fetched = all.record(sandbox.run(&["broker", "get", "message-bus", "--output", "json"])).json();
+    let mut expected = json!({
+        "name": "Message Bus",
+        "tag": "message-bus",
+        "description": "Message broker for the product",
+        "envs": [
+            {"slug": "prd", "type": "rabbitmq", "config": {
+                "url": "amqp://app:****@rabbit.internal:5672/vh", "exchange": "events", "password": "****"}},
+            {"slug": "dev", "type": "embedded", "config": {"path": db}},
+        ],
+        "version": 1,
+    });
+    assert_eq!(fetched, expected);
+
+    let table = all.record(sandbox.run(&["broker", "get", "message-bus"]));
+    let dev_config = serde_json::to_string(&json!({ "path": db })).expect("json");
+    assert_eq!(
+        table.ok(),
+        format!(
+            "tag:          message-bus\n\
+             name:         Message Bus\n\
+             description:  Message broker for the product\n\
+             version:      1\n\
+             envs:\n  \
+               SLUG  TYPE      CONFIG\n  \
+               prd   rabbitmq  {{\"exchange\":\"events\",\"password\":\"****\",\"url\":\"amqp://app:****@rabbit.internal:5672/vh\"}}\n  \
+               dev   embedded  {dev_config}\n"
+        )
+    );
+
+    let patch = sandbox.write(
+        "patch.yaml",
+        format!(
+            "version: 1\nname: Message Bus v2\nenvs:\n  - slug: stg\n    type: redis\n    config: {{ url: \"redis://:{SECRET}@redis:6379\" }}\n"
+        ),
+    );
+    let updated = all.record(sandbox.run(&["broker", "update", "message-bus", "-f", &patch]));
+    assert_eq!(
+        updated.ok(),
+        "updated broker `message-bus` (version 2): envs prd (rabbitmq), dev (embedded), stg (redis)\n"
+    );
+    expected["name"] = json!("Message Bus v2");
+    expected["version"] = json!(2);
+    expected["envs"].as_array_mut().expect("envs").push(json!(
+        {"slug": "stg", "type": "redis", "config": {"url": "redis://:****@redis:6379"}}
+    ));
+    let fetched = all.record(sandbox.run(&["broker", "get", "message-bus", "--output", "json"])).json();
+    assert_eq!(fetched, expected);
+
+    // The same patch again carries version 1, which is stale now: refused, nothing changes.
+    let stale = all.record(sandbox.run(&["broker", "update", "message-bus", "-f", &patch]));
+    assert_eq!(
+        stale.failed(1),
+        "error: CONFLICT: broker `message-bus` was changed meanwhile: update sent version 1, current is 2; \
+         fetch it again and retry"
+    );
+    let fetched = all.record(sandbox.run(&["broker", "get", "message-bus", "--output", "json"])).json();
+    assert_eq!(fetched, expected);
+
+    let listed = all.record(sandbox.run(&["broker", "list", "--output", "json"])).json();
+    assert_eq!(listed, json!([expected]));
+    let table = all.record(sandbox.run(&["broker", "list"]));
+    assert_eq!(
+        table.ok(),
+        "TAG          NAME            ENVS                                         VERSION\n\
+         message-bus  Message Bus v2  prd (rabbitmq), dev (embedded), stg (redis)  2\n"
+    );
+
+    let deleted = all.record(sandbox.run(&["broker", "delete", "message-bus"]));
+    assert_eq!(deleted.ok(), "deleted broker `message-bus`\n");
+    let listed = all.record(sandbox.run(&["broker", "list", "--output", "json"])).json();
+    assert_eq!(listed, json!([]));
+    let gone = all.record(sandbox.run(&["broker", "get", "message-bus"]));
+    assert_eq!(gone.failed(1), "error: BROKER_NOT_FOUND: broker `message-bus` not found");
+
+    all.assert_never_shows(SECRET);
+}
+
+#[test]
+fn bad_broker_files_fail_with_one_line_and_store_nothing() {
+    let sandbox = Sandbox::new();
+    let good = sandbox.write("broker.yaml", broker_yaml(&sandbox));
+    sandbox.run(&["broker", "create", "-f", &good]).ok();
+    let before = sandbox.run(&["broker", "list", "--output", "json"]).json();
+
+    let cases: [(&str, String, &str); 7] = [
+        (
+            "missing-field.yaml",
+            "name: Orders\ntag: orders\nenvs:\n  - slug: prd\n    type: rabbitmq\n    config: { exchange: events }\n".into(),
+            "error: VALIDATION_FAILED: missing-field.yaml: env `prd`: field `config`: one of `url` or `host` is required",
+        ),
+        (
+            "missing-name.yaml",
+            "tag: orders\nenvs:\n  - slug: dev\n    type: embedded\n".into(),
+            "error: VALIDATION_FAILED: missing-name.yaml: field `name`: missing field `name`",
+        ),
+        (
+            "wrong-type.yaml",
+            "name: Orders\ntag: orders\nenvs:\n  - slug: dev\n    type: redis\n    config: { host: h, port: six }\n".into(),
+            "error: VALIDATION_FAILED: wrong-type.yaml: env `dev`: field `config.port`: invalid type: string \"six\", expected u16",
+        ),
+        (
+            "unknown-type.yaml",
+            "name: Orders\ntag: orders\nenvs:\n  - slug: dev\n    type: carrier-pigeon\n".into(),
+            "error: VALIDATION_FAILED: unknown-type.yaml: env `dev`: field `type`: unknown broker type `carrier-pigeon`, \
+             expected one of kafka, redis, rabbitmq, google_pubsub, aws_sqs, nats, mqtt, embedded",
+        ),
+        (
+            "duplicate-slug.yaml",
+            "name: Orders\ntag: orders\nenvs:\n  - slug: dev\n    type: embedded\n  - slug: dev\n    type: embedded\n".into(),
+            "error: VALIDATION_FAILED: duplicate-slug.yaml: field `envs[1].slug`: env slug `dev` appears more than once",
+        ),
+        (
+            "malformed.yaml",
+            "name: Orders\ntag: orders\nenvs: [\n  slug: : dev\n".into(),
+            "error: INVALID_DOCUMENT: malformed.yaml: line 4 column ",
+        ),
+        (
+            "malformed.json",
+            "{\n  \"name\": \"Orders\",\n  \"tag\": orders\n}\n".into(),
+            "error: INVALID_DOCUMENT: malformed.json: line 3 column 10: expected value",
+        ),
+    ];
+    for (name, contents, expected) in cases {
+        let file = sandbox.write(name, contents);
+        let run = sandbox.run(&["broker", "create", "-f", &file]);
+        let line = run.failed(1);
+        assert!(line.starts_with(expected), "{name}: got `{line}`, expected `{expected}`");
+        assert_eq!(run.stdout, "", "{name}");
+        assert_eq!(sandbox.run(&["broker", "list", "--output", "json"]).json(), before, "{name}");
+    }
+
+    let twice = sandbox.run(&["broker", "create", "-f", &good]);
+    assert_eq!(twice.failed(1), "error: ALREADY_EXISTS: broker `message-bus` already exists");
+    assert_eq!(sandbox.run(&["broker", "list", "--output", "json"]).json(), before);
+
+    let missing = sandbox.run(&["broker", "create", "-f", "nowhere.yaml"]);
+    assert!(missing.failed(1).starts_with("error: FILE_UNREADABLE: nowhere.yaml: "), "{missing:#?}");
+}
+
+#[test]
+fn broker_definitions_can_come_from_stdin_as_json() {
+    let sandbox = Sandbox::new();
+    let definition = json!({"name": "Piped", "tag": "piped", "envs": [{"slug": "dev", "type": "embedded"}]});
+    let run = sandbox.run_with_stdin(&["broker", "create", "-f", "-"], definition.to_string().as_bytes());
+    assert_eq!(run.ok(), "created broker `piped` (version 1): envs dev (embedded)\n");
+    let bad = sandbox.run_with_stdin(&["broker", "update", "piped", "-f", "-"], b"envs: [\n");
+    assert!(bad.failed(1).starts_with("error: INVALID_DOCUMENT: <stdin>: line "), "{bad:#?}");
+}
+
+#[test]
+fn broker_with_topics_is_deleted_only_with_force() {
+    let sandbox = Sandbox::new();
+    let event = sandbox.embedded_topic("orders");
+    let refused = sandbox.run(&["broker", "delete", "bus"]);
+    assert_eq!(
+        refused.failed(1),
+        format!(
+            "error: IN_USE: broker `bus` still has topics ({event}); delete them first or delete with force"
+        )
+    );
+    assert_eq!(sandbox.run(&["broker", "delete", "bus", "--force"]).ok(), "deleted broker `bus`\n");
+    assert_eq!(sandbox.run(&["topic", "list", "--output", "json"]).json(), json!([]));
+}
+
+#[test]
+fn broker_test_pings_the_env() {
+    let sandbox = Sandbox::new();
+    sandbox.embedded_topic("orders");
+    let run = sandbox.run(&["broker", "test", "bus", "--env", "dev", "--output", "json"]);
+    let report = run.json();
+    assert_eq!(
+        (report["broker"].as_str(), report["env"].as_str(), report["ok"].as_bool()),
+        (Some("bus"), Some("dev"), Some(true))
+    );
+    assert!(report["latencyMs"].as_f64().is_some_and(|ms| ms >= 0.0), "{report}");
+    let table = sandbox.run(&["broker", "test", "bus", "--env", "dev"]);
+    assert!(table.ok().starts_with("broker `bus` env `dev` (embedded): ok in "), "{table:#?}");
+    let unknown = sandbox.run(&["broker", "test", "bus", "--env", "prd"]);
+    assert_eq!(unknown.failed(1), "error: BROKER_ENV_NOT_FOUND: broker `bus` has no env `prd` (envs: dev)");
+}
+
+#[test]
+fn usage_errors_keep_clap_exit_code() {
+    let sandbox = Sandbox::new();
+    let run = sandbox.run(&["broker", "create"]);
+    assert_eq!(run.code, Some(2), "{run:#?}");
+    let run = sandbox.run(&["publish", "--env", "dev", "bus:orders", "--header", "novalue", "--data", "x"]);
+    assert_eq!(run.code, Some(2), "{run:#?}");
+}
