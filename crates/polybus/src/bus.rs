@@ -69,6 +69,7 @@ impl BusBuilder {
                 registry: self.registry,
                 connectors: self.connectors,
                 connections: Mutex::new(HashMap::new()),
+                connecting: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
             }),
         }
@@ -79,6 +80,8 @@ struct Inner {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
     connections: Mutex<HashMap<(String, String), Connection>>,
+    /// One gate per broker env, so concurrent first uses make one connection, not one each.
+    connecting: Mutex<HashMap<(String, String), Arc<Mutex<()>>>>,
     routes: Mutex<HashMap<(String, String), Route>>,
 }
 
@@ -257,6 +260,8 @@ impl Bus {
                 return Ok((transport, broker_type));
             }
         }
+        let gate = self.inner.connecting.lock().await.entry(key.clone()).or_default().clone();
+        let _connecting = gate.lock().await;
         let current = self.inner.registry.fetch_broker(broker).await?;
         {
             let mut connections = self.inner.connections.lock().await;

@@ -36,5 +36,9 @@ pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
     let mut connectors: Vec<std::sync::Arc<dyn Connector>> = Vec::new();
     #[cfg(feature = "embedded")]
     connectors.push(std::sync::Arc::new(polybus_embedded::EmbeddedConnector));
+    #[cfg(feature = "nats")]
+    connectors.push(std::sync::Arc::new(polybus_nats::NatsConnector));
+    #[cfg(feature = "mqtt")]
+    connectors.push(std::sync::Arc::new(polybus_mqtt::MqttConnector));
     connectors
 }

@@ -1,0 +1,187 @@
+//! What is particular to MQTT: redeliveries stay within their group, messages a leaving
+//! member held wait for the next member, late acks are refused, and bad names or
+//! addresses fail clearly. Runs against `MQTT_HOST:MQTT_PORT` (default 127.0.0.1:1883).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{ENV, Native, WAIT, World, broker_address};
+use polybus::{Broker, Bus, Error, Message, Registry, SubscribeOptions, Subscriber, Topic};
+use polybus_mqtt::MqttConnector;
+use serde_json::json;
+
+fn options(group: &str, ack_deadline: Duration) -> SubscribeOptions {
+    SubscribeOptions { ack_deadline, ..SubscribeOptions::new(group) }
+}
+
+async fn receive(sub: &mut Subscriber, what: &str) -> polybus::Delivery {
+    match tokio::time::timeout(WAIT, sub.next()).await {
+        Ok(Some(Ok(d))) => d,
+        Ok(Some(Err(e))) => panic!("receiving {what}: {e}"),
+        Ok(None) => panic!("receiving {what}: the subscription closed"),
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+async fn expect_nothing(sub: &mut Subscriber, window: Duration, what: &str) {
+    if let Ok(next) = tokio::time::timeout(window, sub.next()).await {
+        panic!("{what}: expected nothing within {window:?}, got {next:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_nacked_message_comes_back_to_its_own_group_only() {
+    let world = World::new().await;
+    let mut billing =
+        world.bus.subscribe(ENV, &world.event, options("billing", Duration::from_secs(30))).await.unwrap();
+    let mut audit =
+        world.bus.subscribe(ENV, &world.event, options("audit", Duration::from_secs(30))).await.unwrap();
+    let id = world.bus.publish(ENV, &world.event, Message::text("once per group")).await.unwrap();
+
+    let first = receive(&mut billing, "billing's delivery").await;
+    receive(&mut audit, "audit's delivery").await.ack().await.unwrap();
+    first.nack().await.unwrap();
+    let again = receive(&mut billing, "billing's redelivery").await;
+    assert_eq!((again.id.as_str(), again.attempt), (id.as_str(), 2));
+    again.ack().await.unwrap();
+    expect_nothing(&mut audit, Duration::from_millis(500), "audit after billing's nack").await;
+    world.bus.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn messages_queued_for_a_leaving_member_wait_for_the_next_member() {
+    let world = World::new().await;
+    // Prefetch 2: of six jobs, the member takes two and the broker queues the rest for it.
+    let prefetch2 = SubscribeOptions { prefetch: 2, ..options("workers", Duration::from_secs(30)) };
+    let mut leaving = world.bus.subscribe(ENV, &world.event, prefetch2).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..6 {
+        ids.push(world.bus.publish(ENV, &world.event, Message::text(format!("job {i}"))).await.unwrap());
+    }
+    // Two jobs in hand when the member leaves; it finishes them after leaving, which frees
+    // its prefetch slots for the four the broker had queued for it.
+    let first = receive(&mut leaving, "the first job").await;
+    let second = receive(&mut leaving, "the second job").await;
+    let handled = [first.id.clone(), second.id.clone()];
+    leaving.close().await.unwrap();
+    drop(leaving);
+    first.ack().await.unwrap();
+    second.ack().await.unwrap();
+
+    let mut next =
+        world.bus.subscribe(ENV, &world.event, options("workers", Duration::from_secs(30))).await.unwrap();
+    let mut got = Vec::new();
+    for n in 0..4 {
+        let d = receive(&mut next, &format!("left-over job {n}")).await;
+        assert_eq!(d.attempt, 1, "a message never handed out keeps its attempt");
+        got.push(d.id.clone());
+        d.ack().await.unwrap();
+    }
+    got.sort();
+    let mut expected: Vec<_> = ids.into_iter().filter(|id| !handled.contains(id)).collect();
+    expected.sort();
+    assert_eq!(got, expected, "the next member gets exactly the unhandled jobs");
+    expect_nothing(&mut next, Duration::from_millis(500), "after the left-over jobs").await;
+
+    // Taken back means cleared: nothing stays retained under the group's parking topic.
+    let mut native = Native::connect().await;
+    native.subscribe(&format!("{}/+", polybus_mqtt::parked_topic("workers", &world.topic))).await;
+    let leftover = tokio::time::timeout(Duration::from_millis(500), native.publish_received()).await;
+    assert!(leftover.is_err(), "a parked copy was left retained: {leftover:?}");
+    world.bus.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_ack_after_the_deadline_is_refused_and_the_message_comes_back() {
+    let world = World::new().await;
+    let mut sub =
+        world.bus.subscribe(ENV, &world.event, options("slow", Duration::from_secs(1))).await.unwrap();
+    let id = world.bus.publish(ENV, &world.event, Message::text("too slow")).await.unwrap();
+    let late = receive(&mut sub, "the first delivery").await;
+    let again = receive(&mut sub, "the redelivery after the deadline").await;
+    assert_eq!((again.id.as_str(), again.attempt), (id.as_str(), 2));
+    match late.ack().await {
+        Err(Error::LeaseLost(lost)) => assert_eq!(lost, id),
+        other => panic!("a late ack must be refused with LeaseLost, got {other:?}"),
+    }
+    again.ack().await.unwrap();
+    expect_nothing(&mut sub, Duration::from_millis(1500), "after acking the redelivery").await;
+    world.bus.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_subscription_keeps_redelivering_after_its_bus_closed() {
+    let world = World::new().await;
+    let mut sub =
+        world.bus.subscribe(ENV, &world.event, options("late", Duration::from_secs(30))).await.unwrap();
+    let id = world.bus.publish(ENV, &world.event, Message::text("after close")).await.unwrap();
+    world.bus.close().await.unwrap();
+
+    let first = receive(&mut sub, "the delivery").await;
+    first.nack().await.expect("a nack after the bus closed still redelivers");
+    let again = receive(&mut sub, "the redelivery").await;
+    assert_eq!((again.id.as_str(), again.attempt), (id.as_str(), 2));
+    again.ack().await.unwrap();
+    sub.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn topic_names_mqtt_cannot_publish_to_are_refused_clearly() {
+    let world = World::new().await;
+    world
+        .registry
+        .create_topic(
+            Topic::from_value(
+                json!({"tag": "mqtt-test:wild", "envs": [{"slug": ENV, "nativeName": "a/+/b"}]}),
+            )
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let err = world.bus.publish(ENV, "mqtt-test:wild", Message::text("x")).await.unwrap_err();
+    assert!(err.to_string().contains("not an MQTT topic name"), "{err}");
+    world.bus.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_fails_to_connect_without_revealing_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(dir.path().join("r.db").to_str().unwrap()).await.unwrap();
+    let (host, _) = broker_address();
+    registry
+        .create_broker(
+            Broker::from_value(json!({"name": "Down", "tag": "down", "envs": [{"slug": ENV, "type": "mqtt",
+                "config": {"url": format!("mqtt://svc:hunter2@{host}:1")}}]}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    registry.create_topic(Topic::from_value(json!({"tag": "down:orders"})).unwrap()).await.unwrap();
+    let bus = Bus::builder(registry).connector(Arc::new(MqttConnector)).build();
+    let err = bus.publish(ENV, "down:orders", Message::text("x")).await.unwrap_err();
+    assert_eq!(err.code(), "CONNECT_FAILED", "{err}");
+    assert!(err.to_string().contains(&format!("{host}:1")), "names the endpoint: {err}");
+    assert!(!err.to_string().contains("hunter2"), "{err}");
+}
+
+#[tokio::test]
+async fn protocol_version_3_is_refused_as_unsupported() {
+    let dir = tempfile::tempdir().unwrap();
+    let registry = Registry::open(dir.path().join("r.db").to_str().unwrap()).await.unwrap();
+    let (host, port) = broker_address();
+    registry
+        .create_broker(
+            Broker::from_value(json!({"name": "Old", "tag": "old", "envs": [{"slug": ENV, "type": "mqtt",
+                "config": {"host": host, "port": port, "version": 3}}]}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    registry.create_topic(Topic::from_value(json!({"tag": "old:orders"})).unwrap()).await.unwrap();
+    let bus = Bus::builder(registry).connector(Arc::new(MqttConnector)).build();
+    let err = bus.publish(ENV, "old:orders", Message::text("x")).await.unwrap_err();
+    assert_eq!(err.code(), "UNSUPPORTED", "{err}");
+    assert!(err.to_string().contains("version: 5"), "says what to do: {err}");
+}

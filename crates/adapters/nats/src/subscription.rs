@@ -1,0 +1,231 @@
+//! [`NatsSubscription`]: one group member, pulling no more than it may hold.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Subject;
+use async_nats::jetstream::consumer::{PullConsumer, pull};
+use async_nats::jetstream::{self, AckKind};
+use async_trait::async_trait;
+use polybus_core::{Acker, Delivery, Error, Op, Result, Subscription};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::codec::{self, Delivered};
+use crate::puller::{self, Puller};
+use crate::transport::Shared;
+
+/// Failures in a row before the subscriber is told (it keeps trying either way).
+const REPORT_AFTER_FAILURES: u32 = 3;
+
+/// A member of a group: a task pulls as many messages as the member has free prefetch
+/// slots, so it never holds more than `prefetch` unsettled deliveries.
+pub struct NatsSubscription {
+    deliveries: mpsc::Receiver<Result<Delivery>>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+    closed: bool,
+}
+
+impl NatsSubscription {
+    /// Starts pulling from `consumer` (made from `config` on `stream`).
+    pub(crate) fn start(
+        shared: Shared,
+        stream: String,
+        config: pull::Config,
+        consumer: PullConsumer,
+        prefetch: usize,
+    ) -> Self {
+        let (tx, deliveries) = mpsc::channel(prefetch + 1);
+        let (stop, stopped) = watch::channel(false);
+        let puller = Puller::new(shared.clone(), stream, config, Some(consumer));
+        let slots = Arc::new(Semaphore::new(prefetch));
+        let task = tokio::spawn(run(shared, puller, slots, tx, stopped));
+        NatsSubscription { deliveries, stop, task: Some(task), closed: false }
+    }
+}
+
+impl Drop for NatsSubscription {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for NatsSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        if self.closed {
+            return None;
+        }
+        self.deliveries.recv().await
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.closed = true;
+        self.stop.send_replace(true);
+        if let Some(task) = self.task.take() {
+            // The task stops at its next await; a panic in it has been reported already.
+            let _ = task.await;
+        }
+        // Fetched but never handed out: give them back to the group now, not after the deadline.
+        self.deliveries.close();
+        while let Some(received) = self.deliveries.recv().await {
+            if let Ok(delivery) = received
+                && let Err(e) = delivery.nack(None).await
+            {
+                tracing::debug!(error = %e, "returning an unhandled delivery");
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn run(
+    shared: Shared,
+    mut puller: Puller,
+    slots: Arc<Semaphore>,
+    tx: mpsc::Sender<Result<Delivery>>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut closed = shared.closed.clone();
+    let stopped = async move {
+        tokio::select! {
+            () = puller::closed(&mut stop) => {}
+            () = puller::closed(&mut closed) => {}
+        }
+    };
+    tokio::select! {
+        () = stopped => {}
+        () = pull_forever(&shared, &mut puller, slots, &tx) => {}
+    }
+}
+
+async fn pull_forever(
+    shared: &Shared,
+    puller: &mut Puller,
+    slots: Arc<Semaphore>,
+    tx: &mpsc::Sender<Result<Delivery>>,
+) {
+    loop {
+        let Ok(mut permits) = slots.clone().acquire_owned().await else { return };
+        let free = slots.available_permits();
+        if free > 0
+            && let Ok(more) = slots.clone().try_acquire_many_owned(u32::try_from(free).unwrap_or(u32::MAX))
+        {
+            permits.merge(more);
+        }
+        let mut batch = match puller.batch(permits.num_permits()).await {
+            Ok(batch) => batch,
+            Err(e) => {
+                let pause = puller.failed();
+                report(shared, puller, tx, e.message());
+                tokio::time::sleep(pause).await;
+                continue;
+            }
+        };
+        while let Some(item) = batch.next().await {
+            let message = match item {
+                Ok(message) => message,
+                Err(e) => {
+                    let pause = puller.failed();
+                    report(shared, puller, tx, &e);
+                    tokio::time::sleep(pause).await;
+                    break;
+                }
+            };
+            puller.succeeded();
+            let Some(permit) = permits.split(1) else {
+                // More than asked for: not ours to hold.
+                give_back(shared, message).await;
+                continue;
+            };
+            let Some(delivery) = delivery(shared, puller.stream(), message, permit) else { continue };
+            if tx.send(Ok(delivery)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// Tells the subscriber once per run of failures, after a few; logs the rest.
+fn report(shared: &Shared, puller: &Puller, tx: &mpsc::Sender<Result<Delivery>>, error: &str) {
+    tracing::warn!(
+        stream = puller.stream(),
+        failures = puller.failures(),
+        error,
+        "nats pull failed; retrying"
+    );
+    if puller.failures() == REPORT_AFTER_FAILURES {
+        let error =
+            Error::transport(Op::Receive, format!("nats {}", puller.stream()), shared.secrets.scrub(error));
+        // A full channel has deliveries to hand out: the subscriber is not stuck.
+        let _ = tx.try_send(Err(error));
+    }
+}
+
+async fn give_back(shared: &Shared, message: jetstream::Message) {
+    if let Some(reply) = &message.reply
+        && let Err(e) = puller::settle(shared, reply, AckKind::Nak(None)).await
+    {
+        tracing::debug!(error = %e, "returning an extra delivery");
+    }
+}
+
+fn delivery(
+    shared: &Shared,
+    stream: &str,
+    message: jetstream::Message,
+    permit: OwnedSemaphorePermit,
+) -> Option<Delivery> {
+    let (delivered, reply) = match (message.info(), &message.reply) {
+        (Ok(info), Some(reply)) => (
+            Delivered {
+                stream,
+                sequence: info.stream_sequence,
+                stored_at: info.published,
+                attempt: u32::try_from(info.delivered).unwrap_or(u32::MAX).max(1),
+            },
+            reply.clone(),
+        ),
+        _ => {
+            tracing::warn!(stream, subject = %message.subject, "ignoring a message that is not a JetStream delivery");
+            return None;
+        }
+    };
+    let headers = message.headers.as_ref();
+    let decoded = codec::decode(headers, message.payload.clone(), delivered);
+    let acker = NatsAcker { shared: shared.clone(), stream: stream.to_owned(), reply, _permit: permit };
+    Some(Delivery::new(decoded, Box::new(acker)))
+}
+
+/// Settles one delivery; holds its prefetch slot until then.
+struct NatsAcker {
+    shared: Shared,
+    stream: String,
+    reply: Subject,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl NatsAcker {
+    async fn settle(self, op: Op, kind: AckKind) -> Result<()> {
+        puller::settle(&self.shared, &self.reply, kind)
+            .await
+            .map_err(|e| Error::transport(op, format!("nats {}", self.stream), e))
+    }
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settle(Op::Ack, AckKind::Ack).await
+    }
+
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+        self.settle(Op::Nack, AckKind::Nak(delay.filter(|d| !d.is_zero()))).await
+    }
+}
