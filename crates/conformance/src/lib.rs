@@ -1,1 +1,67 @@
-//! placeholder
+//! The polybus behaviour suite: one set of cases that proves the transport contract, run
+//! against any broker by building a [`Target`] and handing it to [`run`] from a test binary
+//! with `harness = false`.
+//!
+//! ```no_run
+//! use polybus::BrokerType;
+//! use polybus_conformance::Target;
+//! fn main() -> std::process::ExitCode {
+//!     let target = Target::new("embedded", BrokerType::Embedded, serde_json::json!({"path": "/tmp/b.db"}));
+//!     polybus_conformance::run(target)
+//! }
+//! ```
+//!
+//! Every case gets its own runtime, registry, topic and groups, so cases run in parallel and
+//! never see each other's messages. A case whose capability the adapter does not declare is
+//! reported as ignored with its reason, never as passed.
+
+mod cases;
+mod fixture;
+mod harness;
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use polybus::{BrokerType, Connector};
+
+pub use harness::run;
+
+/// Restarts the real broker behind a target and returns once it accepts connections again.
+pub type RestartHook = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
+
+/// A broker to run the suite against.
+#[derive(Clone)]
+pub struct Target {
+    /// Short name shown in the output, e.g. `redis`.
+    pub name: String,
+    /// Broker type of the env the suite creates.
+    pub broker_type: BrokerType,
+    /// The env's config, as it would be stored in the registry.
+    pub config: serde_json::Value,
+    /// Connectors added to (or replacing those of) the default build.
+    pub connectors: Vec<Arc<dyn Connector>>,
+    /// Restarts the broker; `None` skips the reconnect case.
+    pub restart: Option<RestartHook>,
+}
+
+impl Target {
+    /// A target with no extra connectors and no restart hook.
+    pub fn new(name: impl Into<String>, broker_type: BrokerType, config: serde_json::Value) -> Self {
+        Target { name: name.into(), broker_type, config, connectors: Vec::new(), restart: None }
+    }
+
+    /// Adds a connector (for an adapter that is not a feature of the `polybus` crate).
+    pub fn connector(mut self, connector: Arc<dyn Connector>) -> Self {
+        self.connectors.push(connector);
+        self
+    }
+
+    /// Sets the hook that restarts the broker.
+    pub fn restart<F>(mut self, hook: F) -> Self
+    where
+        F: Fn() -> BoxFuture<'static, ()> + Send + Sync + 'static,
+    {
+        self.restart = Some(Arc::new(hook));
+        self
+    }
+}

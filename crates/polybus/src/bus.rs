@@ -76,12 +76,15 @@ impl BusBuilder {
     }
 }
 
+/// Held while connecting to one broker env.
+type Gate = Arc<Mutex<()>>;
+
 struct Inner {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
     connections: Mutex<HashMap<(String, String), Connection>>,
     /// One gate per broker env, so concurrent first uses make one connection, not one each.
-    connecting: Mutex<HashMap<(String, String), Arc<Mutex<()>>>>,
+    connecting: Mutex<HashMap<(String, String), Gate>>,
     routes: Mutex<HashMap<(String, String), Route>>,
 }
 

@@ -16,8 +16,19 @@ pub(crate) struct DeadLetterTarget {
 }
 
 impl DeadLetterTarget {
+    /// Creates the destination and its standing group, so brokers that keep messages only
+    /// for existing groups (RabbitMQ, SQS, Pub/Sub) keep dead letters until someone reads them.
+    async fn prepare(&self) -> Result<()> {
+        self.transport.ensure_topic(&self.spec).await?;
+        let mut standing = self
+            .transport
+            .subscribe(&self.spec, &polybus_core::SubscribeOptions::new(crate::DEAD_LETTER_GROUP))
+            .await?;
+        standing.close().await
+    }
+
     async fn send(&self, message: &Message, reason: &str) -> Result<()> {
-        self.ensured.get_or_try_init(|| self.transport.ensure_topic(&self.spec)).await?;
+        self.ensured.get_or_try_init(|| self.prepare()).await?;
         let mut copy = message.clone();
         copy.attempt = 0;
         copy.delay = None;

@@ -29,6 +29,10 @@ pub use polybus_core::{
 };
 pub use polybus_registry::{Registry, SqliteStore, Store};
 
+/// The group that always exists on a dead-letter destination: read dead letters with
+/// `bus.dead_letters(env, event, Group(DEAD_LETTER_GROUP))`.
+pub const DEAD_LETTER_GROUP: &str = "dead-letters";
+
 /// The connectors compiled into this build, one per enabled adapter feature.
 #[allow(clippy::vec_init_then_push)]
 pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
@@ -40,5 +44,9 @@ pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
     connectors.push(std::sync::Arc::new(polybus_nats::NatsConnector));
     #[cfg(feature = "mqtt")]
     connectors.push(std::sync::Arc::new(polybus_mqtt::MqttConnector));
+    #[cfg(feature = "redis")]
+    connectors.push(std::sync::Arc::new(polybus_redis::RedisConnector));
+    #[cfg(feature = "rabbitmq")]
+    connectors.push(std::sync::Arc::new(polybus_rabbitmq::RabbitmqConnector));
     connectors
 }

@@ -1,0 +1,124 @@
+//! One AMQP connection, re-established on demand after it drops.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use backon::ExponentialBuilder;
+use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::{Connection, ConnectionProperties, ErrorKind};
+use tokio::sync::Mutex;
+
+use crate::config::Settings;
+
+/// Why a connection could not be had.
+#[derive(Debug)]
+pub(crate) enum LinkError {
+    /// The transport was closed.
+    Closed,
+    /// Connecting failed (message already scrubbed of the password).
+    Connect {
+        /// What the client said.
+        message: String,
+        /// The broker may accept a later attempt (it was unreachable or dropped us); false
+        /// when it refused the credentials or the vhost.
+        transient: bool,
+    },
+}
+
+impl LinkError {
+    /// True when trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, LinkError::Connect { transient: true, .. })
+    }
+}
+
+impl std::fmt::Display for LinkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkError::Closed => f.write_str("the transport is closed"),
+            LinkError::Connect { message, .. } => write!(f, "cannot connect: {message}"),
+        }
+    }
+}
+
+/// Delays between reconnect attempts: 100 ms doubling to 5 s, with jitter.
+pub(crate) fn reconnect_backoff() -> ExponentialBuilder {
+    ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(100))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times()
+}
+
+/// Whether a failed connect is worth repeating: not when the broker refused who we are.
+fn is_transient(e: &lapin::Error) -> bool {
+    match e.kind() {
+        ErrorKind::ProtocolError(err) => !matches!(
+            err.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ),
+        ErrorKind::AuthProviderError(_)
+        | ErrorKind::InvalidProtocolVersion(_)
+        | ErrorKind::NoDefaultRuntime => false,
+        _ => true,
+    }
+}
+
+/// A connection shared by the channels of one role (publishing or consuming).
+pub(crate) struct Link {
+    settings: Arc<Settings>,
+    role: &'static str,
+    current: Mutex<Option<Arc<Connection>>>,
+    closed: AtomicBool,
+}
+
+impl Link {
+    /// A link that connects on first use.
+    pub fn new(settings: Arc<Settings>, role: &'static str) -> Self {
+        Link { settings, role, current: Mutex::new(None), closed: AtomicBool::new(false) }
+    }
+
+    /// The open connection, connecting (once) when there is none or it dropped.
+    pub async fn connection(&self) -> Result<Arc<Connection>, LinkError> {
+        let mut current = self.current.lock().await;
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(LinkError::Closed);
+        }
+        if let Some(conn) = current.as_ref()
+            && conn.status().connected()
+        {
+            return Ok(conn.clone());
+        }
+        let reconnect = current.is_some();
+        let props = ConnectionProperties::default()
+            .with_connection_name(format!("{} ({})", self.settings.name, self.role).into());
+        let conn = Connection::connect_uri(self.settings.uri.clone(), props).await.map_err(|e| {
+            LinkError::Connect { transient: is_transient(&e), message: self.settings.scrub(e) }
+        })?;
+        if reconnect {
+            tracing::info!(endpoint = %self.settings.endpoint, role = self.role, "reconnected to rabbitmq");
+        }
+        let conn = Arc::new(conn);
+        *current = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// True once [`close`](Link::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Closes the connection; later calls to [`connection`](Link::connection) fail.
+    pub async fn close(&self) -> Result<(), String> {
+        let mut current = self.current.lock().await;
+        self.closed.store(true, Ordering::SeqCst);
+        match current.take() {
+            Some(conn) if conn.status().connected() => {
+                conn.close(200, "closed by polybus".into()).await.map_err(|e| self.settings.scrub(e))
+            }
+            _ => Ok(()),
+        }
+    }
+}

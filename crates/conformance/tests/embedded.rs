@@ -1,0 +1,16 @@
+//! The behaviour suite against the embedded broker (a SQLite file, no service needed).
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use polybus::BrokerType;
+use polybus_conformance::Target;
+use polybus_embedded::EmbeddedConnector;
+
+fn main() -> ExitCode {
+    let dir = tempfile::tempdir().expect("a temporary directory for the embedded broker's file");
+    let path = dir.path().join("broker.db");
+    let config = serde_json::json!({ "path": path.to_string_lossy() });
+    let target = Target::new("embedded", BrokerType::Embedded, config).connector(Arc::new(EmbeddedConnector));
+    polybus_conformance::run(target)
+}
