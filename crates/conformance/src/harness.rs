@@ -21,7 +21,7 @@ const PROBE_LIMIT: Duration = Duration::from_secs(30);
 const LARGE_MESSAGE: usize = (1 << 20) + 4096;
 
 /// What a case needs the adapter (or the target) to declare.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Need {
     /// Unacked messages come back.
     AtLeastOnce,
@@ -170,8 +170,17 @@ fn print_plan(
     }
 }
 
+/// Cases share the broker; a case that restarts it runs alone (write), the others together (read).
+static BROKER: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
 /// Runs one case in its own runtime, with its own registry and topic; a panic is the failure.
 fn run_case(case: &'static Case, target: &Target, caps: Capabilities) -> Result<(), Failed> {
+    let restarts = case.needs.contains(&Need::Restart);
+    let (_shared, _alone) = if restarts {
+        (None, Some(BROKER.write().unwrap_or_else(|poisoned| poisoned.into_inner())))
+    } else {
+        (Some(BROKER.read().unwrap_or_else(|poisoned| poisoned.into_inner())), None)
+    };
     let runtime = runtime().map_err(|e| Failed::from(format!("starting a runtime: {e}")))?;
     let outcome = catch_unwind(AssertUnwindSafe(|| {
         runtime.block_on(within(case.limit, format_args!("case {} to finish", case.name), async {

@@ -6,9 +6,7 @@
 //! instead (127.0.0.1:1883 when `mosquitto` is not installed); that one is shared, so it is
 //! never restarted.
 //!
-//! The suite runs its cases in parallel, and restarting the broker under them fails them,
-//! so the reconnect case gets a restart hook only when it is the one case selected:
-//! `cargo test -p polybus-mqtt --test conformance -- --exact reconnects_after_the_broker_restarts`.
+//! The suite runs the reconnect case alone, so restarting the private broker is safe.
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -26,7 +24,7 @@ fn main() -> ExitCode {
     let explicit = std::env::var("MQTT_HOST").is_ok() || std::env::var("MQTT_PORT").is_ok();
     let private = if explicit { None } else { PrivateBroker::start() };
     let target = match &private {
-        Some(broker) if restart_case_alone() => {
+        Some(broker) => {
             let restart = broker.clone();
             Target::new("mqtt (private mosquitto)", BrokerType::Mqtt, config("127.0.0.1", broker.port))
                 .restart(move || {
@@ -37,9 +35,6 @@ fn main() -> ExitCode {
                             .expect("restarting mosquitto");
                     })
                 })
-        }
-        Some(broker) => {
-            Target::new("mqtt (private mosquitto)", BrokerType::Mqtt, config("127.0.0.1", broker.port))
         }
         None => {
             let host = std::env::var("MQTT_HOST").unwrap_or_else(|_| "127.0.0.1".into());
@@ -53,14 +48,6 @@ fn main() -> ExitCode {
     }
     code
 }
-
-/// True when the command line selects exactly the reconnect case.
-fn restart_case_alone() -> bool {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    args.iter().any(|a| a == "--exact") && args.iter().any(|a| a == RESTART_CASE)
-}
-
-const RESTART_CASE: &str = "reconnects_after_the_broker_restarts";
 
 /// A Mosquitto this test binary owns: its own port, config and persistence directory.
 #[derive(Clone)]

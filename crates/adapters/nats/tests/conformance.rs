@@ -19,9 +19,6 @@ use polybus_nats::NatsConnector;
 use serde_json::json;
 
 fn main() -> ExitCode {
-    if let Some(code) = rerun_one_case_at_a_time() {
-        return code;
-    }
     let target = Target::new("nats", BrokerType::Nats, json!({})).connector(Arc::new(NatsConnector));
     match std::env::var("POLYBUS_NATS_URL") {
         Ok(url) => run_on_shared_server(target, &url),
@@ -52,27 +49,6 @@ fn main() -> ExitCode {
                 run_on_shared_server(target, "nats://127.0.0.1:4222")
             }
         },
-    }
-}
-
-/// The reconnect case restarts the server every case shares, failing the publishes of cases
-/// running beside it; until the harness runs it alone, run this binary with one test thread
-/// (again, as a child) unless the command line chose a number. `None` in the child.
-fn rerun_one_case_at_a_time() -> Option<ExitCode> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if std::env::var_os("POLYBUS_NATS_URL").is_some() || args.iter().any(|a| a.starts_with("--test-threads"))
-    {
-        return None;
-    }
-    let status =
-        Command::new(std::env::current_exe().ok()?).args(&args).args(["--test-threads", "1"]).status();
-    match status {
-        Ok(status) if status.success() => Some(ExitCode::SUCCESS),
-        Ok(_) => Some(ExitCode::FAILURE),
-        Err(e) => {
-            eprintln!("conformance[nats]: running the suite one case at a time: {e}");
-            Some(ExitCode::FAILURE)
-        }
     }
 }
 
