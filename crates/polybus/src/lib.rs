@@ -48,5 +48,7 @@ pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
     connectors.push(std::sync::Arc::new(polybus_redis::RedisConnector));
     #[cfg(feature = "rabbitmq")]
     connectors.push(std::sync::Arc::new(polybus_rabbitmq::RabbitmqConnector));
+    #[cfg(feature = "kafka")]
+    connectors.push(std::sync::Arc::new(polybus_kafka::KafkaConnector));
     connectors
 }

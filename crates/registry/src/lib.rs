@@ -1,6 +1,8 @@
 //! polybus registry: what exists — broker definitions and topics — with validation,
-//! patches and optimistic concurrency, over a pluggable [`Store`] (SQLite by default).
+//! patches and optimistic concurrency, over a pluggable [`Store`] (SQLite by default,
+//! PostgreSQL for several replicas).
 
+mod postgres;
 mod sqlite;
 
 use std::sync::Arc;
@@ -9,6 +11,7 @@ use async_trait::async_trait;
 use polybus_core::{Broker, BrokerPatch, Error, EventRef, Result, Topic, TopicPatch};
 use serde_json::Value;
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// How many times an unversioned update retries when another writer got in first.
@@ -21,6 +24,8 @@ pub enum Kind {
     Broker,
     /// A topic, keyed by event, with its broker tag as parent.
     Topic,
+    /// A server API key, stored hashed.
+    ApiKey,
 }
 
 impl Kind {
@@ -29,6 +34,7 @@ impl Kind {
         match self {
             Kind::Broker => "broker",
             Kind::Topic => "topic",
+            Kind::ApiKey => "api_key",
         }
     }
 }
@@ -36,7 +42,7 @@ impl Kind {
 /// One stored document with its version.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Record {
-    /// Tag or event.
+    /// Tag, event or API key id.
     pub key: String,
     /// Version, 1 after creation, +1 per update.
     pub version: u64,
@@ -61,12 +67,11 @@ pub trait Store: Send + Sync {
     async fn ping(&self) -> Result<()>;
 }
 
-/// Opens the store a registry URL names: a file path or `sqlite://PATH`.
+/// Opens the store a registry URL names: `postgres://…` / `postgresql://…`, or a file path or
+/// `sqlite://PATH`.
 pub async fn open_store(url: &str) -> Result<Arc<dyn Store>> {
     if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        return Err(Error::Storage(
-            "this build has no PostgreSQL registry store; use a SQLite path or sqlite://PATH".into(),
-        ));
+        return Ok(Arc::new(PostgresStore::open(url).await?));
     }
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
     Ok(Arc::new(SqliteStore::open(path).await?))

@@ -1,14 +1,159 @@
-//! Registry behaviour, written against the `Registry` API so every store runs the same cases.
+//! Registry behaviour, written against the `Registry` API; every case runs on every store
+//! (`sqlite::…` and `postgres::…`).
+//!
+//! The PostgreSQL cases use `POLYBUS_TEST_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/test`), each in a schema of its own that is dropped at the
+//! end. They fail, never skip, when PostgreSQL is unreachable: start it with `scripts/services postgres`.
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use polybus_core::{Broker, BrokerPatch, Topic, TopicPatch};
-use polybus_registry::{Registry, SqliteStore};
+use polybus_registry::{Kind, PostgresStore, Record, Registry, SqliteStore};
 use serde_json::json;
-use std::sync::Arc;
 
-async fn sqlite() -> (Registry, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path().join("registry.db")).await.unwrap();
-    (Registry::new(Arc::new(store)), dir)
+/// A registry on a store of its own, and what it takes to open a second handle on that store.
+struct Fixture {
+    registry: Registry,
+    storage: Storage,
+}
+
+enum Storage {
+    Sqlite(tempfile::TempDir),
+    Postgres(TestSchema),
+}
+
+impl Fixture {
+    async fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("registry.db")).await.unwrap();
+        Fixture { registry: Registry::new(Arc::new(store)), storage: Storage::Sqlite(dir) }
+    }
+
+    async fn postgres() -> Self {
+        let schema = TestSchema::new();
+        let store = schema.open().await;
+        Fixture { registry: Registry::new(Arc::new(store)), storage: Storage::Postgres(schema) }
+    }
+
+    /// Another handle on the same storage, as a second process or server replica would have.
+    async fn reopen(&self) -> Registry {
+        match &self.storage {
+            Storage::Sqlite(dir) => {
+                let url = format!("sqlite://{}", dir.path().join("registry.db").display());
+                Registry::open(&url).await.unwrap()
+            }
+            Storage::Postgres(schema) => Registry::new(Arc::new(schema.open().await)),
+        }
+    }
+}
+
+fn postgres_url() -> String {
+    std::env::var("POLYBUS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned())
+}
+
+/// `url` with one more query parameter.
+fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
+
+/// A PostgreSQL schema for one test, dropped (with everything in it) when the test ends, passed or not.
+struct TestSchema {
+    name: String,
+    /// The test URL, tagged with the schema name as `application_name` to find this test's connections.
+    url: String,
+}
+
+impl TestSchema {
+    fn new() -> Self {
+        let name = format!("polybus_test_{}", uuid::Uuid::new_v4().simple());
+        let url = with_param(&postgres_url(), &format!("application_name={name}"));
+        TestSchema { name, url }
+    }
+
+    async fn open(&self) -> PostgresStore {
+        PostgresStore::open_in_schema(&self.url, &self.name).await.unwrap_or_else(|e| {
+            panic!(
+                "PostgreSQL for the registry tests is unreachable ({e}); \
+                 start it with scripts/services postgres or set POLYBUS_TEST_POSTGRES_URL"
+            )
+        })
+    }
+
+    /// A plain client on the test database, for what the store does not offer.
+    async fn admin(url: &str) -> tokio_postgres::Client {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+    }
+
+    /// Ends every server connection this test's stores have open, as a database restart would.
+    async fn kill_connections(&self) {
+        let admin = Self::admin(&postgres_url()).await;
+        let killed = admin
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&self.name],
+            )
+            .await
+            .unwrap();
+        assert!(!killed.is_empty(), "no connection of {} to end", self.name);
+    }
+}
+
+impl Drop for TestSchema {
+    fn drop(&mut self) {
+        let (url, name) = (postgres_url(), self.name.clone());
+        // Drop runs inside the test's runtime, which cannot be blocked on: use a thread of its own.
+        let dropped = std::thread::spawn(move || -> Result<(), String> {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(|e| e.to_string())?;
+            runtime.block_on(async {
+                let (client, connection) =
+                    tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+                tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{name}\" CASCADE"))
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .join();
+        let outcome = dropped.unwrap_or_else(|_| Err("the clean-up thread panicked".to_owned()));
+        if let Err(e) = outcome
+            && !std::thread::panicking()
+        {
+            panic!("cannot drop test schema {}: {e}", self.name);
+        }
+    }
+}
+
+/// Runs each case once per store, as `sqlite::CASE` and `postgres::CASE`.
+macro_rules! every_store {
+    ($($case:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let fixture = super::Fixture::sqlite().await;
+                    super::$case(fixture.registry.clone(), fixture).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let fixture = super::Fixture::postgres().await;
+                    super::$case(fixture.registry.clone(), fixture).await;
+                }
+            )*
+        }
+    };
 }
 
 fn broker(tag: &str) -> Broker {
@@ -22,9 +167,23 @@ fn broker(tag: &str) -> Broker {
     .unwrap()
 }
 
-#[tokio::test]
-async fn broker_round_trips_through_create_update_fetch_delete() {
-    let (reg, _dir) = sqlite().await;
+fn broker_v1(tag: &str) -> Broker {
+    let mut b = broker(tag);
+    b.version = 1;
+    b
+}
+
+every_store!(
+    broker_round_trips_through_create_update_fetch_delete,
+    stale_version_is_refused_and_nothing_changes,
+    invalid_update_and_duplicate_create_store_nothing,
+    concurrent_unversioned_updates_all_land,
+    topics_belong_to_an_existing_broker_and_block_its_deletion,
+    two_handles_see_each_other_and_a_stale_update_conflicts,
+    any_kind_is_stored_by_key_with_compare_and_swap,
+);
+
+async fn broker_round_trips_through_create_update_fetch_delete(reg: Registry, _fx: Fixture) {
     let created = reg.create_broker(broker("message-bus")).await.unwrap();
     assert_eq!(created.version, 1);
     let fetched = reg.fetch_broker("message-bus").await.unwrap();
@@ -47,9 +206,7 @@ async fn broker_round_trips_through_create_update_fetch_delete() {
     assert_eq!(reg.fetch_broker("message-bus").await.unwrap_err().code(), "BROKER_NOT_FOUND");
 }
 
-#[tokio::test]
-async fn stale_version_is_refused_and_nothing_changes() {
-    let (reg, _dir) = sqlite().await;
+async fn stale_version_is_refused_and_nothing_changes(reg: Registry, _fx: Fixture) {
     reg.create_broker(broker("bus")).await.unwrap();
     reg.update_broker("bus", BrokerPatch { name: Some("A".into()), version: Some(1), ..Default::default() })
         .await
@@ -64,9 +221,7 @@ async fn stale_version_is_refused_and_nothing_changes() {
     assert_eq!((now.name.as_str(), now.version), ("A", 2));
 }
 
-#[tokio::test]
-async fn invalid_update_and_duplicate_create_store_nothing() {
-    let (reg, _dir) = sqlite().await;
+async fn invalid_update_and_duplicate_create_store_nothing(reg: Registry, _fx: Fixture) {
     reg.create_broker(broker("bus")).await.unwrap();
     let err = reg.create_broker(broker("bus")).await.unwrap_err();
     assert_eq!(err.code(), "ALREADY_EXISTS");
@@ -79,15 +234,7 @@ async fn invalid_update_and_duplicate_create_store_nothing() {
     assert_eq!(reg.fetch_broker("bus").await.unwrap(), broker_v1("bus"));
 }
 
-fn broker_v1(tag: &str) -> Broker {
-    let mut b = broker(tag);
-    b.version = 1;
-    b
-}
-
-#[tokio::test]
-async fn concurrent_unversioned_updates_all_land() {
-    let (reg, _dir) = sqlite().await;
+async fn concurrent_unversioned_updates_all_land(reg: Registry, _fx: Fixture) {
     reg.create_broker(broker("bus")).await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..8 {
@@ -108,9 +255,7 @@ async fn concurrent_unversioned_updates_all_land() {
     assert_eq!(b.version, 9);
 }
 
-#[tokio::test]
-async fn topics_belong_to_an_existing_broker_and_block_its_deletion() {
-    let (reg, _dir) = sqlite().await;
+async fn topics_belong_to_an_existing_broker_and_block_its_deletion(reg: Registry, _fx: Fixture) {
     let orphan = Topic::from_value(json!({"tag": "nobody:orders"})).unwrap();
     assert_eq!(reg.create_topic(orphan).await.unwrap_err().code(), "BROKER_NOT_FOUND");
 
@@ -137,8 +282,111 @@ async fn topics_belong_to_an_existing_broker_and_block_its_deletion() {
     assert!(reg.fetch_topics(None).await.unwrap().is_empty());
 }
 
+async fn two_handles_see_each_other_and_a_stale_update_conflicts(a: Registry, fx: Fixture) {
+    let b = fx.reopen().await;
+    a.create_broker(broker("bus")).await.unwrap();
+    assert_eq!(b.fetch_broker("bus").await.unwrap(), broker_v1("bus"));
+
+    let renamed = b
+        .update_broker("bus", BrokerPatch { name: Some("B".into()), version: Some(1), ..Default::default() })
+        .await
+        .unwrap();
+    assert_eq!(renamed.version, 2);
+    let seen = a.fetch_broker("bus").await.unwrap();
+    assert_eq!((seen.name.as_str(), seen.version), ("B", 2));
+
+    let err = a
+        .update_broker("bus", BrokerPatch { name: Some("A".into()), version: Some(1), ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "CONFLICT");
+    assert!(err.to_string().contains("current is 2"), "{err}");
+    assert_eq!(b.fetch_broker("bus").await.unwrap().name, "B");
+
+    b.delete_broker("bus", false).await.unwrap();
+    assert_eq!(a.fetch_broker("bus").await.unwrap_err().code(), "BROKER_NOT_FOUND");
+}
+
+async fn any_kind_is_stored_by_key_with_compare_and_swap(reg: Registry, _fx: Fixture) {
+    let store = reg.store();
+    let doc = json!({"name": "ci", "hash": "sha256:0f1e", "readOnly": true, "scopes": ["read"]});
+    store.insert(Kind::ApiKey, "ab", None, &doc).await.unwrap();
+    let err = store.insert(Kind::ApiKey, "ab", None, &doc).await.unwrap_err();
+    assert_eq!((err.code(), err.to_string()), ("ALREADY_EXISTS", "api_key `ab` already exists".to_owned()));
+    assert_eq!(store.get(Kind::Broker, "ab").await.unwrap(), None);
+    assert_eq!(
+        store.get(Kind::ApiKey, "ab").await.unwrap(),
+        Some(Record { key: "ab".into(), version: 1, doc: doc.clone() })
+    );
+
+    let revoked = json!({"name": "ci", "hash": "sha256:0f1e", "revoked": true});
+    assert!(store.replace(Kind::ApiKey, "ab", 1, &revoked).await.unwrap());
+    assert!(!store.replace(Kind::ApiKey, "ab", 1, &doc).await.unwrap());
+    assert!(!store.replace(Kind::ApiKey, "nobody", 1, &doc).await.unwrap());
+
+    // Keys list in byte order on every store: '-' < '_' < letters.
+    store.insert(Kind::ApiKey, "a_d", None, &doc).await.unwrap();
+    store.insert(Kind::ApiKey, "a-c", Some("owner"), &doc).await.unwrap();
+    let listed: Vec<_> =
+        store.list(Kind::ApiKey, None).await.unwrap().into_iter().map(|r| (r.key, r.version)).collect();
+    assert_eq!(listed, vec![("a-c".into(), 1), ("a_d".into(), 1), ("ab".into(), 2)]);
+    let owned: Vec<_> =
+        store.list(Kind::ApiKey, Some("owner")).await.unwrap().into_iter().map(|r| r.key).collect();
+    assert_eq!(owned, vec!["a-c"]);
+    assert_eq!(store.get(Kind::ApiKey, "ab").await.unwrap().map(|r| r.doc), Some(revoked));
+
+    for key in ["ab", "a_d", "a-c"] {
+        assert!(store.delete(Kind::ApiKey, key).await.unwrap());
+    }
+    assert!(!store.delete(Kind::ApiKey, "ab").await.unwrap());
+    assert!(store.list(Kind::ApiKey, None).await.unwrap().is_empty());
+    store.ping().await.unwrap();
+}
+
 #[tokio::test]
-async fn two_handles_on_one_file_see_each_other() {
+async fn postgres_url_opens_a_postgres_registry() {
+    let fx = Fixture::postgres().await;
+    let Storage::Postgres(schema) = &fx.storage else { unreachable!() };
+    fx.registry.create_broker(broker("bus")).await.unwrap();
+
+    let url = with_param(&schema.url, &format!("options=-csearch_path%3D{}", schema.name));
+    let replica = Registry::open(&url).await.unwrap();
+    assert_eq!(replica.fetch_broker("bus").await.unwrap(), broker_v1("bus"));
+    let url = url.replacen("postgres://", "postgresql://", 1);
+    Registry::open(&url).await.unwrap().ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn postgres_store_reconnects_after_its_connection_is_ended() {
+    let fx = Fixture::postgres().await;
+    let Storage::Postgres(schema) = &fx.storage else { unreachable!() };
+    let reg = &fx.registry;
+    reg.create_broker(broker("bus")).await.unwrap();
+
+    // A read right after the server ends the connection is retried on a new one.
+    schema.kill_connections().await;
+    assert_eq!(reg.fetch_broker("bus").await.unwrap(), broker_v1("bus"));
+
+    // A write after the loss was noticed goes to a new connection.
+    schema.kill_connections().await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let patch = BrokerPatch { name: Some("after".into()), version: Some(1), ..Default::default() };
+    assert_eq!(reg.update_broker("bus", patch).await.unwrap().version, 2);
+    reg.ping().await.unwrap();
+}
+
+#[tokio::test]
+async fn unreachable_postgres_is_a_storage_error_without_the_password() {
+    let err =
+        PostgresStore::open("postgres://app:s3cret@127.0.0.1:1/test?connect_timeout=2").await.err().unwrap();
+    let text = err.to_string();
+    assert_eq!(err.code(), "STORAGE_FAILED", "{text}");
+    assert!(text.contains("postgres://app@127.0.0.1:1/test"), "{text}");
+    assert!(!text.contains("s3cret"), "{text}");
+}
+
+#[tokio::test]
+async fn two_sqlite_paths_to_one_file_are_one_registry() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shared.db");
     let a = Registry::open(path.to_str().unwrap()).await.unwrap();

@@ -1,0 +1,218 @@
+//! librdkafka properties from a `kafka` broker env's config.
+//!
+//! Order of precedence: polybus's defaults, then the env's `properties` (librdkafka names, for
+//! experts), then the few settings the transport contract depends on, which cannot be changed.
+
+use std::collections::BTreeMap;
+
+use polybus_core::config::{KafkaConfig, SaslMechanism};
+use polybus_core::{Error, Op, ValidationError};
+use rdkafka::ClientConfig;
+
+/// Partitions of a topic created on demand, unless the topic or the env says otherwise.
+pub const DEFAULT_PARTITIONS: i32 = 3;
+/// Replication factor of a topic created on demand, unless the env says otherwise.
+pub const DEFAULT_REPLICATION_FACTOR: i32 = 1;
+/// Largest record polybus produces and asks for on the topics it creates (16 MiB).
+pub const MAX_MESSAGE_BYTES: &str = "16777216";
+
+/// Defaults for producers, overridable through `properties`.
+const PRODUCER_DEFAULTS: [(&str, &str); 5] = [
+    ("enable.idempotence", "true"),
+    ("message.timeout.ms", "30000"),
+    ("message.max.bytes", MAX_MESSAGE_BYTES),
+    ("linger.ms", "5"),
+    // The Java client's partitioner: a key lands on the same partition whichever client publishes it.
+    ("partitioner", "murmur2_random"),
+];
+
+/// Producer settings the contract depends on.
+const PRODUCER_FIXED: [(&str, &str); 1] = [("acks", "all")];
+
+/// Defaults for consumers, overridable through `properties`.
+const CONSUMER_DEFAULTS: [(&str, &str); 5] = [
+    ("session.timeout.ms", "10000"),
+    // Members notice a rebalance within half a second, so a group settles quickly.
+    ("heartbeat.interval.ms", "500"),
+    // Bounds what librdkafka prefetches besides what the subscription buffers itself…
+    ("queued.min.messages", "1000"),
+    ("queued.max.messages.kbytes", "16384"),
+    // …and fetches again soon once there is room (the default waits a whole second).
+    ("fetch.queue.backoff.ms", "50"),
+];
+
+/// Consumer settings the contract depends on: polybus commits, in order, itself; a new group
+/// starts at the beginning; the classic group protocol (KIP-848 is not everywhere yet).
+const CONSUMER_FIXED: [(&str, &str); 5] = [
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("auto.offset.reset", "earliest"),
+    ("group.protocol", "classic"),
+    ("enable.partition.eof", "false"),
+];
+
+/// Everything a transport needs to make its clients.
+#[derive(Clone)]
+pub(crate) struct Settings {
+    common: BTreeMap<String, String>,
+    /// Partitions for topics created on demand.
+    pub partitions: i32,
+    /// Replication factor for topics created on demand.
+    pub replication_factor: i32,
+    /// The bootstrap servers, for messages (no credentials).
+    pub servers: String,
+    /// Values to keep out of error messages.
+    secrets: Vec<String>,
+}
+
+impl Settings {
+    /// Reads a parsed config; `env` names the env in validation errors.
+    pub fn from_config(config: &KafkaConfig, env: &str) -> Result<Settings, Error> {
+        if config.brokers.is_empty() {
+            return Err(ValidationError::in_env(
+                env,
+                "config.brokers",
+                "at least one `host:port` is required",
+            )
+            .into());
+        }
+        for (field, value) in
+            [("partitions", config.partitions), ("replicationFactor", config.replication_factor)]
+        {
+            if value.is_some_and(|v| v < 1) {
+                return Err(
+                    ValidationError::in_env(env, format!("config.{field}"), "must be at least 1").into()
+                );
+            }
+        }
+        let servers = config.brokers.join(",");
+        let mut common = BTreeMap::new();
+        common.insert("bootstrap.servers".to_owned(), servers.clone());
+        common
+            .insert("client.id".to_owned(), config.client_id.clone().unwrap_or_else(|| "polybus".to_owned()));
+        let ssl = config.ssl.unwrap_or(false);
+        let protocol = match (ssl, config.sasl.is_some()) {
+            (false, false) => "plaintext",
+            (true, false) => "ssl",
+            (false, true) => "sasl_plaintext",
+            (true, true) => "sasl_ssl",
+        };
+        common.insert("security.protocol".to_owned(), protocol.to_owned());
+        let mut secrets = Vec::new();
+        if let Some(sasl) = &config.sasl {
+            let mechanism = match sasl.mechanism {
+                SaslMechanism::Plain => "PLAIN",
+                SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+                SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            };
+            common.insert("sasl.mechanism".to_owned(), mechanism.to_owned());
+            common.insert("sasl.username".to_owned(), sasl.username.clone());
+            common.insert("sasl.password".to_owned(), sasl.password.clone());
+            secrets.push(sasl.password.clone());
+        }
+        for (name, value) in config.properties.iter().flatten() {
+            if polybus_core::secret::is_secret_field(name)
+                || name.contains("password")
+                || name.contains("secret")
+            {
+                secrets.push(value.clone());
+            }
+            common.insert(name.clone(), value.clone());
+        }
+        secrets.retain(|s| !s.is_empty());
+        Ok(Settings {
+            common,
+            partitions: config.partitions.unwrap_or(DEFAULT_PARTITIONS),
+            replication_factor: config.replication_factor.unwrap_or(DEFAULT_REPLICATION_FACTOR),
+            servers,
+            secrets,
+        })
+    }
+
+    /// Properties for the admin client.
+    pub fn admin(&self) -> ClientConfig {
+        self.build(&[], &[])
+    }
+
+    /// Properties for the producer.
+    pub fn producer(&self) -> ClientConfig {
+        self.build(&PRODUCER_DEFAULTS, &PRODUCER_FIXED)
+    }
+
+    /// Properties for a member of `group`.
+    pub fn consumer(&self, group: &str) -> ClientConfig {
+        let mut config = self.build(&CONSUMER_DEFAULTS, &CONSUMER_FIXED);
+        config.set("group.id", group);
+        config
+    }
+
+    fn build(&self, defaults: &[(&str, &str)], fixed: &[(&str, &str)]) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        for (name, value) in defaults {
+            config.set(*name, *value);
+        }
+        for (name, value) in &self.common {
+            config.set(name, value);
+        }
+        for (name, value) in fixed {
+            config.set(*name, *value);
+        }
+        config
+    }
+
+    /// A transport error whose message cannot contain a configured secret.
+    pub fn error(&self, op: Op, target: &str, cause: impl std::fmt::Display) -> Error {
+        let mut message = cause.to_string();
+        for secret in &self.secrets {
+            message = message.replace(secret.as_str(), polybus_core::secret::REDACTED);
+        }
+        Error::transport(op, format!("kafka {target}"), message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn settings(value: serde_json::Value) -> Settings {
+        let config: KafkaConfig = polybus_core::config::parse(&value).expect("valid config");
+        Settings::from_config(&config, "dev").expect("settings")
+    }
+
+    #[test]
+    fn seed_fields_become_librdkafka_properties() {
+        let s = settings(json!({"brokers": ["a:9092", "b:9092"], "clientId": "shop", "ssl": true,
+            "sasl": {"mechanism": "scram-sha-512", "username": "u", "password": "hunter2"},
+            "properties": {"linger.ms": "20", "enable.auto.commit": "true"}}));
+        let producer = s.producer();
+        assert_eq!(producer.get("bootstrap.servers"), Some("a:9092,b:9092"));
+        assert_eq!(producer.get("client.id"), Some("shop"));
+        assert_eq!(producer.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(producer.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(producer.get("linger.ms"), Some("20"), "properties override defaults");
+        assert_eq!(producer.get("acks"), Some("all"));
+        let consumer = s.consumer("billing");
+        assert_eq!(consumer.get("group.id"), Some("billing"));
+        assert_eq!(consumer.get("enable.auto.commit"), Some("false"), "the contract's settings win");
+        assert_eq!((s.partitions, s.replication_factor), (DEFAULT_PARTITIONS, DEFAULT_REPLICATION_FACTOR));
+    }
+
+    #[test]
+    fn errors_never_carry_the_password() {
+        let s = settings(json!({"brokers": ["a:9092"],
+            "sasl": {"mechanism": "plain", "username": "u", "password": "hunter2"}}));
+        let err = s.error(Op::Connect, "a:9092", "auth failed for u with hunter2");
+        assert!(!err.to_string().contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn nonsense_counts_are_refused_with_the_field() {
+        let config: KafkaConfig =
+            polybus_core::config::parse(&json!({"brokers": ["a:9092"], "partitions": 0})).expect("parses");
+        let Err(Error::Validation(err)) = Settings::from_config(&config, "dev") else {
+            panic!("expected an error")
+        };
+        assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("dev"), "config.partitions"));
+    }
+}

@@ -1,0 +1,348 @@
+//! The Kafka transport: one idempotent producer and one admin client per broker env; a
+//! consumer of its own for every subscription.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use polybus_core::{
+    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
+};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::util::Timeout;
+
+use crate::codec::{self, Record};
+use crate::config::{MAX_MESSAGE_BYTES, Settings};
+use crate::subscription;
+
+/// How long a publish may wait for room in librdkafka's queue.
+const QUEUE_WAIT: Duration = Duration::from_secs(10);
+/// How long metadata requests (ping, connect) may take.
+const METADATA_WAIT: Duration = Duration::from_secs(5);
+/// How long one topic creation request may take (it is tried twice).
+const ADMIN_WAIT: Duration = Duration::from_secs(4);
+/// How long `close` waits for pending publishes.
+const FLUSH_WAIT: Duration = Duration::from_secs(10);
+
+/// Forwards librdkafka's logs and errors to `tracing`.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Logger;
+
+impl ClientContext for Logger {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        log(level, facility, message);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        client_error(&error, reason);
+    }
+}
+
+/// Logs a librdkafka log line at the matching level.
+pub(crate) fn log(level: RDKafkaLogLevel, facility: &str, message: &str) {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            tracing::error!(target: "librdkafka", facility, "{message}")
+        }
+        RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", facility, "{message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            tracing::info!(target: "librdkafka", facility, "{message}")
+        }
+        RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility, "{message}"),
+    }
+}
+
+/// Logs an error librdkafka reports outside any call (lost connections, mostly; it retries).
+pub(crate) fn client_error(error: &KafkaError, reason: &str) {
+    tracing::warn!(target: "librdkafka", %error, "{reason}");
+}
+
+/// The clients of one broker env, shared by the transport and its subscriptions.
+pub(crate) struct Client {
+    /// How to make clients, and how to word errors.
+    pub settings: Settings,
+    producer: FutureProducer<Logger>,
+    admin: AdminClient<Logger>,
+    ensured: Mutex<HashSet<String>>,
+}
+
+impl Client {
+    /// A transport error about `topic`, with secrets scrubbed.
+    pub fn error(&self, op: Op, topic: &str, cause: impl std::fmt::Display) -> Error {
+        self.settings.error(op, topic, cause)
+    }
+
+    /// Produces one record to `topic` and waits for the broker's acknowledgement.
+    pub async fn produce(
+        &self,
+        topic: &str,
+        (record, headers): (Record, OwnedHeaders),
+        op: Op,
+    ) -> Result<()> {
+        let delivery =
+            self.producer.send(future_record(topic, &record, headers), Timeout::After(QUEUE_WAIT)).await;
+        delivery.map(|_| ()).map_err(|(e, _)| self.error(op, topic, e))
+    }
+
+    /// Enqueues every record, then waits for all of them: the first failure is returned.
+    async fn produce_all(&self, topic: &str, records: Vec<(Record, OwnedHeaders)>) -> Result<()> {
+        let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(records.len());
+        let mut first_error = None;
+        let (bodies, headers): (Vec<Record>, Vec<OwnedHeaders>) = records.into_iter().unzip();
+        for (record, headers) in bodies.iter().zip(headers) {
+            let mut next = future_record(topic, record, headers);
+            loop {
+                match self.producer.send_result(next) {
+                    Ok(delivery) => {
+                        pending.push_back(delivery);
+                        break;
+                    }
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                        next = back;
+                        match pending.pop_front() {
+                            Some(delivery) => {
+                                if let Err(e) = self.delivered(topic, delivery).await {
+                                    first_error.get_or_insert(e);
+                                }
+                            }
+                            None => tokio::time::sleep(Duration::from_millis(10)).await,
+                        }
+                    }
+                    Err((e, _)) => {
+                        // Wait for what is already enqueued so its outcome is known, then report.
+                        for delivery in pending {
+                            let _ = self.delivered(topic, delivery).await;
+                        }
+                        return Err(self.error(Op::Publish, topic, e));
+                    }
+                }
+            }
+        }
+        for delivery in pending {
+            if let Err(e) = self.delivered(topic, delivery).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    async fn delivered(&self, topic: &str, delivery: DeliveryFuture) -> Result<()> {
+        match delivery.await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((e, _))) => Err(self.error(Op::Publish, topic, e)),
+            Err(_) => {
+                Err(self.error(Op::Publish, topic, "the producer was shut down before the broker answered"))
+            }
+        }
+    }
+
+    /// Creates `name` with `partitions` unless it exists (or was made through this client).
+    pub async fn ensure(&self, name: &str, partitions: i32) -> Result<()> {
+        if self.ensured.lock().unwrap_or_else(PoisonError::into_inner).contains(name) {
+            return Ok(());
+        }
+        let replication = || TopicReplication::Fixed(self.settings.replication_factor);
+        let options =
+            AdminOptions::new().request_timeout(Some(ADMIN_WAIT)).operation_timeout(Some(ADMIN_WAIT));
+        let roomy =
+            NewTopic::new(name, partitions, replication()).set("max.message.bytes", MAX_MESSAGE_BYTES);
+        let mut outcome = self.create(&roomy, &options).await?;
+        if outcome == Err(RDKafkaErrorCode::InvalidConfig) {
+            // A broker that refuses the per-topic size limit still gets the topic.
+            outcome = self.create(&NewTopic::new(name, partitions, replication()), &options).await?;
+        }
+        match outcome {
+            Ok(()) | Err(RDKafkaErrorCode::TopicAlreadyExists) => {}
+            // No right to create topics, but it may exist already.
+            Err(code) if self.exists(name).await? => {
+                tracing::debug!(topic = name, %code, "topic not created, but it exists");
+            }
+            Err(code) => return Err(self.error(Op::EnsureTopic, name, code)),
+        }
+        self.ensured.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_owned());
+        Ok(())
+    }
+
+    /// Asks for `topic`; a request lost to a dropped connection (a broker restarting) is
+    /// asked once more.
+    async fn create(
+        &self,
+        topic: &NewTopic<'_>,
+        options: &AdminOptions,
+    ) -> Result<std::result::Result<(), RDKafkaErrorCode>> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let outcome = match self.admin.create_topics([topic], options).await {
+                Ok(results) => {
+                    Ok(results.into_iter().try_for_each(|r| r.map(|_| ()).map_err(|(_, code)| code)))
+                }
+                Err(e) => Err(e),
+            };
+            let transient = match &outcome {
+                Err(_) => true,
+                Ok(Err(code)) => matches!(
+                    code,
+                    RDKafkaErrorCode::RequestTimedOut
+                        | RDKafkaErrorCode::OperationTimedOut
+                        | RDKafkaErrorCode::BrokerTransportFailure
+                        | RDKafkaErrorCode::AllBrokersDown
+                        | RDKafkaErrorCode::NotController
+                ),
+                Ok(Ok(())) => false,
+            };
+            if !transient || tries == 2 {
+                return outcome.map_err(|e| self.error(Op::EnsureTopic, topic.name, e));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    async fn exists(&self, name: &str) -> Result<bool> {
+        let producer = self.producer.clone();
+        let topic = name.to_owned();
+        let metadata = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&topic), METADATA_WAIT).map(|m| {
+                m.topics()
+                    .iter()
+                    .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty())
+            })
+        })
+        .await
+        .map_err(|e| self.error(Op::EnsureTopic, name, e))?;
+        metadata.map_err(|e| self.error(Op::EnsureTopic, name, e))
+    }
+
+    /// Asks the cluster for its metadata.
+    async fn metadata(&self, op: Op) -> Result<()> {
+        let producer = self.producer.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, METADATA_WAIT).map(|_| ())
+        })
+        .await
+        .map_err(|e| self.error(op, &self.settings.servers, e))?;
+        result.map_err(|e| self.error(op, &self.settings.servers, e))
+    }
+}
+
+fn future_record<'a>(
+    topic: &'a str,
+    record: &'a Record,
+    headers: OwnedHeaders,
+) -> FutureRecord<'a, str, [u8]> {
+    let mut future =
+        FutureRecord::to(topic).payload(&record.payload[..]).headers(headers).timestamp(record.timestamp);
+    if let Some(key) = &record.key {
+        future = future.key(key.as_str());
+    }
+    future
+}
+
+/// A connection to one Kafka broker env.
+pub struct KafkaTransport {
+    client: Arc<Client>,
+    closed: AtomicBool,
+}
+
+impl KafkaTransport {
+    /// Makes the producer and the admin client and checks the cluster answers.
+    pub(crate) async fn connect(settings: Settings) -> Result<KafkaTransport> {
+        let servers = settings.servers.clone();
+        let producer = settings
+            .producer()
+            .create_with_context(Logger)
+            .map_err(|e| settings.error(Op::Connect, &servers, e))?;
+        let admin = settings
+            .admin()
+            .create_with_context(Logger)
+            .map_err(|e| settings.error(Op::Connect, &servers, e))?;
+        let client = Arc::new(Client { settings, producer, admin, ensured: Mutex::new(HashSet::new()) });
+        client.metadata(Op::Connect).await?;
+        Ok(KafkaTransport { client, closed: AtomicBool::new(false) })
+    }
+
+    fn check_open(&self, topic: &str) -> Result<()> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(Error::Closed(format!("kafka transport (publishing to {topic})")));
+        }
+        Ok(())
+    }
+
+    fn partitions(&self, topic: &TopicSpec) -> i32 {
+        topic.partitions.unwrap_or(self.client.settings.partitions)
+    }
+}
+
+fn encode_for_publish(message: &Message) -> (Record, OwnedHeaders) {
+    let not_before =
+        message.delay.and_then(|d| chrono::TimeDelta::from_std(d).ok()).map(|d| message.published_at + d);
+    codec::encode(message, 1, not_before)
+}
+
+#[async_trait]
+impl Transport for KafkaTransport {
+    fn capabilities(&self) -> Capabilities {
+        Capabilities {
+            at_least_once: true,
+            ordering_per_key: true,
+            delayed_delivery: Support::Emulated,
+            nack_delay: Support::Emulated,
+            dead_letter: Support::Unsupported,
+            fan_out: Support::Native,
+            replay: true,
+            counts_attempts: true,
+            max_payload_bytes: None,
+        }
+    }
+
+    async fn ensure_topic(&self, topic: &TopicSpec) -> Result<()> {
+        self.client.ensure(&topic.native_name, self.partitions(topic)).await
+    }
+
+    async fn publish(&self, topic: &TopicSpec, message: Message) -> Result<()> {
+        self.check_open(&topic.native_name)?;
+        self.client.produce(&topic.native_name, encode_for_publish(&message), Op::Publish).await
+    }
+
+    async fn publish_batch(&self, topic: &TopicSpec, messages: Vec<Message>) -> Result<()> {
+        self.check_open(&topic.native_name)?;
+        let records = messages.iter().map(encode_for_publish).collect();
+        self.client.produce_all(&topic.native_name, records).await
+    }
+
+    async fn subscribe(
+        &self,
+        topic: &TopicSpec,
+        options: &SubscribeOptions,
+    ) -> Result<Box<dyn Subscription>> {
+        let partitions = self.partitions(topic);
+        let retry = crate::retry_topic(&topic.native_name, &options.group);
+        self.client.ensure(&topic.native_name, partitions).await?;
+        self.client.ensure(&retry, partitions).await?;
+        let names = subscription::Names { main: topic.native_name.clone(), retry };
+        Ok(Box::new(subscription::start(self.client.clone(), names, options.clone()).await?))
+    }
+
+    async fn ping(&self) -> Result<()> {
+        self.client.metadata(Op::Ping).await
+    }
+
+    async fn close(&self) -> Result<()> {
+        self.closed.store(true, Ordering::SeqCst);
+        let producer = self.client.producer.clone();
+        let flushed = tokio::task::spawn_blocking(move || producer.flush(FLUSH_WAIT))
+            .await
+            .map_err(|e| self.client.error(Op::Close, &self.client.settings.servers, e))?;
+        flushed.map_err(|e| self.client.error(Op::Close, &self.client.settings.servers, e))
+    }
+}

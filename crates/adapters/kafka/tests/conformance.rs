@@ -1,0 +1,78 @@
+//! The behaviour suite against a Kafka-protocol broker on 127.0.0.1:9092 (`scripts/services kafka`
+//! starts noida-db there). `KAFKA_BROKERS` points it elsewhere.
+//!
+//! The restart case runs when the broker is the noida-db server `scripts/services` started (it
+//! leaves the server's pid and command line in /tmp): `noida-db restart kafka` stops the Kafka
+//! service, dropping every connection, and starts it again from the data it saved.
+
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use polybus::BrokerType;
+use polybus_conformance::Target;
+use polybus_kafka::KafkaConnector;
+use serde_json::json;
+
+const PID_FILE: &str = "/tmp/polybus-kafka.pid";
+const CMD_FILE: &str = "/tmp/polybus-kafka.cmd";
+const ADDRESS: &str = "127.0.0.1:9092";
+
+fn main() -> ExitCode {
+    let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| ADDRESS.to_owned());
+    let mut target =
+        Target::new("kafka", BrokerType::Kafka, json!({"brokers": [brokers], "clientId": "conformance"}))
+            .connector(Arc::new(KafkaConnector));
+    if brokers == ADDRESS && started_by_services().is_some() {
+        target = target.restart(|| {
+            Box::pin(async {
+                if let Err(e) =
+                    tokio::task::spawn_blocking(restart).await.map_err(|e| e.to_string()).and_then(|r| r)
+                {
+                    panic!("restarting the Kafka broker: {e}");
+                }
+            })
+        });
+    }
+    polybus_conformance::run(target)
+}
+
+/// The pid and command line of the noida-db server `scripts/services` started, if it runs.
+fn started_by_services() -> Option<(u32, Vec<String>)> {
+    let pid: u32 = std::fs::read_to_string(PID_FILE).ok()?.trim().parse().ok()?;
+    let command: Vec<String> = std::fs::read_to_string(CMD_FILE).ok()?.lines().map(str::to_owned).collect();
+    let running = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let program = command.first()?;
+    running.starts_with(program.as_bytes()).then_some((pid, command))
+}
+
+/// Restarts the Kafka service of the running server: connections drop, the data stays. (The
+/// server keeps its listening socket; a new process could not bind the port again while the
+/// connections the old one closed linger in TIME_WAIT.)
+fn restart() -> Result<(), String> {
+    let (_, command) =
+        started_by_services().ok_or("the broker started by scripts/services is not running")?;
+    let data_dir =
+        command.iter().skip_while(|a| *a != "--data-dir").nth(1).ok_or("no --data-dir in the command")?;
+    let output = Command::new(&command[0])
+        .args(["restart", "kafka", "--data-dir", data_dir])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {} restart kafka: {e}", command[0]))?;
+    if !output.status.success() {
+        return Err(format!("noida-db restart kafka failed: {}", String::from_utf8_lossy(&output.stderr)));
+    }
+    wait_until(Duration::from_secs(20), || std::net::TcpStream::connect(ADDRESS).is_ok())
+        .map_err(|_| format!("noida-db did not listen on {ADDRESS} again"))
+}
+
+fn wait_until(limit: Duration, mut ready: impl FnMut() -> bool) -> Result<(), ()> {
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if ready() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Err(())
+}
