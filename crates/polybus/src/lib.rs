@@ -50,5 +50,7 @@ pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
     connectors.push(std::sync::Arc::new(polybus_rabbitmq::RabbitmqConnector));
     #[cfg(feature = "kafka")]
     connectors.push(std::sync::Arc::new(polybus_kafka::KafkaConnector));
+    #[cfg(feature = "pubsub")]
+    connectors.push(std::sync::Arc::new(polybus_pubsub::PubsubConnector));
     connectors
 }

@@ -1,0 +1,193 @@
+//! From a `PubsubConfig` to what the clients are built with: project, endpoint, credentials.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use gcloud_gax::conn::Environment;
+use gcloud_pubsub::client::ClientConfig;
+use google_cloud_auth::credentials::{self, CacheableResource, Credentials, anonymous, service_account};
+use polybus_core::config::PubsubConfig;
+use polybus_core::{Error, Op, Result, ValidationError};
+use token_source::{TokenSource, TokenSourceProvider};
+
+/// The emulator's address (`host:port`), as Google's own tools read it.
+pub const EMULATOR_HOST: &str = "PUBSUB_EMULATOR_HOST";
+
+/// Where and how to connect.
+pub struct Settings {
+    /// GCP project id.
+    pub project: String,
+    /// Endpoint override (`http://…` for an emulator); `None` is Google's service.
+    pub endpoint: Option<String>,
+    /// Credentials to use; `None` is the client's default (application default credentials).
+    pub credentials: Option<Credentials>,
+}
+
+impl Settings {
+    /// Resolves `config` for `env`: the endpoint from `endpoint` or `PUBSUB_EMULATOR_HOST`;
+    /// service-account credentials from `credentials` (inline JSON) or `keyFilename`;
+    /// anonymous credentials for a plaintext (emulator) endpoint without a key.
+    pub async fn resolve(config: &PubsubConfig, env: &str) -> Result<Settings> {
+        if config.project_id.trim().is_empty() {
+            return Err(ValidationError::in_env(env, "config.projectId", "a project id is required").into());
+        }
+        let endpoint = config
+            .endpoint
+            .clone()
+            .filter(|e| !e.trim().is_empty())
+            .or_else(|| std::env::var(EMULATOR_HOST).ok().filter(|h| !h.trim().is_empty()))
+            .map(|e| endpoint_url(e.trim()));
+        let key = match (&config.credentials, &config.key_filename) {
+            (Some(inline), _) => Some(serde_json::from_str(inline).map_err(|e| {
+                // serde_json's message names a line and column, never the text itself.
+                Error::from(ValidationError::in_env(
+                    env,
+                    "config.credentials",
+                    format!("not a service-account key in JSON: {e}"),
+                ))
+            })?),
+            (None, Some(path)) => Some(read_key_file(path, env).await?),
+            (None, None) => None,
+        };
+        let credentials = match key {
+            Some(key) => Some(
+                service_account::Builder::new(key)
+                    .build()
+                    .map_err(|e| Error::transport(Op::Connect, "pubsub credentials", e))?,
+            ),
+            None if endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) => {
+                Some(anonymous::Builder::new().build())
+            }
+            None => None,
+        };
+        Ok(Settings { project: config.project_id.clone(), endpoint, credentials })
+    }
+
+    /// The emulator's `host:port` when the endpoint is plaintext.
+    fn emulator_host(&self) -> Option<&str> {
+        let host = self.endpoint.as_deref()?.strip_prefix("http://")?;
+        Some(host.trim_end_matches('/'))
+    }
+
+    /// The config of the client that pulls: the emulator, or Google's service (or the
+    /// endpoint's host) with the same credentials the other clients use.
+    pub fn pull_config(&self) -> Result<ClientConfig> {
+        let environment = match self.emulator_host() {
+            Some(host) => Environment::Emulator(host.to_owned()),
+            None => {
+                let credentials = match &self.credentials {
+                    Some(c) => c.clone(),
+                    None => credentials::Builder::default()
+                        .build()
+                        .map_err(|e| Error::transport(Op::Connect, "pubsub credentials", e))?,
+                };
+                Environment::GoogleCloud(Box::new(BearerTokens(Arc::new(Bearer(credentials)))))
+            }
+        };
+        let mut config = ClientConfig {
+            project_id: Some(self.project.clone()),
+            environment,
+            pool_size: 1,
+            ..ClientConfig::default()
+        };
+        if let Some(host) = self.endpoint.as_deref().and_then(|e| e.strip_prefix("https://")) {
+            config.endpoint = host.split('/').next().unwrap_or(host).to_owned();
+        }
+        Ok(config)
+    }
+}
+
+/// Google's credentials as the `Authorization` header value the pull client asks for.
+struct Bearer(Credentials);
+
+impl std::fmt::Debug for Bearer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Bearer(..)")
+    }
+}
+
+#[async_trait]
+impl TokenSource for Bearer {
+    async fn token(&self) -> std::result::Result<String, Box<dyn std::error::Error + Send + Sync>> {
+        match self.0.headers(http::Extensions::new()).await? {
+            CacheableResource::New { data, .. } => data
+                .get(http::header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+                .ok_or_else(|| "the credentials gave no authorization header".into()),
+            CacheableResource::NotModified => Err("the credentials gave no token".into()),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct BearerTokens(Arc<Bearer>);
+
+impl TokenSourceProvider for BearerTokens {
+    fn token_source(&self) -> Arc<dyn TokenSource> {
+        self.0.clone()
+    }
+}
+
+/// `host:port` becomes `http://host:port` (an emulator speaks plaintext); URLs stay as they are.
+fn endpoint_url(endpoint: &str) -> String {
+    if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") }
+}
+
+async fn read_key_file(path: &str, env: &str) -> Result<serde_json::Value> {
+    let bytes = tokio::fs::read(path).await.map_err(|e| {
+        Error::from(ValidationError::in_env(env, "config.keyFilename", format!("cannot read `{path}`: {e}")))
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| {
+        ValidationError::in_env(env, "config.keyFilename", format!("`{path}` is not a JSON key file: {e}"))
+            .into()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: serde_json::Value) -> PubsubConfig {
+        polybus_core::config::parse(&json).expect("valid config")
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_endpoint_gets_anonymous_credentials() {
+        let s = Settings::resolve(
+            &config(serde_json::json!({"projectId": "p-1", "endpoint": "127.0.0.1:8085"})),
+            "dev",
+        )
+        .await
+        .expect("settings");
+        assert_eq!(s.endpoint.as_deref(), Some("http://127.0.0.1:8085"));
+        assert!(s.credentials.is_some());
+        let pull = s.pull_config().expect("pull config");
+        assert!(matches!(pull.environment, Environment::Emulator(ref h) if h == "127.0.0.1:8085"));
+    }
+
+    #[tokio::test]
+    async fn bad_inline_credentials_are_named_without_their_text() {
+        let secret = "{not json but secret-material";
+        let err =
+            Settings::resolve(&config(serde_json::json!({"projectId": "p-1", "credentials": secret})), "dev")
+                .await
+                .err()
+                .expect("an error");
+        let text = err.to_string();
+        assert!(text.contains("config.credentials"), "{text}");
+        assert!(!text.contains("secret-material"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_missing_key_file_is_named() {
+        let err = Settings::resolve(
+            &config(serde_json::json!({"projectId": "p-1", "keyFilename": "/nonexistent/key.json"})),
+            "prd",
+        )
+        .await
+        .err()
+        .expect("an error");
+        assert!(err.to_string().contains("/nonexistent/key.json"), "{err}");
+    }
+}
