@@ -1,5 +1,6 @@
 //! The command line: global options, commands and their arguments.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -7,6 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 /// Where the registry lives when `--registry` is not given.
 pub const DEFAULT_REGISTRY: &str = "./polybus.db";
+/// Where `polybus serve` listens when `--listen` is not given.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
 
 /// polybus: one interface for every message broker, chosen per environment.
 #[derive(Debug, Parser)]
@@ -47,6 +50,53 @@ pub enum Command {
     Consume(ConsumeArgs),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
+    /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`.
+    Serve(ServeArgs),
+    /// Manage the server's API keys (stored hashed in the registry).
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Measure publish and consume+ack throughput and publish→deliver latency on a topic.
+    Bench(crate::commands::bench::BenchArgs),
+}
+
+impl Command {
+    /// Log level when `RUST_LOG` is not set: a server logs its requests.
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Serve(_) => "info",
+            _ => "warn",
+        }
+    }
+}
+
+/// `polybus serve …`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port).
+    #[arg(long, env = "POLYBUS_LISTEN", default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+}
+
+/// `polybus key …`
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Create an API key and print it on stdout; it is shown only this once.
+    Create {
+        /// Unique name, e.g. `ci` or `dashboard`.
+        #[arg(long)]
+        name: String,
+        /// The key may read (and test connections) but not create, change, delete, publish,
+        /// consume or ack.
+        #[arg(long)]
+        read_only: bool,
+    },
+    /// List the API keys: name, prefix, access, creation time.
+    List,
+    /// Revoke an API key; servers refuse it within a second.
+    Revoke {
+        /// The key's name.
+        name: String,
+    },
 }
 
 /// `polybus broker …`

@@ -1,9 +1,12 @@
 //! One module per command; each prints its result and returns a [`CliResult`].
 
+pub mod bench;
 mod broker;
 mod consume;
+mod key;
 mod publish;
 mod quickstart;
+mod serve;
 mod topic;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
@@ -47,6 +50,9 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Publish(args) => publish::run(&ctx, args).await,
         Command::Consume(args) => consume::run(&ctx, args).await,
         Command::Quickstart => quickstart::run(&ctx).await,
+        Command::Serve(args) => serve::run(&ctx, args).await,
+        Command::Key(command) => key::run(&ctx, command).await,
+        Command::Bench(args) => bench::run(&ctx, args).await,
     }
 }
 

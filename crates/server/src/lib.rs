@@ -1,0 +1,202 @@
+//! polybus server: the registry and publish/consume over HTTP, with API keys, Prometheus
+//! metrics, an OpenAPI document and a web dashboard.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), polybus_server::ServeError> {
+//! let config = polybus_server::ServerConfig::new("127.0.0.1:8080".parse().unwrap(), "polybus.db");
+//! polybus_server::serve(config).await
+//! # }
+//! ```
+//!
+//! Routes (all under `/v1` need `Authorization: Bearer <key>`; `/`, `/healthz`, `/readyz` do not):
+//! brokers and topics (`/v1/brokers…`, `/v1/topics…`), publishing
+//! (`POST /v1/envs/{env}/events/{event}/messages`), consuming
+//! (`…/subscriptions/{group}/stream` as SSE, `…/pull`, `…/ack`), `/v1/stats`,
+//! `/v1/openapi.json`, `/metrics`, and the dashboard at `/`.
+
+mod auth;
+mod dashboard;
+mod error;
+pub mod keys;
+mod leases;
+mod metrics;
+mod routes;
+mod schema;
+mod state;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use polybus::Registry;
+use tokio::net::TcpListener;
+
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use keys::{ApiKeys, KeyInfo, NewKey};
+pub use metrics::{Metrics, Stats};
+pub use routes::{openapi, router};
+pub use state::{AppState, DEFAULT_BODY_LIMIT, Options};
+
+/// Where to listen and which registry to serve.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Registry URL: a SQLite path, `sqlite://PATH` or `postgres://…`.
+    pub registry_url: String,
+    /// Other settings.
+    pub options: Options,
+}
+
+impl ServerConfig {
+    /// Listens on `listen`, serving the registry at `registry_url`, with default options.
+    pub fn new(listen: SocketAddr, registry_url: impl Into<String>) -> Self {
+        ServerConfig { listen, registry_url: registry_url.into(), options: Options::default() }
+    }
+}
+
+/// Why the server could not start or stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The registry could not be opened.
+    #[error("{0}")]
+    Registry(#[from] polybus::Error),
+    /// The address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// What the system said.
+        source: std::io::Error,
+    },
+    /// Serving failed.
+    #[error("serving HTTP failed: {0}")]
+    Serve(std::io::Error),
+}
+
+impl ServeError {
+    /// Stable code, as the CLI prints it.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ServeError::Registry(e) => e.code(),
+            ServeError::Bind { .. } => "LISTEN_FAILED",
+            ServeError::Serve(_) => "SERVE_FAILED",
+        }
+    }
+}
+
+/// A server bound to its address, ready to run.
+pub struct Server {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Server {
+    /// Opens the registry and binds the address.
+    pub async fn bind(config: &ServerConfig) -> Result<Server, ServeError> {
+        let registry = Registry::open(&config.registry_url).await?;
+        let state = AppState::open(registry, config.options.clone()).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+        Ok(Server { listener, state })
+    }
+
+    /// Serves `state` on an already bound listener.
+    pub fn with_listener(listener: TcpListener, state: AppState) -> Server {
+        Server { listener, state }
+    }
+
+    /// The address actually bound (useful with port 0).
+    pub fn local_addr(&self) -> Result<SocketAddr, ServeError> {
+        self.listener.local_addr().map_err(ServeError::Serve)
+    }
+
+    /// The shared state (registry, keys, metrics).
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` completes; then ends event streams, waits for open requests,
+    /// nacks unsettled leases (so their messages are redelivered at once) and closes the bus.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
+        let Server { listener, state } = self;
+        let app = router(state.clone());
+        let stopping = state.clone();
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down");
+                stopping.begin_shutdown();
+            })
+            .await
+            .map_err(ServeError::Serve);
+        let closed = state.close().await;
+        served?;
+        closed.map_err(ServeError::from)
+    }
+}
+
+/// Serves `config` until Ctrl-C or SIGTERM.
+pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
+    let server = Server::bind(&config).await?;
+    tracing::info!(address = %server.local_addr()?, registry = %redact_url(&config.registry_url), "listening");
+    server.run(shutdown_signal()).await
+}
+
+/// A registry URL safe to show: a password in it is replaced by `****`.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_owned() };
+    match userinfo.split_once(':') {
+        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
+        None => url.to_owned(),
+    }
+}
+
+/// A future that completes on Ctrl-C or SIGTERM. The handlers are installed when this is
+/// called (inside a Tokio runtime), so a signal that comes before the future is awaited is not
+/// lost; without handlers it never completes.
+pub fn shutdown_signal() -> impl Future<Output = ()> + Send + 'static {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt()).ok();
+        let mut terminate = signal(SignalKind::terminate()).ok();
+        async move {
+            let interrupted = async {
+                match interrupt.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let terminated = async {
+                match terminate.as_mut() {
+                    Some(s) => s.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = interrupted => {}
+                _ = terminated => {}
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_in_registry_urls_are_hidden() {
+        assert_eq!(redact_url("postgres://bus:secret@db:5432/test"), "postgres://bus:****@db:5432/test");
+        assert_eq!(redact_url("postgres://bus@db/test"), "postgres://bus@db/test");
+        assert_eq!(redact_url("./polybus.db"), "./polybus.db");
+    }
+}

@@ -1,0 +1,403 @@
+//! Counters kept by the server, exposed as Prometheus text at `/metrics` and as JSON at
+//! `/v1/stats` (what the dashboard polls).
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+/// Upper bounds of the publish latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 14] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Which topic in which env a counter is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TopicLabels {
+    /// Broker tag.
+    pub broker: String,
+    /// Env slug.
+    pub env: String,
+    /// Topic tag (within the broker).
+    pub topic: String,
+}
+
+impl TopicLabels {
+    /// Labels for `event` (`broker:topic`) in `env`; `None` when `event` is not an event.
+    pub fn of(env: &str, event: &str) -> Option<Self> {
+        let event: polybus::EventRef = event.parse().ok()?;
+        Some(TopicLabels { broker: event.broker, env: env.to_owned(), topic: event.topic })
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Histogram {
+    buckets: [u64; LATENCY_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64) {
+        for (bucket, bound) in self.buckets.iter_mut().zip(LATENCY_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += seconds;
+    }
+}
+
+/// A counter's name, help text and how to read it.
+type Counter = (&'static str, &'static str, fn(&TopicCounters) -> u64);
+
+#[derive(Debug, Clone, Default)]
+struct TopicCounters {
+    published: u64,
+    publish_errors: u64,
+    delivered: u64,
+    acked: u64,
+    nacked: u64,
+    dead_lettered: u64,
+    latency: Histogram,
+}
+
+#[derive(Debug, Clone)]
+struct Connection {
+    up: bool,
+    since: DateTime<Utc>,
+    error: Option<String>,
+}
+
+#[derive(Default)]
+struct Counters {
+    topics: BTreeMap<TopicLabels, TopicCounters>,
+    connections: BTreeMap<(String, String), Connection>,
+    http: BTreeMap<(String, String, u16), u64>,
+    leases: usize,
+}
+
+/// The server's counters.
+pub struct Metrics {
+    started: Instant,
+    counters: Mutex<Counters>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics { started: Instant::now(), counters: Mutex::new(Counters::default()) }
+    }
+}
+
+/// Counters of one topic in one env, for `/v1/stats`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicStats {
+    /// Broker tag.
+    pub broker: String,
+    /// Env slug.
+    pub env: String,
+    /// The event, `broker:topic`.
+    pub event: String,
+    /// Messages published through this server.
+    pub published: u64,
+    /// Publish requests that failed.
+    pub publish_errors: u64,
+    /// Messages handed to consumers (SSE and pull), redeliveries included.
+    pub delivered: u64,
+    /// Deliveries acked.
+    pub acked: u64,
+    /// Deliveries nacked, by request or because their lease expired.
+    pub nacked: u64,
+    /// Deliveries sent to the dead-letter destination.
+    pub dead_lettered: u64,
+    /// Mean publish latency in milliseconds.
+    pub publish_latency_ms: f64,
+}
+
+/// What this server last saw of a broker env.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConnectionStats {
+    /// Broker tag.
+    pub broker: String,
+    /// Env slug.
+    pub env: String,
+    /// Whether the last operation on it (publish, subscribe, connection test) reached the broker.
+    pub up: bool,
+    /// Since when.
+    pub since: DateTime<Utc>,
+    /// The last failure, when down.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A snapshot of the counters.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Stats {
+    /// Seconds since the server started.
+    pub uptime_seconds: f64,
+    /// Deliveries leased to consumers and not settled yet.
+    pub open_leases: usize,
+    /// One entry per topic and env with traffic through this server.
+    pub topics: Vec<TopicStats>,
+    /// One entry per broker env this server used.
+    pub connections: Vec<ConnectionStats>,
+}
+
+impl Metrics {
+    fn with<T>(&self, f: impl FnOnce(&mut Counters) -> T) -> T {
+        let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut counters)
+    }
+
+    fn topic(&self, labels: &TopicLabels, f: impl FnOnce(&mut TopicCounters)) {
+        self.with(|c| f(c.topics.entry(labels.clone()).or_default()));
+    }
+
+    /// `n` messages published in `took`.
+    pub fn published(&self, labels: &TopicLabels, n: usize, took: Duration) {
+        self.topic(labels, |t| {
+            t.published += n as u64;
+            t.latency.observe(took.as_secs_f64());
+        });
+    }
+
+    /// A publish request failed.
+    pub fn publish_failed(&self, labels: &TopicLabels) {
+        self.topic(labels, |t| t.publish_errors += 1);
+    }
+
+    /// A message was handed to a consumer.
+    pub fn delivered(&self, labels: &TopicLabels) {
+        self.topic(labels, |t| t.delivered += 1);
+    }
+
+    /// A delivery was acked.
+    pub fn acked(&self, labels: &TopicLabels) {
+        self.topic(labels, |t| t.acked += 1);
+    }
+
+    /// A delivery was nacked.
+    pub fn nacked(&self, labels: &TopicLabels) {
+        self.topic(labels, |t| t.nacked += 1);
+    }
+
+    /// A delivery was dead-lettered.
+    pub fn dead_lettered(&self, labels: &TopicLabels) {
+        self.topic(labels, |t| t.dead_lettered += 1);
+    }
+
+    /// Records whether an operation on `broker`'s `env` reached the broker.
+    pub fn connection(&self, broker: &str, env: &str, outcome: Result<(), &polybus::Error>) {
+        let (up, error) = match outcome {
+            Ok(()) => (true, None),
+            Err(e) => (false, Some(e.to_string())),
+        };
+        self.with(|c| {
+            let entry = c
+                .connections
+                .entry((broker.to_owned(), env.to_owned()))
+                .or_insert_with(|| Connection { up, since: Utc::now(), error: None });
+            if entry.up != up {
+                entry.since = Utc::now();
+            }
+            entry.up = up;
+            entry.error = error;
+        });
+    }
+
+    /// Records the outcome of an operation when it says something about the broker connection.
+    pub fn connection_outcome<T>(&self, broker: &str, env: &str, result: &polybus::Result<T>) {
+        match result {
+            Ok(_) => self.connection(broker, env, Ok(())),
+            Err(e) => self.connection_error(broker, env, e),
+        }
+    }
+
+    /// Records a failure when it means the broker could not be reached.
+    pub fn connection_error(&self, broker: &str, env: &str, error: &polybus::Error) {
+        if matches!(error, polybus::Error::Transport { .. } | polybus::Error::MissingSecret { .. }) {
+            self.connection(broker, env, Err(error));
+        }
+    }
+
+    /// An HTTP request was answered.
+    pub fn http_request(&self, method: &str, route: &str, status: u16) {
+        self.with(|c| *c.http.entry((method.to_owned(), route.to_owned(), status)).or_default() += 1);
+    }
+
+    /// The number of open leases.
+    pub fn set_leases(&self, open: usize) {
+        self.with(|c| c.leases = open);
+    }
+
+    /// The published count of every topic in every env, keyed by `(env, event)`.
+    pub fn published_by_topic(&self) -> BTreeMap<(String, String), u64> {
+        self.with(|c| {
+            c.topics
+                .iter()
+                .map(|(l, t)| ((l.env.clone(), format!("{}:{}", l.broker, l.topic)), t.published))
+                .collect()
+        })
+    }
+
+    /// A snapshot for `/v1/stats`.
+    pub fn stats(&self) -> Stats {
+        self.with(|c| Stats {
+            uptime_seconds: self.started.elapsed().as_secs_f64(),
+            open_leases: c.leases,
+            topics: c
+                .topics
+                .iter()
+                .map(|(l, t)| TopicStats {
+                    broker: l.broker.clone(),
+                    env: l.env.clone(),
+                    event: format!("{}:{}", l.broker, l.topic),
+                    published: t.published,
+                    publish_errors: t.publish_errors,
+                    delivered: t.delivered,
+                    acked: t.acked,
+                    nacked: t.nacked,
+                    dead_lettered: t.dead_lettered,
+                    publish_latency_ms: if t.latency.count == 0 {
+                        0.0
+                    } else {
+                        t.latency.sum * 1000.0 / t.latency.count as f64
+                    },
+                })
+                .collect(),
+            connections: c
+                .connections
+                .iter()
+                .map(|((broker, env), conn)| ConnectionStats {
+                    broker: broker.clone(),
+                    env: env.clone(),
+                    up: conn.up,
+                    since: conn.since,
+                    error: conn.error.clone(),
+                })
+                .collect(),
+        })
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        self.with(|c| {
+            let counters: [Counter; 6] = [
+                ("polybus_messages_published_total", "Messages published through this server.", |t| {
+                    t.published
+                }),
+                ("polybus_publish_errors_total", "Publish requests that failed.", |t| t.publish_errors),
+                ("polybus_messages_delivered_total", "Messages handed to consumers.", |t| t.delivered),
+                ("polybus_messages_acked_total", "Deliveries acked.", |t| t.acked),
+                ("polybus_messages_nacked_total", "Deliveries nacked or whose lease expired.", |t| t.nacked),
+                (
+                    "polybus_messages_dead_lettered_total",
+                    "Deliveries sent to the dead-letter destination.",
+                    |t| t.dead_lettered,
+                ),
+            ];
+            for (name, help, value) in counters {
+                header(&mut out, name, help, "counter");
+                for (labels, t) in &c.topics {
+                    let _ = writeln!(out, "{name}{{{}}} {}", topic_labels(labels), value(t));
+                }
+            }
+            let name = "polybus_publish_duration_seconds";
+            header(&mut out, name, "Time to publish one request's messages to the broker.", "histogram");
+            for (labels, t) in &c.topics {
+                let labels = topic_labels(labels);
+                for (bound, count) in LATENCY_BUCKETS.iter().zip(t.latency.buckets) {
+                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
+                }
+                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", t.latency.count);
+                let _ = writeln!(out, "{name}_sum{{{labels}}} {}", t.latency.sum);
+                let _ = writeln!(out, "{name}_count{{{labels}}} {}", t.latency.count);
+            }
+            let name = "polybus_connection_up";
+            header(
+                &mut out,
+                name,
+                "1 when the last operation on a broker env reached the broker, else 0.",
+                "gauge",
+            );
+            for ((broker, env), conn) in &c.connections {
+                let _ = writeln!(
+                    out,
+                    "{name}{{broker=\"{}\",env=\"{}\"}} {}",
+                    escape(broker),
+                    escape(env),
+                    u8::from(conn.up)
+                );
+            }
+            let name = "polybus_open_leases";
+            header(&mut out, name, "Deliveries leased to HTTP consumers and not settled yet.", "gauge");
+            let _ = writeln!(out, "{name} {}", c.leases);
+            let name = "polybus_http_requests_total";
+            header(&mut out, name, "HTTP requests answered, by route and status.", "counter");
+            for ((method, route, status), n) in &c.http {
+                let _ = writeln!(
+                    out,
+                    "{name}{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {n}",
+                    escape(method),
+                    escape(route)
+                );
+            }
+        });
+        header(&mut out, "polybus_uptime_seconds", "Seconds since the server started.", "gauge");
+        let _ = writeln!(out, "polybus_uptime_seconds {}", self.started.elapsed().as_secs_f64());
+        out
+    }
+}
+
+fn header(out: &mut String, name: &str, help: &str, kind: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+fn topic_labels(labels: &TopicLabels) -> String {
+    format!(
+        "broker=\"{}\",env=\"{}\",topic=\"{}\"",
+        escape(&labels.broker),
+        escape(&labels.env),
+        escape(&labels.topic)
+    )
+}
+
+/// Escapes a label value: backslash, double quote and line feed.
+fn escape(value: &str) -> String {
+    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_and_histogram_are_exposed_per_topic() {
+        let metrics = Metrics::default();
+        let labels = TopicLabels::of("dev", "bus:orders").expect("event");
+        metrics.published(&labels, 3, Duration::from_millis(2));
+        metrics.delivered(&labels);
+        metrics.acked(&labels);
+        let text = metrics.render();
+        let l = r#"broker="bus",env="dev",topic="orders""#;
+        assert!(text.contains(&format!("polybus_messages_published_total{{{l}}} 3\n")), "{text}");
+        assert!(text.contains(&format!("polybus_messages_acked_total{{{l}}} 1\n")), "{text}");
+        assert!(text.contains(&format!("polybus_publish_duration_seconds_bucket{{{l},le=\"0.001\"}} 0\n")));
+        assert!(text.contains(&format!("polybus_publish_duration_seconds_bucket{{{l},le=\"0.0025\"}} 1\n")));
+        assert!(text.contains(&format!("polybus_publish_duration_seconds_count{{{l}}} 1\n")));
+        assert_eq!(metrics.stats().topics[0].event, "bus:orders");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

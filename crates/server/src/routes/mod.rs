@@ -1,0 +1,131 @@
+//! The routes, assembled with their OpenAPI document, auth, limits, metrics and tracing.
+
+pub mod consume;
+pub mod messages;
+pub mod ops;
+pub mod registry;
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+use utoipa_axum::router::OpenApiRouter;
+
+use crate::error::ApiError;
+use crate::state::AppState;
+use crate::{auth, dashboard};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "polybus",
+        description = "One interface for every message broker, chosen per environment: the registry of brokers and \
+            topics, publishing, and consuming over Server-Sent Events or pull requests with leases. Every route \
+            but `/`, `/healthz` and `/readyz` needs `Authorization: Bearer <key>` (`polybus key create`); read-only \
+            keys cannot create, change, delete, publish, consume or ack. Errors are `{\"error\": {\"code\", \
+            \"message\", \"field\"?, \"env\"?}}` with the CLI's codes."
+    ),
+    modifiers(&BearerAuth),
+    security(("apiKey" = [])),
+    tags(
+        (name = "brokers", description = "Broker definitions"),
+        (name = "topics", description = "Topics, addressed as events `broker-tag:topic-tag`"),
+        (name = "messages", description = "Publishing"),
+        (name = "consume", description = "Consuming with leases: SSE stream or pull, then ack"),
+        (name = "operations", description = "Health, readiness, metrics, this document"),
+        (name = "dashboard", description = "The web dashboard"),
+    )
+)]
+struct ApiDoc;
+
+/// Declares the `Authorization: Bearer <key>` scheme.
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("apiKey", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    }
+}
+
+/// The routes with their OpenAPI description, before auth and layers.
+fn routes(state: &AppState) -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(registry::router())
+        .merge(messages::router())
+        .merge(consume::router())
+        .merge(ops::protected())
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .merge(ops::public())
+        .merge(dashboard::router())
+}
+
+/// The OpenAPI document of every route.
+pub fn openapi(state: &AppState) -> utoipa::openapi::OpenApi {
+    routes(state).into_openapi()
+}
+
+/// The whole application.
+pub fn router(state: AppState) -> Router {
+    let (router, doc) = routes(&state).split_for_parts();
+    let doc = doc
+        .to_pretty_json()
+        .unwrap_or_else(|e| format!("{{\"error\": \"cannot render the document: {e}\"}}"));
+    router
+        .layer(Extension(ops::OpenApiJson(Arc::new(doc))))
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(state.body_limit()))
+        .layer(middleware::from_fn_with_state(state.clone(), count_requests))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &Request| {
+                    // The path only: a dashboard URL may carry a key in its query.
+                    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), key = tracing::field::Empty)
+                })
+                .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
+        )
+        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "the server failed on this request; it is logged")
+                .into_response()
+        }))
+        .with_state(state)
+}
+
+async fn no_route(request: Request) -> ApiError {
+    ApiError::no_route(request.uri().path())
+}
+
+async fn method_not_allowed(request: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "METHOD_NOT_ALLOWED",
+        format!("{} is not allowed on `{}`; see /v1/openapi.json", request.method(), request.uri().path()),
+    )
+}
+
+/// Counts each answered request by method, route and status.
+async fn count_requests(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    // Methods outside the standard ones are counted together: label values stay few.
+    let method = match *request.method() {
+        Method::GET
+        | Method::HEAD
+        | Method::POST
+        | Method::PUT
+        | Method::PATCH
+        | Method::DELETE
+        | Method::OPTIONS => request.method().to_string(),
+        _ => "OTHER".to_owned(),
+    };
+    let route = request.extensions().get::<MatchedPath>().map_or("unmatched", MatchedPath::as_str).to_owned();
+    let response = next.run(request).await;
+    state.metrics().http_request(&method, &route, response.status().as_u16());
+    response
+}
