@@ -18,6 +18,13 @@ pub struct Cli {
     /// Registry to use: a file path or `sqlite://PATH`.
     #[arg(long, global = true, env = "POLYBUS_REGISTRY", default_value = DEFAULT_REGISTRY)]
     pub registry: String,
+    /// Work through a polybus server's HTTP API at this URL (e.g. `http://127.0.0.1:8080`)
+    /// instead of a local registry.
+    #[arg(long, global = true, env = "POLYBUS_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// API key for `--server` (better given as `POLYBUS_API_KEY`, which other users cannot see).
+    #[arg(long, global = true, env = "POLYBUS_API_KEY", hide_env_values = true, value_name = "KEY")]
+    pub api_key: Option<crate::remote::ApiKey>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -60,6 +67,20 @@ pub enum Command {
 }
 
 impl Command {
+    /// The command's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Broker(_) => "broker",
+            Command::Topic(_) => "topic",
+            Command::Publish(_) => "publish",
+            Command::Consume(_) => "consume",
+            Command::Quickstart => "quickstart",
+            Command::Serve(_) => "serve",
+            Command::Key(_) => "key",
+            Command::Bench(_) => "bench",
+        }
+    }
+
     /// Log level when `RUST_LOG` is not set: a server logs its requests.
     pub fn default_log_level(&self) -> &'static str {
         match self {

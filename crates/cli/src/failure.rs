@@ -1,5 +1,6 @@
 //! What a failed command reports: a stable code, one line of explanation, an exit code.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::process::ExitCode;
 
@@ -13,7 +14,7 @@ pub const EXIT_INTERRUPTED: u8 = 130;
 /// A failed command.
 #[derive(Debug)]
 pub struct Failure {
-    code: &'static str,
+    code: Cow<'static, str>,
     message: String,
     exit: u8,
     quiet: bool,
@@ -21,8 +22,8 @@ pub struct Failure {
 
 impl Failure {
     /// A failure with exit code 1.
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
-        Failure { code, message: message.into(), exit: EXIT_FAILURE, quiet: false }
+    pub fn new(code: impl Into<Cow<'static, str>>, message: impl Into<String>) -> Self {
+        Failure { code: code.into(), message: message.into(), exit: EXIT_FAILURE, quiet: false }
     }
 
     /// Sets the exit code.
@@ -33,7 +34,12 @@ impl Failure {
 
     /// A failure that prints nothing (stdout was closed by the reader).
     pub fn quiet() -> Self {
-        Failure { code: "OUTPUT_CLOSED", message: String::new(), exit: EXIT_FAILURE, quiet: true }
+        Failure {
+            code: Cow::Borrowed("OUTPUT_CLOSED"),
+            message: String::new(),
+            exit: EXIT_FAILURE,
+            quiet: true,
+        }
     }
 
     /// Names the file a validation problem is in.
@@ -46,8 +52,8 @@ impl Failure {
 
     /// The stable code, e.g. `BROKER_NOT_FOUND`.
     #[cfg(test)]
-    pub fn code(&self) -> &'static str {
-        self.code
+    pub fn code(&self) -> &str {
+        &self.code
     }
 
     /// Prints the failure as one `error: …` line on stderr and returns the exit code.

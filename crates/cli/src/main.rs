@@ -5,6 +5,7 @@ mod commands;
 mod failure;
 mod files;
 mod output;
+mod remote;
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -17,6 +18,9 @@ use crate::failure::Failure;
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
     init_logging(cli.command.default_log_level());
+    // Several TLS clients are linked in, enabling both of rustls's crypto backends; rustls then
+    // needs one chosen for the process before the first TLS connection.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -1,36 +1,49 @@
 //! `polybus broker create|update|get|list|delete|test`.
 
-use polybus::{Broker, BrokerPatch};
+use polybus::{Broker, BrokerPatch, BrokerType};
 use serde_json::json;
 
-use super::Context;
+use super::{Context, Source};
 use crate::cli::{BrokerCommand, FileArg};
 use crate::failure::{CliResult, InFile};
 use crate::files::read_document;
 use crate::output;
 
-/// Runs a broker command.
+/// Runs a broker command, on the local registry or through the server.
 pub async fn run(ctx: &Context, command: BrokerCommand) -> CliResult {
     match command {
         BrokerCommand::Create(FileArg { file }) => {
             let doc = read_document(&file)?;
-            let broker = Broker::from_value(doc.value).in_file(&doc.name)?;
-            let created = ctx.registry().await?.create_broker(broker).await.in_file(&doc.name)?;
+            let broker = Broker::from_value(doc.value.clone()).in_file(&doc.name)?;
+            let created = match ctx.source() {
+                Source::Local => ctx.registry().await?.create_broker(broker).await.in_file(&doc.name)?,
+                Source::Remote(client) => client.create_broker(&doc.value).await.in_file(&doc.name)?,
+            };
             written(ctx, "created", &created)
         }
         BrokerCommand::Update { tag, file: FileArg { file } } => {
             let doc = read_document(&file)?;
-            let patch = BrokerPatch::from_value(doc.value).in_file(&doc.name)?;
-            let updated = ctx.registry().await?.update_broker(&tag, patch).await.in_file(&doc.name)?;
+            let patch = BrokerPatch::from_value(doc.value.clone()).in_file(&doc.name)?;
+            let updated = match ctx.source() {
+                Source::Local => ctx.registry().await?.update_broker(&tag, patch).await.in_file(&doc.name)?,
+                Source::Remote(client) => client.update_broker(&tag, &doc.value).await.in_file(&doc.name)?,
+            };
             written(ctx, "updated", &updated)
         }
         BrokerCommand::Get { tag } => {
-            let broker = ctx.registry().await?.fetch_broker(&tag).await?.redacted();
+            let broker = match ctx.source() {
+                Source::Local => ctx.registry().await?.fetch_broker(&tag).await?,
+                Source::Remote(client) => client.broker(&tag).await?,
+            }
+            .redacted();
             if ctx.json() { output::json(&broker) } else { output::line(detail(&broker)?) }
         }
         BrokerCommand::List => {
-            let brokers: Vec<Broker> =
-                ctx.registry().await?.fetch_brokers().await?.iter().map(Broker::redacted).collect();
+            let brokers = match ctx.source() {
+                Source::Local => ctx.registry().await?.fetch_brokers().await?,
+                Source::Remote(client) => client.brokers().await?,
+            };
+            let brokers: Vec<Broker> = brokers.iter().map(Broker::redacted).collect();
             if ctx.json() {
                 return output::json(&brokers);
             }
@@ -45,7 +58,10 @@ pub async fn run(ctx: &Context, command: BrokerCommand) -> CliResult {
             Ok(())
         }
         BrokerCommand::Delete { tag, force } => {
-            ctx.registry().await?.delete_broker(&tag, force).await?;
+            match ctx.source() {
+                Source::Local => ctx.registry().await?.delete_broker(&tag, force).await?,
+                Source::Remote(client) => client.delete_broker(&tag, force).await?,
+            }
             if ctx.json() {
                 output::json(&json!({ "deleted": "broker", "tag": tag }))
             } else {
@@ -53,17 +69,13 @@ pub async fn run(ctx: &Context, command: BrokerCommand) -> CliResult {
             }
         }
         BrokerCommand::Test { tag, env } => {
-            let registry = ctx.registry().await?;
-            let broker = registry.fetch_broker(&tag).await?;
-            let broker_type =
-                broker.env(&env).map(|e| e.broker_type).ok_or_else(|| polybus::Error::BrokerEnvNotFound {
-                    tag: tag.clone(),
-                    env: env.clone(),
-                    available: broker.env_slugs(),
-                })?;
-            let bus = polybus::Bus::open(registry).await?;
-            let latency = bus.test_connection(&tag, &env).await?;
-            let millis = latency.as_secs_f64() * 1000.0;
+            let (broker_type, millis) = match ctx.source() {
+                Source::Local => test_locally(ctx, &tag, &env).await?,
+                Source::Remote(client) => {
+                    let tested = client.test_broker(&tag, &env).await?;
+                    (tested.broker_type, tested.latency_ms)
+                }
+            };
             if ctx.json() {
                 output::json(&json!({
                     "broker": tag, "env": env, "type": broker_type, "ok": true,
@@ -74,6 +86,24 @@ pub async fn run(ctx: &Context, command: BrokerCommand) -> CliResult {
             }
         }
     }
+}
+
+/// Connects to the env from this process and pings it: its broker type and the latency in ms.
+async fn test_locally(ctx: &Context, tag: &str, env: &str) -> CliResult<(BrokerType, f64)> {
+    let registry = ctx.registry().await?;
+    let broker = registry.fetch_broker(tag).await?;
+    let broker_type =
+        broker.env(env).map(|e| e.broker_type).ok_or_else(|| polybus::Error::BrokerEnvNotFound {
+            tag: tag.to_owned(),
+            env: env.to_owned(),
+            available: broker.env_slugs(),
+        })?;
+    let bus = polybus::Bus::open(registry).await?;
+    let latency = bus.test_connection(tag, env).await;
+    if let Err(e) = bus.close().await {
+        tracing::debug!(error = %e, "closing the bus after a connection test");
+    }
+    Ok((broker_type, latency?.as_secs_f64() * 1000.0))
 }
 
 fn written(ctx: &Context, verb: &str, broker: &Broker) -> CliResult {

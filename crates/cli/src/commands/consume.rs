@@ -6,10 +6,11 @@ use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-use super::{Context, progress};
+use super::{Context, Source, progress};
 use crate::cli::ConsumeArgs;
 use crate::failure::{CliResult, EXIT_INTERRUPTED, EXIT_TIMEOUT, Failure};
 use crate::output;
+use crate::remote::{Client, MAX_PULL_WAIT};
 
 /// Most deliveries fetched ahead of printing; small counts fetch no more than they need.
 const PREFETCH: u64 = 64;
@@ -27,6 +28,9 @@ enum Stop {
 
 /// Receives, prints and acks messages until `--count`, the timeout, or Ctrl-C.
 pub async fn run(ctx: &Context, args: ConsumeArgs) -> CliResult {
+    if let Source::Remote(client) = ctx.source() {
+        return consume_remote(ctx, client, &args).await;
+    }
     let bus = ctx.bus().await?;
     let result = consume(ctx, &bus, &args).await;
     if let Err(e) = bus.close().await {
@@ -85,6 +89,76 @@ async fn consume(ctx: &Context, bus: &polybus::Bus, args: &ConsumeArgs) -> CliRe
     if let Err(e) = subscriber.close().await {
         tracing::warn!(error = %e, "closing the subscription");
     }
+    outcome(stop, received, failed_acks, args)
+}
+
+/// Receives through the server: pulls up to what is left (at most [`PREFETCH`] at a time),
+/// prints, then acks what was printed, until `--count`, the timeout, or Ctrl-C. What was pulled
+/// but not printed is left to its lease, which expires and has the message redelivered.
+async fn consume_remote(ctx: &Context, client: &Client, args: &ConsumeArgs) -> CliResult {
+    let bar = progress(args.count, "consuming");
+    let deadline = args.timeout.map(|t| Instant::now() + t);
+    let interrupted = shutdown_signal();
+    tokio::pin!(interrupted);
+
+    let mut received = 0u64;
+    let mut failed_acks = 0u64;
+    let stop = loop {
+        let max = match args.count {
+            Some(count) if count == received => break Stop::Done,
+            Some(count) => (count - received).min(PREFETCH),
+            None => PREFETCH,
+        };
+        let wait = match deadline {
+            Some(deadline) => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break Stop::TimedOut;
+                }
+                left.min(MAX_PULL_WAIT)
+            }
+            None => MAX_PULL_WAIT,
+        };
+        let pulled = tokio::select! {
+            biased;
+            _ = &mut interrupted => break Stop::Interrupted,
+            pulled = client.pull(&args.env, &args.event, &args.group, max, wait) => pulled,
+        };
+        let leased = match pulled {
+            Ok(leased) => leased,
+            Err(e) => break Stop::Failed(e),
+        };
+        let mut printed = Vec::with_capacity(leased.len());
+        let mut failed = None;
+        for leased in &leased {
+            // Printed first, acked after: a message that could not be shown is redelivered.
+            if let Err(e) = leased.to_message().and_then(|m| bar.suspend(|| print(ctx, &m))) {
+                failed = Some(e);
+                break;
+            }
+            printed.push(leased.lease_id.clone());
+            received += 1;
+            bar.inc(1);
+        }
+        if !printed.is_empty() {
+            match client.ack(&args.env, &args.event, &args.group, &printed).await {
+                Ok(n) => failed_acks += n as u64,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ack failed; the messages will be redelivered");
+                    failed_acks += printed.len() as u64;
+                }
+            }
+        }
+        if let Some(e) = failed {
+            break Stop::Failed(e);
+        }
+    };
+    bar.finish_and_clear();
+    outcome(stop, received, failed_acks, args)
+}
+
+/// What the command answers once the receiving stopped and the printed messages were acked.
+fn outcome(stop: Stop, received: u64, failed_acks: u64, args: &ConsumeArgs) -> CliResult {
     if failed_acks > 0 {
         return Err(Failure::new(
             "ACK_FAILED",

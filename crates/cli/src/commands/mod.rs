@@ -14,17 +14,37 @@ use polybus::{Bus, Registry};
 use std::io::IsTerminal;
 
 use crate::cli::{Cli, Command, Format};
-use crate::failure::CliResult;
+use crate::failure::{CliResult, Failure};
+use crate::remote::Client;
 
-/// What every command needs: where the registry is and how to print.
+/// What every command needs: where the registry is (or the server, with `--server`) and how
+/// to print.
 pub struct Context {
     /// The registry URL, as given.
     pub registry_url: String,
     /// Output format.
     pub format: Format,
+    /// The server to work through, with `--server`; `None` works on the local registry.
+    pub remote: Option<Client>,
+}
+
+/// Where a command's data comes from: the local registry and brokers, or a server.
+pub enum Source<'a> {
+    /// The registry at `--registry`, and the brokers reached from this process.
+    Local,
+    /// The server at `--server`.
+    Remote(&'a Client),
 }
 
 impl Context {
+    /// Where this command's data comes from.
+    pub fn source(&self) -> Source<'_> {
+        match &self.remote {
+            Some(client) => Source::Remote(client),
+            None => Source::Local,
+        }
+    }
+
     /// Opens the registry.
     pub async fn registry(&self) -> CliResult<Registry> {
         Ok(Registry::open(&self.registry_url).await?)
@@ -43,7 +63,26 @@ impl Context {
 
 /// Runs the command the user asked for.
 pub async fn run(cli: Cli) -> CliResult {
-    let ctx = Context { registry_url: cli.registry, format: cli.output };
+    let remote = match &cli.server {
+        Some(server) if !server.trim().is_empty() => {
+            if matches!(
+                cli.command,
+                Command::Quickstart | Command::Serve(_) | Command::Key(_) | Command::Bench(_)
+            ) {
+                let name = cli.command.name();
+                return Err(Failure::new(
+                    "REMOTE_UNSUPPORTED",
+                    format!(
+                        "`polybus {name}` works on a local registry only, not through a server: \
+                         unset --server / POLYBUS_SERVER to run it"
+                    ),
+                ));
+            }
+            Some(Client::new(server, cli.api_key.as_ref())?)
+        }
+        _ => None,
+    };
+    let ctx = Context { registry_url: cli.registry, format: cli.output, remote };
     match cli.command {
         Command::Broker(command) => broker::run(&ctx, command).await,
         Command::Topic(command) => topic::run(&ctx, command).await,

@@ -2,16 +2,17 @@
 
 use std::io::IsTerminal;
 
-use polybus::Message;
+use polybus::{Bus, Message};
 use serde_json::json;
 
-use super::{Context, close, progress};
+use super::{Context, Source, close, progress};
 use crate::cli::PublishArgs;
 use crate::failure::CliResult;
 use crate::files::{read_payload, read_stdin};
 use crate::output;
+use crate::remote::{Client, OutgoingMessage};
 
-/// Messages sent per `publish_batch` call with `--count`.
+/// Messages sent per batch (a `publish_batch` call, or one request to the server) with `--count`.
 const BATCH: u64 = 500;
 
 /// Publishes the message (`--count` copies of it) and prints the id of each.
@@ -41,18 +42,21 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> CliResult {
         }
     };
 
-    let bus = ctx.bus().await?;
+    let sender = match ctx.source() {
+        Source::Local => Sender::Local(ctx.bus().await?),
+        Source::Remote(client) => Sender::Remote(client),
+    };
     let published = async {
         if args.count == 1 {
-            let id = bus.publish(&args.env, &args.event, message()).await?;
-            return print_ids(ctx, &[id]);
+            let ids = sender.send(&args.env, &args.event, vec![message()]).await?;
+            return print_ids(ctx, &ids);
         }
         let bar = progress(Some(args.count), "publishing");
         let mut left = args.count;
         while left > 0 {
             let n = left.min(BATCH);
             let batch: Vec<Message> = (0..n).map(|_| message()).collect();
-            let ids = bus.publish_batch(&args.env, &args.event, batch).await?;
+            let ids = sender.send(&args.env, &args.event, batch).await?;
             bar.suspend(|| print_ids(ctx, &ids))?;
             bar.inc(n);
             left -= n;
@@ -61,8 +65,40 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> CliResult {
         Ok(())
     }
     .await;
-    let closed = close(&bus).await;
+    let closed = sender.close().await;
     published.and(closed)
+}
+
+/// Where messages go: the broker, from this process, or the server.
+enum Sender<'a> {
+    Local(Bus),
+    Remote(&'a Client),
+}
+
+impl Sender<'_> {
+    /// Publishes `messages` in order; their ids.
+    async fn send(&self, env: &str, event: &str, mut messages: Vec<Message>) -> CliResult<Vec<String>> {
+        match self {
+            Sender::Local(bus) if messages.len() == 1 => match messages.pop() {
+                Some(message) => Ok(vec![bus.publish(env, event, message).await?]),
+                None => Ok(Vec::new()),
+            },
+            Sender::Local(bus) => Ok(bus.publish_batch(env, event, messages).await?),
+            Sender::Remote(client) => {
+                let outgoing: Vec<OutgoingMessage> =
+                    messages.iter().map(OutgoingMessage::from_message).collect();
+                client.publish(env, event, &outgoing).await
+            }
+        }
+    }
+
+    /// Closes the bus, flushing what is still to be published.
+    async fn close(&self) -> CliResult {
+        match self {
+            Sender::Local(bus) => close(bus).await,
+            Sender::Remote(_) => Ok(()),
+        }
+    }
 }
 
 fn print_ids(ctx: &Context, ids: &[String]) -> CliResult {

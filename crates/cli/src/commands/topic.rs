@@ -4,31 +4,49 @@ use polybus::{BrokerEnv, BrokerType, Topic, TopicPatch};
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::Context;
+use super::{Context, Source};
 use crate::cli::{FileArg, TopicCommand};
 use crate::failure::{CliResult, InFile};
 use crate::files::read_document;
 use crate::output;
 
-/// Runs a topic command.
+/// Runs a topic command, on the local registry or through the server.
 pub async fn run(ctx: &Context, command: TopicCommand) -> CliResult {
     match command {
         TopicCommand::Create(FileArg { file }) => {
             let doc = read_document(&file)?;
-            let topic = Topic::from_value(doc.value).in_file(&doc.name)?;
-            let created = ctx.registry().await?.create_topic(topic).await.in_file(&doc.name)?;
+            let topic = Topic::from_value(doc.value.clone()).in_file(&doc.name)?;
+            let created = match ctx.source() {
+                Source::Local => ctx.registry().await?.create_topic(topic).await.in_file(&doc.name)?,
+                Source::Remote(client) => client.create_topic(&doc.value).await.in_file(&doc.name)?,
+            };
             written(ctx, "created", &created)
         }
         TopicCommand::Update { event, file: FileArg { file } } => {
             let doc = read_document(&file)?;
-            let patch = TopicPatch::from_value(doc.value).in_file(&doc.name)?;
-            let updated = ctx.registry().await?.update_topic(&event, patch).await.in_file(&doc.name)?;
+            let patch = TopicPatch::from_value(doc.value.clone()).in_file(&doc.name)?;
+            let updated = match ctx.source() {
+                Source::Local => {
+                    ctx.registry().await?.update_topic(&event, patch).await.in_file(&doc.name)?
+                }
+                Source::Remote(client) => client.update_topic(&event, &doc.value).await.in_file(&doc.name)?,
+            };
             written(ctx, "updated", &updated)
         }
         TopicCommand::Get { event } => {
-            let registry = ctx.registry().await?;
-            let topic = registry.fetch_topic(&event).await?;
-            let broker = registry.fetch_broker(&topic.event()?.broker).await?;
+            let (topic, broker) = match ctx.source() {
+                Source::Local => {
+                    let registry = ctx.registry().await?;
+                    let topic = registry.fetch_topic(&event).await?;
+                    let broker = registry.fetch_broker(&topic.event()?.broker).await?;
+                    (topic, broker)
+                }
+                Source::Remote(client) => {
+                    let topic = client.topic(&event).await?;
+                    let broker = client.broker(&topic.event()?.broker).await?;
+                    (topic, broker)
+                }
+            };
             let mappings = broker
                 .envs
                 .iter()
@@ -42,7 +60,10 @@ pub async fn run(ctx: &Context, command: TopicCommand) -> CliResult {
             }
         }
         TopicCommand::List { broker } => {
-            let topics = ctx.registry().await?.fetch_topics(broker.as_deref()).await?;
+            let topics = match ctx.source() {
+                Source::Local => ctx.registry().await?.fetch_topics(broker.as_deref()).await?,
+                Source::Remote(client) => client.topics(broker.as_deref()).await?,
+            };
             if ctx.json() {
                 return output::json(&topics);
             }
@@ -64,7 +85,10 @@ pub async fn run(ctx: &Context, command: TopicCommand) -> CliResult {
             Ok(())
         }
         TopicCommand::Delete { event } => {
-            ctx.registry().await?.delete_topic(&event).await?;
+            match ctx.source() {
+                Source::Local => ctx.registry().await?.delete_topic(&event).await?,
+                Source::Remote(client) => client.delete_topic(&event).await?,
+            }
             if ctx.json() {
                 output::json(&json!({ "deleted": "topic", "tag": event }))
             } else {

@@ -76,6 +76,8 @@ impl Sandbox {
             .args(args)
             .current_dir(self.dir.path())
             .env_remove("POLYBUS_REGISTRY")
+            .env_remove("POLYBUS_SERVER")
+            .env_remove("POLYBUS_API_KEY")
             .env_remove("RUST_LOG")
             .env_remove("RUST_BACKTRACE");
         command
@@ -87,6 +89,8 @@ impl Sandbox {
             .args(args)
             .current_dir(self.dir.path())
             .env_remove("POLYBUS_REGISTRY")
+            .env_remove("POLYBUS_SERVER")
+            .env_remove("POLYBUS_API_KEY")
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .output()

@@ -1,0 +1,502 @@
+//! The client of a polybus server's HTTP API, for `--server URL`: typed calls that answer the
+//! same types the local registry does, and the server's `{"error": {code, message}}` answers
+//! turned into the same one-line failures.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::fmt;
+use std::str::FromStr;
+use std::time::Duration;
+
+use base64::Engine;
+use polybus::{Broker, BrokerType, Message, Topic, wire};
+use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use reqwest::{Method, StatusCode, Url};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::failure::{CliResult, Failure};
+
+/// Time allowed to connect to the server.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time allowed for a request, beyond what a pull waits for messages.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest a pull may wait for a first message (the server's limit).
+pub const MAX_PULL_WAIT: Duration = Duration::from_secs(30);
+/// No request body.
+const NO_BODY: Option<&Value> = None;
+/// Most characters of a non-JSON error body quoted in a failure.
+const QUOTED_BODY: usize = 200;
+
+/// An API key; its `Debug` form hides it, so it cannot leak into logs.
+#[derive(Clone)]
+pub struct ApiKey(String);
+
+impl FromStr for ApiKey {
+    type Err = Infallible;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(ApiKey(s.trim().to_owned()))
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(****)")
+    }
+}
+
+/// A polybus server at a base URL, with the key to use on it.
+pub struct Client {
+    http: reqwest::Client,
+    base: Url,
+    /// What to call the server in messages: its URL without credentials.
+    shown: String,
+    authorization: Option<HeaderValue>,
+}
+
+/// A message to publish, as the server takes it (payload always base64, so bytes are kept).
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutgoingMessage {
+    payload: String,
+    encoding: &'static str,
+    headers: BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    delay_ms: Option<u64>,
+}
+
+impl OutgoingMessage {
+    /// The server form of a message to publish (its id is left to the server).
+    pub fn from_message(message: &Message) -> Self {
+        OutgoingMessage {
+            payload: base64::engine::general_purpose::STANDARD.encode(&message.payload),
+            encoding: "base64",
+            headers: message.headers.clone(),
+            key: message.key.clone(),
+            content_type: message.content_type.clone(),
+            delay_ms: message.delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
+/// A delivered message under a lease, as the server hands it out.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Leased {
+    /// Ack with this id.
+    pub lease_id: String,
+    id: String,
+    payload: Value,
+    encoding: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    key: Option<String>,
+    content_type: Option<String>,
+    attempt: u32,
+    published_at: String,
+}
+
+impl Leased {
+    /// The message as the local broker would have delivered it.
+    pub fn to_message(&self) -> CliResult<Message> {
+        let payload = match (self.encoding.as_str(), &self.payload) {
+            ("text", Value::String(text)) => text.clone().into_bytes(),
+            ("base64", Value::String(text)) => {
+                base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| {
+                    bad_response(format!("message `{}` has a payload that is not base64: {e}", self.id))
+                })?
+            }
+            ("json", value) => serde_json::to_vec(value).map_err(|e| {
+                bad_response(format!("message `{}`: cannot encode its payload: {e}", self.id))
+            })?,
+            (encoding, _) => {
+                return Err(bad_response(format!(
+                    "message `{}` has a payload in an unknown encoding `{encoding}`",
+                    self.id
+                )));
+            }
+        };
+        let mut message = Message::new(payload);
+        message.id = self.id.clone();
+        message.headers = self.headers.clone();
+        message.key = self.key.clone();
+        message.content_type = self.content_type.clone();
+        message.attempt = self.attempt;
+        message.published_at = wire::parse_time(&self.published_at).ok_or_else(|| {
+            bad_response(format!("message `{}` has a bad publish time `{}`", self.id, self.published_at))
+        })?;
+        Ok(message)
+    }
+}
+
+/// The outcome of a connection test made by the server.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Tested {
+    /// Broker type of the env.
+    #[serde(rename = "type")]
+    pub broker_type: BrokerType,
+    /// Time to connect and ping, in milliseconds.
+    pub latency_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Batch<'a> {
+    messages: &'a [OutgoingMessage],
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PullRequest {
+    max: u64,
+    wait_ms: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AckRequest<'a> {
+    lease_ids: &'a [String],
+}
+
+#[derive(Deserialize)]
+struct Ids {
+    ids: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Pulled {
+    messages: Vec<Leased>,
+}
+
+#[derive(Deserialize)]
+struct AckResult {
+    #[serde(default)]
+    failed: Vec<AckFailure>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AckFailure {
+    lease_id: String,
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(Deserialize)]
+struct ErrorDetail {
+    code: String,
+    message: String,
+}
+
+impl Client {
+    /// A client of the server at `server` (`http://host:port`, a bare `host:port` means HTTP),
+    /// sending `key` as `Authorization: Bearer`.
+    pub fn new(server: &str, key: Option<&ApiKey>) -> CliResult<Client> {
+        let server = server.trim();
+        let with_scheme = if server.contains("://") { server.to_owned() } else { format!("http://{server}") };
+        let base = Url::parse(&with_scheme)
+            .map_err(|e| Failure::new("INVALID_SERVER", format!("`{server}` is not a server URL: {e}")))?;
+        if !matches!(base.scheme(), "http" | "https") || base.cannot_be_a_base() {
+            return Err(Failure::new(
+                "INVALID_SERVER",
+                format!("`{server}` is not an http:// or https:// server URL"),
+            ));
+        }
+        let mut shown = base.clone();
+        // Neither fails on an http(s) URL; credentials are only left out of messages.
+        let _ = shown.set_password(None);
+        let _ = shown.set_username("");
+        let authorization = match key.filter(|k| !k.0.is_empty()) {
+            None => None,
+            Some(ApiKey(key)) => {
+                let mut value = HeaderValue::from_str(&format!("Bearer {key}")).map_err(|_| {
+                    Failure::new(
+                        "INVALID_API_KEY",
+                        "the API key holds characters an HTTP header cannot carry",
+                    )
+                })?;
+                value.set_sensitive(true);
+                Some(value)
+            }
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(CONNECT_TIMEOUT)
+            .user_agent(concat!("polybus-cli/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| {
+                Failure::new("CLIENT_FAILED", format!("cannot set up the HTTP client: {}", chain(&e)))
+            })?;
+        Ok(Client { http, base, shown: shown.as_str().trim_end_matches('/').to_owned(), authorization })
+    }
+
+    /// `base/v1/SEGMENTS…`, each segment percent-encoded.
+    fn url(&self, segments: &[&str]) -> CliResult<Url> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| Failure::new("INVALID_SERVER", format!("`{}` cannot have a path", self.shown)))?
+            .pop_if_empty()
+            .push("v1")
+            .extend(segments);
+        Ok(url)
+    }
+
+    /// Sends a request and decodes the JSON answer, or turns the error answer into a failure.
+    async fn call<T: DeserializeOwned, B: Serialize + ?Sized>(
+        &self,
+        method: Method,
+        segments: &[&str],
+        query: &[(&str, &str)],
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> CliResult<T> {
+        let url = self.url(segments)?;
+        let mut request = self.http.request(method, url).timeout(timeout);
+        if !query.is_empty() {
+            request = request.query(query);
+        }
+        if let Some(value) = &self.authorization {
+            request = request.header(AUTHORIZATION, value.clone());
+        }
+        if let Some(body) = body {
+            let bytes = serde_json::to_vec(body)
+                .map_err(|e| Failure::new("ENCODE_FAILED", format!("cannot encode the request: {e}")))?;
+            request = request.header(CONTENT_TYPE, "application/json").body(bytes);
+        }
+        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
+        let status = response.status();
+        let bytes = response.bytes().await.map_err(|e| self.unreachable(&e))?;
+        if !status.is_success() {
+            return Err(self.refused(status, &bytes));
+        }
+        serde_json::from_slice(&bytes)
+            .map_err(|e| bad_response(format!("{} answered {status} with unexpected JSON: {e}", self.shown)))
+    }
+
+    fn unreachable(&self, error: &reqwest::Error) -> Failure {
+        let what = if error.is_timeout() { "no answer in time from" } else { "cannot reach" };
+        Failure::new("SERVER_UNREACHABLE", format!("{what} the server at {}: {}", self.shown, chain(error)))
+    }
+
+    /// The failure an error answer stands for: the server's own code and message when it sent
+    /// them.
+    fn refused(&self, status: StatusCode, body: &[u8]) -> Failure {
+        match serde_json::from_slice::<ErrorBody>(body) {
+            Ok(ErrorBody { error }) if status == StatusCode::UNAUTHORIZED && self.authorization.is_none() => {
+                Failure::new(
+                    error.code,
+                    "no API key: set POLYBUS_API_KEY (or --api-key) to a key made with `polybus key create` on the server's registry",
+                )
+            }
+            Ok(ErrorBody { error }) => Failure::new(error.code, error.message),
+            Err(_) => {
+                let text = String::from_utf8_lossy(body);
+                let quoted: String = text.chars().take(QUOTED_BODY).collect();
+                let quoted = quoted.split_whitespace().collect::<Vec<_>>().join(" ");
+                Failure::new("SERVER_FAILED", format!("{} answered {status}: {quoted}", self.shown))
+            }
+        }
+    }
+
+    /// `POST /v1/brokers`.
+    pub async fn create_broker(&self, definition: &Value) -> CliResult<Broker> {
+        self.call(Method::POST, &["brokers"], &[], Some(definition), REQUEST_TIMEOUT).await
+    }
+
+    /// `PATCH /v1/brokers/{tag}`.
+    pub async fn update_broker(&self, tag: &str, patch: &Value) -> CliResult<Broker> {
+        self.call(Method::PATCH, &["brokers", tag], &[], Some(patch), REQUEST_TIMEOUT).await
+    }
+
+    /// `GET /v1/brokers/{tag}`: the broker, secrets redacted.
+    pub async fn broker(&self, tag: &str) -> CliResult<Broker> {
+        self.call(Method::GET, &["brokers", tag], &[], NO_BODY, REQUEST_TIMEOUT).await
+    }
+
+    /// `GET /v1/brokers`: every broker, secrets redacted.
+    pub async fn brokers(&self) -> CliResult<Vec<Broker>> {
+        self.call(Method::GET, &["brokers"], &[], NO_BODY, REQUEST_TIMEOUT).await
+    }
+
+    /// `DELETE /v1/brokers/{tag}?force=`.
+    pub async fn delete_broker(&self, tag: &str, force: bool) -> CliResult {
+        let force = if force { "true" } else { "false" };
+        let _: Value = self
+            .call(Method::DELETE, &["brokers", tag], &[("force", force)], NO_BODY, REQUEST_TIMEOUT)
+            .await?;
+        Ok(())
+    }
+
+    /// `POST /v1/brokers/{tag}/test?env=`: the server connects to the env and pings it.
+    pub async fn test_broker(&self, tag: &str, env: &str) -> CliResult<Tested> {
+        self.call(Method::POST, &["brokers", tag, "test"], &[("env", env)], NO_BODY, REQUEST_TIMEOUT).await
+    }
+
+    /// `POST /v1/topics`.
+    pub async fn create_topic(&self, definition: &Value) -> CliResult<Topic> {
+        self.call(Method::POST, &["topics"], &[], Some(definition), REQUEST_TIMEOUT).await
+    }
+
+    /// `PATCH /v1/topics/{event}`.
+    pub async fn update_topic(&self, event: &str, patch: &Value) -> CliResult<Topic> {
+        self.call(Method::PATCH, &["topics", event], &[], Some(patch), REQUEST_TIMEOUT).await
+    }
+
+    /// `GET /v1/topics/{event}`, without the server's `nativeNames` (the CLI works them out).
+    pub async fn topic(&self, event: &str) -> CliResult<Topic> {
+        let mut value: Value =
+            self.call(Method::GET, &["topics", event], &[], NO_BODY, REQUEST_TIMEOUT).await?;
+        if let Value::Object(map) = &mut value {
+            map.remove("nativeNames");
+        }
+        serde_json::from_value(value)
+            .map_err(|e| bad_response(format!("{} answered a topic the CLI cannot read: {e}", self.shown)))
+    }
+
+    /// `GET /v1/topics?broker=`.
+    pub async fn topics(&self, broker: Option<&str>) -> CliResult<Vec<Topic>> {
+        let query: Vec<(&str, &str)> = broker.map(|b| ("broker", b)).into_iter().collect();
+        self.call(Method::GET, &["topics"], &query, NO_BODY, REQUEST_TIMEOUT).await
+    }
+
+    /// `DELETE /v1/topics/{event}`.
+    pub async fn delete_topic(&self, event: &str) -> CliResult {
+        let _: Value = self.call(Method::DELETE, &["topics", event], &[], NO_BODY, REQUEST_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/envs/{env}/events/{event}/messages` with a batch; the ids, in order.
+    pub async fn publish(
+        &self,
+        env: &str,
+        event: &str,
+        messages: &[OutgoingMessage],
+    ) -> CliResult<Vec<String>> {
+        let body = Batch { messages };
+        let Ids { ids } = self
+            .call(
+                Method::POST,
+                &["envs", env, "events", event, "messages"],
+                &[],
+                Some(&body),
+                REQUEST_TIMEOUT,
+            )
+            .await?;
+        Ok(ids)
+    }
+
+    /// `POST …/subscriptions/{group}/pull`: up to `max` messages, waiting up to `wait` for the
+    /// first.
+    pub async fn pull(
+        &self,
+        env: &str,
+        event: &str,
+        group: &str,
+        max: u64,
+        wait: Duration,
+    ) -> CliResult<Vec<Leased>> {
+        let wait = wait.min(MAX_PULL_WAIT);
+        let body = PullRequest { max, wait_ms: u64::try_from(wait.as_millis()).unwrap_or(u64::MAX) };
+        let path = ["envs", env, "events", event, "subscriptions", group, "pull"];
+        let Pulled { messages } =
+            self.call(Method::POST, &path, &[], Some(&body), REQUEST_TIMEOUT + wait).await?;
+        Ok(messages)
+    }
+
+    /// `POST …/subscriptions/{group}/ack`; returns how many leases could not be settled.
+    pub async fn ack(&self, env: &str, event: &str, group: &str, lease_ids: &[String]) -> CliResult<usize> {
+        let body = AckRequest { lease_ids };
+        let path = ["envs", env, "events", event, "subscriptions", group, "ack"];
+        let AckResult { failed } = self.call(Method::POST, &path, &[], Some(&body), REQUEST_TIMEOUT).await?;
+        for failure in &failed {
+            tracing::warn!(
+                lease = failure.lease_id,
+                code = failure.error.code,
+                "ack failed ({}); the message will be redelivered",
+                failure.error.message
+            );
+        }
+        Ok(failed.len())
+    }
+}
+
+fn bad_response(message: String) -> Failure {
+    Failure::new("BAD_RESPONSE", message)
+}
+
+/// An error and its sources, `: `-separated, on one line.
+fn chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let said = cause.to_string();
+        if !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_get_v1_and_encoded_segments() {
+        let client = Client::new("127.0.0.1:8080", None).expect("client");
+        let url = client.url(&["topics", "bus:orders"]).expect("url");
+        assert_eq!(url.as_str(), "http://127.0.0.1:8080/v1/topics/bus:orders");
+        let client = Client::new("https://user:pw@bus.example/api/", None).expect("client");
+        assert_eq!(
+            client.url(&["brokers", "a b"]).expect("url").as_str(),
+            "https://user:pw@bus.example/api/v1/brokers/a%20b"
+        );
+        assert_eq!(client.shown, "https://bus.example/api");
+        assert!(Client::new("ftp://x", None).is_err());
+    }
+
+    #[test]
+    fn keys_are_hidden_from_debug() {
+        let key: ApiKey = "pbk_secret".parse().expect("key");
+        assert_eq!(format!("{key:?}"), "ApiKey(****)");
+    }
+
+    #[test]
+    fn error_answers_keep_the_server_code() {
+        let key: ApiKey = "pbk_x".parse().expect("key");
+        let client = Client::new("http://h", Some(&key)).expect("client");
+        let failure = client
+            .refused(StatusCode::CONFLICT, br#"{"error":{"code":"CONFLICT","message":"stale version 1"}}"#);
+        assert_eq!(failure.to_string(), "CONFLICT: stale version 1");
+        let failure = client.refused(StatusCode::BAD_GATEWAY, b"<html>\n bad gateway\n</html>");
+        assert_eq!(
+            failure.to_string(),
+            "SERVER_FAILED: http://h answered 502 Bad Gateway: <html> bad gateway </html>"
+        );
+    }
+
+    #[test]
+    fn leased_messages_come_back_byte_for_byte() {
+        let leased: Leased = serde_json::from_value(serde_json::json!({
+            "leaseId": "l1", "leaseExpiresAt": "2026-01-01T00:00:00Z", "id": "m1",
+            "payload": "/wA=", "encoding": "base64", "headers": {"h": "v"}, "key": "k",
+            "contentType": null, "attempt": 2, "publishedAt": "2026-01-01T00:00:00.123Z"
+        }))
+        .expect("leased");
+        let message = leased.to_message().expect("message");
+        assert_eq!(message.payload.as_ref(), &[0xff, 0]);
+        assert_eq!((message.id.as_str(), message.attempt, message.key.as_deref()), ("m1", 2, Some("k")));
+        assert_eq!(wire::format_time(message.published_at), "2026-01-01T00:00:00.123Z");
+    }
+}

@@ -1,0 +1,257 @@
+//! The CLI with `--server URL`: every registry, publish and consume command through a real
+//! `polybus serve`, with the same output and errors as on a local registry.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+
+use common::{Run, Sandbox, finish};
+use serde_json::{Value, json};
+
+const SECRET: &str = "hunter2";
+
+/// A `polybus serve` child on a free port, over the registry of its own sandbox; killed on drop.
+struct Server {
+    sandbox: Sandbox,
+    child: Child,
+    url: String,
+    key: String,
+}
+
+impl Server {
+    fn start() -> Server {
+        let sandbox = Sandbox::new();
+        let mut child = sandbox.spawn(&["serve", "--listen", "127.0.0.1:0", "--output", "json"]);
+        let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("the server's first line");
+        let started: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        let url = started["url"].as_str().expect("url").to_owned();
+        let key = started["createdKey"]["key"].as_str().expect("a first key").to_owned();
+        Server { sandbox, child, url, key }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `polybus --server URL ARGS` from `client` (a sandbox with its own, empty registry, so
+/// nothing can come from a local registry), with `POLYBUS_API_KEY` set to `key` when given.
+fn remote(client: &Sandbox, server: &Server, key: Option<&str>, args: &[&str]) -> Run {
+    let mut command = client.command(&["--server", &server.url]);
+    command.args(args).env_remove("POLYBUS_API_KEY").env_remove("POLYBUS_SERVER").stdin(Stdio::null());
+    if let Some(key) = key {
+        command.env("POLYBUS_API_KEY", key);
+    }
+    finish(command.output().expect("run polybus"))
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
+}
+
+#[test]
+fn registry_publish_and_consume_work_through_the_server() {
+    let server = Server::start();
+    let client = Sandbox::new();
+    let key = Some(server.key.as_str());
+    let run = |args: &[&str]| remote(&client, &server, key, args);
+    let db = server.sandbox.broker_db().display().to_string();
+    let mut all = Vec::new();
+
+    // Broker create, then get: secrets redacted, the same text as on the local registry.
+    let broker = client.write(
+        "broker.yaml",
+        format!(
+            "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: {db}\n  \
+             - slug: prd\n    type: rabbitmq\n    config:\n      url: \"amqp://app:{SECRET}@rabbit:5672/\"\n"
+        ),
+    );
+    let created = run(&["broker", "create", "-f", &broker]);
+    assert_eq!(created.ok(), "created broker `bus` (version 1): envs dev (embedded), prd (rabbitmq)\n");
+    all.push(created);
+    let got = run(&["broker", "get", "bus", "--output", "json"]);
+    let got_json = got.json();
+    assert_eq!(got_json["envs"][1]["config"]["url"], "amqp://app:****@rabbit:5672/");
+    assert_eq!(got_json["version"], 1);
+    all.push(got);
+    let table = run(&["broker", "get", "bus"]);
+    let local = server.sandbox.run(&["broker", "get", "bus"]);
+    assert_eq!(table.ok(), local.ok(), "the same text as on the local registry");
+    all.push(table);
+
+    // Update, then the same patch again: its version is stale.
+    let patch = client.write("patch.yaml", "version: 1\nname: Bus v2\n");
+    let updated = run(&["broker", "update", "bus", "-f", &patch]);
+    assert_eq!(updated.ok(), "updated broker `bus` (version 2): envs dev (embedded), prd (rabbitmq)\n");
+    let stale = run(&["broker", "update", "bus", "-f", &patch]);
+    assert!(stale.failed(1).starts_with("error: CONFLICT: broker `bus` was changed meanwhile"), "{stale:?}");
+    let invalid = client.write("bad.yaml", "name: X\ntag: Not A Tag\nenvs: []\n");
+    let refused = run(&["broker", "create", "-f", &invalid]);
+    assert!(refused.failed(1).starts_with("error: VALIDATION_FAILED: bad.yaml: "), "{refused:?}");
+
+    let listed = run(&["broker", "list"]);
+    assert!(listed.ok().contains("bus  Bus v2  dev (embedded), prd (rabbitmq)  2\n"), "{listed:?}");
+    assert_eq!(listed.ok(), server.sandbox.run(&["broker", "list"]).ok());
+    let listed = run(&["broker", "list", "--output", "json"]).json();
+    assert_eq!(listed.as_array().map(Vec::len), Some(1));
+    let missing = run(&["broker", "get", "nope"]);
+    assert_eq!(missing.failed(1), "error: BROKER_NOT_FOUND: broker `nope` not found");
+    let tested = run(&["broker", "test", "bus", "--env", "dev", "--output", "json"]).json();
+    assert_eq!((tested["type"].as_str(), tested["ok"].as_bool()), (Some("embedded"), Some(true)));
+    let no_env = run(&["broker", "test", "bus", "--env", "stg"]);
+    assert!(no_env.failed(1).starts_with("error: BROKER_ENV_NOT_FOUND: "), "{no_env:?}");
+
+    // Topics.
+    let topic = client.write("topic.yaml", "tag: bus:orders\nmaxAttempts: 3\n");
+    assert_eq!(run(&["topic", "create", "-f", &topic]).ok(), "created topic `bus:orders` (version 1)\n");
+    let shown = run(&["topic", "get", "bus:orders", "--output", "json"]).json();
+    assert_eq!(shown["nativeNames"][0]["nativeName"], "orders");
+    assert_eq!(shown["nativeNames"][1]["type"], "rabbitmq");
+    let text = run(&["topic", "get", "bus:orders"]);
+    assert_eq!(text.ok(), server.sandbox.run(&["topic", "get", "bus:orders"]).ok());
+    let topics = run(&["topic", "list", "bus", "--output", "json"]).json();
+    assert_eq!(topics[0]["tag"], "bus:orders");
+    let topic_patch = client.write("topic-patch.yaml", "version: 1\nmaxAttempts: 5\n");
+    assert_eq!(
+        run(&["topic", "update", "bus:orders", "-f", &topic_patch]).ok(),
+        "updated topic `bus:orders` (version 2)\n"
+    );
+
+    // Publish three messages with a key and headers; consume exactly them.
+    let mut ids = Vec::new();
+    for n in 1..=3 {
+        let published = run(&[
+            "publish",
+            "--env",
+            "dev",
+            "bus:orders",
+            "--data",
+            &format!(r#"{{"order":{n}}}"#),
+            "--key",
+            "customer-42",
+            "--header",
+            "source=cli=yes",
+            "--output",
+            "json",
+        ]);
+        ids.push(published.json()["id"].as_str().expect("id").to_owned());
+    }
+    let consumed = run(&[
+        "consume",
+        "--env",
+        "dev",
+        "bus:orders",
+        "--group",
+        "billing",
+        "--count",
+        "3",
+        "--output",
+        "json",
+    ]);
+    let messages = json_lines(consumed.ok());
+    assert_eq!(consumed.stderr, "");
+    assert_eq!(messages.len(), 3, "{consumed:?}");
+    for (n, message) in messages.iter().enumerate() {
+        assert_eq!(message["id"], json!(ids[n]));
+        assert_eq!(message["payload"], json!(format!(r#"{{"order":{}}}"#, n + 1)));
+        assert_eq!(message["key"], "customer-42");
+        assert_eq!(message["headers"], json!({"source": "cli=yes"}));
+        assert_eq!(message["attempt"], 1);
+        assert!(message["published_at"].as_str().is_some_and(|t| t.ends_with('Z')), "{message}");
+    }
+
+    // Acked once printed: nothing left for the group, so the timeout ends it with exit 3.
+    let again = run(&[
+        "consume",
+        "--env",
+        "dev",
+        "bus:orders",
+        "--group",
+        "billing",
+        "--count",
+        "1",
+        "--timeout",
+        "500ms",
+    ]);
+    assert_eq!(again.failed(3), "error: TIMEOUT: received 0 of 1 messages within 500ms");
+
+    // Several copies in one go, then read back as table lines.
+    let copies = run(&["publish", "--env", "dev", "bus:orders", "--data", "hi", "--count", "3"]);
+    assert_eq!(copies.ok().lines().count(), 3);
+    let lines = run(&["consume", "--env", "dev", "bus:orders", "--group", "billing", "--count", "3"]);
+    assert!(lines.ok().lines().all(|l| l.ends_with("attempt 1  hi")), "{lines:?}");
+
+    // Deletes.
+    let in_use = run(&["broker", "delete", "bus"]);
+    assert!(in_use.failed(1).starts_with("error: IN_USE: "), "{in_use:?}");
+    assert_eq!(run(&["topic", "delete", "bus:orders"]).ok(), "deleted topic `bus:orders`\n");
+    assert_eq!(
+        run(&["broker", "delete", "bus", "--output", "json"]).json(),
+        json!({"deleted": "broker", "tag": "bus"})
+    );
+    assert_eq!(run(&["broker", "list", "--output", "json"]).json(), json!([]));
+    let gone = run(&["topic", "get", "bus:orders"]);
+    assert_eq!(gone.failed(1), "error: TOPIC_NOT_FOUND: topic `bus:orders` not found");
+
+    for run in &all {
+        assert!(!run.stdout.contains(SECRET) && !run.stderr.contains(SECRET), "secret shown: {run:#?}");
+    }
+    // Nothing went to the client's own registry.
+    assert!(!client.path().join("registry.db").exists());
+}
+
+#[test]
+fn a_wrong_or_missing_key_is_one_unauthorized_line() {
+    let server = Server::start();
+    let client = Sandbox::new();
+    let wrong = remote(&client, &server, Some("pbk_wrong"), &["broker", "list"]);
+    assert_eq!(wrong.failed(1), "error: UNAUTHORIZED: invalid API key (unknown or revoked)");
+    let missing = remote(&client, &server, None, &["topic", "list"]);
+    assert!(
+        missing.failed(1).starts_with("error: UNAUTHORIZED: no API key: set POLYBUS_API_KEY"),
+        "{missing:?}"
+    );
+    let consume = remote(
+        &client,
+        &server,
+        Some("pbk_wrong"),
+        &["consume", "--env", "dev", "bus:orders", "--group", "g", "--count", "1"],
+    );
+    assert_eq!(consume.failed(1), "error: UNAUTHORIZED: invalid API key (unknown or revoked)");
+    // The key given as an option works too, and is never echoed.
+    let mut command = client.command(&["--server", &server.url, "--api-key", &server.key, "broker", "list"]);
+    command.env_remove("POLYBUS_API_KEY").stdin(Stdio::null());
+    let listed = finish(command.output().expect("run polybus"));
+    assert!(listed.ok().starts_with("TAG"), "{listed:?}");
+    assert!(!listed.stdout.contains(&server.key) && !listed.stderr.contains(&server.key));
+}
+
+#[test]
+fn local_only_commands_and_unreachable_servers_fail_in_one_line() {
+    let client = Sandbox::new();
+    for args in [&["serve"][..], &["key", "list"], &["quickstart"], &["bench", "--env", "dev", "bus:orders"]]
+    {
+        let mut command = client.command(&["--server", "http://127.0.0.1:9"]);
+        command.args(args).stdin(Stdio::null());
+        let run = finish(command.output().expect("run polybus"));
+        assert!(run.failed(1).starts_with("error: REMOTE_UNSUPPORTED: `polybus "), "{args:?}: {run:?}");
+    }
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let address = closed.local_addr().expect("address");
+    drop(closed);
+    let mut command = client.command(&["--server", &format!("http://{address}"), "broker", "list"]);
+    command.env("POLYBUS_API_KEY", "pbk_secret_key").stdin(Stdio::null());
+    let run = finish(command.output().expect("run polybus"));
+    let line = run.failed(1);
+    assert!(
+        line.starts_with(&format!("error: SERVER_UNREACHABLE: cannot reach the server at http://{address}")),
+        "{line}"
+    );
+    assert!(!line.contains("pbk_secret_key"));
+}
