@@ -16,6 +16,11 @@ pub(crate) struct DeadLetterTarget {
 }
 
 impl DeadLetterTarget {
+    /// Prepares the destination once.
+    pub(crate) async fn ensure(&self) -> Result<()> {
+        self.ensured.get_or_try_init(|| self.prepare()).await.map(|_| ())
+    }
+
     /// Creates the destination and its standing group, so brokers that keep messages only
     /// for existing groups (RabbitMQ, SQS, Pub/Sub) keep dead letters until someone reads them.
     async fn prepare(&self) -> Result<()> {
@@ -28,7 +33,7 @@ impl DeadLetterTarget {
     }
 
     async fn send(&self, message: &Message, reason: &str) -> Result<()> {
-        self.ensured.get_or_try_init(|| self.prepare()).await?;
+        self.ensure().await?;
         let mut copy = message.clone();
         copy.attempt = 0;
         copy.delay = None;

@@ -52,5 +52,7 @@ pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
     connectors.push(std::sync::Arc::new(polybus_kafka::KafkaConnector));
     #[cfg(feature = "pubsub")]
     connectors.push(std::sync::Arc::new(polybus_pubsub::PubsubConnector));
+    #[cfg(feature = "sqs")]
+    connectors.push(std::sync::Arc::new(polybus_sqs::SqsConnector));
     connectors
 }

@@ -1,0 +1,308 @@
+//! One group member: long-polls its queue for as many messages as it has free prefetch slots.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::MessageSystemAttributeName;
+use polybus_core::{Acker, Delivery, Error, Message, Op, Result, Subscription};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::batcher::MAX_ENTRIES;
+use crate::codec;
+use crate::fail;
+use crate::names::queue_name;
+use crate::settle::{Settle, Settler};
+
+/// Longest long poll SQS allows.
+const LONG_POLL_SECONDS: i32 = 20;
+/// Longest visibility timeout SQS allows (12 hours).
+pub const MAX_VISIBILITY_SECONDS: u64 = 43_200;
+/// Receive failures in a row before the subscriber is told (the subscription keeps trying).
+const REPORT_AFTER_FAILURES: u32 = 3;
+/// A buffered message this close to its visibility timeout is not handed out: SQS is about
+/// to deliver it again anyway.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(100);
+
+/// Whole seconds, rounded up, at most 12 hours.
+pub fn visibility_seconds(duration: Duration) -> i32 {
+    let seconds = duration.as_secs() + u64::from(duration.subsec_nanos() > 0);
+    seconds.min(MAX_VISIBILITY_SECONDS) as i32
+}
+
+enum Item {
+    Received { message: Message, receipt: String, at: Instant, permit: OwnedSemaphorePermit },
+    Failed(Error),
+}
+
+/// Where and how one member receives.
+pub struct Receiving {
+    /// The SQS client.
+    pub client: Client,
+    /// The queue's URL.
+    pub url: String,
+    /// Most unsettled deliveries at once.
+    pub prefetch: usize,
+    /// Visibility timeout of received messages: the ack deadline in whole seconds (at least 1).
+    pub visibility: i32,
+    /// Settles the queue's messages.
+    pub settler: Settler,
+    /// Turns true when the transport closes.
+    pub stop: watch::Receiver<bool>,
+}
+
+/// Received messages not handed out yet; the receiver fetches more only once they are.
+#[derive(Default)]
+struct Buffered {
+    count: AtomicUsize,
+    drained: Notify,
+}
+
+impl Buffered {
+    fn take(&self) {
+        if self.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drained.notify_one();
+        }
+    }
+
+    async fn wait_drained(&self) {
+        while self.count.load(Ordering::Acquire) > 0 {
+            self.drained.notified().await;
+        }
+    }
+}
+
+/// A subscription on one SQS queue. Receiving starts with the first [`next`](Subscription::next),
+/// so subscribing only to create the group takes no message.
+pub struct SqsSubscription {
+    pending: Option<Receiving>,
+    rx: Option<mpsc::UnboundedReceiver<Item>>,
+    task: Option<JoinHandle<()>>,
+    buffered: Arc<Buffered>,
+    settler: Settler,
+    visibility: Duration,
+    closed: bool,
+}
+
+impl SqsSubscription {
+    /// A subscription that receives once asked for its first delivery.
+    pub fn new(receiving: Receiving) -> Self {
+        SqsSubscription {
+            settler: receiving.settler.clone(),
+            visibility: Duration::from_secs(receiving.visibility.max(1) as u64),
+            pending: Some(receiving),
+            rx: None,
+            task: None,
+            buffered: Arc::default(),
+            closed: false,
+        }
+    }
+
+    fn receiver(&mut self) -> &mut mpsc::UnboundedReceiver<Item> {
+        if let Some(receiving) = self.pending.take() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            self.task = Some(tokio::spawn(receive_loop(receiving, self.buffered.clone(), tx)));
+            self.rx = Some(rx);
+        }
+        self.rx.get_or_insert_with(|| mpsc::unbounded_channel().1)
+    }
+
+    /// Gives a message that waited in the buffer a full ack deadline from now; `false` when
+    /// it waited too long to be handed out (SQS is about to deliver it again).
+    async fn still_held(&self, at: Instant, receipt: &str) -> bool {
+        let waited = at.elapsed();
+        if waited + EXPIRY_MARGIN >= self.visibility {
+            return false;
+        }
+        if waited < self.visibility / 2 {
+            return true;
+        }
+        let seconds = self.visibility.as_secs() as i32;
+        match self.settler.settle(receipt.to_owned(), Settle::Release(seconds)).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::debug!(error = %e, "extending the visibility of a buffered message");
+                false
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Subscription for SqsSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        if self.closed {
+            return None;
+        }
+        loop {
+            let item = self.receiver().recv().await?;
+            match item {
+                Item::Failed(e) => return Some(Err(e)),
+                Item::Received { message, receipt, at, permit } => {
+                    self.buffered.take();
+                    if !self.still_held(at, &receipt).await {
+                        continue;
+                    }
+                    let acker = SqsAcker { settler: self.settler.clone(), receipt, _slot: permit };
+                    return Some(Ok(Delivery::new(message, Box::new(acker))));
+                }
+            }
+        }
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if std::mem::replace(&mut self.closed, true) {
+            return Ok(());
+        }
+        self.pending = None;
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        // What was received but never handed out goes back at once, not after the ack deadline.
+        let mut buffered = Vec::new();
+        if let Some(rx) = &mut self.rx {
+            while let Ok(item) = rx.try_recv() {
+                if let Item::Received { receipt, .. } = item {
+                    buffered.push(self.settler.settle(receipt, Settle::Release(0)));
+                }
+            }
+        }
+        for result in futures::future::join_all(buffered).await {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "releasing a buffered message on close");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for SqsSubscription {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+/// Settles one delivery; holds its prefetch slot until then.
+struct SqsAcker {
+    settler: Settler,
+    receipt: String,
+    _slot: OwnedSemaphorePermit,
+}
+
+#[async_trait]
+impl Acker for SqsAcker {
+    async fn ack(self: Box<Self>) -> Result<()> {
+        self.settler.settle(self.receipt.clone(), Settle::Delete).await
+    }
+
+    async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
+        let seconds = delay.map_or(0, visibility_seconds);
+        self.settler.settle(self.receipt.clone(), Settle::Release(seconds)).await
+    }
+}
+
+/// Receives while the member has free prefetch slots, one batch at a time: the next
+/// `ReceiveMessage` goes out once the previous batch has been handed out, so received
+/// messages do not sit in a buffer while their visibility timeout runs.
+async fn receive_loop(receiving: Receiving, buffered: Arc<Buffered>, tx: mpsc::UnboundedSender<Item>) {
+    let Receiving { client, url, prefetch, visibility, mut stop, .. } = receiving;
+    let queue = queue_name(&url).to_owned();
+    let slots = Arc::new(Semaphore::new(prefetch.max(1)));
+    let mut failures = 0u32;
+    loop {
+        let first = tokio::select! {
+            permit = async {
+                buffered.wait_drained().await;
+                slots.clone().acquire_owned().await
+            } => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        let mut held = vec![first];
+        while held.len() < MAX_ENTRIES {
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => held.push(permit),
+                Err(_) => break,
+            }
+        }
+        let request = client
+            .receive_message()
+            .queue_url(&url)
+            .max_number_of_messages(held.len() as i32)
+            .wait_time_seconds(LONG_POLL_SECONDS)
+            .visibility_timeout(visibility)
+            .message_attribute_names("All")
+            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+            .send();
+        let result = tokio::select! {
+            result = request => result,
+            _ = stopped(&mut stop) => return,
+        };
+        match result {
+            Ok(out) => {
+                failures = 0;
+                let at = Instant::now();
+                for received in out.messages() {
+                    let Some(receipt) = received.receipt_handle() else { continue };
+                    let Some(permit) = held.pop() else { break };
+                    let item = Item::Received {
+                        message: codec::decode(received),
+                        receipt: receipt.to_owned(),
+                        at,
+                        permit,
+                    };
+                    buffered.count.fetch_add(1, Ordering::AcqRel);
+                    if tx.send(item).is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                let error = fail::sqs(Op::Receive, &queue, e);
+                tracing::debug!(%error, failures, "receive failed");
+                if failures == REPORT_AFTER_FAILURES && tx.send(Item::Failed(error)).is_err() {
+                    return;
+                }
+                drop(held);
+                let backoff = Duration::from_millis(100 << failures.min(6));
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = stopped(&mut stop) => return,
+                }
+            }
+        }
+    }
+}
+
+/// Resolves once the transport closed (never, when the transport is gone without closing).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    if stop.wait_for(|closed| *closed).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn visibility_rounds_up_to_whole_seconds_within_12_hours() {
+        assert_eq!(visibility_seconds(Duration::from_millis(1)), 1);
+        assert_eq!(visibility_seconds(Duration::from_millis(1500)), 2);
+        assert_eq!(visibility_seconds(Duration::from_secs(3)), 3);
+        assert_eq!(visibility_seconds(Duration::ZERO), 0);
+        assert_eq!(visibility_seconds(Duration::from_secs(100_000)), 43_200);
+    }
+}
