@@ -1,0 +1,242 @@
+//! `polybus-bench-compare`: the same workload through polybus, the broker's raw Rust client and
+//! `omniqueue`, alternating, on every broker that is up; prints the results as markdown.
+
+mod latency;
+mod memory;
+#[cfg(feature = "omniqueue")]
+mod omni;
+mod polybus_way;
+mod raw;
+mod report;
+mod way;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Result;
+use bytes::Bytes;
+use clap::{Parser, Subcommand};
+use polybus::Bus;
+use serde_json::{Value, json};
+
+use crate::way::{Kind, Way, Workload};
+
+/// Redis for the raw client and omniqueue (polybus gets the same through its env config).
+const REDIS_URL: &str = "redis://127.0.0.1:6379";
+const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
+const NATS_URL: &str = "nats://127.0.0.1:4222";
+const KAFKA_BROKERS: &str = "127.0.0.1:9092";
+const MQTT_HOST: &str = "127.0.0.1";
+const MQTT_PORT: u16 = 1883;
+
+/// Compare polybus with the raw clients and omniqueue, side by side.
+#[derive(Debug, Parser)]
+#[command(name = "polybus-bench-compare")]
+struct Args {
+    /// Messages per run for small payloads.
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Messages per run for payloads over 1 KiB (default: a tenth of `--messages`).
+    #[arg(long)]
+    messages_large: Option<usize>,
+    /// Payload sizes in bytes, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "256,16384")]
+    sizes: Vec<usize>,
+    /// Repetitions of each way.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Adapters to run, comma-separated; the ones whose broker is down are skipped.
+    #[arg(long, value_delimiter = ',', default_value = "embedded,redis,rabbitmq,nats,kafka,mqtt")]
+    adapters: Vec<String>,
+    /// Messages per publish batch (one `publish_batch`, one pipeline, one round of confirms).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Most unacked messages a consumer holds.
+    #[arg(long, default_value_t = 256)]
+    prefetch: usize,
+    /// Backlog the memory test's consumer starts behind; 0 skips the memory test.
+    #[arg(long, default_value_t = 1_000_000)]
+    memory_behind: usize,
+    /// Seconds of the embedded broker's latency test at 1,000 msg/s; 0 skips it.
+    #[arg(long, default_value_t = 10)]
+    latency_secs: u64,
+    /// Longest one run may take, in seconds.
+    #[arg(long, default_value_t = 120)]
+    run_limit: u64,
+    /// Most messages per MQTT run: Mosquitto drops what it queues for a session beyond its
+    /// `max_queued_messages` (1,000 by default), and each run publishes its backlog first.
+    #[arg(long, default_value_t = 900)]
+    mqtt_messages: usize,
+    /// Also write the results as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Internal modes.
+    #[command(subcommand)]
+    child: Option<Child>,
+}
+
+/// Modes the benchmark runs itself in, as a child process.
+#[derive(Debug, Subcommand)]
+enum Child {
+    /// Consume a backlog and print the peak RSS of this process as JSON.
+    MemoryConsumer(memory::ConsumerArgs),
+}
+
+/// One adapter the benchmark knows, and where its broker listens.
+struct Adapter {
+    name: &'static str,
+    port: Option<u16>,
+    config: Value,
+}
+
+fn adapters(dir: &std::path::Path) -> Vec<Adapter> {
+    vec![
+        Adapter { name: "embedded", port: None, config: json!({"path": dir.join("embedded.db")}) },
+        Adapter { name: "redis", port: Some(6379), config: json!({"url": REDIS_URL}) },
+        Adapter { name: "rabbitmq", port: Some(5672), config: json!({"url": AMQP_URL}) },
+        Adapter { name: "nats", port: Some(4222), config: json!({"servers": NATS_URL}) },
+        Adapter { name: "kafka", port: Some(9092), config: json!({"brokers": [KAFKA_BROKERS]}) },
+        Adapter {
+            name: "mqtt",
+            port: Some(MQTT_PORT),
+            config: json!({"host": MQTT_HOST, "port": MQTT_PORT}),
+        },
+    ]
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    if let Some(Child::MemoryConsumer(child)) = &args.child {
+        return memory::child(child).await;
+    }
+    let dir = tempfile::tempdir()?;
+    let mut results = report::Results::default();
+    let mut selected = Vec::new();
+    for adapter in adapters(dir.path()) {
+        if !args.adapters.iter().any(|a| a == adapter.name) {
+            continue;
+        }
+        match adapter.port {
+            Some(port) if !port_open(port).await => {
+                results.skipped.push(format!("{}: nothing listens on 127.0.0.1:{port}", adapter.name));
+            }
+            _ => selected.push(adapter),
+        }
+    }
+    let envs: Vec<_> =
+        selected.iter().map(|a| (a.name.to_owned(), a.name.to_owned(), a.config.clone())).collect();
+    let registry_path = dir.path().join("registry.db");
+    let registry = polybus_way::registry(&registry_path, &envs).await?;
+    let bus = Bus::open(registry).await?;
+    let limit = Duration::from_secs(args.run_limit);
+
+    for adapter in &selected {
+        for &size in &args.sizes {
+            let messages = if size > 1024 {
+                args.messages_large.unwrap_or(args.messages / 10).max(1)
+            } else {
+                args.messages
+            };
+            let messages = if adapter.name == "mqtt" { messages.min(args.mqtt_messages) } else { messages };
+            let work = Workload {
+                messages,
+                payload: Bytes::from(vec![b'x'; size]),
+                batch: args.batch,
+                prefetch: args.prefetch,
+            };
+            let kinds: Vec<Kind> = [Kind::Polybus, Kind::Raw, Kind::Omniqueue]
+                .into_iter()
+                .filter(|&kind| make(kind, adapter.name, &bus).is_some())
+                .collect();
+            for rep in 1..=args.reps {
+                for &kind in &kinds {
+                    let Some(mut way) = make(kind, adapter.name, &bus) else { continue };
+                    let outcome = way::run(way.as_mut(), &work, limit).await;
+                    match &outcome {
+                        Ok(r) => eprintln!(
+                            "{:<9} {:>6} B × {:<7} {:<9} rep {rep}: publish {:>9.0}/s  consume {:>9.0}/s",
+                            adapter.name,
+                            size,
+                            messages,
+                            kind.name(),
+                            r.publish,
+                            r.consume
+                        ),
+                        Err(e) => eprintln!(
+                            "{:<9} {size} B {:<9} rep {rep}: FAILED {e:#}",
+                            adapter.name,
+                            kind.name()
+                        ),
+                    }
+                    results.record(adapter.name, size, messages, kind, outcome);
+                }
+            }
+        }
+    }
+
+    if selected.iter().any(|a| a.name == "embedded") && args.latency_secs > 0 {
+        eprintln!("embedded: latency at 1,000 msg/s for {}s", args.latency_secs);
+        match latency::fixed_rate(&bus, "embedded", 1000, Duration::from_secs(args.latency_secs)).await {
+            Ok(l) => results.embedded_latency = Some(l),
+            Err(e) => results.failures.push(format!("embedded latency: {e:#}")),
+        }
+    }
+    if args.memory_behind > 0 {
+        for adapter in selected.iter().filter(|a| matches!(a.name, "embedded" | "redis")) {
+            eprintln!("{}: memory of a consumer {} messages behind", adapter.name, args.memory_behind);
+            match memory::measure(&bus, &registry_path, adapter.name, args.memory_behind, args.prefetch).await
+            {
+                Ok(m) => results.memory.push(m),
+                Err(e) => results.failures.push(format!("{} memory: {e:#}", adapter.name)),
+            }
+        }
+    }
+    if let Err(e) = bus.close().await {
+        eprintln!("closing: {e}");
+    }
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&results)?)?;
+    }
+    print!("{}", results.markdown());
+    Ok(())
+}
+
+/// The way `kind` runs on `adapter`, when there is one.
+fn make(kind: Kind, adapter: &str, bus: &Bus) -> Option<Box<dyn Way>> {
+    match (kind, adapter) {
+        (Kind::Polybus, _) => Some(Box::new(polybus_way::PolybusWay::new(bus.clone(), adapter))),
+        (Kind::Raw, "redis") => Some(Box::new(raw::redis::RawRedis::new(REDIS_URL))),
+        (Kind::Raw, "rabbitmq") => Some(Box::new(raw::rabbitmq::RawRabbitmq::new(AMQP_URL))),
+        (Kind::Raw, "nats") => Some(Box::new(raw::nats::RawNats::new(NATS_URL))),
+        (Kind::Raw, "kafka") => Some(Box::new(raw::kafka::RawKafka::new(KAFKA_BROKERS))),
+        (Kind::Raw, "mqtt") => Some(Box::new(raw::mqtt::RawMqtt::new(MQTT_HOST, MQTT_PORT))),
+        #[cfg(feature = "omniqueue")]
+        (Kind::Omniqueue, "redis") => Some(Box::new(omni::OmniRedis::new(REDIS_URL))),
+        #[cfg(feature = "omniqueue")]
+        (Kind::Omniqueue, "rabbitmq") => Some(Box::new(omni::OmniRabbitmq::new(AMQP_URL))),
+        _ => None,
+    }
+}
+
+async fn port_open(port: u16) -> bool {
+    let connect = tokio::net::TcpStream::connect(("127.0.0.1", port));
+    matches!(tokio::time::timeout(Duration::from_secs(1), connect).await, Ok(Ok(_)))
+}

@@ -1,0 +1,122 @@
+//! The workload through polybus: `Bus::publish_batch`, `Subscriber::next`, `Delivery::ack`.
+
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use async_trait::async_trait;
+use polybus::{Broker, Bus, Message, Registry, SubscribeOptions, Subscriber, Topic};
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use crate::way::{Way, Workload, unique};
+
+/// The broker tag of the benchmark registry; one env per adapter, named after it.
+pub const BROKER: &str = "bench";
+
+/// Creates the registry with one broker env per adapter in `envs` (`(slug, type, config)`).
+pub async fn registry(path: &Path, envs: &[(String, String, Value)]) -> Result<Registry> {
+    let registry = Registry::open(&path.display().to_string()).await?;
+    let envs: Vec<Value> = envs
+        .iter()
+        .map(|(slug, kind, config)| json!({"slug": slug, "type": kind, "config": config}))
+        .collect();
+    let broker = Broker::from_value(json!({"name": "Benchmarks", "tag": BROKER, "envs": envs}))?;
+    registry.create_broker(broker).await?;
+    Ok(registry)
+}
+
+/// Creates a fresh topic `bench:<unique>` and returns its event.
+pub async fn fresh_topic(registry: &Registry) -> Result<String> {
+    let event = format!("{BROKER}:{}", unique("t"));
+    registry.create_topic(Topic::from_value(json!({"tag": event, "name": "benchmark"}))?).await?;
+    Ok(event)
+}
+
+/// One polybus run on one env.
+pub struct PolybusWay {
+    bus: Bus,
+    env: String,
+    event: String,
+    subscriber: Option<Subscriber>,
+}
+
+impl PolybusWay {
+    /// A run on `env` of the bench broker; the topic is made by `prepare`.
+    pub fn new(bus: Bus, env: &str) -> Self {
+        PolybusWay { bus, env: env.to_owned(), event: String::new(), subscriber: None }
+    }
+}
+
+#[async_trait]
+impl Way for PolybusWay {
+    async fn prepare(&mut self, work: &Workload) -> Result<()> {
+        self.event = fresh_topic(self.bus.registry()).await?;
+        let mut options = SubscribeOptions::new(unique("g"));
+        options.prefetch = work.prefetch;
+        self.subscriber = Some(self.bus.subscribe(&self.env, &self.event, options).await?);
+        Ok(())
+    }
+
+    async fn publish(&mut self, work: &Workload) -> Result<()> {
+        publish(&self.bus, &self.env, &self.event, work).await
+    }
+
+    async fn consume(&mut self, work: &Workload) -> Result<()> {
+        let subscriber = self.subscriber.as_mut().context("not prepared")?;
+        consume(subscriber, work.messages, work.prefetch, |_| {}).await
+    }
+
+    async fn cleanup(&mut self) -> Result<()> {
+        if let Some(mut subscriber) = self.subscriber.take() {
+            subscriber.close().await?;
+        }
+        if !self.event.is_empty() {
+            self.bus.registry().delete_topic(&self.event).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Publishes `work.messages` copies of the payload in batches.
+pub async fn publish(bus: &Bus, env: &str, event: &str, work: &Workload) -> Result<()> {
+    let mut left = work.messages;
+    while left > 0 {
+        let n = left.min(work.batch);
+        let batch = (0..n).map(|_| Message::new(work.payload.clone())).collect();
+        bus.publish_batch(env, event, batch).await?;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Receives `count` deliveries, calls `seen` on each, and acks them with at most `in_flight`
+/// acks outstanding, as an application using polybus would.
+pub async fn consume(
+    subscriber: &mut Subscriber,
+    count: usize,
+    in_flight: usize,
+    mut seen: impl FnMut(&polybus::Delivery),
+) -> Result<()> {
+    let mut acks = JoinSet::new();
+    for _ in 0..count {
+        let delivery = loop {
+            tokio::select! {
+                next = subscriber.next() => break next,
+                Some(done) = acks.join_next(), if !acks.is_empty() => done??,
+            }
+        };
+        let Some(delivery) = delivery else { bail!("the subscription ended") };
+        let delivery = delivery?;
+        seen(&delivery);
+        acks.spawn(delivery.ack());
+        while acks.len() >= in_flight.max(1) {
+            if let Some(done) = acks.join_next().await {
+                done??;
+            }
+        }
+    }
+    while let Some(done) = acks.join_next().await {
+        done??;
+    }
+    Ok(())
+}

@@ -1,0 +1,247 @@
+//! Results: min / median / max per adapter, size and way; ratios; markdown.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+
+use crate::latency::Latency;
+use crate::memory::Memory;
+use crate::way::{Kind, Rates};
+
+/// Targets from issue 7.
+const RAW_TARGET: f64 = 0.95;
+const OMNIQUEUE_TARGET: f64 = 1.5;
+const EMBEDDED_PUBLISH_TARGET: f64 = 100_000.0;
+const EMBEDDED_CONSUME_TARGET: f64 = 50_000.0;
+const EMBEDDED_P99_TARGET_US: u64 = 5_000;
+const RSS_TARGET_KIB: u64 = 64 * 1024;
+
+/// Everything one benchmark run measured.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Results {
+    /// Rates of every run, by (adapter, payload size, way).
+    pub runs: BTreeMap<String, Vec<Rates>>,
+    /// Messages per run, by (adapter, payload size).
+    pub messages: BTreeMap<String, usize>,
+    /// Runs that failed.
+    pub failures: Vec<String>,
+    /// Adapters not run, and why.
+    pub skipped: Vec<String>,
+    /// The embedded broker's latency at a fixed rate.
+    pub embedded_latency: Option<Latency>,
+    /// Memory of consumers started far behind.
+    pub memory: Vec<Memory>,
+}
+
+fn key(adapter: &str, size: usize, kind: Kind) -> String {
+    format!("{adapter}|{size:08}|{}", kind.name())
+}
+
+/// min, median, max.
+fn spread(values: &mut [f64]) -> Option<(f64, f64, f64)> {
+    if values.is_empty() {
+        return None;
+    }
+    values.sort_by(f64::total_cmp);
+    Some((values[0], values[values.len() / 2], values[values.len() - 1]))
+}
+
+fn human(rate: f64) -> String {
+    if rate >= 10_000.0 { format!("{:.0}k", rate / 1000.0) } else { format!("{rate:.0}") }
+}
+
+fn size_name(size: usize) -> String {
+    if size >= 1024 && size.is_multiple_of(1024) {
+        format!("{} KiB", size / 1024)
+    } else {
+        format!("{size} B")
+    }
+}
+
+impl Results {
+    /// Records one run.
+    pub fn record(
+        &mut self,
+        adapter: &str,
+        size: usize,
+        messages: usize,
+        kind: Kind,
+        outcome: anyhow::Result<Rates>,
+    ) {
+        self.messages.insert(format!("{adapter}|{size:08}"), messages);
+        match outcome {
+            Ok(rates) => self.runs.entry(key(adapter, size, kind)).or_default().push(rates),
+            Err(e) => self.failures.push(format!("{adapter} {} {}: {e:#}", size_name(size), kind.name())),
+        }
+    }
+
+    fn median(&self, adapter: &str, size: usize, kind: Kind, publish: bool) -> Option<f64> {
+        let mut values: Vec<f64> = self
+            .runs
+            .get(&key(adapter, size, kind))?
+            .iter()
+            .map(|r| if publish { r.publish } else { r.consume })
+            .collect();
+        spread(&mut values).map(|(_, median, _)| median)
+    }
+
+    /// (adapter, size) pairs measured, in order.
+    fn workloads(&self) -> Vec<(String, usize)> {
+        let mut seen: Vec<(String, usize)> = Vec::new();
+        for k in self.messages.keys() {
+            if let Some((adapter, size)) = k.split_once('|') {
+                seen.push((adapter.to_owned(), size.parse().unwrap_or(0)));
+            }
+        }
+        seen
+    }
+
+    /// The ratio polybus / `other` of medians.
+    fn ratio(&self, adapter: &str, size: usize, other: Kind, publish: bool) -> Option<f64> {
+        Some(
+            self.median(adapter, size, Kind::Polybus, publish)?
+                / self.median(adapter, size, other, publish)?,
+        )
+    }
+
+    /// The results as markdown, ending with one summary line per adapter and direction.
+    pub fn markdown(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(out, "### Throughput\n");
+        let _ = writeln!(
+            out,
+            "Messages per second; median of the repetitions, [min – max]. Publish: batches, each message \
+             confirmed by the broker. Consume: receive + ack every message.\n"
+        );
+        let _ = writeln!(out, "| adapter | payload | messages | way | reps | publish/s | consume+ack/s |");
+        let _ = writeln!(out, "|---|---|---:|---|---:|---|---|");
+        for (adapter, size) in self.workloads() {
+            let messages = self.messages.get(&format!("{adapter}|{size:08}")).copied().unwrap_or(0);
+            for kind in [Kind::Polybus, Kind::Raw, Kind::Omniqueue] {
+                let Some(runs) = self.runs.get(&key(&adapter, size, kind)) else { continue };
+                let cell = |publish: bool| {
+                    let mut v: Vec<f64> =
+                        runs.iter().map(|r| if publish { r.publish } else { r.consume }).collect();
+                    spread(&mut v).map_or("–".to_owned(), |(lo, mid, hi)| {
+                        format!("**{}** [{} – {}]", human(mid), human(lo), human(hi))
+                    })
+                };
+                let _ = writeln!(
+                    out,
+                    "| {adapter} | {} | {messages} | {} | {} | {} | {} |",
+                    size_name(size),
+                    kind.name(),
+                    runs.len(),
+                    cell(true),
+                    cell(false)
+                );
+            }
+        }
+
+        let _ = writeln!(out, "\n### Ratios (of medians)\n");
+        let _ = writeln!(
+            out,
+            "| adapter | payload | direction | polybus/raw (target ≥ {RAW_TARGET}) | polybus/omniqueue (target ≥ {OMNIQUEUE_TARGET}) |"
+        );
+        let _ = writeln!(out, "|---|---|---|---|---|");
+        for (adapter, size) in self.workloads() {
+            for (direction, publish) in [("publish", true), ("consume", false)] {
+                let cell = |other: Kind, target: f64| {
+                    self.ratio(&adapter, size, other, publish).map_or("–".to_owned(), |r| {
+                        format!("{r:.2} {}", if r >= target { "met" } else { "**missed**" })
+                    })
+                };
+                let _ = writeln!(
+                    out,
+                    "| {adapter} | {} | {direction} | {} | {} |",
+                    size_name(size),
+                    cell(Kind::Raw, RAW_TARGET),
+                    cell(Kind::Omniqueue, OMNIQUEUE_TARGET)
+                );
+            }
+        }
+
+        let _ = writeln!(out, "\n### Embedded broker\n");
+        if let Some((_, size)) = self.workloads().into_iter().find(|(a, _)| a == "embedded") {
+            let met = |v: f64, t: f64| if v >= t { "met" } else { "**missed**" };
+            if let Some(p) = self.median("embedded", size, Kind::Polybus, true) {
+                let _ = writeln!(
+                    out,
+                    "- batched publish ({}): {} msg/s (target ≥ 100k: {})",
+                    size_name(size),
+                    human(p),
+                    met(p, EMBEDDED_PUBLISH_TARGET)
+                );
+            }
+            if let Some(c) = self.median("embedded", size, Kind::Polybus, false) {
+                let _ = writeln!(
+                    out,
+                    "- consume+ack ({}): {} msg/s (target ≥ 50k: {})",
+                    size_name(size),
+                    human(c),
+                    met(c, EMBEDDED_CONSUME_TARGET)
+                );
+            }
+        }
+        if let Some(l) = &self.embedded_latency {
+            let _ = writeln!(
+                out,
+                "- latency at {} msg/s over {} messages: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms (target p99 < 5 ms: {})",
+                l.rate,
+                l.messages,
+                l.p50_us as f64 / 1000.0,
+                l.p99_us as f64 / 1000.0,
+                l.max_us as f64 / 1000.0,
+                if l.p99_us < EMBEDDED_P99_TARGET_US { "met" } else { "**missed**" }
+            );
+        }
+
+        if !self.memory.is_empty() {
+            let _ = writeln!(out, "\n### Memory of a consumer started behind\n");
+            let _ = writeln!(
+                out,
+                "| adapter | behind | RSS before subscribing | peak RSS | catch-up consume+ack/s | target < 64 MiB |"
+            );
+            let _ = writeln!(out, "|---|---:|---:|---:|---:|---|");
+            for m in &self.memory {
+                let _ = writeln!(
+                    out,
+                    "| {} | {} | {:.1} MiB | {:.1} MiB | {} | {} |",
+                    m.adapter,
+                    m.behind,
+                    m.baseline_kib as f64 / 1024.0,
+                    m.peak_kib as f64 / 1024.0,
+                    human(m.consume_rate),
+                    if m.peak_kib < RSS_TARGET_KIB { "met" } else { "**missed**" }
+                );
+            }
+        }
+        if !self.skipped.is_empty() || !self.failures.is_empty() {
+            let _ = writeln!(out, "\n### Skipped and failed\n");
+            for s in &self.skipped {
+                let _ = writeln!(out, "- skipped {s}");
+            }
+            for f in &self.failures {
+                let _ = writeln!(out, "- failed {f}");
+            }
+        }
+
+        // The plain summary scripts read: the smallest payload measured per adapter.
+        let _ = writeln!(out, "\n### Summary\n\n```");
+        let mut done = Vec::new();
+        for (adapter, size) in self.workloads() {
+            if done.contains(&adapter) {
+                continue;
+            }
+            done.push(adapter.clone());
+            for other in [Kind::Raw, Kind::Omniqueue] {
+                for (direction, publish) in [("publish", true), ("consume", false)] {
+                    if let Some(r) = self.ratio(&adapter, size, other, publish) {
+                        let _ = writeln!(out, "polybus/{} {adapter} {direction} {r:.2}", other.name());
+                    }
+                }
+            }
+        }
+        let _ = writeln!(out, "```");
+        out
+    }
+}
