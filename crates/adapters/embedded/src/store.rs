@@ -241,6 +241,9 @@ impl Store {
         match joined {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(Error::transport(op, self.target(topic), err)),
+            Err(err) if err.is_cancelled() => {
+                Err(Error::Closed(format!("{}: the runtime is shutting down", self.target(topic))))
+            }
             Err(err) => Err(Error::transport(op, self.target(topic), format!("worker thread failed: {err}"))),
         }
     }

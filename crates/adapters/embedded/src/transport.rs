@@ -127,8 +127,11 @@ impl Inner {
     async fn compact_in_background(&self) {
         // One compaction at a time is enough; a busy one already covers this request.
         let Ok(_running) = self.compacting.try_lock() else { return };
-        if let Err(err) = self.compact_locked().await {
-            tracing::warn!(error = %err, "embedded broker compaction failed; it will be retried");
+        match self.compact_locked().await {
+            Ok(_) => {}
+            // The process is ending; the next run compacts.
+            Err(err @ polybus_core::Error::Closed(_)) => tracing::debug!(error = %err, "compaction stopped"),
+            Err(err) => tracing::warn!(error = %err, "embedded broker compaction failed; it will be retried"),
         }
     }
 
