@@ -28,7 +28,11 @@ const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 const NATS_URL: &str = "nats://127.0.0.1:4222";
 const KAFKA_BROKERS: &str = "127.0.0.1:9092";
 const MQTT_HOST: &str = "127.0.0.1";
-const MQTT_PORT: u16 = 1883;
+/// moto's SQS server, as `scripts/services sqs` starts it.
+const SQS_ENDPOINT: &str = "http://127.0.0.1:4566";
+/// Google's Pub/Sub emulator, as `scripts/services pubsub` starts it.
+const PUBSUB_EMULATOR: &str = "127.0.0.1:8085";
+const PUBSUB_PROJECT: &str = "polybus-bench";
 
 /// Compare polybus with the raw clients and omniqueue, side by side.
 #[derive(Debug, Parser)]
@@ -47,7 +51,7 @@ struct Args {
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Adapters to run, comma-separated; the ones whose broker is down are skipped.
-    #[arg(long, value_delimiter = ',', default_value = "embedded,redis,rabbitmq,nats,kafka,mqtt")]
+    #[arg(long, value_delimiter = ',', default_value = "embedded,redis,rabbitmq,nats,kafka,mqtt,sqs,pubsub")]
     adapters: Vec<String>,
     /// Messages per publish batch (one `publish_batch`, one pipeline, one round of confirms).
     #[arg(long, default_value_t = 100)]
@@ -64,10 +68,19 @@ struct Args {
     /// Longest one run may take, in seconds.
     #[arg(long, default_value_t = 120)]
     run_limit: u64,
+    /// Port of the Mosquitto to use (on 127.0.0.1); `scripts/bench` starts one that queues without limit.
+    #[arg(long, default_value_t = 1883)]
+    mqtt_port: u16,
     /// Most messages per MQTT run: Mosquitto drops what it queues for a session beyond its
     /// `max_queued_messages` (1,000 by default), and each run publishes its backlog first.
     #[arg(long, default_value_t = 900)]
     mqtt_messages: usize,
+    /// Most messages per SQS run: the emulator (moto, in Python) handles a few hundred a second.
+    #[arg(long, default_value_t = 2_000)]
+    sqs_messages: usize,
+    /// Most messages per Pub/Sub run (Google's emulator).
+    #[arg(long, default_value_t = 10_000)]
+    pubsub_messages: usize,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -86,22 +99,34 @@ enum Child {
 /// One adapter the benchmark knows, and where its broker listens.
 struct Adapter {
     name: &'static str,
+    /// The broker type of its env.
+    kind: &'static str,
     port: Option<u16>,
     config: Value,
 }
 
-fn adapters(dir: &std::path::Path) -> Vec<Adapter> {
+fn adapters(dir: &std::path::Path, mqtt_port: u16) -> Vec<Adapter> {
+    let adapter = |name, kind, port, config| Adapter { name, kind, port, config };
     vec![
-        Adapter { name: "embedded", port: None, config: json!({"path": dir.join("embedded.db")}) },
-        Adapter { name: "redis", port: Some(6379), config: json!({"url": REDIS_URL}) },
-        Adapter { name: "rabbitmq", port: Some(5672), config: json!({"url": AMQP_URL}) },
-        Adapter { name: "nats", port: Some(4222), config: json!({"servers": NATS_URL}) },
-        Adapter { name: "kafka", port: Some(9092), config: json!({"brokers": [KAFKA_BROKERS]}) },
-        Adapter {
-            name: "mqtt",
-            port: Some(MQTT_PORT),
-            config: json!({"host": MQTT_HOST, "port": MQTT_PORT}),
-        },
+        adapter("embedded", "embedded", None, json!({"path": dir.join("embedded.db")})),
+        adapter("redis", "redis", Some(6379), json!({"url": REDIS_URL})),
+        adapter("rabbitmq", "rabbitmq", Some(5672), json!({"url": AMQP_URL})),
+        adapter("nats", "nats", Some(4222), json!({"servers": NATS_URL})),
+        adapter("kafka", "kafka", Some(9092), json!({"brokers": [KAFKA_BROKERS]})),
+        adapter("mqtt", "mqtt", Some(mqtt_port), json!({"host": MQTT_HOST, "port": mqtt_port})),
+        adapter(
+            "sqs",
+            "aws_sqs",
+            Some(4566),
+            json!({"region": "us-east-1", "endpointUrl": SQS_ENDPOINT,
+                   "accessKeyId": "test", "secretAccessKey": "test"}),
+        ),
+        adapter(
+            "pubsub",
+            "google_pubsub",
+            Some(8085),
+            json!({"projectId": PUBSUB_PROJECT, "endpoint": format!("http://{PUBSUB_EMULATOR}")}),
+        ),
     ]
 }
 
@@ -130,7 +155,7 @@ async fn run(args: Args) -> Result<()> {
     let dir = tempfile::tempdir()?;
     let mut results = report::Results::default();
     let mut selected = Vec::new();
-    for adapter in adapters(dir.path()) {
+    for adapter in adapters(dir.path(), args.mqtt_port) {
         if !args.adapters.iter().any(|a| a == adapter.name) {
             continue;
         }
@@ -142,7 +167,7 @@ async fn run(args: Args) -> Result<()> {
         }
     }
     let envs: Vec<_> =
-        selected.iter().map(|a| (a.name.to_owned(), a.name.to_owned(), a.config.clone())).collect();
+        selected.iter().map(|a| (a.name.to_owned(), a.kind.to_owned(), a.config.clone())).collect();
     let registry_path = dir.path().join("registry.db");
     let registry = polybus_way::registry(&registry_path, &envs).await?;
     let bus = Bus::open(registry).await?;
@@ -155,7 +180,12 @@ async fn run(args: Args) -> Result<()> {
             } else {
                 args.messages
             };
-            let messages = if adapter.name == "mqtt" { messages.min(args.mqtt_messages) } else { messages };
+            let messages = match adapter.name {
+                "mqtt" => messages.min(args.mqtt_messages),
+                "sqs" => messages.min(args.sqs_messages),
+                "pubsub" => messages.min(args.pubsub_messages),
+                _ => messages,
+            };
             let work = Workload {
                 messages,
                 payload: Bytes::from(vec![b'x'; size]),
@@ -164,11 +194,11 @@ async fn run(args: Args) -> Result<()> {
             };
             let kinds: Vec<Kind> = [Kind::Polybus, Kind::Raw, Kind::Omniqueue]
                 .into_iter()
-                .filter(|&kind| make(kind, adapter.name, &bus).is_some())
+                .filter(|&kind| make(kind, adapter.name, &bus, &args).is_some())
                 .collect();
             for rep in 1..=args.reps {
                 for &kind in &kinds {
-                    let Some(mut way) = make(kind, adapter.name, &bus) else { continue };
+                    let Some(mut way) = make(kind, adapter.name, &bus, &args) else { continue };
                     let outcome = way::run(way.as_mut(), &work, limit).await;
                     match &outcome {
                         Ok(r) => eprintln!(
@@ -220,18 +250,22 @@ async fn run(args: Args) -> Result<()> {
 }
 
 /// The way `kind` runs on `adapter`, when there is one.
-fn make(kind: Kind, adapter: &str, bus: &Bus) -> Option<Box<dyn Way>> {
+fn make(kind: Kind, adapter: &str, bus: &Bus, args: &Args) -> Option<Box<dyn Way>> {
     match (kind, adapter) {
         (Kind::Polybus, _) => Some(Box::new(polybus_way::PolybusWay::new(bus.clone(), adapter))),
         (Kind::Raw, "redis") => Some(Box::new(raw::redis::RawRedis::new(REDIS_URL))),
         (Kind::Raw, "rabbitmq") => Some(Box::new(raw::rabbitmq::RawRabbitmq::new(AMQP_URL))),
         (Kind::Raw, "nats") => Some(Box::new(raw::nats::RawNats::new(NATS_URL))),
         (Kind::Raw, "kafka") => Some(Box::new(raw::kafka::RawKafka::new(KAFKA_BROKERS))),
-        (Kind::Raw, "mqtt") => Some(Box::new(raw::mqtt::RawMqtt::new(MQTT_HOST, MQTT_PORT))),
+        (Kind::Raw, "mqtt") => Some(Box::new(raw::mqtt::RawMqtt::new(MQTT_HOST, args.mqtt_port))),
+        (Kind::Raw, "sqs") => Some(Box::new(raw::sqs::RawSqs::new(SQS_ENDPOINT))),
+        (Kind::Raw, "pubsub") => Some(Box::new(raw::pubsub::RawPubsub::new(PUBSUB_EMULATOR, PUBSUB_PROJECT))),
         #[cfg(feature = "omniqueue")]
         (Kind::Omniqueue, "redis") => Some(Box::new(omni::OmniRedis::new(REDIS_URL))),
         #[cfg(feature = "omniqueue")]
         (Kind::Omniqueue, "rabbitmq") => Some(Box::new(omni::OmniRabbitmq::new(AMQP_URL))),
+        #[cfg(feature = "omniqueue")]
+        (Kind::Omniqueue, "sqs") => Some(Box::new(omni::OmniSqs::new(SQS_ENDPOINT))),
         _ => None,
     }
 }

@@ -1,4 +1,4 @@
-//! The workload through `omniqueue` 0.3, the Rust peer, on Redis Streams and RabbitMQ.
+//! The workload through `omniqueue` 0.3, the Rust peer, on Redis Streams, RabbitMQ and SQS.
 //!
 //! omniqueue has no batched send on these backends (its `send_raw_batch` sends one by one), so a
 //! batch is sent as concurrent `send_raw` calls: its best case.
@@ -14,7 +14,9 @@ use omniqueue::backends::rabbitmq::{
 };
 use omniqueue::backends::{
     RabbitMqBackend, RabbitMqConfig, RabbitMqConsumer, RabbitMqProducer, RedisBackend, RedisConfig,
+    SqsBackend, SqsConsumer, SqsProducer,
 };
+use omniqueue::{QueueConsumer, QueueProducer};
 
 use crate::way::{Way, Workload, unique};
 
@@ -35,6 +37,38 @@ impl OmniRedis {
     pub fn new(url: &str) -> Self {
         OmniRedis { url: url.to_owned(), stream: unique("omni"), pair: None }
     }
+}
+
+/// Publishes the workload in batches; `send(n)` sends one batch of `n` messages.
+async fn publish_in_batches<F, Fut>(work: &Workload, mut send: F) -> Result<()>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: Future<Output = omniqueue::Result<()>>,
+{
+    let mut left = work.messages;
+    while left > 0 {
+        let n = left.min(work.batch);
+        send(n).await.map_err(|e| anyhow!("{e}"))?;
+        left -= n;
+    }
+    Ok(())
+}
+
+/// Receives and acks `messages` messages, at most `max` per `receive_all` waiting up to `wait`.
+async fn receive_and_ack(
+    consumer: &mut impl QueueConsumer,
+    messages: usize,
+    max: usize,
+    wait: Duration,
+) -> Result<()> {
+    let mut received = 0;
+    while received < messages {
+        let deliveries =
+            consumer.receive_all(max.min(messages - received), wait).await.map_err(|e| anyhow!("{e}"))?;
+        received += deliveries.len();
+        ack_all(deliveries).await?;
+    }
+    Ok(())
 }
 
 async fn ack_all(deliveries: Vec<Delivery>) -> Result<()> {
@@ -77,29 +111,15 @@ impl Way for OmniRedis {
 
     async fn publish(&mut self, work: &Workload) -> Result<()> {
         let Some((producer, _)) = self.pair.as_ref() else { bail!("not prepared") };
-        let mut left = work.messages;
-        while left > 0 {
-            let n = left.min(work.batch);
-            try_join_all((0..n).map(|_| producer.send_raw(&work.payload)))
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            left -= n;
-        }
-        Ok(())
+        publish_in_batches(work, |n| async move {
+            try_join_all((0..n).map(|_| producer.send_raw(&work.payload))).await.map(drop)
+        })
+        .await
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
         let Some((_, consumer)) = self.pair.as_mut() else { bail!("not prepared") };
-        let mut received = 0;
-        while received < work.messages {
-            let deliveries = consumer
-                .receive_all(work.prefetch.min(work.messages - received), Duration::from_millis(100))
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            received += deliveries.len();
-            ack_all(deliveries).await?;
-        }
-        Ok(())
+        receive_and_ack(consumer, work.messages, work.prefetch, Duration::from_millis(100)).await
     }
 
     async fn cleanup(&mut self) -> Result<()> {
@@ -149,33 +169,69 @@ impl Way for OmniRabbitmq {
 
     async fn publish(&mut self, work: &Workload) -> Result<()> {
         let Some((producer, _)) = self.pair.as_ref() else { bail!("not prepared") };
-        let mut left = work.messages;
-        while left > 0 {
-            let n = left.min(work.batch);
-            try_join_all((0..n).map(|_| producer.send_raw(&work.payload)))
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            left -= n;
-        }
-        Ok(())
+        publish_in_batches(work, |n| async move {
+            try_join_all((0..n).map(|_| producer.send_raw(&work.payload))).await.map(drop)
+        })
+        .await
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
         let Some((_, consumer)) = self.pair.as_mut() else { bail!("not prepared") };
-        let mut received = 0;
-        while received < work.messages {
-            let deliveries = consumer
-                .receive_all(work.prefetch.min(work.messages - received), Duration::from_millis(100))
-                .await
-                .map_err(|e| anyhow!("{e}"))?;
-            received += deliveries.len();
-            ack_all(deliveries).await?;
-        }
-        Ok(())
+        receive_and_ack(consumer, work.messages, work.prefetch, Duration::from_millis(100)).await
     }
 
     async fn cleanup(&mut self) -> Result<()> {
         self.pair = None;
         self.raw.cleanup().await
+    }
+}
+
+/// One omniqueue run on SQS: the queue is made with `aws-sdk-sqs` first, and omniqueue is given
+/// the same client config (endpoint, region, credentials).
+pub struct OmniSqs {
+    endpoint: String,
+    name: String,
+    url: Option<(aws_sdk_sqs::Client, String)>,
+    pair: Option<(SqsProducer, SqsConsumer)>,
+}
+
+impl OmniSqs {
+    /// A run against the SQS endpoint `endpoint`.
+    pub fn new(endpoint: &str) -> Self {
+        OmniSqs { endpoint: endpoint.to_owned(), name: unique("omni"), url: None, pair: None }
+    }
+}
+
+#[async_trait]
+impl Way for OmniSqs {
+    async fn prepare(&mut self, _work: &Workload) -> Result<()> {
+        let client = crate::raw::sqs::client(&self.endpoint).await;
+        let created = client.create_queue().queue_name(&self.name).send().await?;
+        let url = created.queue_url().ok_or_else(|| anyhow!("CreateQueue returned no URL"))?.to_owned();
+        let builder = SqsBackend::builder(url.as_str()).sqs_config(client.config().clone());
+        self.pair = Some(builder.build_pair().await.map_err(|e| anyhow!("{e}"))?);
+        self.url = Some((client, url));
+        Ok(())
+    }
+
+    async fn publish(&mut self, work: &Workload) -> Result<()> {
+        let Some((producer, _)) = self.pair.as_ref() else { bail!("not prepared") };
+        // omniqueue's batch takes items that are `AsRef<String>`: a shared body does.
+        let body = std::sync::Arc::new(String::from_utf8(work.payload.to_vec())?);
+        publish_in_batches(work, |n| producer.send_raw_batch((0..n).map(|_| body.clone()))).await
+    }
+
+    async fn consume(&mut self, work: &Workload) -> Result<()> {
+        let Some((_, consumer)) = self.pair.as_mut() else { bail!("not prepared") };
+        // SQS returns at most 10 messages per receive.
+        receive_and_ack(consumer, work.messages, 10, Duration::from_secs(1)).await
+    }
+
+    async fn cleanup(&mut self) -> Result<()> {
+        self.pair = None;
+        if let Some((client, url)) = self.url.take() {
+            client.delete_queue().queue_url(url).send().await?;
+        }
+        Ok(())
     }
 }

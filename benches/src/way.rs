@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio::task::JoinSet;
 
 /// Which client does the work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -95,4 +96,14 @@ pub fn rate(messages: usize, took: Duration) -> f64 {
 /// A short unique name for one run's topic and group.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}-{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+}
+
+/// Waits until at most `limit` of `tasks` are still running; fails with the first that failed.
+pub async fn wait_below(tasks: &mut JoinSet<Result<()>>, limit: usize) -> Result<()> {
+    while tasks.len() > limit {
+        if let Some(done) = tasks.join_next().await {
+            done??;
+        }
+    }
+    Ok(())
 }

@@ -3,5 +3,7 @@
 pub mod kafka;
 pub mod mqtt;
 pub mod nats;
+pub mod pubsub;
 pub mod rabbitmq;
 pub mod redis;
+pub mod sqs;

@@ -1,5 +1,5 @@
-//! Raw `async-nats` JetStream: publishes awaiting their acks, a durable pull consumer whose acks
-//! are confirmed by the server (as polybus's are).
+//! Raw `async-nats` JetStream: publishes with a `Nats-Msg-Id` (deduplicated, as polybus's are)
+//! awaiting their acks, a durable pull consumer whose acks are confirmed by the server.
 
 use anyhow::{Result, bail};
 use async_nats::jetstream::{self, consumer, stream};
@@ -7,7 +7,7 @@ use async_trait::async_trait;
 use futures::StreamExt;
 use tokio::task::JoinSet;
 
-use crate::way::{Way, Workload, unique};
+use crate::way::{Way, Workload, unique, wait_below};
 
 /// One raw NATS JetStream run.
 pub struct RawNats {
@@ -59,7 +59,12 @@ impl Way for RawNats {
             let n = left.min(work.batch);
             let mut acks = Vec::with_capacity(n);
             for _ in 0..n {
-                acks.push(js.publish(self.subject.clone(), work.payload.clone()).await?);
+                // A message id, as the adapter sends, so JetStream deduplicates the same way.
+                let mut headers = async_nats::HeaderMap::new();
+                headers.insert("Nats-Msg-Id", uuid::Uuid::new_v4().simple().to_string().as_str());
+                acks.push(
+                    js.publish_with_headers(self.subject.clone(), headers, work.payload.clone()).await?,
+                );
             }
             for ack in acks {
                 ack.await?;
@@ -77,15 +82,9 @@ impl Way for RawNats {
             let Some(message) = messages.next().await else { bail!("the consumer ended") };
             let message = message.map_err(|e| anyhow::anyhow!("{e}"))?;
             acks.spawn(async move { message.double_ack().await.map_err(|e| anyhow::anyhow!("{e}")) });
-            while acks.len() >= work.prefetch {
-                if let Some(done) = acks.join_next().await {
-                    done??;
-                }
-            }
+            wait_below(&mut acks, work.prefetch.saturating_sub(1)).await?;
         }
-        while let Some(done) = acks.join_next().await {
-            done??;
-        }
+        wait_below(&mut acks, 0).await?;
         Ok(())
     }
 

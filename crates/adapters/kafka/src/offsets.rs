@@ -152,18 +152,23 @@ impl Offsets {
         }
     }
 
-    /// Commits that record new delivery counts and, with `moved`, those that move a partition
-    /// forward, since the last call. Counts are committed as soon as they change, not only at
-    /// a revocation: some brokers refuse commits once a rebalance has begun.
-    pub fn progress(&mut self, moved: bool) -> Vec<Commit> {
+    /// Commits that, with `counts`, record new delivery counts and, with `moved`, move a
+    /// partition forward, since the last call. Counts are committed soon after they change, not
+    /// only at a revocation: some brokers refuse commits once a rebalance has begun.
+    pub fn progress(&mut self, moved: bool, counts: bool) -> Vec<Commit> {
         let mut out = Vec::new();
         for (&(source, partition), state) in &mut self.partitions {
             let point = state.commit_point();
-            if point.is_some() && (state.counted || (moved && point != state.committed)) {
+            if point.is_some() && ((counts && state.counted) || (moved && point != state.committed)) {
                 out.extend(state.commit(source, partition));
             }
         }
         out
+    }
+
+    /// True when some delivery count is not committed yet.
+    pub fn has_counts(&self) -> bool {
+        self.partitions.values().any(|p| p.counted)
     }
 
     /// Commits for every partition that has fetched anything, progress or not (before leaving).
@@ -214,7 +219,7 @@ mod tests {
     }
 
     fn committed(o: &mut Offsets) -> Option<i64> {
-        o.progress(true).into_iter().map(|c| c.offset).next_back()
+        o.progress(true, true).into_iter().map(|c| c.offset).next_back()
     }
 
     #[test]
@@ -238,11 +243,11 @@ mod tests {
         let slots = fetch(&mut o, 0..2);
         assert_eq!(committed(&mut o), Some(0));
         o.handed_out(&slots[0], 1);
-        let commit = o.progress(false).pop().expect("the count is committed");
+        let commit = o.progress(false, true).pop().expect("the count is committed");
         assert_eq!((commit.offset, commit.metadata.as_str()), (0, "polybus-deliveries:0=1"));
-        assert!(o.progress(true).is_empty());
+        assert!(o.progress(true, true).is_empty());
         o.settle(&slots[0]);
-        assert!(o.progress(false).is_empty(), "progress alone waits for its round");
+        assert!(o.progress(false, true).is_empty(), "progress alone waits for its round");
         assert_eq!(committed(&mut o), Some(1));
     }
 

@@ -40,8 +40,11 @@ const LEAVE_WAIT: Duration = Duration::from_secs(10);
 const TICK: Duration = Duration::from_millis(100);
 /// How long committed offsets may take to read when partitions are assigned.
 const COMMITTED_WAIT: Duration = Duration::from_secs(5);
-/// Least time between two commits of one member while it consumes.
+/// Least time between two commits of one member's progress while it consumes.
 const COMMIT_INTERVAL: Duration = Duration::from_millis(50);
+/// Least time between two commits of new delivery counts: soon after a hand-out (a rebalance
+/// that starts later refuses commits), but not once per message under load.
+const COUNT_INTERVAL: Duration = Duration::from_millis(5);
 /// Most records taken from librdkafka in one go before acks and commits are looked at again.
 const POLL_BATCH: usize = 256;
 /// A member stops fetching once this many messages wait to be handed out (or `prefetch`, when
@@ -563,7 +566,10 @@ struct Pump {
     paused_under: u64,
     seen_assignment: u64,
     closing_since: Option<Instant>,
+    /// When progress was last committed.
     committed_at: Instant,
+    /// When delivery counts were last committed.
+    counted_at: Instant,
 }
 
 /// The consumer thread: fetch, hold back, hand over, commit; on close or drop, commit and leave.
@@ -592,12 +598,14 @@ fn run(
         seen_assignment: 0,
         closing_since: None,
         committed_at: Instant::now(),
+        counted_at: Instant::now(),
     };
     while !pump.should_leave() {
         let now = Instant::now();
-        let commit_in = pump.commit_progress(&consumer, now);
         pump.forget_revoked();
         pump.hand_over(now);
+        // After handing over, so the counts of what just went out are committed this turn.
+        let commit_in = pump.commit_progress(&consumer, Instant::now());
         pump.throttle(&consumer);
         if pump.fetch(&consumer) == 0 {
             let due_in = pump.held.peek().map_or(TICK, |Reverse(h)| h.due.saturating_duration_since(now));
@@ -620,17 +628,31 @@ impl Pump {
         self.tx.is_closed()
     }
 
-    /// Commits new delivery counts at once and progress at most every [`COMMIT_INTERVAL`];
-    /// returns how long until progress may be committed again.
+    /// Commits new delivery counts at most every [`COUNT_INTERVAL`] and progress at most every
+    /// [`COMMIT_INTERVAL`]; returns how long until the next commit may be due.
     fn commit_progress(&mut self, consumer: &BaseConsumer<Member>, now: Instant) -> Duration {
-        let next = self.committed_at + COMMIT_INTERVAL;
-        let moved = now >= next;
+        let next_progress = self.committed_at + COMMIT_INTERVAL;
+        let next_counts = self.counted_at + COUNT_INTERVAL;
+        let moved = now >= next_progress;
+        let counts = now >= next_counts;
         if moved {
             self.committed_at = now;
         }
-        let commits = self.shared.lock().offsets.progress(moved);
+        let (commits, counts_left) = {
+            let mut state = self.shared.lock();
+            let commits = if moved || counts { state.offsets.progress(moved, counts) } else { Vec::new() };
+            (commits, state.offsets.has_counts())
+        };
+        if counts && !commits.is_empty() {
+            self.counted_at = now;
+        }
         commit(consumer, &self.shared, commits, CommitMode::Async);
-        if moved { COMMIT_INTERVAL } else { next - now }
+        let progress_in = (self.committed_at + COMMIT_INTERVAL).saturating_duration_since(now);
+        if counts_left {
+            progress_in.min((self.counted_at + COUNT_INTERVAL).saturating_duration_since(now))
+        } else {
+            progress_in
+        }
     }
 
     /// Drops what was fetched from partitions revoked since the last look.

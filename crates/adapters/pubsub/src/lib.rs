@@ -9,6 +9,7 @@
 //!
 //! Get a transport through [`PubsubConnector`], as the registry does.
 
+mod acks;
 mod codec;
 mod connect;
 pub mod names;

@@ -24,6 +24,7 @@ use polybus_core::{Acker, Delivery, Error, Op, Result, SubscribeOptions, Subscri
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tokio::time::Instant;
 
+use crate::acks::AckQueue;
 use crate::codec::{self, Received};
 use crate::names::topic_id;
 use crate::transport::Shared;
@@ -61,6 +62,8 @@ pub(crate) struct PubsubSubscription {
     /// The deadline a pull gives (the subscription's), in seconds.
     pull_deadline: i32,
     mailbox: Arc<Mailbox>,
+    /// Where this member's acks are batched.
+    acks: AckQueue,
     /// A message being handed out, kept when `next` is cancelled halfway.
     pending: Option<Pulled>,
     stop: watch::Sender<bool>,
@@ -112,6 +115,7 @@ impl PubsubSubscription {
         let target = format!("pubsub {}--{}", topic_id(&topic.native_name), options.group);
         let path = shared.names.subscription(&topic.native_name, &options.group);
         let subscription = shared.pull_client(&target).await?.subscription(topic_id(&path));
+        let acks = AckQueue::start(subscription.clone());
         let mailbox = Arc::new(Mailbox::default());
         let (stop, stopped) = watch::channel(false);
         let puller = Puller {
@@ -131,6 +135,7 @@ impl PubsubSubscription {
             deadline: deadline_seconds(options.ack_deadline),
             pull_deadline,
             mailbox,
+            acks,
             pending: None,
             stop,
             closed: false,
@@ -209,7 +214,12 @@ impl Subscription for PubsubSubscription {
                 publish_time: m.publish_time.take().map(|t| (t.seconds, t.nanos)),
                 ordering_key: std::mem::take(&mut m.ordering_key),
             };
-            let acker = PubsubAcker { message, _permit: permit, target: self.target.clone() };
+            let acker = PubsubAcker {
+                message,
+                _permit: permit,
+                target: self.target.clone(),
+                acks: self.acks.clone(),
+            };
             return Some(Ok(Delivery::new(codec::decode(received, attempt), Box::new(acker))));
         }
     }
@@ -361,12 +371,14 @@ struct PubsubAcker {
     message: ReceivedMessage,
     _permit: OwnedSemaphorePermit,
     target: String,
+    acks: AckQueue,
 }
 
 #[async_trait]
 impl Acker for PubsubAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        self.message.ack().await.map_err(|e| Error::transport(Op::Ack, self.target.clone(), describe(&e)))
+        let ack_id = self.message.ack_id().to_owned();
+        self.acks.ack(ack_id).await.map_err(|e| Error::transport(Op::Ack, self.target.clone(), describe(&e)))
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
