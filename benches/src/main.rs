@@ -132,6 +132,11 @@ fn adapters(dir: &std::path::Path, mqtt_port: u16) -> Vec<Adapter> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // Quiet unless RUST_LOG asks (e.g. RUST_LOG=polybus_kafka=debug to see an adapter's decisions).
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

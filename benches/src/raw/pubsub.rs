@@ -1,11 +1,11 @@
 //! Raw `gcloud-pubsub` (the client polybus's adapter pulls with): its batching publisher, every
 //! message's publish awaited, and unary pulls of up to 1,000 with one acknowledge per pull, on
-//! a subscription made for the run.
+//! a subscription made for the run the way the adapter makes a group's.
 
 use anyhow::{Result, anyhow, bail};
 use async_trait::async_trait;
 use gcloud_gax::conn::Environment;
-use gcloud_googleapis::pubsub::v1::PubsubMessage;
+use gcloud_googleapis::pubsub::v1::{DeadLetterPolicy, PubsubMessage};
 use gcloud_pubsub::client::{Client, ClientConfig};
 use gcloud_pubsub::publisher::Publisher;
 use gcloud_pubsub::subscription::{Subscription, SubscriptionConfig};
@@ -50,7 +50,18 @@ impl Way for RawPubsub {
         };
         let client = Client::new(config).await?;
         let topic = client.create_topic(&self.name, None, None).await?;
-        let config = SubscriptionConfig { ack_deadline_seconds: 30, ..SubscriptionConfig::default() };
+        client.create_topic(&format!("{}-dlq", self.name), None, None).await?;
+        // As the adapter makes a group's subscription: ordered, and with a dead-letter policy set
+        // high only so Pub/Sub counts delivery attempts.
+        let config = SubscriptionConfig {
+            ack_deadline_seconds: 30,
+            enable_message_ordering: true,
+            dead_letter_policy: Some(DeadLetterPolicy {
+                dead_letter_topic: client.fully_qualified_topic_name(&format!("{}-dlq", self.name)),
+                max_delivery_attempts: 100,
+            }),
+            ..SubscriptionConfig::default()
+        };
         let subscription =
             client.create_subscription(&format!("{}--g", self.name), &self.name, config, None).await?;
         self.publisher = Some(topic.new_publisher(None));
@@ -105,6 +116,7 @@ impl Way for RawPubsub {
         }
         if let Some(client) = self.client.take() {
             client.topic(&self.name).delete(None).await?;
+            client.topic(&format!("{}-dlq", self.name)).delete(None).await?;
         }
         Ok(())
     }

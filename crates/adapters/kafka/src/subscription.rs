@@ -49,7 +49,7 @@ const COUNT_INTERVAL: Duration = Duration::from_millis(5);
 const POLL_BATCH: usize = 256;
 /// A member stops fetching once this many messages wait to be handed out (or `prefetch`, when
 /// larger)…
-const BUFFER_MESSAGES: usize = 1024;
+const BUFFER_MESSAGES: usize = 8192;
 /// …or this many bytes of them. Pausing drops what librdkafka prefetched, so it is kept rare.
 const BUFFER_BYTES: usize = 16 << 20;
 /// Pause before trying a failed retry copy again.

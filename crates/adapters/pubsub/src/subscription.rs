@@ -313,8 +313,10 @@ impl Puller {
             }
             let max = i32::try_from(permits.num_permits()).unwrap_or(i32::MAX);
             // Not raced against the stop signal: see the module docs.
+            let asked = Instant::now();
             match self.subscription.pull(max, None).await {
                 Ok(messages) => {
+                    tracing::trace!(target = %self.target, max, got = messages.len(), took = ?asked.elapsed(), "pulled");
                     failures = 0;
                     let pulled_at = Instant::now();
                     let mut returned = Vec::new();
