@@ -5,7 +5,9 @@
 //! Get a transport through [`EmbeddedConnector`] (what the registry uses) or directly with
 //! [`EmbeddedTransport::open`].
 
+mod checkpoint;
 mod log;
+mod settle;
 mod store;
 mod subscription;
 mod transport;

@@ -11,7 +11,6 @@ use std::collections::BTreeMap;
 use bytes::Bytes;
 use chrono::DateTime;
 use polybus_core::Message;
-use polybus_core::config::RetentionConfig;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 
 use crate::store::{DbError, DbResult, now_ms};
@@ -20,8 +19,9 @@ use crate::store::{DbError, DbResult, now_ms};
 const CHUNK: i64 = 1024;
 /// Chunks copied per fetch, so one fetch never holds the write lock for long.
 const CHUNKS_PER_FETCH: i64 = 8;
-/// Log rows removed per transaction when compacting.
-const DELETE_CHUNK: i64 = 4096;
+/// Log rows removed per transaction when compacting: each chunk is its own call on the
+/// connection, so that publishes and fetches wait for one chunk at most (about a millisecond).
+pub(crate) const DELETE_CHUNK: u64 = 512;
 
 fn write_tx(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
     // Taking the write lock up front means the busy timeout applies, instead of a failed
@@ -145,8 +145,9 @@ pub(crate) fn fetch(
     let (mut cursor, last) = cursor_and_last(&tx, group_id, topic_id)?;
     let mut leased = Vec::new();
     let mut chunks = 0;
+    let lease = Lease { base: new_lease_base(), now, deadline_ms };
     loop {
-        lease_ready(&tx, group_id, want - leased.len(), now, deadline_ms, &mut leased)?;
+        lease_ready(&tx, group_id, want - leased.len(), lease, &mut leased)?;
         if leased.len() >= want || cursor >= last || chunks == CHUNKS_PER_FETCH {
             break;
         }
@@ -184,43 +185,63 @@ fn copy_chunk(tx: &Transaction<'_>, topic_id: i64, group_id: i64, cursor: i64) -
     Ok(Some(upto))
 }
 
+/// A log row as stored.
+struct StoredMessage {
+    id: String,
+    key: Option<String>,
+    content_type: Option<String>,
+    headers: String,
+    payload: Vec<u8>,
+    published_at: i64,
+}
+
+/// How one fetch leases.
+#[derive(Clone, Copy)]
+struct Lease {
+    /// Random per fetch; a message's token is this plus its `seq`.
+    base: i64,
+    /// The fetch's time.
+    now: i64,
+    /// How long a lease lasts.
+    deadline_ms: i64,
+}
+
 fn lease_ready(
     tx: &Transaction<'_>,
     group_id: i64,
     want: usize,
-    now: i64,
-    deadline_ms: i64,
+    Lease { base, now, deadline_ms }: Lease,
     leased: &mut Vec<Leased>,
 ) -> DbResult<()> {
     let limit = i64::try_from(want).unwrap_or(i64::MAX);
-    let rows: Vec<(i64, i64, i64)> = tx
+    let rows: Vec<(i64, i64, i64, Option<StoredMessage>)> = tx
         .prepare_cached(
-            "SELECT seq, attempts, available_at FROM pending
-             WHERE group_id = ?1 AND head = 1 AND available_at <= ?2
-             ORDER BY available_at, seq LIMIT ?3",
+            "SELECT p.seq, p.attempts, p.available_at,
+                    m.id, m.msg_key, m.content_type, m.headers, m.payload, m.published_at
+             FROM pending p LEFT JOIN messages m ON m.seq = p.seq
+             WHERE p.group_id = ?1 AND p.head = 1 AND p.available_at <= ?2
+             ORDER BY p.available_at, p.seq LIMIT ?3",
         )?
-        .query_map(params![group_id, now, limit], |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?)))?
+        .query_map(params![group_id, now, limit], |row| {
+            let message = match row.get::<_, Option<String>>(3)? {
+                Some(id) => Some(StoredMessage {
+                    id,
+                    key: row.get(4)?,
+                    content_type: row.get(5)?,
+                    headers: row.get(6)?,
+                    payload: row.get(7)?,
+                    published_at: row.get(8)?,
+                }),
+                None => None,
+            };
+            Ok((row.get(0)?, row.get(1)?, row.get(2)?, message))
+        })?
         .collect::<rusqlite::Result<_>>()?;
     let mut take = tx.prepare_cached(
         "UPDATE pending SET available_at = ?3, attempts = attempts + 1, lease = ?4 WHERE group_id = ?1 AND seq = ?2",
     )?;
-    let mut read = tx.prepare_cached(
-        "SELECT id, msg_key, content_type, headers, payload, published_at FROM messages WHERE seq = ?1",
-    )?;
-    for (seq, attempts, available_before) in rows {
-        let row = read
-            .query_row([seq], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, Option<String>>(1)?,
-                    row.get::<_, Option<String>>(2)?,
-                    row.get::<_, String>(3)?,
-                    row.get::<_, Vec<u8>>(4)?,
-                    row.get::<_, i64>(5)?,
-                ))
-            })
-            .optional()?;
-        let Some((id, key, content_type, headers, payload, published_at)) = row else {
+    for (seq, attempts, available_before, message) in rows {
+        let Some(StoredMessage { id, key, content_type, headers, payload, published_at }) = message else {
             // Removed from the log by retention meanwhile: nothing left to deliver.
             let key: Option<String> = tx
                 .prepare_cached("DELETE FROM pending WHERE group_id = ?1 AND seq = ?2 RETURNING msg_key")?
@@ -230,7 +251,7 @@ fn lease_ready(
             }
             continue;
         };
-        let lease = new_lease();
+        let lease = base.wrapping_add(seq);
         take.execute(params![group_id, seq, now.saturating_add(deadline_ms), lease])?;
         let headers: BTreeMap<String, String> = serde_json::from_str(&headers)?;
         let published_at = DateTime::from_timestamp_millis(published_at).ok_or_else(|| {
@@ -251,8 +272,9 @@ fn lease_ready(
     Ok(())
 }
 
-fn new_lease() -> i64 {
-    // Random, so a stale holder (even in another process) can never match a newer lease.
+fn new_lease_base() -> i64 {
+    // Random, so a stale holder (even in another process) can never match a newer lease; one
+    // draw per fetch, its messages' distinct positions keep their tokens apart.
     let (high, _) = uuid::Uuid::new_v4().as_u64_pair();
     i64::from_ne_bytes(high.to_ne_bytes())
 }
@@ -266,22 +288,61 @@ pub(crate) enum Settled {
     LeaseLost,
 }
 
-/// Removes message `seq` from the group when `lease` still holds it.
-pub(crate) fn ack(conn: &mut Connection, group_id: i64, seq: i64, lease: i64) -> DbResult<Settled> {
+/// What a member does with a leased message.
+#[derive(Debug)]
+pub(crate) enum Settle {
+    /// Done with it: remove it from the group.
+    Ack {
+        /// The message's key, whose next message becomes deliverable.
+        key: Option<String>,
+    },
+    /// Deliver it again after `delay_ms`.
+    Nack {
+        /// Milliseconds before it is deliverable again.
+        delay_ms: i64,
+    },
+}
+
+/// An ack or nack of one leased message.
+#[derive(Debug)]
+pub(crate) struct Settlement {
+    /// The group holding the message.
+    pub group_id: i64,
+    /// The message's log position.
+    pub seq: i64,
+    /// The lease the settling member holds.
+    pub lease: i64,
+    /// Ack or nack.
+    pub settle: Settle,
+}
+
+/// Applies every settlement whose lease still holds, in one transaction; returns each one's
+/// outcome in order.
+pub(crate) fn settle(conn: &mut Connection, settlements: &[Settlement]) -> DbResult<Vec<Settled>> {
     let tx = write_tx(conn)?;
-    let removed: Option<Option<String>> = tx
-        .prepare_cached(
-            "DELETE FROM pending WHERE group_id = ?1 AND seq = ?2 AND lease = ?3 RETURNING msg_key",
-        )?
-        .query_row(params![group_id, seq, lease], |row| row.get(0))
-        .optional()?;
-    let outcome = match removed {
-        None => Settled::LeaseLost,
-        Some(None) => Settled::Done(false),
-        Some(Some(key)) => Settled::Done(promote_next(&tx, group_id, &key)?),
-    };
+    let now = now_ms();
+    let mut outcomes = Vec::with_capacity(settlements.len());
+    for Settlement { group_id, seq, lease, settle } in settlements {
+        outcomes.push(match settle {
+            Settle::Ack { key } => ack(&tx, *group_id, *seq, *lease, key.as_deref())?,
+            Settle::Nack { delay_ms } => nack(&tx, *group_id, *seq, *lease, now.saturating_add(*delay_ms))?,
+        });
+    }
     tx.commit()?;
-    Ok(outcome)
+    Ok(outcomes)
+}
+
+/// Removes message `seq` (with `key`) from the group when `lease` still holds it.
+fn ack(tx: &Transaction<'_>, group_id: i64, seq: i64, lease: i64, key: Option<&str>) -> DbResult<Settled> {
+    // No RETURNING: SQLite would build a temporary table for it on every ack.
+    let removed = tx
+        .prepare_cached("DELETE FROM pending WHERE group_id = ?1 AND seq = ?2 AND lease = ?3")?
+        .execute(params![group_id, seq, lease])?;
+    Ok(match (removed, key) {
+        (0, _) => Settled::LeaseLost,
+        (_, None) => Settled::Done(false),
+        (_, Some(key)) => Settled::Done(promote_next(tx, group_id, key)?),
+    })
 }
 
 /// Makes the group's earliest pending message with `key` deliverable; true when there is one.
@@ -296,16 +357,10 @@ fn promote_next(tx: &Transaction<'_>, group_id: i64, key: &str) -> DbResult<bool
 }
 
 /// Makes message `seq` available again at `available_at` when `lease` still holds it.
-pub(crate) fn nack(
-    conn: &mut Connection,
-    group_id: i64,
-    seq: i64,
-    lease: i64,
-    delay_ms: i64,
-) -> DbResult<Settled> {
-    let changed = conn
+fn nack(tx: &Transaction<'_>, group_id: i64, seq: i64, lease: i64, available_at: i64) -> DbResult<Settled> {
+    let changed = tx
         .prepare_cached("UPDATE pending SET available_at = ?4, lease = NULL WHERE group_id = ?1 AND seq = ?2 AND lease = ?3")?
-        .execute(params![group_id, seq, lease, now_ms().saturating_add(delay_ms)])?;
+        .execute(params![group_id, seq, lease, available_at])?;
     Ok(if changed == 0 { Settled::LeaseLost } else { Settled::Done(true) })
 }
 
@@ -349,79 +404,76 @@ pub(crate) fn topic_ids(conn: &mut Connection) -> DbResult<Vec<i64>> {
         .collect::<rusqlite::Result<_>>()?)
 }
 
-/// Applies `retention` to one topic, then removes what every group has acked; returns the
-/// number of log messages removed.
-pub(crate) fn compact_topic(
-    conn: &mut Connection,
-    topic_id: i64,
-    retention: &RetentionConfig,
-) -> DbResult<u64> {
-    let mut expired = 0;
-    if let Some(keep) = retention.max_messages {
-        let keep = i64::try_from(keep).unwrap_or(i64::MAX);
-        let cutoff: Option<i64> = conn
-            .prepare_cached(
-                "SELECT seq FROM messages WHERE topic_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2",
-            )?
-            .query_row(params![topic_id, keep], |row| row.get(0))
-            .optional()?;
-        if let Some(cutoff) = cutoff {
-            expired += delete_chunks(conn, topic_id, |_| Ok(Some(cutoff.saturating_add(1))))?;
-        }
-    }
-    if let Some(age) = retention.max_age_seconds {
-        let age_ms = i64::try_from(age).unwrap_or(i64::MAX).saturating_mul(1000);
-        let tx = write_tx(conn)?;
-        let deleted = tx
-            .prepare_cached("DELETE FROM messages WHERE topic_id = ?1 AND published_at < ?2")?
-            .execute(params![topic_id, now_ms().saturating_sub(age_ms)])?;
-        if deleted > 0 {
-            forget_expired(&tx, topic_id)?;
-        }
-        tx.commit()?;
-        expired += deleted as u64;
-    } else if expired > 0 {
-        let tx = write_tx(conn)?;
-        forget_expired(&tx, topic_id)?;
-        tx.commit()?;
-    }
-
-    // Everything below the lowest position some group still needs has been acked by all.
-    // Computed in each transaction, so a group that joins meanwhile keeps what is left.
-    let acked = delete_chunks(conn, topic_id, |tx| {
-        // A topic without groups keeps its log, so that a first subscriber reads it all.
-        Ok(tx
-            .prepare_cached(
-                "SELECT MIN(COALESCE((SELECT MIN(seq) FROM pending p WHERE p.group_id = g.id), g.cursor + 1))
-                 FROM consumer_groups g WHERE g.topic_id = ?1",
-            )?
-            .query_row([topic_id], |row| row.get(0))?)
-    })?;
-    Ok(expired + acked)
+/// The newest log position of topic `topic_id` beyond the `keep` newest, when there is one.
+pub(crate) fn beyond_newest(conn: &mut Connection, topic_id: i64, keep: u64) -> DbResult<Option<i64>> {
+    let keep = i64::try_from(keep).unwrap_or(i64::MAX);
+    Ok(conn
+        .prepare_cached("SELECT seq FROM messages WHERE topic_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2")?
+        .query_row(params![topic_id, keep], |row| row.get(0))
+        .optional()?)
 }
 
-/// Deletes the topic's log below the bound `below` gives, a bounded chunk per transaction.
-fn delete_chunks(
-    conn: &mut Connection,
-    topic_id: i64,
-    below: impl Fn(&Transaction<'_>) -> DbResult<Option<i64>>,
-) -> DbResult<u64> {
-    let mut total = 0;
-    loop {
-        let tx = write_tx(conn)?;
-        let Some(seq) = below(&tx)? else { return Ok(total) };
-        let deleted = tx
-            .prepare_cached(
-                "DELETE FROM messages WHERE seq IN
-                 (SELECT seq FROM messages WHERE topic_id = ?1 AND seq < ?2 ORDER BY seq LIMIT ?3)",
-            )?
-            .execute(params![topic_id, seq, DELETE_CHUNK])?;
-        tx.commit()?;
-        total += deleted as u64;
-        if i64::try_from(deleted).unwrap_or(i64::MAX) < DELETE_CHUNK {
-            return Ok(total);
-        }
-    }
+/// Removes the topic's oldest messages up to position `upto`: at most [`DELETE_CHUNK`], in one
+/// transaction; returns how many.
+pub(crate) fn delete_upto(conn: &mut Connection, topic_id: i64, upto: i64) -> DbResult<u64> {
+    let tx = write_tx(conn)?;
+    let deleted = delete_below(&tx, topic_id, upto.saturating_add(1))?;
+    tx.commit()?;
+    Ok(deleted)
+}
+
+/// Removes the topic's messages published before `before_ms`: at most [`DELETE_CHUNK`], in one
+/// transaction; returns how many.
+pub(crate) fn delete_published_before(conn: &mut Connection, topic_id: i64, before_ms: i64) -> DbResult<u64> {
+    let tx = write_tx(conn)?;
+    let deleted = tx
+        .prepare_cached(
+            "DELETE FROM messages WHERE seq IN
+             (SELECT seq FROM messages WHERE topic_id = ?1 AND published_at < ?2 ORDER BY seq LIMIT ?3)",
+        )?
+        .execute(params![topic_id, before_ms, DELETE_CHUNK.cast_signed()])?;
+    tx.commit()?;
+    Ok(deleted as u64)
+}
+
+/// Removes the topic's oldest messages that every group has acked: at most [`DELETE_CHUNK`], in
+/// one transaction; returns how many.
+pub(crate) fn delete_acked(conn: &mut Connection, topic_id: i64) -> DbResult<u64> {
+    let tx = write_tx(conn)?;
+    // Everything below the lowest position some group still needs has been acked by all.
+    // Computed in the deleting transaction, so a group that joins meanwhile keeps what is left.
+    // A topic without groups keeps its log, so that a first subscriber reads it all.
+    let below: Option<i64> = tx
+        .prepare_cached(
+            "SELECT MIN(COALESCE((SELECT MIN(seq) FROM pending p WHERE p.group_id = g.id), g.cursor + 1))
+             FROM consumer_groups g WHERE g.topic_id = ?1",
+        )?
+        .query_row([topic_id], |row| row.get(0))?;
+    let deleted = match below {
+        Some(below) => delete_below(&tx, topic_id, below)?,
+        None => 0,
+    };
+    tx.commit()?;
+    Ok(deleted)
+}
+
+fn delete_below(tx: &Transaction<'_>, topic_id: i64, below: i64) -> DbResult<u64> {
+    let deleted = tx
+        .prepare_cached(
+            "DELETE FROM messages WHERE seq IN
+             (SELECT seq FROM messages WHERE topic_id = ?1 AND seq < ?2 ORDER BY seq LIMIT ?3)",
+        )?
+        .execute(params![topic_id, below, DELETE_CHUNK.cast_signed()])?;
+    Ok(deleted as u64)
+}
+
+/// Drops the groups' pending rows of messages retention removed from topic `topic_id`, and
+/// makes the next message of each affected key its head.
+pub(crate) fn forget_removed(conn: &mut Connection, topic_id: i64) -> DbResult<()> {
+    let tx = write_tx(conn)?;
+    forget_expired(&tx, topic_id)?;
+    tx.commit()?;
+    Ok(())
 }
 
 /// Drops the groups' pending rows of messages retention removed, and makes the next message of

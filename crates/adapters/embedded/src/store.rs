@@ -5,12 +5,16 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak, mpsc};
 use std::time::Duration;
 
 use polybus_core::{Error, Op, Result};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::Notify;
+
+use crate::checkpoint;
+use crate::log::{Settled, Settlement};
+use crate::settle;
 
 /// Schema version written to `PRAGMA user_version`.
 const SCHEMA_VERSION: i64 = 1;
@@ -138,8 +142,10 @@ impl TopicHandle {
 /// One open broker file.
 pub(crate) struct Store {
     path: PathBuf,
-    conn: Mutex<Connection>,
+    conn: Arc<Mutex<Connection>>,
     topics: Mutex<HashMap<String, Arc<TopicHandle>>>,
+    /// The queue of the thread that settles acks and nacks, started on the first one.
+    settler: Mutex<Option<mpsc::Sender<settle::Request>>>,
 }
 
 fn open_stores() -> &'static Mutex<HashMap<PathBuf, Weak<Store>>> {
@@ -147,7 +153,8 @@ fn open_stores() -> &'static Mutex<HashMap<PathBuf, Weak<Store>>> {
     STORES.get_or_init(Default::default)
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `mutex`, also after a panic of another holder.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // A panic while holding a lock leaves the data usable: an open SQLite transaction is
     // rolled back when its guard drops during unwinding.
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
@@ -203,14 +210,14 @@ impl Store {
     }
 
     fn open_blocking(path: PathBuf) -> Result<Store> {
-        let conn = Connection::open(&path)
-            .and_then(|conn| {
-                conn.busy_timeout(BUSY_TIMEOUT)?;
-                Ok(conn)
-            })
-            .map_err(|err| connect_error(&path, DbError::Sql(err)))?;
+        let conn = connect(&path).map_err(|err| connect_error(&path, DbError::Sql(err)))?;
         prepare(&conn).map_err(|err| connect_error(&path, err))?;
-        Ok(Store { path, conn: Mutex::new(conn), topics: Mutex::new(HashMap::new()) })
+        let conn = Arc::new(Mutex::new(conn));
+        if let Err(err) = checkpoint::start(&conn, &path) {
+            tracing::warn!(error = %err, path = %path.display(),
+                "no checkpoint thread for the embedded broker; commits checkpoint themselves");
+        }
+        Ok(Store { path, conn, topics: Mutex::new(HashMap::new()), settler: Mutex::new(None) })
     }
 
     /// The broker file.
@@ -248,6 +255,41 @@ impl Store {
         }
     }
 
+    /// Applies `settlement` when its lease still holds, in one transaction with the other
+    /// settlements waiting at the same time.
+    pub async fn settle(&self, op: Op, topic: &str, settlement: Settlement) -> Result<Settled> {
+        let (reply, outcome) = tokio::sync::oneshot::channel();
+        let mut request = settle::Request { settlement, reply };
+        {
+            let mut settler = lock(&self.settler);
+            // A worker that died (it only can by panicking) is replaced once.
+            for _ in 0..2 {
+                let sender = match settler.as_ref() {
+                    Some(sender) => sender,
+                    None => settler.insert(settle::start(Arc::clone(&self.conn)).map_err(|err| {
+                        Error::transport(
+                            op,
+                            self.target(Some(topic)),
+                            format!("cannot start the settle thread: {err}"),
+                        )
+                    })?),
+                };
+                match sender.send(request) {
+                    Ok(()) => break,
+                    Err(mpsc::SendError(back)) => {
+                        request = back;
+                        *settler = None;
+                    }
+                }
+            }
+        }
+        match outcome.await {
+            Ok(Ok(settled)) => Ok(settled),
+            Ok(Err(err)) => Err(Error::transport(op, self.target(Some(topic)), err)),
+            Err(_) => Err(Error::transport(op, self.target(Some(topic)), "the settle thread stopped; retry")),
+        }
+    }
+
     /// The topic named `name`, created in the file when it is new.
     pub async fn topic(self: &Arc<Self>, op: Op, name: &str) -> Result<Arc<TopicHandle>> {
         if let Some(handle) = lock(&self.topics).get(name) {
@@ -274,6 +316,13 @@ impl Store {
         });
         Ok(Arc::clone(handle))
     }
+}
+
+/// A connection to the broker file that waits for other processes' locks.
+pub(crate) fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    Ok(conn)
 }
 
 /// Sets the connection up and creates or checks the schema.

@@ -9,14 +9,16 @@ use polybus_core::{Acker, Delivery, Error, Op, Result, SubscribeOptions, Subscri
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use crate::log::{self, Fetched, Leased, Settled};
+use crate::log::{self, Fetched, Leased, Settle, Settled, Settlement};
 use crate::store::{Store, TopicHandle, now_ms};
 use crate::transport::Inner;
 
 /// Longest wait before looking at the file again: other processes publish without waking us.
 const POLL: Duration = Duration::from_millis(30);
 /// Most messages leased by one fetch.
-const FETCH_MAX: usize = 64;
+const FETCH_MAX: usize = 256;
+/// A fetch ahead of need takes at least this share of `min(prefetch, FETCH_MAX)`.
+const AHEAD_SHARE: usize = 4;
 
 /// A fetch running in the background, kept across `next()` calls so that a cancelled
 /// `next()` loses no leased message.
@@ -34,6 +36,8 @@ pub(crate) struct EmbeddedSubscription {
     deadline_ms: i64,
     /// One permit per unacked delivery held; at most `prefetch`.
     permits: Arc<Semaphore>,
+    /// Free permits needed to fetch before `ready` is empty.
+    ahead_min: usize,
     /// Leased, permit taken, not yet handed out.
     ready: VecDeque<(Leased, OwnedSemaphorePermit)>,
     inflight: Option<Inflight>,
@@ -56,6 +60,7 @@ impl EmbeddedSubscription {
             group_id,
             deadline_ms: i64::try_from(options.ack_deadline.as_millis()).unwrap_or(i64::MAX).max(1),
             permits: Arc::new(Semaphore::new(options.prefetch.max(1))),
+            ahead_min: (options.prefetch.min(FETCH_MAX) / AHEAD_SHARE).max(1),
             ready: VecDeque::new(),
             inflight: None,
             closed_rx,
@@ -76,6 +81,7 @@ impl EmbeddedSubscription {
             seq: leased.seq,
             lease: leased.lease,
             message_id: leased.message.id.clone(),
+            key: leased.message.key.clone(),
             _permit: permit,
         };
         Delivery::new(leased.message, Box::new(acker))
@@ -104,12 +110,28 @@ impl EmbeddedSubscription {
             _ = self.closed_rx.wait_for(|closed| *closed) => None,
         };
         let Some(first) = first else { return false };
-        let mut permits = vec![first];
+        self.fetch_with(vec![first]);
+        true
+    }
+
+    /// While fetched messages are being handed out, starts the next fetch once enough permits
+    /// are free for it, so that the file is read while the user works.
+    fn fetch_ahead(&mut self) {
+        if self.inflight.is_none() && self.permits.available_permits() >= self.ahead_min {
+            self.fetch_with(Vec::new());
+        }
+    }
+
+    /// Starts a fetch for `permits` and whatever more permits are free, up to [`FETCH_MAX`].
+    fn fetch_with(&mut self, mut permits: Vec<OwnedSemaphorePermit>) {
         while permits.len() < FETCH_MAX {
             match Arc::clone(&self.permits).try_acquire_owned() {
                 Ok(permit) => permits.push(permit),
                 Err(_) => break,
             }
+        }
+        if permits.is_empty() {
+            return;
         }
         let changes = self.topic.changes();
         let store = Arc::clone(&self.transport.store);
@@ -124,7 +146,6 @@ impl EmbeddedSubscription {
                 .await
         });
         self.inflight = Some(Inflight { handle, permits, changes });
-        true
     }
 
     /// Waits until something may be deliverable: a wake from this process, the next due
@@ -182,6 +203,7 @@ impl Subscription for EmbeddedSubscription {
                 return None;
             }
             if let Some((leased, permit)) = self.ready.pop_front() {
+                self.fetch_ahead();
                 match self.renew_if_old(&leased).await {
                     Ok(true) => return Some(Ok(self.deliver(leased, permit))),
                     Ok(false) => continue,
@@ -255,11 +277,16 @@ struct EmbeddedAcker {
     seq: i64,
     lease: i64,
     message_id: String,
+    key: Option<String>,
     /// Frees a prefetch slot of the subscription when the delivery is settled or dropped.
     _permit: OwnedSemaphorePermit,
 }
 
 impl EmbeddedAcker {
+    fn settlement(&self, settle: Settle) -> Settlement {
+        Settlement { group_id: self.group_id, seq: self.seq, lease: self.lease, settle }
+    }
+
     fn settled(&self, outcome: Settled) -> Result<()> {
         match outcome {
             Settled::Done(wake) => {
@@ -276,23 +303,16 @@ impl EmbeddedAcker {
 #[async_trait]
 impl Acker for EmbeddedAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        let (group_id, seq, lease) = (self.group_id, self.seq, self.lease);
-        let outcome = self
-            .store
-            .run(Op::Ack, Some(&self.topic.name), move |conn| log::ack(conn, group_id, seq, lease))
-            .await?;
+        let key = self.key.clone();
+        let outcome =
+            self.store.settle(Op::Ack, &self.topic.name, self.settlement(Settle::Ack { key })).await?;
         self.settled(outcome)
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        let (group_id, seq, lease) = (self.group_id, self.seq, self.lease);
         let delay_ms = delay.map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-        let outcome = self
-            .store
-            .run(Op::Nack, Some(&self.topic.name), move |conn| {
-                log::nack(conn, group_id, seq, lease, delay_ms)
-            })
-            .await?;
+        let outcome =
+            self.store.settle(Op::Nack, &self.topic.name, self.settlement(Settle::Nack { delay_ms })).await?;
         self.settled(outcome)
     }
 }

@@ -10,10 +10,11 @@ use polybus_core::config::{EmbeddedConfig, RetentionConfig};
 use polybus_core::{
     Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
 };
+use rusqlite::Connection;
 use tokio::sync::watch;
 
 use crate::log;
-use crate::store::Store;
+use crate::store::{DbResult, Store, now_ms};
 use crate::subscription::EmbeddedSubscription;
 
 /// Where the broker file is when the config names none.
@@ -139,17 +140,52 @@ impl Inner {
         let topics = self.store.run(Op::Close, None, log::topic_ids).await?;
         let mut removed = 0;
         for topic_id in topics {
-            let retention = self.retention.clone();
-            // One topic per call, so publishers and consumers get the connection in between.
-            removed += self
-                .store
-                .run(Op::Close, None, move |conn| log::compact_topic(conn, topic_id, &retention))
-                .await?;
+            removed += self.compact_topic(topic_id).await?;
         }
         if removed > 0 {
             tracing::debug!(removed, path = %self.store.path().display(), "embedded broker compacted");
         }
         Ok(removed)
+    }
+
+    /// Applies the retention to one topic, then removes what every group has acked; returns
+    /// the number of log messages removed.
+    async fn compact_topic(&self, topic_id: i64) -> Result<u64> {
+        let mut expired = 0;
+        if let Some(keep) = self.retention.max_messages {
+            let beyond =
+                self.store.run(Op::Close, None, move |conn| log::beyond_newest(conn, topic_id, keep)).await?;
+            if let Some(upto) = beyond {
+                expired += self.delete_chunks(move |conn| log::delete_upto(conn, topic_id, upto)).await?;
+            }
+        }
+        if let Some(age) = self.retention.max_age_seconds {
+            let age_ms = i64::try_from(age).unwrap_or(i64::MAX).saturating_mul(1000);
+            let before = now_ms().saturating_sub(age_ms);
+            expired +=
+                self.delete_chunks(move |conn| log::delete_published_before(conn, topic_id, before)).await?;
+        }
+        if expired > 0 {
+            self.store.run(Op::Close, None, move |conn| log::forget_removed(conn, topic_id)).await?;
+        }
+        let acked = self.delete_chunks(move |conn| log::delete_acked(conn, topic_id)).await?;
+        Ok(expired + acked)
+    }
+
+    /// Calls `chunk` until it removes less than a full chunk; returns the total removed.
+    async fn delete_chunks<F>(&self, chunk: F) -> Result<u64>
+    where
+        F: Fn(&mut Connection) -> DbResult<u64> + Clone + Send + 'static,
+    {
+        let mut total = 0;
+        loop {
+            // One call per chunk, so that publishers and consumers get the connection in between.
+            let deleted = self.store.run(Op::Close, None, chunk.clone()).await?;
+            total += deleted;
+            if deleted < log::DELETE_CHUNK {
+                return Ok(total);
+            }
+        }
     }
 }
 
