@@ -4,14 +4,15 @@
 //! (`XGROUP CREATE … 0 MKSTREAM`: a new group starts at the beginning of the stream), a
 //! member reads with `XREADGROUP` and settles with `XACK`. A delivery nobody settles is
 //! taken over by any member of its group once it has been idle for the ack deadline
-//! (`XAUTOCLAIM`, run by every member as part of fetching); its attempt is the pending entry's
-//! delivery counter. Delayed publishes and delayed nacks are emulated with sorted sets that
-//! members move into the stream (or back into reach) with Lua scripts. See the crate's
-//! README for the stream fields a message is stored as.
+//! (`XAUTOCLAIM`, which members run as part of fetching when a claim is due); its attempt is
+//! the pending entry's delivery counter. Delayed publishes and delayed nacks are emulated with
+//! sorted sets that members move into the stream (or back into reach) with Lua scripts. See
+//! the crate's README for the stream fields a message is stored as.
 
 mod config;
 mod fields;
 mod scripts;
+mod settle;
 mod subscription;
 mod transport;
 

@@ -9,7 +9,8 @@
 
 use std::sync::LazyLock;
 
-use redis::Script;
+use redis::aio::ConnectionLike;
+use redis::{Cmd, ErrorKind, FromRedisValue, RedisResult, Script, ServerErrorKind};
 
 /// Publishes with a delay. KEYS: delayed set. ARGV: delay ms, nonce, field, value, …
 pub(crate) const PUBLISH_DELAYED: &str = r#"
@@ -85,65 +86,93 @@ return {claimed[1], out, wake}
     )
 });
 
-/// The start of every script that settles one delivery. KEYS[1]: stream. ARGV: group,
-/// consumer, entry id, delivery count. Returns 0 when the entry is no longer pending in the
-/// group (someone acked it), -1 when another delivery holds it (claimed after the deadline).
-macro_rules! held_by_this_delivery {
-    () => {
+/// Settles a batch of deliveries of one member in one call, each only if this delivery still
+/// holds its entry; the acked entries share one `XACK`.
+///
+/// KEYS: stream, retry set. ARGV: group, consumer, ack deadline ms, number of acks of first
+/// deliveries, number of acks in all, lowest and highest entry id of the batch; then the entry
+/// id of each ack of a first delivery; then two per other ack (entry id, delivery count); then
+/// five per other settle: how (`r` release, `t` touch), entry id, delivery count, delay ms,
+/// delivery count to leave on it (the last two only matter to `r`).
+///
+/// - ack: `XACK` (and forget any delayed-nack due time);
+/// - release: hand back to the group, claimable after the delay (0 = at once);
+/// - touch: restart its ack deadline (it waited in the member's buffer).
+///
+/// Who holds what is read with one `XPENDING` of this consumer over the batch's id range;
+/// an entry not in it is looked up alone. Returns `{position, outcome, …}` for the settles
+/// (counted from 0 in the order given) that did not succeed, each outcome 0 (no longer pending
+/// in the group: someone acked it) or -1 (held by another delivery: claimed after the
+/// deadline); every other settle succeeded.
+pub(crate) static SETTLE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(
         r#"
-local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)[1]
-if not pending then return 0 end
-if pending[2] ~= ARGV[2] or pending[4] ~= tonumber(ARGV[4]) then return -1 end
-"#
-    };
-}
-
-/// Acks an entry this delivery holds. KEYS: stream, retry set. ARGV: group, consumer, id,
-/// delivery count. Returns 1 when acked (see `held_by_this_delivery` for 0 and -1).
-pub(crate) static ACK: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        held_by_this_delivery!(),
-        r#"
-redis.call('ZREM', KEYS[2], ARGV[3])
-return redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-"#
-    ))
-});
-
-/// Hands an entry this delivery holds back to the group, to be claimed after a delay (0 = at
-/// once). KEYS: stream, retry set. ARGV: group, consumer, id, delivery count, delay ms, ack
-/// deadline ms, delivery count to leave on it. Returns 1 (see `held_by_this_delivery`).
-pub(crate) static RELEASE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        held_by_this_delivery!(),
-        r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local delay = tonumber(ARGV[5])
-local at = 1
-if delay > 0 then
-  local due = now + delay
-  redis.call('ZADD', KEYS[2], string.format('%.0f', due), ARGV[3])
-  at = math.max(1, math.min(now, due - tonumber(ARGV[6])))
+local stream, retry = KEYS[1], KEYS[2]
+local group, consumer, deadline = ARGV[1], ARGV[2], tonumber(ARGV[3])
+local firsts_end = 7 + tonumber(ARGV[4])
+local acks_end = firsts_end + 2 * (tonumber(ARGV[5]) - tonumber(ARGV[4]))
+local settles = tonumber(ARGV[5]) + (#ARGV - acks_end) / 5
+local limit = 2 * settles + 16
+local held = {}
+for _, p in ipairs(redis.call('XPENDING', stream, group, ARGV[6], ARGV[7], limit, consumer)) do
+  held[p[1]] = p[4]
 end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'TIME', string.format('%.0f', at),
-  'RETRYCOUNT', ARGV[7], 'JUSTID')
-return 1
-"#
-    ))
-});
+local function outcome(id, count)
+  local c = held[id]
+  if not c then
+    local p = redis.call('XPENDING', stream, group, id, id, 1)[1]
+    if not p then return 0 end
+    if p[2] ~= consumer then return -1 end
+    c = p[4]
+  end
+  if c ~= count then return -1 end
+  return 1
+end
 
-/// Restarts the ack deadline of an entry this delivery holds (it waited in the member's
-/// buffer). KEYS: stream. ARGV: group, consumer, id, delivery count. Returns 1 (see
-/// `held_by_this_delivery`).
-pub(crate) static TOUCH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(
-        held_by_this_delivery!(),
-        r#"
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'JUSTID')
-return 1
-"#
-    ))
+local failed, acked = {}, {}
+local position = 0
+local function settled(o, id)
+  if o == 1 then
+    if id then acked[#acked + 1] = id end
+  else
+    failed[#failed + 1] = position
+    failed[#failed + 1] = o
+  end
+  position = position + 1
+end
+for i = 8, firsts_end do settled(outcome(ARGV[i], 1), ARGV[i]) end
+for i = firsts_end + 1, acks_end, 2 do settled(outcome(ARGV[i], tonumber(ARGV[i + 1])), ARGV[i]) end
+if #acked > 0 then
+  if redis.call('EXISTS', retry) == 1 then redis.call('ZREM', retry, unpack(acked)) end
+  redis.call('XACK', stream, group, unpack(acked))
+end
+
+local now
+for i = acks_end + 1, #ARGV, 5 do
+  local how, id = ARGV[i], ARGV[i + 1]
+  local o = outcome(id, tonumber(ARGV[i + 2]))
+  if o == 1 and how == 'r' then
+    if not now then
+      local t = redis.call('TIME')
+      now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+    end
+    local delay = tonumber(ARGV[i + 3])
+    local at = 1
+    if delay > 0 then
+      local due = now + delay
+      redis.call('ZADD', retry, string.format('%.0f', due), id)
+      at = math.max(1, math.min(now, due - deadline))
+    end
+    redis.call('XCLAIM', stream, group, consumer, 0, id, 'TIME', string.format('%.0f', at),
+      'RETRYCOUNT', ARGV[i + 4], 'JUSTID')
+  elseif o == 1 then
+    redis.call('XCLAIM', stream, group, consumer, 0, id, 'JUSTID')
+  end
+  settled(o)
+end
+return failed
+"#,
+    )
 });
 
 /// Removes a member that holds nothing from its group. KEYS: stream. ARGV: group, consumer.
@@ -155,6 +184,30 @@ return redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 "#,
     )
 });
+
+/// `EVALSHA <hash of script> <keys>`, to which the caller adds the keys and arguments: built
+/// in one buffer, unlike a `ScriptInvocation`, which allocates per argument.
+pub(crate) fn evalsha(script: &Script, keys: usize) -> Cmd {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script.get_hash()).arg(keys);
+    cmd
+}
+
+/// Sends `cmd` (made by [`evalsha`] for `script`), loading the script first when the server
+/// does not have it (after a restart or `SCRIPT FLUSH`).
+pub(crate) async fn run<T: FromRedisValue>(
+    script: &Script,
+    cmd: &Cmd,
+    conn: &mut impl ConnectionLike,
+) -> RedisResult<T> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+            script.prepare_invoke().load_async(conn).await?;
+            cmd.query_async(conn).await
+        }
+        other => other,
+    }
+}
 
 /// The delayed-publish set of `stream`.
 pub(crate) fn delayed_key(stream: &str) -> String {

@@ -1,12 +1,14 @@
-//! A group member: a task that fetches (claim expired entries, then `XREADGROUP` on a
-//! connection of its own) while the member holds fewer than `prefetch` unsettled deliveries,
-//! and the ackers that settle them.
+//! A group member: a task that fetches (`XREADGROUP` on a connection of its own, and now and
+//! then a claim of expired entries first) while the member holds fewer than `prefetch`
+//! unsettled deliveries, and the ackers that settle them through the member's [`Settler`].
 
+use std::collections::VecDeque;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use polybus_core::{Acker, Delivery, Error, Op, Result, SubscribeOptions, Subscription, TopicSpec};
+use polybus_core::{Acker, Delivery, Error, Message, Op, Result, SubscribeOptions, Subscription, TopicSpec};
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
@@ -14,10 +16,11 @@ use tokio::task::JoinHandle;
 
 use crate::fields::{self, Fields};
 use crate::scripts;
+use crate::settle::{Settle, Settler};
 use crate::transport::{CONNECT_TIMEOUT, Shared, target};
 
 /// Most entries fetched in one round.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 256;
 /// Most delayed publishes one fetch moves into the stream.
 const MAX_MOVED: usize = 100;
 /// Shortest wait of a blocking read (`BLOCK 0` would wait forever).
@@ -38,39 +41,57 @@ struct Entry {
 
 /// An entry on its way to the subscriber, with the prefetch slot it occupies.
 struct Fetched {
-    entry: Entry,
+    /// The entry's id.
+    id: String,
+    /// Times it has been delivered to this group, this delivery included.
+    count: u32,
+    /// The entry as a message (decoded by the fetch task, off the subscriber's task).
+    message: Message,
     permit: OwnedSemaphorePermit,
     /// When it was fetched: its ack deadline runs from then.
     at: Instant,
 }
 
-/// How a delivery is settled.
-#[derive(Clone, Copy)]
-enum Settle {
-    /// `XACK`.
-    Ack,
-    /// Claimable again after `delay_ms`, with `leave_count` as its delivery count.
-    Release { delay_ms: u64, leave_count: u32 },
-    /// Restart its ack deadline.
-    Touch,
-}
-
 /// Who this member is and where it reads.
-struct Member {
-    shared: Arc<Shared>,
-    stream: String,
+pub(crate) struct Member {
+    pub shared: Arc<Shared>,
+    pub stream: String,
     delayed_key: String,
-    retry_key: String,
-    group: String,
-    consumer: String,
+    pub retry_key: String,
+    pub group: String,
+    pub consumer: String,
     ack_deadline: Duration,
-    ack_deadline_ms: u64,
+    pub ack_deadline_ms: u64,
+    /// Longest wait of a blocking read, and longest time between two claims.
     max_block: Duration,
+    /// What `claim_at` counts from.
+    started: Instant,
+    /// When the next fetch claims (ms after `started`): claiming is skipped until then, as
+    /// nothing can have become claimable meanwhile that this member would have to notice
+    /// sooner. Anyone may bring it forward; only a claim pushes it back.
+    claim_at: AtomicU64,
 }
 
 impl Member {
-    fn error(&self, op: Op, e: impl std::fmt::Display) -> Error {
+    /// A transport error on this member's stream.
+    pub fn error(&self, op: Op, e: impl std::fmt::Display) -> Error {
         Error::transport(op, target(&self.stream), e)
+    }
+
+    fn millis_since_start(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Makes the fetch claim no later than `wait` from now.
+    pub fn claim_within(&self, wait: Duration) {
+        let wait = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        self.claim_at.fetch_min(self.millis_since_start().saturating_add(wait), Ordering::Relaxed);
+    }
+
+    /// Time until the next claim is due (zero when it is).
+    fn until_claim(&self) -> Duration {
+        let at = self.claim_at.load(Ordering::Relaxed);
+        Duration::from_millis(at.saturating_sub(self.millis_since_start()))
     }
 
     /// `XGROUP CREATE <stream> <group> 0 MKSTREAM`: a new group reads from the beginning.
@@ -104,21 +125,18 @@ impl Member {
         count: usize,
         stop: &mut Stop,
     ) -> Result<Vec<Entry>> {
-        let (next_cursor, mut entries, wake) = match self.claim(count, cursor).await {
-            Ok(claimed) => claimed,
-            Err(e) if e.to_string().contains("NOGROUP") => {
-                // The stream or group was deleted under us: start again from its beginning.
-                self.create_group().await?;
-                return Ok(Vec::new());
+        let mut entries = Vec::new();
+        if self.until_claim().is_zero() {
+            match self.claim(count, cursor).await {
+                Ok(claimed) => entries = claimed,
+                Err(e) if is_no_group(&e) => return self.recreate_group().await,
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
-        };
-        *cursor = next_cursor;
+        }
         if entries.len() >= count || stop.is_stopped() {
             return Ok(entries);
         }
-        let block =
-            entries.is_empty().then(|| wake.map_or(self.max_block, |w| w.clamp(MIN_BLOCK, self.max_block)));
+        let block = entries.is_empty().then(|| self.until_claim().clamp(MIN_BLOCK, self.max_block));
         let mut open = match reader.take() {
             Some(open) => open,
             None => {
@@ -152,6 +170,10 @@ impl Member {
                 entries.extend(read);
                 Ok(entries)
             }
+            Err(e) if entries.is_empty() && is_no_group(&e) => {
+                *reader = Some(open);
+                self.recreate_group().await
+            }
             // The connection may be broken: the next round opens a new one. Entries already
             // claimed are still handed out.
             Err(e) if entries.is_empty() => Err(e),
@@ -159,8 +181,33 @@ impl Member {
         }
     }
 
-    /// Runs the fetch script: due delayed publishes join the stream, expired entries are claimed.
-    async fn claim(&self, count: usize, cursor: &str) -> Result<(String, Vec<Entry>, Option<Duration>)> {
+    /// The stream or group was deleted under us: starts again from its beginning.
+    async fn recreate_group(&self) -> Result<Vec<Entry>> {
+        self.claim_within(Duration::ZERO);
+        self.create_group().await?;
+        Ok(Vec::new())
+    }
+
+    /// Runs the fetch script: due delayed publishes join the stream, expired entries are
+    /// claimed. Schedules the next claim: at once while the scan of the group's pending
+    /// entries is not through, else when the next delayed message or nack is due, at the
+    /// latest after `max_block`.
+    async fn claim(&self, count: usize, cursor: &mut String) -> Result<Vec<Entry>> {
+        // A release answered from here on brings the next claim forward again.
+        self.claim_at.store(u64::MAX, Ordering::Relaxed);
+        let claimed = self.run_claim(count, cursor).await;
+        let next = match &claimed {
+            Ok((next_cursor, _, _)) if next_cursor != "0-0" => Duration::ZERO,
+            Ok((_, _, wake)) => wake.map_or(self.max_block, |w| w.min(self.max_block)),
+            Err(_) => Duration::ZERO,
+        };
+        self.claim_within(next);
+        let (next_cursor, entries, _) = claimed?;
+        *cursor = next_cursor;
+        Ok(entries)
+    }
+
+    async fn run_claim(&self, count: usize, cursor: &str) -> Result<(String, Vec<Entry>, Option<Duration>)> {
         let keys = [self.stream.as_str(), self.delayed_key.as_str(), self.retry_key.as_str()];
         let (reply, _) = self
             .shared
@@ -182,57 +229,13 @@ impl Member {
             .await?;
         parse_claim(reply).ok_or_else(|| self.error(Op::Receive, "unexpected reply to the fetch script"))
     }
+}
 
-    /// Settles `entry` (delivered `count` times); `Ok(false)` when this delivery no longer
-    /// holds it.
-    async fn settle(&self, op: Op, entry: &str, count: u32, how: Settle) -> Result<bool> {
-        let keys = [self.stream.as_str(), self.retry_key.as_str()];
-        let (outcome, retried) = self
-            .shared
-            .retrying(op, &self.stream, |mut conn| async move {
-                let mut invocation = match how {
-                    Settle::Ack => scripts::ACK.prepare_invoke(),
-                    Settle::Release { .. } => scripts::RELEASE.prepare_invoke(),
-                    Settle::Touch => scripts::TOUCH.prepare_invoke(),
-                };
-                invocation
-                    .key(keys[0])
-                    .key(keys[1])
-                    .arg(&self.group)
-                    .arg(&self.consumer)
-                    .arg(entry)
-                    .arg(count);
-                if let Settle::Release { delay_ms, leave_count } = how {
-                    invocation.arg(delay_ms).arg(self.ack_deadline_ms).arg(leave_count);
-                }
-                invocation.invoke_async::<i64>(&mut conn).await
-            })
-            .await?;
-        // 0 is "no longer pending": after a lost connection, most likely because the first
-        // attempt did settle it.
-        Ok(outcome == 1 || (outcome == 0 && retried && !matches!(how, Settle::Touch)))
-    }
-
-    /// Hands an entry that never reached the subscriber back to the group, uncounted.
-    async fn put_back(&self, entry: &Entry) {
-        let uncounted = entry.count.saturating_sub(1);
-        let how = Settle::Release { delay_ms: 0, leave_count: uncounted };
-        if let Err(e) = self.settle(Op::Nack, &entry.id, entry.count, how).await {
-            tracing::warn!(stream = %self.stream, group = %self.group, entry = %entry.id, error = %e,
-                "could not hand an undelivered entry back; it returns after the ack deadline");
-        }
-    }
-
+impl Settler {
     fn delivery(self: &Arc<Self>, fetched: Fetched) -> Delivery {
-        let Fetched { entry, permit, .. } = fetched;
-        let message = fields::decode(&entry.id, entry.fields, entry.count);
-        let acker = RedisAcker {
-            member: self.clone(),
-            entry: entry.id,
-            count: entry.count,
-            message_id: message.id.clone(),
-            _permit: permit,
-        };
+        let Fetched { id, count, message, permit, .. } = fetched;
+        let acker =
+            RedisAcker { settler: self.clone(), entry: id, count, message_id: message.id.clone(), permit };
         Delivery::new(message, Box::new(acker))
     }
 }
@@ -288,8 +291,11 @@ impl Stop {
 
 /// A member of a consumer group on one stream.
 pub(crate) struct RedisSubscription {
-    member: Arc<Member>,
-    deliveries: mpsc::Receiver<Result<Fetched>>,
+    settler: Arc<Settler>,
+    /// What each fetch round got, one message per round.
+    deliveries: mpsc::Receiver<Result<Vec<Fetched>>>,
+    /// The rest of the round being handed out.
+    buffered: VecDeque<Fetched>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
     closed: bool,
@@ -312,16 +318,27 @@ impl RedisSubscription {
             ack_deadline,
             ack_deadline_ms: u64::try_from(ack_deadline.as_millis()).unwrap_or(u64::MAX),
             max_block: (ack_deadline / 2).clamp(Duration::from_millis(100), MAX_BLOCK),
+            started: Instant::now(),
+            claim_at: AtomicU64::new(0),
             stream,
             shared,
         });
         member.create_group().await?;
+        let settler = Settler::start(member.clone());
         let prefetch = options.prefetch.max(1);
         let (tx, deliveries) = mpsc::channel(prefetch);
         let (stop, stop_rx) = watch::channel(false);
         let stop_rx = Stop { subscription: stop_rx, transport: member.shared.closed.subscribe() };
-        let task = tokio::spawn(fetch_loop(member.clone(), Arc::new(Semaphore::new(prefetch)), tx, stop_rx));
-        Ok(RedisSubscription { member, deliveries, stop, task: Some(task), closed: false })
+        let room = Arc::new(Semaphore::new(prefetch));
+        let task = tokio::spawn(fetch_loop(settler.clone(), room, tx, stop_rx));
+        Ok(RedisSubscription {
+            settler,
+            deliveries,
+            buffered: VecDeque::new(),
+            stop,
+            task: Some(task),
+            closed: false,
+        })
     }
 }
 
@@ -331,28 +348,38 @@ impl Subscription for RedisSubscription {
         if self.closed {
             return None;
         }
+        let member = self.settler.member();
         loop {
-            let fetched = match self.deliveries.recv().await? {
-                Ok(fetched) => fetched,
-                Err(e) => return Some(Err(e)),
+            let fetched = match self.buffered.pop_front() {
+                Some(fetched) => fetched,
+                None => match self.deliveries.recv().await? {
+                    Ok(round) => {
+                        self.buffered = round.into();
+                        continue;
+                    }
+                    Err(e) => return Some(Err(e)),
+                },
             };
             // An entry that waited in the buffer for much of its ack deadline gets a fresh one,
             // unless another member took it over meanwhile: then it is not handed out.
-            if fetched.at.elapsed() > self.member.ack_deadline / 2 {
-                let entry = &fetched.entry;
-                match self.member.settle(Op::Receive, &entry.id, entry.count, Settle::Touch).await {
+            if fetched.at.elapsed() > member.ack_deadline / 2 {
+                match self
+                    .settler
+                    .settle(Op::Receive, fetched.id.clone(), fetched.count, Settle::Touch, None)
+                    .await
+                {
                     Ok(true) => {}
                     Ok(false) => {
-                        tracing::debug!(stream = %self.member.stream, entry = %entry.id,
+                        tracing::debug!(stream = %member.stream, entry = %fetched.id,
                             "a buffered entry was claimed by another member; skipped");
                         continue;
                     }
                     Err(e) => {
-                        tracing::debug!(stream = %self.member.stream, error = %e, "refreshing a buffered entry");
+                        tracing::debug!(stream = %member.stream, error = %e, "refreshing a buffered entry");
                     }
                 }
             }
-            return Some(Ok(self.member.delivery(fetched)));
+            return Some(Ok(self.settler.delivery(fetched)));
         }
     }
 
@@ -364,17 +391,17 @@ impl Subscription for RedisSubscription {
         self.stop.send_replace(true);
         // From here the fetch task cannot hand out more; it puts back what it still gets.
         self.deliveries.close();
-        while let Ok(fetched) = self.deliveries.try_recv() {
-            if let Ok(fetched) = fetched {
-                self.member.put_back(&fetched.entry).await;
-            }
+        let mut buffered: Vec<Fetched> = self.buffered.drain(..).collect();
+        while let Ok(round) = self.deliveries.try_recv() {
+            buffered.extend(round.into_iter().flatten());
         }
+        self.settler.put_back(buffered.into_iter().map(|fetched| (fetched.id, fetched.count))).await;
+        let member = self.settler.member();
         if let Some(task) = self.task.take()
-            && tokio::time::timeout(self.member.max_block + CONNECT_TIMEOUT * 2, task).await.is_err()
+            && tokio::time::timeout(member.max_block + CONNECT_TIMEOUT * 2, task).await.is_err()
         {
-            tracing::warn!(stream = %self.member.stream, "fetch task did not stop in time");
+            tracing::warn!(stream = %member.stream, "fetch task did not stop in time");
         }
-        let member = &self.member;
         let forgotten = member
             .shared
             .retrying(Op::Close, &member.stream, |mut conn| async move {
@@ -393,46 +420,59 @@ impl Subscription for RedisSubscription {
     }
 }
 
+/// Takes the prefetch slots for one fetch round: waits for one, then takes all that are free
+/// (settles free theirs a batch at a time). `None` when stopped.
+async fn take_room(room: &Arc<Semaphore>, stop: &mut Stop) -> Option<OwnedSemaphorePermit> {
+    let mut permits = tokio::select! {
+        biased;
+        _ = stop.stopped() => return None,
+        permit = room.clone().acquire_owned() => permit.ok()?,
+    };
+    let more = room.available_permits().min(MAX_BATCH - 1);
+    if more > 0
+        && let Ok(extra) = room.clone().try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
+    {
+        permits.merge(extra);
+    }
+    Some(permits)
+}
+
 /// Fetches while there is prefetch room, until stopped or nobody listens any more.
 async fn fetch_loop(
-    member: Arc<Member>,
+    settler: Arc<Settler>,
     room: Arc<Semaphore>,
-    deliveries: mpsc::Sender<Result<Fetched>>,
+    deliveries: mpsc::Sender<Result<Vec<Fetched>>>,
     mut stop: Stop,
 ) {
+    let member = settler.member();
     let mut reader = None;
     let mut cursor = "0-0".to_owned();
     let mut failures = 0u32;
     while !stop.is_stopped() && !deliveries.is_closed() {
-        let first = tokio::select! {
-            biased;
-            _ = stop.stopped() => break,
-            permit = room.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-        };
-        let mut permits = vec![first];
-        while permits.len() < MAX_BATCH {
-            match room.clone().try_acquire_owned() {
-                Ok(permit) => permits.push(permit),
-                Err(_) => break,
-            }
-        }
-        match member.fetch(&mut reader, &mut cursor, permits.len(), &mut stop).await {
+        let Some(mut permits) = take_room(&room, &mut stop).await else { break };
+        match member.fetch(&mut reader, &mut cursor, permits.num_permits(), &mut stop).await {
             Ok(entries) => {
                 failures = 0;
+                let mut undelivered = Vec::new();
+                let mut round = Vec::with_capacity(entries.len());
+                let at = Instant::now();
                 for entry in entries {
-                    let Some(permit) = permits.pop() else {
-                        member.put_back(&entry).await;
-                        continue;
-                    };
-                    let fetched = Fetched { entry, permit, at: Instant::now() };
-                    if let Err(mpsc::error::SendError(unsent)) = deliveries.send(Ok(fetched)).await
-                        && let Ok(fetched) = unsent
-                    {
-                        member.put_back(&fetched.entry).await;
+                    match permits.split(1) {
+                        Some(permit) => {
+                            let message = fields::decode(&entry.id, entry.fields, entry.count);
+                            round.push(Fetched { id: entry.id, count: entry.count, message, permit, at });
+                        }
+                        None => undelivered.push((entry.id, entry.count)),
                     }
+                }
+                if !round.is_empty()
+                    && let Err(mpsc::error::SendError(unsent)) = deliveries.send(Ok(round)).await
+                {
+                    let unsent = unsent.into_iter().flatten();
+                    undelivered.extend(unsent.map(|fetched| (fetched.id, fetched.count)));
+                }
+                if !undelivered.is_empty() {
+                    settler.put_back(undelivered).await;
                 }
             }
             Err(e) => {
@@ -457,34 +497,43 @@ async fn fetch_loop(
     }
 }
 
-/// Settles one delivery; holds its prefetch slot until then.
+/// Settles one delivery; holds its prefetch slot until that is answered.
 struct RedisAcker {
-    member: Arc<Member>,
+    settler: Arc<Settler>,
     entry: String,
     count: u32,
     message_id: String,
-    _permit: OwnedSemaphorePermit,
+    permit: OwnedSemaphorePermit,
 }
 
 #[async_trait]
 impl Acker for RedisAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        if self.member.settle(Op::Ack, &self.entry, self.count, Settle::Ack).await? {
-            Ok(())
-        } else {
-            Err(Error::LeaseLost(self.message_id))
-        }
+        (*self).settle(Op::Ack, Settle::Ack).await
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
         let delay_ms = delay.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let how = Settle::Release { delay_ms, leave_count: self.count };
-        if self.member.settle(Op::Nack, &self.entry, self.count, how).await? {
+        (*self).settle(Op::Nack, how).await
+    }
+}
+
+impl RedisAcker {
+    /// Settles through the member's queue; the prefetch slot is freed once it is answered.
+    async fn settle(self, op: Op, how: Settle) -> Result<()> {
+        let RedisAcker { settler, entry, count, message_id, permit } = self;
+        if settler.settle(op, entry, count, how, Some(permit)).await? {
             Ok(())
         } else {
-            Err(Error::LeaseLost(self.message_id))
+            Err(Error::LeaseLost(message_id))
         }
     }
+}
+
+/// True when `e` says the stream or the group no longer exists.
+fn is_no_group(e: &Error) -> bool {
+    e.to_string().contains("NOGROUP")
 }
 
 fn text(value: Value) -> Option<String> {
