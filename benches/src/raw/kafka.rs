@@ -66,9 +66,6 @@ impl Way for RawKafka {
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "500")
             .set("fetch.queue.backoff.ms", "50")
-            // The adapter's fetch buffer, so neither side prefetches more than the other.
-            .set("queued.min.messages", "1000")
-            .set("queued.max.messages.kbytes", "16384")
             .create()?;
         consumer.subscribe(&[&self.topic])?;
         // Joined before the clock starts, as polybus's subscribe is.
