@@ -54,6 +54,17 @@ where
     Ok(())
 }
 
+/// Publishes the workload as concurrent `send_raw` calls per batch (for backends whose batch
+/// send goes one by one).
+async fn publish_each(producer: &impl QueueProducer<Payload = Vec<u8>>, work: &Workload) -> Result<()> {
+    let payload = work.payload.to_vec();
+    let payload = &payload;
+    publish_in_batches(work, |n| async move {
+        try_join_all((0..n).map(|_| producer.send_raw(payload))).await.map(drop)
+    })
+    .await
+}
+
 /// Receives and acks `messages` messages, at most `max` per `receive_all` waiting up to `wait`.
 async fn receive_and_ack(
     consumer: &mut impl QueueConsumer,
@@ -111,10 +122,7 @@ impl Way for OmniRedis {
 
     async fn publish(&mut self, work: &Workload) -> Result<()> {
         let Some((producer, _)) = self.pair.as_ref() else { bail!("not prepared") };
-        publish_in_batches(work, |n| async move {
-            try_join_all((0..n).map(|_| producer.send_raw(&work.payload))).await.map(drop)
-        })
-        .await
+        publish_each(producer, work).await
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
@@ -169,10 +177,7 @@ impl Way for OmniRabbitmq {
 
     async fn publish(&mut self, work: &Workload) -> Result<()> {
         let Some((producer, _)) = self.pair.as_ref() else { bail!("not prepared") };
-        publish_in_batches(work, |n| async move {
-            try_join_all((0..n).map(|_| producer.send_raw(&work.payload))).await.map(drop)
-        })
-        .await
+        publish_each(producer, work).await
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
