@@ -6,6 +6,11 @@
 //! time, hands the rest to [`KafkaSubscription::next`] without ever exceeding `prefetch`
 //! unsettled messages, and commits each partition up to its first unsettled message. A task
 //! on the runtime copies deliveries whose ack deadline passed to the retry topic.
+//!
+//! Each assigned partition's messages come through a queue of their own, read only while the
+//! member's buffer has room: librdkafka stops fetching a partition whose queue is full and keeps
+//! what it prefetched (pausing would throw that away and fetch it again). The consumer's main
+//! queue is read every turn, for rebalances and for what arrived before a partition was split.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
@@ -20,9 +25,10 @@ use chrono::{DateTime, Utc};
 use polybus_core::{Acker, Delivery, Error, Message, Op, Result, SubscribeOptions, Subscription};
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::base_consumer::PartitionQueue;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message as _;
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::{mpsc, watch};
 
@@ -47,10 +53,10 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(50);
 const COUNT_INTERVAL: Duration = Duration::from_millis(5);
 /// Most records taken from librdkafka in one go before acks and commits are looked at again.
 const POLL_BATCH: usize = 256;
-/// A member stops fetching once this many messages wait to be handed out (or `prefetch`, when
-/// larger)…
-const BUFFER_MESSAGES: usize = 8192;
-/// …or this many bytes of them. Pausing drops what librdkafka prefetched, so it is kept rare.
+/// A member stops taking from its partition queues once this many messages wait to be handed
+/// out (or `prefetch`, when larger)…
+const BUFFER_MESSAGES: usize = 1024;
+/// …or this many bytes of them.
 const BUFFER_BYTES: usize = 16 << 20;
 /// Pause before trying a failed retry copy again.
 const RETRY_PAUSE: Duration = Duration::from_secs(1);
@@ -566,6 +572,14 @@ struct Pump {
     paused_under: u64,
     seen_assignment: u64,
     closing_since: Option<Instant>,
+    /// The queue of each assigned partition, split off the consumer's main queue.
+    queues: HashMap<(Source, i32), PartitionQueue<Member>>,
+    /// The assignment the queues were split under.
+    queues_under: u64,
+    /// The main queue was found empty since the queues were split: what it held from before
+    /// the split (earlier offsets of the same partitions) is taken, so the partition queues,
+    /// which hold only later offsets, may be read.
+    main_drained: bool,
     /// When progress was last committed.
     committed_at: Instant,
     /// When delivery counts were last committed.
@@ -574,16 +588,19 @@ struct Pump {
 
 /// The consumer thread: fetch, hold back, hand over, commit; on close or drop, commit and leave.
 fn run(
-    mut consumer: BaseConsumer<Member>,
+    consumer: BaseConsumer<Member>,
     shared: Arc<Shared>,
     tx: mpsc::UnboundedSender<Fetched>,
     woken: Receiver<()>,
 ) {
     // librdkafka wakes the thread when it has something, as acks and hand-outs do.
     let wake = shared.wake.clone();
+    let mut consumer = consumer;
     consumer.set_nonempty_callback(move || {
         let _ = wake.try_send(());
     });
+    // Shared with the partition queues split off it.
+    let consumer = Arc::new(consumer);
     let mut pump = Pump {
         prefetch: shared.options.prefetch.max(1),
         shared,
@@ -597,12 +614,16 @@ fn run(
         paused_under: 0,
         seen_assignment: 0,
         closing_since: None,
+        queues: HashMap::new(),
+        queues_under: 0,
+        main_drained: false,
         committed_at: Instant::now(),
         counted_at: Instant::now(),
     };
     while !pump.should_leave() {
         let now = Instant::now();
         pump.forget_revoked();
+        pump.split_queues(&consumer);
         pump.hand_over(now);
         // After handing over, so the counts of what just went out are committed this turn.
         let commit_in = pump.commit_progress(&consumer, Instant::now());
@@ -695,21 +716,11 @@ impl Pump {
         let _ = self.tx.send(fetched);
     }
 
-    /// Stops fetching a topic while there is no room for what it brings; the hysteresis keeps
-    /// pausing and resuming (which drops librdkafka's prefetched messages) rare.
+    /// Stops fetching once the member is closing; otherwise the partition queues, read only
+    /// while there is room, hold back what does not fit.
     fn throttle(&mut self, consumer: &BaseConsumer<Member>) {
         let closing = self.closing_since.is_some();
-        let limit = self.prefetch.max(BUFFER_MESSAGES);
-        // Full at the limit; once paused, fetching again only below half of it.
-        let full = |messages: usize, bytes: usize, paused: bool| {
-            let divisor = if paused { 2 } else { 1 };
-            messages >= limit / divisor || bytes >= BUFFER_BYTES / divisor
-        };
-        let (messages, bytes) = (self.backlog.len(), self.backlog_bytes);
-        let want = Paused {
-            main: closing || full(messages, bytes, self.paused.main),
-            retry: closing || full(messages + self.held.len(), bytes + self.held_bytes, self.paused.retry),
-        };
+        let want = Paused { main: closing, retry: closing };
         if want != self.paused || self.paused_under != self.seen_assignment {
             // After a rebalance, every partition's pause is stated afresh.
             let current = (self.paused_under == self.seen_assignment).then_some(self.paused);
@@ -719,54 +730,127 @@ impl Pump {
         }
     }
 
-    /// Takes what librdkafka has fetched (serving rebalances on the way); returns how many.
-    fn fetch(&mut self, consumer: &BaseConsumer<Member>) -> usize {
-        let mut taken = 0;
-        while taken < POLL_BATCH {
-            let (source, partition, offset, decoded) = match consumer.poll(Duration::ZERO) {
-                None => break,
-                Some(Err(e)) => {
-                    tracing::debug!(group = %self.shared.options.group, error = %e, "fetch error; librdkafka retries");
-                    break;
+    /// Splits the queue of every assigned partition off the main queue, after each rebalance
+    /// (assigning partitions joins their queues to the main one again).
+    fn split_queues(&mut self, consumer: &Arc<BaseConsumer<Member>>) {
+        if self.queues_under == self.seen_assignment {
+            return;
+        }
+        self.queues_under = self.seen_assignment;
+        self.queues.clear();
+        self.main_drained = false;
+        let assigned: Vec<(Source, i32)> = self.shared.lock().offsets.assigned().collect();
+        for (source, partition) in assigned {
+            match consumer.split_partition_queue(self.shared.names.topic(source), partition) {
+                Some(mut queue) => {
+                    let wake = self.shared.wake.clone();
+                    queue.set_nonempty_callback(move || {
+                        let _ = wake.try_send(());
+                    });
+                    self.queues.insert((source, partition), queue);
                 }
-                Some(Ok(record)) => {
-                    taken += 1;
-                    let Some(source) = self.shared.names.source(record.topic()) else { continue };
-                    (source, record.partition(), record.offset(), codec::decode(&record))
-                }
-            };
-            let fetched = self.shared.lock().offsets.fetched(source, partition, offset);
-            let Some((slot, before)) = fetched else { continue };
-            let mut message = decoded.message;
-            message.attempt = message.attempt.max(before.saturating_add(1));
-            match decoded.not_before.filter(|t| *t > Utc::now()) {
                 None => {
-                    self.backlog_bytes += size(&message);
-                    self.backlog.push_back((slot, message));
-                }
-                Some(not_before) if source == Source::Main => {
-                    self.send(Fetched::Defer(slot, message, not_before))
-                }
-                Some(not_before) => {
-                    let wait = (not_before - Utc::now()).to_std().unwrap_or_default();
-                    self.seq += 1;
-                    self.held_bytes += size(&message);
-                    self.held.push(Reverse(Held {
-                        due: Instant::now() + wait,
-                        seq: self.seq,
-                        slot,
-                        message,
-                    }));
+                    tracing::debug!(partition, "cannot split a partition queue; it is read with the rest")
                 }
             }
         }
+    }
+
+    /// How many more messages from `source` fit in the buffer (retries waiting count for retry).
+    fn room(&self, source: Source) -> usize {
+        if self.closing_since.is_some() {
+            return 0;
+        }
+        let (messages, bytes) = match source {
+            Source::Main => (self.backlog.len(), self.backlog_bytes),
+            Source::Retry => (self.backlog.len() + self.held.len(), self.backlog_bytes + self.held_bytes),
+        };
+        if bytes >= BUFFER_BYTES { 0 } else { self.prefetch.max(BUFFER_MESSAGES).saturating_sub(messages) }
+    }
+
+    /// Takes what librdkafka has fetched: the main queue (serving rebalances on the way), then,
+    /// once the main queue holds nothing from before the split, each partition queue while there
+    /// is room; returns how many messages were taken. Offsets of a partition are thus taken in
+    /// order, which [`Offsets`] relies on.
+    fn fetch(&mut self, consumer: &BaseConsumer<Member>) -> usize {
+        let mut taken = 0;
+        while taken < POLL_BATCH {
+            let Some(record) = consumer.poll(Duration::ZERO) else {
+                self.main_drained = true;
+                break;
+            };
+            if !self.take(record) {
+                break;
+            }
+            taken += 1;
+        }
+        // A rebalance served just now joined the partitions to the main queue again: the queues
+        // are split afresh next turn.
+        let rebalanced = self.shared.lock().assignment != self.queues_under;
+        if rebalanced || !self.main_drained {
+            return taken;
+        }
+        let queues = std::mem::take(&mut self.queues);
+        for (&(source, _), queue) in &queues {
+            let mut from_queue = 0;
+            while from_queue < POLL_BATCH && self.room(source) > 0 {
+                let Some(record) = queue.poll(Duration::ZERO) else { break };
+                if !self.take(record) {
+                    break;
+                }
+                from_queue += 1;
+            }
+            taken += from_queue;
+        }
+        self.queues = queues;
         taken
     }
 
+    /// Files one fetched record into the backlog (or holds it until due); false on a fetch error.
+    fn take(&mut self, record: KafkaResult<BorrowedMessage<'_>>) -> bool {
+        let record = match record {
+            Ok(record) => record,
+            Err(e) => {
+                tracing::debug!(group = %self.shared.options.group, error = %e, "fetch error; librdkafka retries");
+                return false;
+            }
+        };
+        let Some(source) = self.shared.names.source(record.topic()) else { return true };
+        let (partition, offset, decoded) = (record.partition(), record.offset(), codec::decode(&record));
+        self.file(source, partition, offset, decoded);
+        true
+    }
+
+    /// Puts one decoded message where it belongs: the backlog, the runtime (not due, main topic)
+    /// or the held retries.
+    fn file(&mut self, source: Source, partition: i32, offset: i64, decoded: codec::Decoded) {
+        let fetched = self.shared.lock().offsets.fetched(source, partition, offset);
+        let Some((slot, before)) = fetched else { return };
+        let mut message = decoded.message;
+        message.attempt = message.attempt.max(before.saturating_add(1));
+        match decoded.not_before.filter(|t| *t > Utc::now()) {
+            None => {
+                self.backlog_bytes += size(&message);
+                self.backlog.push_back((slot, message));
+            }
+            Some(not_before) if source == Source::Main => {
+                self.send(Fetched::Defer(slot, message, not_before))
+            }
+            Some(not_before) => {
+                let wait = (not_before - Utc::now()).to_std().unwrap_or_default();
+                self.seq += 1;
+                self.held_bytes += size(&message);
+                self.held.push(Reverse(Held { due: Instant::now() + wait, seq: self.seq, slot, message }));
+            }
+        }
+    }
+
     /// Commits what is safe (with delivery counts for the next owner), then leaves the group.
-    fn leave(self, consumer: BaseConsumer<Member>) {
+    fn leave(mut self, consumer: Arc<BaseConsumer<Member>>) {
         let commits = self.shared.lock().offsets.everything();
         commit(&consumer, &self.shared, commits, CommitMode::Sync);
+        // The partition queues hold the consumer too: it leaves the group when the last goes.
+        self.queues.clear();
         drop(consumer);
         self.shared.finished.send_replace(true);
         tracing::debug!(topic = %self.shared.names.main, group = %self.shared.options.group, "member left its group");
