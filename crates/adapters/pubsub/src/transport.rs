@@ -183,6 +183,9 @@ impl Shared {
 async fn send_all(publisher: &Publisher, messages: &[Message]) -> std::result::Result<(), PublishError> {
     let pending: Vec<(Option<&str>, PublishFuture)> =
         messages.iter().map(|m| (m.key.as_deref(), publisher.publish(codec::encode(m)))).collect();
+    // The caller waits for every message anyway: send what the client still holds back (a batch
+    // under its count and byte thresholds waits 10 ms for more) now.
+    publisher.flush().await;
     let mut first_error = None;
     for (key, sent) in pending {
         if let Err(e) = sent.await {
