@@ -549,13 +549,6 @@ impl Ord for Held {
     }
 }
 
-/// Which topics the thread has paused.
-#[derive(Default, PartialEq, Eq, Clone, Copy)]
-struct Paused {
-    main: bool,
-    retry: bool,
-}
-
 /// The consumer thread's own state.
 struct Pump {
     shared: Arc<Shared>,
@@ -568,8 +561,8 @@ struct Pump {
     held: BinaryHeap<Reverse<Held>>,
     held_bytes: usize,
     seq: u64,
-    paused: Paused,
-    paused_under: u64,
+    /// The assignment under which every partition was paused (once closing).
+    paused_under: Option<u64>,
     seen_assignment: u64,
     closing_since: Option<Instant>,
     /// The queue of each assigned partition, split off the consumer's main queue.
@@ -610,8 +603,7 @@ fn run(
         held: BinaryHeap::new(),
         held_bytes: 0,
         seq: 0,
-        paused: Paused::default(),
-        paused_under: 0,
+        paused_under: None,
         seen_assignment: 0,
         closing_since: None,
         queues: HashMap::new(),
@@ -627,7 +619,7 @@ fn run(
         pump.hand_over(now);
         // After handing over, so the counts of what just went out are committed this turn.
         let commit_in = pump.commit_progress(&consumer, Instant::now());
-        pump.throttle(&consumer);
+        pump.pause_when_closing(&consumer);
         if pump.fetch(&consumer) == 0 {
             let due_in = pump.held.peek().map_or(TICK, |Reverse(h)| h.due.saturating_duration_since(now));
             let _ = woken.recv_timeout(TICK.min(commit_in).min(due_in));
@@ -716,18 +708,23 @@ impl Pump {
         let _ = self.tx.send(fetched);
     }
 
-    /// Stops fetching once the member is closing; otherwise the partition queues, read only
-    /// while there is room, hold back what does not fit.
-    fn throttle(&mut self, consumer: &BaseConsumer<Member>) {
-        let closing = self.closing_since.is_some();
-        let want = Paused { main: closing, retry: closing };
-        if want != self.paused || self.paused_under != self.seen_assignment {
-            // After a rebalance, every partition's pause is stated afresh.
-            let current = (self.paused_under == self.seen_assignment).then_some(self.paused);
-            set_paused(consumer, &self.shared, want, current);
-            self.paused = want;
-            self.paused_under = self.seen_assignment;
+    /// Stops fetching once the member is closing (again after a rebalance); otherwise the
+    /// partition queues, read only while there is room, hold back what does not fit.
+    fn pause_when_closing(&mut self, consumer: &BaseConsumer<Member>) {
+        if self.closing_since.is_none() || self.paused_under == Some(self.seen_assignment) {
+            return;
         }
+        let assigned: Vec<(Source, i32)> = self.shared.lock().offsets.assigned().collect();
+        let mut pause = TopicPartitionList::new();
+        for (source, partition) in assigned {
+            pause.add_partition(self.shared.names.topic(source), partition);
+        }
+        if pause.count() > 0
+            && let Err(e) = consumer.pause(&pause)
+        {
+            tracing::debug!(group = %self.shared.options.group, error = %e, "pausing partitions failed");
+        }
+        self.paused_under = Some(self.seen_assignment);
     }
 
     /// Splits the queue of every assigned partition off the main queue, after each rebalance
@@ -860,33 +857,4 @@ impl Pump {
 /// Roughly what a waiting message occupies.
 fn size(message: &Message) -> usize {
     message.payload.len() + message.headers.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>() + 256
-}
-
-/// Pauses or resumes the assigned partitions of each topic; `current` is what is in effect,
-/// `None` to set every partition's state.
-fn set_paused(consumer: &BaseConsumer<Member>, shared: &Shared, want: Paused, current: Option<Paused>) {
-    let assigned: Vec<(Source, i32)> = shared.lock().offsets.assigned().collect();
-    let mut pause = TopicPartitionList::new();
-    let mut resume = TopicPartitionList::new();
-    for (source, partition) in assigned {
-        let (wanted, now) = match source {
-            Source::Main => (want.main, current.map(|c| c.main)),
-            Source::Retry => (want.retry, current.map(|c| c.retry)),
-        };
-        if now == Some(wanted) {
-            continue;
-        }
-        let list = if wanted { &mut pause } else { &mut resume };
-        list.add_partition(shared.names.topic(source), partition);
-    }
-    if pause.count() > 0
-        && let Err(e) = consumer.pause(&pause)
-    {
-        tracing::debug!(group = %shared.options.group, error = %e, "pausing partitions failed");
-    }
-    if resume.count() > 0
-        && let Err(e) = consumer.resume(&resume)
-    {
-        tracing::debug!(group = %shared.options.group, error = %e, "resuming partitions failed");
-    }
 }
