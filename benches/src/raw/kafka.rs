@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::util::Timeout;
 use rdkafka::{ClientConfig, Message};
@@ -113,8 +114,11 @@ impl Way for RawKafka {
                 consumer.commit_consumer_state(CommitMode::Async)?;
             }
         }
-        consumer.commit_consumer_state(CommitMode::Sync)?;
-        Ok(())
+        match consumer.commit_consumer_state(CommitMode::Sync) {
+            // Every stored offset is committed already (by the last asynchronous commit).
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::NoOffset)) => Ok(()),
+            other => Ok(other?),
+        }
     }
 
     async fn cleanup(&mut self) -> Result<()> {
