@@ -10,7 +10,9 @@
 //! Each assigned partition's messages come through a queue of their own, read only while the
 //! member's buffer has room: librdkafka stops fetching a partition whose queue is full and keeps
 //! what it prefetched (pausing would throw that away and fetch it again). The consumer's main
-//! queue is read every turn, for rebalances and for what arrived before a partition was split.
+//! queue is read every turn, for rebalances and for what arrived before a partition was split;
+//! the partition queues only once it has been found empty since the split, so that each
+//! partition's offsets are taken in order.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
