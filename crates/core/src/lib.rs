@@ -5,6 +5,7 @@ pub mod broker;
 pub mod config;
 pub mod error;
 pub mod message;
+pub mod scrub;
 pub mod secret;
 pub mod tag;
 pub mod topic;
