@@ -392,4 +392,29 @@ mod tests {
         let err = SecretsKey::load(&dir.path().join("missing.key")).unwrap_err();
         assert!(err.to_string().contains("no such file"), "{err}");
     }
+
+    #[test]
+    fn the_key_lives_beside_a_sqlite_registry_and_must_be_given_for_postgres() {
+        assert_eq!(default_key_path("polybus.db"), Some(PathBuf::from("./polybus-secrets.key")));
+        assert_eq!(default_key_path("sqlite://app/reg.db"), Some(PathBuf::from("app/polybus-secrets.key")));
+        assert_eq!(default_key_path("postgres://u@h/db"), None);
+
+        let dir = tempfile::tempdir().unwrap();
+        let registry = dir.path().join("reg.db").display().to_string();
+        let reason = find_key(&registry, None, false).unwrap().unwrap_err();
+        assert!(reason.contains("no secrets key file"), "{reason}");
+        let created = find_key(&registry, None, true).unwrap().unwrap();
+        assert!(dir.path().join(DEFAULT_KEY_FILE).exists());
+        assert_eq!(find_key(&registry, None, false).unwrap().unwrap().id(), created.id());
+
+        let postgres = "postgres://u@127.0.0.1/db";
+        let reason = find_key(postgres, None, true).unwrap().unwrap_err();
+        assert!(reason.contains("--secrets-key-file"), "{reason}");
+        let missing = dir.path().join("shared.key");
+        let err = find_key(postgres, Some(&missing), true).unwrap_err();
+        assert!(err.to_string().contains("no such file"), "{err}");
+        assert!(!missing.exists());
+        let given = dir.path().join(DEFAULT_KEY_FILE);
+        assert_eq!(find_key(postgres, Some(&given), true).unwrap().unwrap().id(), created.id());
+    }
 }
