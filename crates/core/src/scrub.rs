@@ -43,6 +43,16 @@ impl Scrubber {
         self.needles.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
     }
 
+    /// Adds every value `other` scrubs.
+    pub fn extend(&mut self, other: &Scrubber) {
+        for (needle, reference) in &other.needles {
+            if !self.needles.iter().any(|(n, _)| n == needle) {
+                self.needles.push((needle.clone(), reference.clone()));
+            }
+        }
+        self.needles.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    }
+
     /// True when there is nothing to scrub.
     pub fn is_empty(&self) -> bool {
         self.needles.is_empty()

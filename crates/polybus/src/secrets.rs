@@ -7,8 +7,9 @@
 //! from the registry's encrypted [`Secrets`]. Each connection keeps a [`Scrubber`] of the
 //! values it resolved, and every error leaving the connection names the reference instead.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -22,6 +23,23 @@ use serde_json::Value;
 
 /// The prefix a server allows by default.
 pub const DEFAULT_ENV_PREFIX: &str = "POLYBUS_BROKER_";
+
+/// Every value a bus of this process resolved: client libraries log endpoints on their own
+/// (reconnecting…), so a process's log writer scrubs its lines with [`scrub_log`].
+static RESOLVED: LazyLock<RwLock<Scrubber>> = LazyLock::new(Default::default);
+
+/// `line` with every value any bus of this process resolved replaced by its reference; for a
+/// log writer.
+pub fn scrub_log(line: &str) -> Cow<'_, str> {
+    let resolved = RESOLVED.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if resolved.is_empty() { Cow::Borrowed(line) } else { Cow::Owned(resolved.scrub_str(line)) }
+}
+
+fn remember(scrubber: &Scrubber) {
+    if !scrubber.is_empty() {
+        RESOLVED.write().unwrap_or_else(|poisoned| poisoned.into_inner()).extend(scrubber);
+    }
+}
 
 /// Which references resolve, and from where.
 #[derive(Clone, Debug, Default)]
@@ -147,7 +165,7 @@ impl SecretPolicy {
                 Reference::Stored(_) => {}
             }
         }
-        secret::resolve(config, &mut |reference, field| match reference {
+        let resolved = secret::resolve(config, &mut |reference, field| match reference {
             Reference::Env(_) => secret::env_lookup(reference, field),
             Reference::Stored(name) => stored.get(name).map(|v| v.to_string()).ok_or_else(|| {
                 SecretError::Missing {
@@ -157,7 +175,9 @@ impl SecretPolicy {
                 }
                 .into()
             }),
-        })
+        })?;
+        remember(&resolved.scrubber);
+        Ok(resolved)
     }
 
     async fn reveal(
