@@ -35,22 +35,24 @@ impl Scrubber {
         let debug = format!("{value:?}");
         forms.push(debug[1..debug.len() - 1].to_owned());
         for form in forms {
-            let needle = form.to_ascii_lowercase();
-            if !needle.is_empty() && !self.needles.iter().any(|(n, _)| *n == needle) {
-                self.needles.push((needle, reference.to_owned()));
-            }
+            self.push(form.to_ascii_lowercase(), reference);
         }
-        self.needles.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
     }
 
     /// Adds every value `other` scrubs.
     pub fn extend(&mut self, other: &Scrubber) {
         for (needle, reference) in &other.needles {
-            if !self.needles.iter().any(|(n, _)| n == needle) {
-                self.needles.push((needle.clone(), reference.clone()));
-            }
+            self.push(needle.clone(), reference);
         }
-        self.needles.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+    }
+
+    /// Adds a lower-cased needle unless known, keeping the longest first.
+    fn push(&mut self, needle: String, reference: &str) {
+        if needle.is_empty() || self.needles.iter().any(|(n, _)| *n == needle) {
+            return;
+        }
+        self.needles.push((needle, reference.to_owned()));
+        self.needles.sort_by_key(|(n, _)| std::cmp::Reverse(n.len()));
     }
 
     /// True when there is nothing to scrub.
