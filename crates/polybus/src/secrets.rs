@@ -301,3 +301,115 @@ impl Acker for ScrubbedAcker {
         inner.nack(delay).await.map_err(|e| scrubber.scrub(e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use polybus_core::Op;
+    use serde_json::json;
+
+    const VALUE: &str = "db.internal";
+
+    /// Every operation fails with the value in its message; subscriptions deliver one message
+    /// whose ack and nack fail the same way, then one error.
+    struct Leaky;
+
+    fn leak(op: Op) -> Error {
+        Error::transport(op, format!("redis {VALUE}:6379"), format!("lookup {VALUE} failed"))
+    }
+
+    struct LeakyAcker;
+
+    #[async_trait]
+    impl Acker for LeakyAcker {
+        async fn ack(self: Box<Self>) -> Result<()> {
+            Err(leak(Op::Ack))
+        }
+        async fn nack(self: Box<Self>, _: Option<Duration>) -> Result<()> {
+            Err(leak(Op::Nack))
+        }
+    }
+
+    struct LeakySubscription(u8);
+
+    #[async_trait]
+    impl Subscription for LeakySubscription {
+        async fn next(&mut self) -> Option<Result<Delivery>> {
+            self.0 += 1;
+            match self.0 {
+                1 | 2 => Some(Ok(Delivery::new(Message::text("m"), Box::new(LeakyAcker)))),
+                3 => Some(Err(leak(Op::Receive))),
+                _ => None,
+            }
+        }
+        async fn close(&mut self) -> Result<()> {
+            Err(leak(Op::Close))
+        }
+    }
+
+    #[async_trait]
+    impl Transport for Leaky {
+        fn capabilities(&self) -> Capabilities {
+            unreachable!("not asked")
+        }
+        async fn ensure_topic(&self, _: &TopicSpec) -> Result<()> {
+            Err(leak(Op::EnsureTopic))
+        }
+        async fn publish(&self, _: &TopicSpec, _: Message) -> Result<()> {
+            Err(leak(Op::Publish))
+        }
+        async fn subscribe(&self, _: &TopicSpec, _: &SubscribeOptions) -> Result<Box<dyn Subscription>> {
+            Ok(Box::new(LeakySubscription(0)))
+        }
+        async fn ping(&self) -> Result<()> {
+            Err(leak(Op::Ping))
+        }
+        async fn close(&self) -> Result<()> {
+            Err(leak(Op::Close))
+        }
+    }
+
+    fn clean(result: Result<()>) -> String {
+        let text = result.expect_err("fails").to_string();
+        assert!(!text.contains(VALUE) && text.contains("${POLYBUS_BROKER_HOST}"), "{text}");
+        text
+    }
+
+    #[tokio::test]
+    async fn every_error_of_a_wrapped_connection_names_the_reference() {
+        let mut scrubber = Scrubber::default();
+        scrubber.add(VALUE, "${POLYBUS_BROKER_HOST}");
+        let transport = scrubbed(Arc::new(Leaky), scrubber);
+        let spec = TopicSpec::named("orders");
+        clean(transport.ping().await);
+        clean(transport.ensure_topic(&spec).await);
+        clean(transport.publish(&spec, Message::text("x")).await);
+        clean(transport.publish_batch(&spec, vec![Message::text("x")]).await);
+        let mut sub = transport.subscribe(&spec, &SubscribeOptions::new("g")).await.expect("subscribed");
+        clean(sub.next().await.expect("first").expect("a delivery").ack().await);
+        clean(sub.next().await.expect("second").expect("a delivery").nack(None).await);
+        clean(sub.next().await.expect("third").map(drop));
+        clean(sub.close().await);
+        clean(transport.close().await);
+    }
+
+    #[tokio::test]
+    async fn prefixes_decide_which_variables_resolve() {
+        let server = SecretPolicy::env_prefixes([DEFAULT_ENV_PREFIX]);
+        assert!(server.allows_env("POLYBUS_BROKER_HOST") && !server.allows_env("HOME"));
+        assert!(SecretPolicy::env_prefixes(["A_", ""]).allows_env("HOME"));
+        assert!(!SecretPolicy::env_prefixes(Vec::<String>::new()).allows_env("HOME"));
+        assert!(SecretPolicy::any_env().allows_env("HOME"));
+
+        let error = server.resolve(&json!({"host": "${HOME}"})).await.expect_err("refused");
+        assert_eq!(error.code(), "SECRET_NOT_ALLOWED");
+        let text = error.to_string();
+        assert!(text.contains("`${HOME}` in config.host") && text.contains("`POLYBUS_BROKER_`"), "{text}");
+        let home = std::env::var("HOME").unwrap_or_default();
+        assert!(home.is_empty() || !text.contains(&home), "{text}");
+
+        let error = server.resolve(&json!({"password": "$Secret{pw}"})).await.expect_err("no store");
+        assert_eq!(error.code(), "SECRETS_UNAVAILABLE");
+        assert!(error.to_string().contains("$Secret{pw}"), "{error}");
+    }
+}

@@ -238,6 +238,11 @@ impl Secrets {
         Secrets { store, key: Err(reason.into()) }
     }
 
+    /// [`Secrets::new`] or [`Secrets::without_key`], as `key` says.
+    pub fn with_key(store: Arc<dyn Store>, key: std::result::Result<SecretsKey, String>) -> Self {
+        Secrets { store, key }
+    }
+
     /// True when values can be set and revealed.
     pub fn has_key(&self) -> bool {
         self.key.is_ok()

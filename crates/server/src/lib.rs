@@ -102,6 +102,10 @@ impl Server {
     /// Opens the registry and binds the address.
     pub async fn bind(config: &ServerConfig) -> Result<Server, ServeError> {
         let registry = Registry::open(&config.registry_url).await?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+        // After binding, so a server that cannot start leaves no key file behind.
         let mut options = config.options.clone();
         options.secrets_key =
             polybus_registry::find_key(&config.registry_url, config.secrets_key_file.as_deref(), true)?;
@@ -109,9 +113,6 @@ impl Server {
             tracing::warn!("`$Secret{{..}}` references cannot be used: {reason}");
         }
         let state = AppState::open(registry, options).await?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
         Ok(Server { listener, state })
     }
 

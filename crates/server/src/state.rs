@@ -40,11 +40,7 @@ impl Default for Options {
 impl Options {
     /// The secret policy these options describe, over `registry`'s store.
     pub fn secret_policy(&self, registry: &Registry) -> SecretPolicy {
-        let store = registry.store().clone();
-        let secrets = match &self.secrets_key {
-            Ok(key) => Secrets::new(store, key.clone()),
-            Err(reason) => Secrets::without_key(store, reason.clone()),
-        };
+        let secrets = Secrets::with_key(registry.store().clone(), self.secrets_key.clone());
         SecretPolicy::env_prefixes(self.secret_env_prefixes.clone()).with_store(secrets)
     }
 }

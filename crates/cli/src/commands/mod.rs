@@ -58,7 +58,7 @@ impl Context {
     /// `$Secret{..}` when the registry's key file exists.
     pub async fn bus(&self) -> CliResult<Bus> {
         let registry = self.registry().await?;
-        let policy = SecretPolicy::any_env().with_store(secret::local_store(self, &registry, false)?);
+        let policy = SecretPolicy::any_env().with_store(secret::bus_store(self, &registry));
         Ok(Bus::builder(registry).secrets(policy).build())
     }
 

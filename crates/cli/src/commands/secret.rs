@@ -70,12 +70,16 @@ pub async fn run(ctx: &Context, command: SecretCommand) -> CliResult {
 
 /// The secrets of the local registry, with its key when there is one (created when `create`).
 pub fn local_store(ctx: &Context, registry: &Registry, create: bool) -> CliResult<Secrets> {
-    let store = registry.store().clone();
     let key = polybus::find_secrets_key(&ctx.registry_url, ctx.secrets_key_file.as_deref(), create)?;
-    Ok(match key {
-        Ok(key) => Secrets::new(store, key),
-        Err(reason) => Secrets::without_key(store, reason),
-    })
+    Ok(Secrets::with_key(registry.store().clone(), key))
+}
+
+/// The secrets a local bus resolves `$Secret{..}` from: a key file that cannot be read fails
+/// only the connections that need a secret, not every command.
+pub fn bus_store(ctx: &Context, registry: &Registry) -> Secrets {
+    let key = polybus::find_secrets_key(&ctx.registry_url, ctx.secrets_key_file.as_deref(), false)
+        .unwrap_or_else(|e| Err(e.to_string()));
+    Secrets::with_key(registry.store().clone(), key)
 }
 
 fn row(info: &SecretInfo) -> Vec<String> {
