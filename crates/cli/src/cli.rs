@@ -308,6 +308,20 @@ mod tests {
     }
 
     #[test]
+    fn secret_env_prefixes_default_repeat_and_split() {
+        let prefixes = |args: &[&str]| match Cli::try_parse_from([&["polybus", "serve"], args].concat()) {
+            Ok(Cli { command: Command::Serve(serve), .. }) => serve.secret_env_prefixes,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(prefixes(&[]), ["POLYBUS_BROKER_"]);
+        assert_eq!(
+            prefixes(&["--secret-env-prefix", "A_,B_", "--secret-env-prefix", "C_"]),
+            ["A_", "B_", "C_"]
+        );
+        assert_eq!(prefixes(&["--secret-env-prefix", ""]), [""]);
+    }
+
+    #[test]
     fn command_line_is_consistent() {
         use clap::CommandFactory;
         Cli::command().debug_assert();

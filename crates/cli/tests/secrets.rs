@@ -4,7 +4,7 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use common::{Run, Sandbox, finish};
 use serde_json::Value;
@@ -81,6 +81,18 @@ fn the_local_cli_resolves_any_variable_and_scrubs_it_from_errors() {
     assert!(failed.stderr.contains("${MY_REDIS_HOST}"), "{failed:#?}");
 }
 
+/// `polybus ARGS` in `sandbox` with a clean environment and no default `--registry`.
+fn bare(sandbox: &Sandbox, args: &[&str]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_polybus"));
+    command.args(args).current_dir(sandbox.path());
+    for var in
+        ["POLYBUS_REGISTRY", "POLYBUS_SERVER", "POLYBUS_API_KEY", "POLYBUS_SECRETS_KEY_FILE", "RUST_LOG"]
+    {
+        command.env_remove(var);
+    }
+    command
+}
+
 /// A `polybus serve` child on a free port with `HIDDEN` in its environment; killed on drop.
 struct Server {
     sandbox: Sandbox,
@@ -91,23 +103,28 @@ struct Server {
 
 impl Server {
     fn start() -> Server {
-        let sandbox = Sandbox::new();
-        let mut child = sandbox
-            .command(&["serve", "--listen", "127.0.0.1:0", "--output", "json"])
-            .env("SERVER_ONLY_HOST", HIDDEN)
-            .env("POLYBUS_BROKER_HOST", HIDDEN)
-            .env("RUST_LOG", "debug")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn polybus serve");
+        Server::start_with(Sandbox::new(), &["--registry", "registry.db"], None)
+    }
+
+    /// `polybus serve` in `sandbox` with `args` (before the command) and, when given, `key` as
+    /// the API key (else the one it creates).
+    fn start_with(sandbox: Sandbox, args: &[&str], key: Option<&str>) -> Server {
+        let mut child =
+            bare(&sandbox, &[args, &["serve", "--listen", "127.0.0.1:0", "--output", "json"]].concat())
+                .env("SERVER_ONLY_HOST", HIDDEN)
+                .env("POLYBUS_BROKER_HOST", HIDDEN)
+                .env("RUST_LOG", "debug")
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn polybus serve");
         let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("the server's first line");
         let started: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         let url = started["url"].as_str().expect("url").to_owned();
-        let key = started["createdKey"]["key"].as_str().expect("a first key").to_owned();
+        let key = key.or(started["createdKey"]["key"].as_str()).expect("a key").to_owned();
         Server { sandbox, child, url, key }
     }
 
@@ -174,4 +191,60 @@ fn through_a_server_the_servers_variables_never_come_back() {
     let logs = server.stop();
     assert!(logs.contains("attempting connection"), "no log of the NATS dial:\n{logs}");
     assert!(!logs.contains(HIDDEN), "the server logged the value:\n{logs}");
+}
+
+#[test]
+fn postgres_replicas_share_secrets_through_one_key_file_and_refuse_without_it() {
+    let registry = std::env::var("POLYBUS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let suffix = &uuid::Uuid::new_v4().simple().to_string()[..10];
+    let (name, tag) = (format!("host-{suffix}"), format!("sec-{suffix}"));
+    let admin = Sandbox::new();
+    let on_registry = |args: &[&str], input: &[u8]| {
+        let mut child = bare(&admin, &[&["--registry", registry.as_str()], args].concat())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn polybus");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), input).expect("write stdin");
+        finish(child.wait_with_output().expect("wait"))
+    };
+    let api_key = on_registry(&["key", "create", "--name", &tag], b"").ok().trim().to_owned();
+
+    // Without a key file nothing can be set, locally or through a server; names still list.
+    let local = on_registry(&["secret", "set", &name], b"127.0.0.1");
+    assert!(local.failed(1).contains("--secrets-key-file"), "{local:#?}");
+    let keyless = Server::start_with(Sandbox::new(), &["--registry", &registry], Some(&api_key));
+    let refused = keyless.remote(&["secret", "set", &name], b"127.0.0.1");
+    assert!(refused.failed(1).starts_with("error: SECRETS_UNAVAILABLE"), "{refused:#?}");
+    on_registry(&["secret", "list"], b"").ok();
+
+    // Two replicas given one key file: set through one, used through the other.
+    let shared = admin.write("shared.key", uuid::Uuid::new_v4().as_bytes().repeat(2));
+    let shared = admin.path().join(shared).display().to_string();
+    let with_key = ["--registry", registry.as_str(), "--secrets-key-file", shared.as_str()];
+    let a = Server::start_with(Sandbox::new(), &with_key, Some(&api_key));
+    let b = Server::start_with(Sandbox::new(), &with_key, Some(&api_key));
+    a.remote(&["secret", "set", &name], b"127.0.0.1").ok();
+    let definition = format!(
+        "name: S\ntag: {tag}\nenvs:\n  - slug: dev\n    type: redis\n    config: {{host: \"$Secret{{{name}}}\"}}\n"
+    );
+    a.remote(&["broker", "create", "-f", "-"], definition.as_bytes()).ok();
+    assert!(b.remote(&["broker", "test", &tag, "--env", "dev"], b"").ok().contains("ok in"));
+
+    // A replica with another key refuses to decrypt rather than use garbage.
+    let other = admin.write("other.key", uuid::Uuid::new_v4().as_bytes().repeat(2));
+    let other = admin.path().join(other).display().to_string();
+    let stray = Server::start_with(
+        Sandbox::new(),
+        &["--registry", &registry, "--secrets-key-file", &other],
+        Some(&api_key),
+    );
+    let wrong = stray.remote(&["broker", "test", &tag, "--env", "dev"], b"");
+    assert!(wrong.failed(1).contains("another key"), "{wrong:#?}");
+
+    a.remote(&["broker", "delete", &tag], b"").ok();
+    a.remote(&["secret", "delete", &name], b"").ok();
+    on_registry(&["key", "revoke", &tag], b"").ok();
 }
