@@ -190,4 +190,33 @@ mod tests {
         .expect("an error");
         assert!(err.to_string().contains("/nonexistent/key.json"), "{err}");
     }
+
+    #[tokio::test]
+    async fn no_error_quotes_what_a_key_holds() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cases = [
+            "\"s3cret-string\"",
+            "s3cret-text, not JSON",
+            "[\"s3cret-item\"]",
+            r#"{"type": "service_account", "client_email": ["s3cret-email"], "private_key": "s3cret-key"}"#,
+            r#"{"type": "s3cret-type"}"#,
+        ];
+        for (i, content) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("key{i}.json"));
+            std::fs::write(&path, content).expect("key file");
+            for (field, config) in [
+                ("config.keyFilename", serde_json::json!({"projectId": "p-1", "keyFilename": path})),
+                ("config.credentials", serde_json::json!({"projectId": "p-1", "credentials": content})),
+            ] {
+                let err = Settings::resolve(&config_of(config), "dev").await.err().expect("an error");
+                let Error::Validation(validation) = &err else { panic!("{content}: {err}") };
+                assert_eq!(validation.field, field, "{err}");
+                assert!(!err.to_string().contains("s3cret"), "{err}");
+            }
+        }
+    }
+
+    fn config_of(json: serde_json::Value) -> PubsubConfig {
+        config(json)
+    }
 }

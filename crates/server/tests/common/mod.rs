@@ -45,6 +45,16 @@ impl TestApi {
         TestApi { dir, state, router, admin, reader }
     }
 
+    /// The temporary folder the registry is in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The server's data folder: `polybus-data` beside the registry.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("polybus-data")
+    }
+
     /// The embedded broker's file.
     pub fn broker_db(&self) -> PathBuf {
         self.dir.path().join("broker.db")
