@@ -24,7 +24,7 @@ fn application_id(path: &Path) -> i32 {
 /// Opening `path` fails naming the file and the field, and changes nothing in it.
 async fn refused(path: &Path) -> String {
     let before = std::fs::read(path).expect("read");
-    let error = EmbeddedTransport::open(&config_at(path)).await.err().expect("refused");
+    let error = EmbeddedTransport::open(&config_at(path)).await.expect_err("refused");
     let Error::Validation(validation) = &error else { panic!("a validation error, got {error:?}") };
     assert_eq!(validation.field, "config.path");
     let message = error.to_string();
