@@ -12,6 +12,7 @@ use polybus_registry::Registry;
 use tokio::sync::Mutex;
 
 use crate::delivery::{DeadLetterTarget, Subscriber};
+use crate::files::FilePolicy;
 
 /// How long a resolved topic or connection is trusted before the registry is asked again.
 const REFRESH_AFTER: Duration = Duration::from_secs(1);
@@ -53,6 +54,7 @@ pub(crate) struct Resolved {
 pub struct BusBuilder {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
+    files: FilePolicy,
 }
 
 impl BusBuilder {
@@ -62,12 +64,19 @@ impl BusBuilder {
         self
     }
 
+    /// Where the files definitions name may be (default: [`FilePolicy::default`]).
+    pub fn files(mut self, policy: FilePolicy) -> Self {
+        self.files = policy;
+        self
+    }
+
     /// Builds the bus; connections are made lazily, on first use of an env.
     pub fn build(self) -> Bus {
         Bus {
             inner: Arc::new(Inner {
                 registry: self.registry,
                 connectors: self.connectors,
+                files: self.files,
                 connections: Mutex::new(HashMap::new()),
                 connecting: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
@@ -82,6 +91,7 @@ type Gate = Arc<Mutex<()>>;
 struct Inner {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
+    files: FilePolicy,
     connections: Mutex<HashMap<(String, String), Connection>>,
     /// One gate per broker env, so concurrent first uses make one connection, not one each.
     connecting: Mutex<HashMap<(String, String), Gate>>,
@@ -103,12 +113,17 @@ impl Bus {
     /// A builder, to add connectors of your own.
     pub fn builder(registry: Registry) -> BusBuilder {
         let connectors = crate::default_connectors().into_iter().map(|c| (c.broker_type(), c)).collect();
-        BusBuilder { registry, connectors }
+        BusBuilder { registry, connectors, files: FilePolicy::default() }
     }
 
     /// The registry this bus resolves through.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// Where the files definitions name may be.
+    pub fn files(&self) -> &FilePolicy {
+        &self.inner.files
     }
 
     /// Publishes one message to `event` in `env`; returns its id.
@@ -341,8 +356,13 @@ impl Bus {
             broker_type: broker_env.broker_type,
             config: secret::resolve(&broker_env.config)?,
         };
+        let target = ConnectTarget {
+            config: self.inner.files.connect_config(broker_env, target.config).await?,
+            ..target
+        };
         tracing::debug!(broker, env, broker_type = %broker_env.broker_type, "connecting");
-        let transport = connector.connect(&target).await?;
+        let transport =
+            connector.connect(&target).await.map_err(|e| self.inner.files.conceal(broker_env, e))?;
         Ok((transport, broker_env.broker_type, definition.version))
     }
 }

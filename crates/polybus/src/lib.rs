@@ -18,10 +18,12 @@
 mod bus;
 mod consume;
 mod delivery;
+pub mod files;
 
 pub use bus::{Bus, BusBuilder, Group};
 pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
 pub use delivery::{Delivery, Subscriber};
+pub use files::FilePolicy;
 
 pub use polybus_core::{
     self as core, Broker, BrokerEnv, BrokerPatch, BrokerType, Capabilities, Connector, Error, EventRef,

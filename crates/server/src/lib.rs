@@ -71,6 +71,14 @@ pub enum ServeError {
     /// Serving failed.
     #[error("serving HTTP failed: {0}")]
     Serve(std::io::Error),
+    /// The data folder could not be created.
+    #[error("cannot create the data folder {}: {source}", path.display())]
+    DataDir {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
 }
 
 impl ServeError {
@@ -80,6 +88,7 @@ impl ServeError {
             ServeError::Registry(e) => e.code(),
             ServeError::Bind { .. } => "LISTEN_FAILED",
             ServeError::Serve(_) => "SERVE_FAILED",
+            ServeError::DataDir { .. } => "DATA_DIR_FAILED",
         }
     }
 }
@@ -91,10 +100,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the registry and binds the address.
+    /// Opens the registry, creates the data folder (by default `polybus-data` beside a SQLite
+    /// registry) and binds the address.
     pub async fn bind(config: &ServerConfig) -> Result<Server, ServeError> {
         let registry = Registry::open(&config.registry_url).await?;
-        let state = AppState::open(registry, config.options.clone()).await?;
+        let mut options = config.options.clone();
+        let data_dir =
+            options.data_dir.get_or_insert_with(|| polybus::files::data_dir_beside(&config.registry_url));
+        std::fs::create_dir_all(&*data_dir)
+            .map_err(|source| ServeError::DataDir { path: data_dir.clone(), source })?;
+        let state = AppState::open(registry, options).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServeError::Bind { addr: config.listen, source })?;

@@ -3,7 +3,9 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use polybus::{Bus, Registry};
+use std::path::PathBuf;
+
+use polybus::{Bus, FilePolicy, Registry};
 use tokio::sync::watch;
 
 use crate::keys::ApiKeys;
@@ -20,11 +22,24 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 pub struct Options {
     /// Largest request body in bytes; larger ones get `413 PAYLOAD_TOO_LARGE`.
     pub body_limit: usize,
+    /// The data folder: every file the server creates or reads for a definition is inside it.
+    /// `None`: `polybus-data` beside a SQLite registry ([`crate::Server::bind`]), else `./polybus-data`.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { body_limit: DEFAULT_BODY_LIMIT }
+        Options { body_limit: DEFAULT_BODY_LIMIT, data_dir: None }
+    }
+}
+
+impl Options {
+    /// The file policy of a server: definitions confined to the data folder.
+    pub fn files(&self) -> FilePolicy {
+        let data_dir = self.data_dir.clone();
+        FilePolicy::confined(
+            data_dir.unwrap_or_else(|| PathBuf::from(".").join(polybus::files::DATA_DIR_NAME)),
+        )
     }
 }
 
@@ -61,9 +76,11 @@ impl AppState {
         AppState { inner }
     }
 
-    /// State over a bus on `registry` with the connectors compiled into this build.
+    /// State over a bus on `registry` with the connectors compiled into this build, definitions
+    /// confined to the data folder of `options`.
     pub async fn open(registry: Registry, options: Options) -> polybus::Result<Self> {
-        Ok(AppState::new(Bus::open(registry).await?, options))
+        let bus = Bus::builder(registry).files(options.files()).build();
+        Ok(AppState::new(bus, options))
     }
 
     /// The registry.

@@ -152,7 +152,7 @@ async fn broker_lifecycle_with_redaction_versions_and_conflicts() {
         "tag": "message-bus",
         "envs": [
             {"slug": "dev", "type": "REDIS", "config": {"host": "127.0.0.1", "port": 6379, "password": "hunter2"}},
-            {"slug": "local", "type": "embedded", "config": {"path": api.broker_db()}},
+            {"slug": "local", "type": "embedded", "config": {"path": common::BROKER_DB}},
         ],
     });
     let created = api.ok("POST", "/v1/brokers", Some(broker.clone()), StatusCode::CREATED).await;
@@ -340,7 +340,7 @@ async fn bad_bodies_are_400s_naming_the_problem() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_are_413() {
-    let api = TestApi::with_options(Options { body_limit: 1024 }).await;
+    let api = TestApi::with_options(Options { body_limit: 1024, ..Options::default() }).await;
     let event = api.embedded_topic("bus", "orders").await;
     let big = json!({"payload": "x".repeat(4096), "encoding": "text"});
     api.fails(

@@ -15,7 +15,8 @@ fn embedded(tag: &str, config: Value) -> Value {
 
 /// Creating `broker` is refused with `VALIDATION_FAILED` on env `dev`'s `field`; returns the message.
 async fn refused(api: &TestApi, broker: Value, field: &str) -> String {
-    let error = api.fails("POST", "/v1/brokers", Some(broker), StatusCode::BAD_REQUEST, "VALIDATION_FAILED").await;
+    let error =
+        api.fails("POST", "/v1/brokers", Some(broker), StatusCode::BAD_REQUEST, "VALIDATION_FAILED").await;
     assert_eq!((error["env"].as_str(), error["field"].as_str()), (Some("dev"), Some(field)), "{error:#}");
     error["message"].as_str().expect("message").to_owned()
 }
@@ -55,8 +56,9 @@ async fn an_absolute_broker_path_is_refused_and_nothing_is_created() {
     // The same through an update.
     api.ok("POST", "/v1/brokers", Some(embedded("abs", json!({"path": "ok.db"}))), StatusCode::CREATED).await;
     let patch = json!({"envs": [{"slug": "dev", "type": "embedded", "config": {"path": outside}}]});
-    let error =
-        api.fails("PATCH", "/v1/brokers/abs", Some(patch), StatusCode::BAD_REQUEST, "VALIDATION_FAILED").await;
+    let error = api
+        .fails("PATCH", "/v1/brokers/abs", Some(patch), StatusCode::BAD_REQUEST, "VALIDATION_FAILED")
+        .await;
     assert_eq!((error["env"].as_str(), error["field"].as_str()), (Some("dev"), Some("config.path")));
     let stored = api.ok("GET", "/v1/brokers/abs", None, StatusCode::OK).await;
     assert_eq!(stored["envs"][0]["config"]["path"], "ok.db");
@@ -142,7 +144,10 @@ async fn the_registry_file_is_refused_even_inside_the_data_folder() {
     let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.expect("body");
     let error: Value = serde_json::from_slice(&body).expect("json");
     assert_eq!(error["error"]["field"], "config.path", "{error:#}");
-    assert!(error["error"]["message"].as_str().unwrap_or("").contains("not a polybus broker file"), "{error:#}");
+    assert!(
+        error["error"]["message"].as_str().unwrap_or("").contains("not a polybus broker file"),
+        "{error:#}"
+    );
 }
 
 #[tokio::test]
@@ -155,8 +160,14 @@ async fn a_definition_stored_without_the_api_cannot_escape_at_connect_time() {
     api.ok("POST", "/v1/topics", Some(json!({"tag": "local:orders"})), StatusCode::CREATED).await;
 
     let (status, body) = api.call("POST", "/v1/brokers/local/test?env=dev", Some(&api.reader), None).await;
-    assert_eq!((status, body["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("VALIDATION_FAILED")));
-    assert_eq!((body["error"]["env"].as_str(), body["error"]["field"].as_str()), (Some("dev"), Some("config.path")));
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("VALIDATION_FAILED"))
+    );
+    assert_eq!(
+        (body["error"]["env"].as_str(), body["error"]["field"].as_str()),
+        (Some("dev"), Some("config.path"))
+    );
     let error = api
         .fails(
             "POST",
@@ -207,14 +218,19 @@ async fn key_file_problems_read_the_same_whether_or_not_the_file_exists() {
     std::fs::write(data.join("string.json"), "\"s3cret-string\"").expect("string");
     std::fs::write(data.join("object.json"), r#"{"type": "s3cret-object"}"#).expect("object");
     let mut messages = Vec::new();
-    for (i, name) in ["missing.json", "folder.json", "text.json", "string.json", "object.json"].iter().enumerate() {
+    for (i, name) in
+        ["missing.json", "folder.json", "text.json", "string.json", "object.json"].iter().enumerate()
+    {
         let tag = format!("keys{i}");
         api.ok("POST", "/v1/brokers", Some(pubsub(&tag, name)), StatusCode::CREATED).await;
         let (status, body) =
             api.call("POST", &format!("/v1/brokers/{tag}/test?env=dev"), Some(&api.reader), None).await;
         let error = &body["error"];
         assert_eq!(status, StatusCode::BAD_REQUEST, "{name}: {body:#}");
-        assert_eq!((error["code"].as_str(), error["field"].as_str()), (Some("VALIDATION_FAILED"), Some("config.keyFilename")));
+        assert_eq!(
+            (error["code"].as_str(), error["field"].as_str()),
+            (Some("VALIDATION_FAILED"), Some("config.keyFilename"))
+        );
         let message = error["message"].as_str().expect("message");
         assert!(!message.contains("s3cret"), "{name}: {message}");
         messages.push(message.replace(name, "NAME"));
