@@ -3,8 +3,9 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 
 use common::{Run, Sandbox, finish};
 use serde_json::Value;
@@ -29,7 +30,8 @@ fn polybus(cwd: &Path, args: &[&str]) -> Run {
 /// in the registry `app/reg.db`, working inside `app`.
 fn define(app: &Path, config: &str) {
     std::fs::create_dir_all(app).expect("app folder");
-    let broker = format!("name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config: {config}\n");
+    let broker =
+        format!("name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config: {config}\n");
     std::fs::write(app.join("bus.yaml"), broker).expect("broker file");
     std::fs::write(app.join("topic.yaml"), "tag: bus:orders\n").expect("topic file");
     polybus(app, &["--registry", "reg.db", "broker", "create", "-f", "bus.yaml"]).ok();
@@ -43,8 +45,20 @@ fn publish_here_consume_there(app: &Path, elsewhere: &Path) -> String {
     let consumed = polybus(
         elsewhere,
         &[
-            "--registry", &registry, "consume", "--env", "dev", "bus:orders", "--group", "g", "--count", "1",
-            "--timeout", "10s", "--output", "json",
+            "--registry",
+            &registry,
+            "consume",
+            "--env",
+            "dev",
+            "bus:orders",
+            "--group",
+            "g",
+            "--count",
+            "1",
+            "--timeout",
+            "10s",
+            "--output",
+            "json",
         ],
     );
     let message: Value = serde_json::from_str(consumed.ok().trim_end()).expect("one JSON line");
@@ -86,4 +100,86 @@ fn the_data_folder_can_be_named() {
     let publish = ["--data-dir", &data_arg, "--registry", "reg.db", "publish", "--env", "dev", "bus:orders"];
     polybus(&app, &[&publish[..], &["--data", "x"]].concat()).ok();
     assert!(data.join("dev-broker.db").exists());
+}
+
+/// A `polybus serve` child, killed on drop.
+struct Served(Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_server_and_the_local_cli_share_one_data_folder() {
+    let sandbox = Sandbox::new();
+    let app = sandbox.path().join("app");
+    std::fs::create_dir_all(&app).expect("app folder");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_polybus"))
+        .args([
+            "--registry",
+            "reg.db",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            "shared",
+            "--output",
+            "json",
+        ])
+        .current_dir(&app)
+        .env_remove("POLYBUS_DATA_DIR")
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn polybus serve");
+    let stdout = child.stdout.take().expect("stdout");
+    let served = Served(child);
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).expect("the server's first line");
+    let started: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    let (url, key) =
+        (started["url"].as_str().expect("url"), started["createdKey"]["key"].as_str().expect("key"));
+    let shared = app.join("shared").canonicalize().expect("created at start");
+    assert_eq!(started["dataDir"].as_str(), shared.to_str());
+
+    let broker = "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config: { path: dev-broker.db }\n";
+    std::fs::write(sandbox.path().join("bus.yaml"), broker).expect("broker file");
+    std::fs::write(sandbox.path().join("topic.yaml"), "tag: bus:orders\n").expect("topic file");
+    let remote =
+        |args: &[&str]| polybus(sandbox.path(), &[&["--server", url, "--api-key", key], args].concat());
+    remote(&["broker", "create", "-f", "bus.yaml"]).ok();
+    remote(&["topic", "create", "-f", "topic.yaml"]).ok();
+    remote(&["publish", "--env", "dev", "bus:orders", "--data", "through the server"]).ok();
+    assert!(shared.join("dev-broker.db").exists());
+    drop(served);
+
+    // The local CLI on the same registry and data folder reads the same file.
+    let consumed = polybus(
+        sandbox.path(),
+        &[
+            "--registry",
+            "app/reg.db",
+            "--data-dir",
+            "app/shared",
+            "consume",
+            "--env",
+            "dev",
+            "bus:orders",
+            "--group",
+            "g",
+            "--count",
+            "1",
+            "--timeout",
+            "10s",
+            "--output",
+            "json",
+        ],
+    );
+    let message: Value = serde_json::from_str(consumed.ok().trim_end()).expect("one JSON line");
+    assert_eq!(message["payload"], "through the server");
 }

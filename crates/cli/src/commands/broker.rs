@@ -98,7 +98,7 @@ async fn test_locally(ctx: &Context, tag: &str, env: &str) -> CliResult<(BrokerT
             env: env.to_owned(),
             available: broker.env_slugs(),
         })?;
-    let bus = polybus::Bus::open(registry).await?;
+    let bus = ctx.bus_over(registry);
     let latency = bus.test_connection(tag, env).await;
     if let Err(e) = bus.close().await {
         tracing::debug!(error = %e, "closing the bus after a connection test");

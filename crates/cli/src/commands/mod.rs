@@ -9,9 +9,11 @@ mod quickstart;
 mod serve;
 mod topic;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use polybus::{Bus, Registry};
 use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use polybus::{Bus, FilePolicy, Registry};
 
 use crate::cli::{Cli, Command, Format};
 use crate::failure::{CliResult, Failure};
@@ -22,6 +24,10 @@ use crate::remote::Client;
 pub struct Context {
     /// The registry URL, as given.
     pub registry_url: String,
+    /// The data folder: `--data-dir`, or `polybus-data` beside the registry.
+    pub data_dir: PathBuf,
+    /// `--data-dir` as given, to repeat it in the commands shown to the user.
+    pub data_dir_given: bool,
     /// Output format.
     pub format: Format,
     /// The server to work through, with `--server`; `None` works on the local registry.
@@ -52,7 +58,12 @@ impl Context {
 
     /// Opens the registry and a bus over it.
     pub async fn bus(&self) -> CliResult<Bus> {
-        Ok(Bus::open(self.registry().await?).await?)
+        Ok(self.bus_over(self.registry().await?))
+    }
+
+    /// A bus over `registry`: files anywhere, relative ones in the data folder.
+    pub fn bus_over(&self, registry: Registry) -> Bus {
+        Bus::builder(registry).files(FilePolicy::local(&self.data_dir)).build()
     }
 
     /// True for JSON output.
@@ -82,7 +93,9 @@ pub async fn run(cli: Cli) -> CliResult {
         }
         _ => None,
     };
-    let ctx = Context { registry_url: cli.registry, format: cli.output, remote };
+    let data_dir_given = cli.data_dir.is_some();
+    let data_dir = cli.data_dir.unwrap_or_else(|| polybus::files::data_dir_beside(&cli.registry));
+    let ctx = Context { registry_url: cli.registry, data_dir, data_dir_given, format: cli.output, remote };
     match cli.command {
         Command::Broker(command) => broker::run(&ctx, command).await,
         Command::Topic(command) => topic::run(&ctx, command).await,

@@ -247,3 +247,25 @@ async fn key_file_problems_read_the_same_whether_or_not_the_file_exists() {
     let (_, body) = api.call("POST", "/v1/brokers/keyed/test?env=dev", Some(&api.reader), None).await;
     assert_eq!(body["error"]["code"], "CONNECT_FAILED", "{body:#}");
 }
+
+#[tokio::test]
+async fn kafka_properties_cannot_name_files_libraries_or_commands() {
+    let api = TestApi::new().await;
+    for (name, value) in [
+        ("ssl.ca.location", "/etc/ssl/private/server.pem"),
+        ("ssl.key.location", "key.pem"),
+        ("sasl.kerberos.keytab", "/etc/krb5.keytab"),
+        ("sasl.kerberos.kinit.cmd", "touch /tmp/polybus-pwned"),
+        ("plugin.library.paths", "/tmp/evil.so"),
+        ("SSL_ENGINE_LOCATION", "/tmp/engine.so"),
+    ] {
+        let broker = json!({"name": "Kafka", "tag": "kafka", "envs": [{"slug": "dev", "type": "kafka",
+            "config": {"brokers": ["127.0.0.1:9092"], "properties": {name: value}}}]});
+        let message = refused(&api, broker, &format!("config.properties.{name}")).await;
+        assert!(message.contains("server"), "{name}: {message}");
+    }
+    // Certificates inline are fine.
+    let broker = json!({"name": "Kafka", "tag": "kafka", "envs": [{"slug": "dev", "type": "kafka",
+        "config": {"brokers": ["127.0.0.1:9092"], "properties": {"ssl.ca.pem": "-----BEGIN CERTIFICATE-----"}}}]});
+    api.ok("POST", "/v1/brokers", Some(broker), StatusCode::CREATED).await;
+}
