@@ -183,3 +183,17 @@ fn a_server_and_the_local_cli_share_one_data_folder() {
     let message: Value = serde_json::from_str(consumed.ok().trim_end()).expect("one JSON line");
     assert_eq!(message["payload"], "through the server");
 }
+
+#[test]
+fn a_broker_file_left_in_the_working_directory_is_pointed_out() {
+    let sandbox = Sandbox::new();
+    let app = sandbox.path().join("app");
+    define(&app, "{ path: dev-broker.db }");
+    // Where an earlier polybus, run from `app`, kept it.
+    std::fs::write(app.join("dev-broker.db"), b"").expect("old file");
+    let published =
+        polybus(&app, &["--registry", "reg.db", "publish", "--env", "dev", "bus:orders", "--data", "x"]);
+    published.ok();
+    assert!(published.stderr.contains("move the old file there"), "{published:?}");
+    assert!(published.stderr.contains(&app.join("dev-broker.db").display().to_string()), "{published:?}");
+}

@@ -220,7 +220,11 @@ impl FilePolicy {
         stage: Stage,
     ) -> Result<PathBuf, ValidationError> {
         if !self.confined {
-            return Ok(absolute(&self.base.join(value)));
+            let placed = absolute(&self.base.join(value));
+            if used == Use::BrokerFile && stage == Stage::Connect {
+                warn_if_left_behind(value, &placed);
+            }
+            return Ok(placed);
         }
         // A reference is known only when connecting; it is checked then.
         if stage == Stage::Write && written.contains("${") {
@@ -240,6 +244,10 @@ impl FilePolicy {
         }
         let checked = self.inside(&relative, used, stage);
         match (checked, used) {
+            (Ok(path), Use::BrokerFile) if stage == Stage::Connect => {
+                warn_if_left_behind(value, &path);
+                Ok(path)
+            }
             (Ok(path), _) => Ok(path),
             (Err(_), Use::KeyFile) => Err(unusable_key_file(env, written)),
             (Err(why), Use::BrokerFile) => {
@@ -319,6 +327,24 @@ fn relative_inside(value: &str, used: Use) -> std::result::Result<PathBuf, &'sta
         return Err("must end in `.db`, `.sqlite` or `.sqlite3`");
     }
     Ok(relative)
+}
+
+/// Before the data folder, a relative broker file was opened in the working directory: when the
+/// file is new in the data folder but one is there, say so rather than start an empty log silently.
+fn warn_if_left_behind(value: &str, placed: &Path) {
+    if Path::new(value).is_absolute() || placed.exists() {
+        return;
+    }
+    let Ok(cwd) = std::env::current_dir() else { return };
+    let old = cwd.join(value);
+    if old.is_file() && absolute(&old) != placed {
+        tracing::warn!(
+            old = %old.display(),
+            new = %placed.display(),
+            "a broker file is no longer looked for in the working directory but in the data folder; \
+             move the old file there to keep its messages"
+        );
+    }
 }
 
 /// The one answer for a key file that cannot be used, through a server.
