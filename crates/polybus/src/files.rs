@@ -404,4 +404,44 @@ mod tests {
             assert!(relative_inside(bad, Use::BrokerFile).is_err(), "{bad:?}");
         }
     }
+
+    fn env(broker_type: BrokerType, config: Value) -> BrokerEnv {
+        BrokerEnv { slug: "dev".into(), broker_type, config }
+    }
+
+    #[tokio::test]
+    async fn locally_relative_paths_and_the_default_file_land_in_the_base() {
+        let policy = FilePolicy::local("/srv/app/polybus-data");
+        let embedded = env(BrokerType::Embedded, serde_json::json!({}));
+        let config = policy.connect_config(&embedded, serde_json::json!({})).await.expect("config");
+        assert_eq!(config["path"], "/srv/app/polybus-data/polybus-broker.db");
+        let elsewhere = serde_json::json!({"path": "/var/lib/b.db"});
+        let config = policy.connect_config(&embedded, elsewhere).await.expect("config");
+        assert_eq!(config["path"], "/var/lib/b.db", "the local CLI may name any path");
+
+        let properties = serde_json::json!({"brokers": ["k:9092"], "properties":
+            {"ssl.ca.location": "certs/ca.pem", "ssl.key.location": "/etc/k.pem", "https.ca.location": "probe",
+             "linger.ms": "5"}});
+        let kafka = env(BrokerType::Kafka, properties.clone());
+        let config = policy.connect_config(&kafka, properties).await.expect("config");
+        let placed = &config["properties"];
+        assert_eq!(placed["ssl.ca.location"], "/srv/app/polybus-data/certs/ca.pem");
+        assert_eq!(placed["ssl.key.location"], "/etc/k.pem");
+        assert_eq!(placed["https.ca.location"], "probe");
+        assert_eq!(placed["linger.ms"], "5");
+    }
+
+    #[test]
+    fn through_a_server_every_key_file_problem_reads_the_same() {
+        let pubsub =
+            env(BrokerType::GooglePubsub, serde_json::json!({"projectId": "p", "keyFilename": "k.json"}));
+        let not_found =
+            Error::from(ValidationError::in_env("dev", "config.keyFilename", "cannot read: not found"));
+        let confined = FilePolicy::confined("/srv/data").conceal(&pubsub, not_found);
+        assert_eq!(confined.to_string(), Error::from(unusable_key_file("dev", "k.json")).to_string());
+        let not_found =
+            Error::from(ValidationError::in_env("dev", "config.keyFilename", "cannot read: not found"));
+        let local = FilePolicy::local("/srv/data").conceal(&pubsub, not_found);
+        assert!(local.to_string().contains("not found"), "the local CLI says what is wrong: {local}");
+    }
 }
