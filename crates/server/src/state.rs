@@ -1,9 +1,8 @@
 //! What every request handler shares: registry, bus, keys, metrics, leases.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
-
-use std::path::PathBuf;
 
 use polybus::{Bus, FilePolicy, Registry};
 use tokio::sync::watch;
@@ -36,10 +35,8 @@ impl Default for Options {
 impl Options {
     /// The file policy of a server: definitions confined to the data folder.
     pub fn files(&self) -> FilePolicy {
-        let data_dir = self.data_dir.clone();
-        FilePolicy::confined(
-            data_dir.unwrap_or_else(|| PathBuf::from(".").join(polybus::files::DATA_DIR_NAME)),
-        )
+        let beside_working_directory = || PathBuf::from(".").join(polybus::files::DATA_DIR_NAME);
+        FilePolicy::confined(self.data_dir.clone().unwrap_or_else(beside_working_directory))
     }
 }
 
