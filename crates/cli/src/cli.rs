@@ -18,6 +18,12 @@ pub struct Cli {
     /// Registry to use: a file path or `sqlite://PATH`.
     #[arg(long, global = true, env = "POLYBUS_REGISTRY", default_value = DEFAULT_REGISTRY)]
     pub registry: String,
+    /// Data folder: relative file paths in definitions (the embedded broker's `path`, Pub/Sub's
+    /// `keyFilename`) and the default broker file resolve against it, never the working directory;
+    /// `serve` keeps every file a definition names inside it [default: `polybus-data` beside the
+    /// registry]
+    #[arg(long, global = true, env = "POLYBUS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
     /// Work through a polybus server's HTTP API at this URL (e.g. `http://127.0.0.1:8080`)
     /// instead of a local registry.
     #[arg(long, global = true, env = "POLYBUS_SERVER", value_name = "URL")]
@@ -61,7 +67,8 @@ pub enum Command {
     Consume(ConsumeArgs),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
-    /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`.
+    /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
+    /// definitions sent to it may name files only inside `--data-dir`.
     Serve(ServeArgs),
     /// Manage the server's API keys (stored hashed in the registry).
     #[command(subcommand)]

@@ -12,6 +12,7 @@ use polybus_registry::Registry;
 use tokio::sync::Mutex;
 
 use crate::delivery::{DeadLetterTarget, Subscriber};
+use crate::files::FilePolicy;
 use crate::secrets::{self, SecretPolicy};
 
 /// How long a resolved topic or connection is trusted before the registry is asked again.
@@ -55,6 +56,7 @@ pub struct BusBuilder {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
     secrets: SecretPolicy,
+    files: FilePolicy,
 }
 
 impl BusBuilder {
@@ -71,6 +73,12 @@ impl BusBuilder {
         self
     }
 
+    /// Where the files definitions name may be (default: [`FilePolicy::default`]).
+    pub fn files(mut self, policy: FilePolicy) -> Self {
+        self.files = policy;
+        self
+    }
+
     /// Builds the bus; connections are made lazily, on first use of an env.
     pub fn build(self) -> Bus {
         Bus {
@@ -78,6 +86,7 @@ impl BusBuilder {
                 registry: self.registry,
                 connectors: self.connectors,
                 secrets: self.secrets,
+                files: self.files,
                 connections: Mutex::new(HashMap::new()),
                 connecting: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
@@ -93,6 +102,7 @@ struct Inner {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
     secrets: SecretPolicy,
+    files: FilePolicy,
     connections: Mutex<HashMap<(String, String), Connection>>,
     /// One gate per broker env, so concurrent first uses make one connection, not one each.
     connecting: Mutex<HashMap<(String, String), Gate>>,
@@ -114,7 +124,7 @@ impl Bus {
     /// A builder, to add connectors of your own.
     pub fn builder(registry: Registry) -> BusBuilder {
         let connectors = crate::default_connectors().into_iter().map(|c| (c.broker_type(), c)).collect();
-        BusBuilder { registry, connectors, secrets: SecretPolicy::any_env() }
+        BusBuilder { registry, connectors, secrets: SecretPolicy::any_env(), files: FilePolicy::default() }
     }
 
     /// The registry this bus resolves through.
@@ -125,6 +135,11 @@ impl Bus {
     /// How this bus resolves secret references.
     pub fn secrets(&self) -> &SecretPolicy {
         &self.inner.secrets
+    }
+
+    /// Where the files definitions name may be.
+    pub fn files(&self) -> &FilePolicy {
+        &self.inner.files
     }
 
     /// Publishes one message to `event` in `env`; returns its id.
@@ -358,9 +373,16 @@ impl Bus {
             broker_type: broker_env.broker_type,
             config: resolved.config,
         };
+        let target = ConnectTarget {
+            config: self.inner.files.connect_config(broker_env, target.config).await?,
+            ..target
+        };
         tracing::debug!(broker, env, broker_type = %broker_env.broker_type, "connecting");
         // Every error of this connection, from here on, names references instead of values.
-        let transport = connector.connect(&target).await.map_err(|e| resolved.scrubber.scrub(e))?;
+        let transport = connector
+            .connect(&target)
+            .await
+            .map_err(|e| self.inner.files.conceal(broker_env, resolved.scrubber.scrub(e)))?;
         Ok((secrets::scrubbed(transport, resolved.scrubber), broker_env.broker_type, definition.version))
     }
 }

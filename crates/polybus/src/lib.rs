@@ -18,11 +18,13 @@
 mod bus;
 mod consume;
 mod delivery;
+pub mod files;
 mod secrets;
 
 pub use bus::{Bus, BusBuilder, Group};
 pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
 pub use delivery::{Delivery, Subscriber};
+pub use files::FilePolicy;
 pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
 
 pub use polybus_core::{

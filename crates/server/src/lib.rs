@@ -79,6 +79,14 @@ pub enum ServeError {
     /// Serving failed.
     #[error("serving HTTP failed: {0}")]
     Serve(std::io::Error),
+    /// The data folder could not be created.
+    #[error("cannot create the data folder {}: {source}", path.display())]
+    DataDir {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
 }
 
 impl ServeError {
@@ -88,6 +96,7 @@ impl ServeError {
             ServeError::Registry(e) => e.code(),
             ServeError::Bind { .. } => "LISTEN_FAILED",
             ServeError::Serve(_) => "SERVE_FAILED",
+            ServeError::DataDir { .. } => "DATA_DIR_FAILED",
         }
     }
 }
@@ -99,7 +108,8 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the registry and binds the address.
+    /// Opens the registry, creates the data folder (by default `polybus-data` beside a SQLite
+    /// registry) and binds the address.
     pub async fn bind(config: &ServerConfig) -> Result<Server, ServeError> {
         let registry = Registry::open(&config.registry_url).await?;
         let listener = TcpListener::bind(config.listen)
@@ -107,6 +117,10 @@ impl Server {
             .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
         // After binding, so a server that cannot start leaves no key file behind.
         let mut options = config.options.clone();
+        let data_dir =
+            options.data_dir.get_or_insert_with(|| polybus::files::data_dir_beside(&config.registry_url));
+        std::fs::create_dir_all(&*data_dir)
+            .map_err(|source| ServeError::DataDir { path: data_dir.clone(), source })?;
         options.secrets_key =
             polybus_registry::find_key(&config.registry_url, config.secrets_key_file.as_deref(), true)?;
         if let Err(reason) = &options.secrets_key {

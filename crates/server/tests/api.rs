@@ -156,7 +156,7 @@ async fn broker_lifecycle_with_redaction_versions_and_conflicts() {
         "tag": "message-bus",
         "envs": [
             {"slug": "dev", "type": "REDIS", "config": {"host": "127.0.0.1", "port": 6379, "password": "hunter2"}},
-            {"slug": "local", "type": "embedded", "config": {"path": api.broker_db()}},
+            {"slug": "local", "type": "embedded", "config": {"path": common::BROKER_DB}},
         ],
     });
     let created = api.ok("POST", "/v1/brokers", Some(broker.clone()), StatusCode::CREATED).await;

@@ -10,10 +10,11 @@ mod secret;
 mod serve;
 mod topic;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use polybus::{Bus, Registry, SecretPolicy};
 use std::io::IsTerminal;
 use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use polybus::{Bus, FilePolicy, Registry, SecretPolicy};
 
 use crate::cli::{Cli, Command, Format};
 use crate::failure::{CliResult, Failure};
@@ -24,6 +25,10 @@ use crate::remote::Client;
 pub struct Context {
     /// The registry URL, as given.
     pub registry_url: String,
+    /// The data folder: `--data-dir`, or `polybus-data` beside the registry.
+    pub data_dir: PathBuf,
+    /// `--data-dir` as given, to repeat it in the commands shown to the user.
+    pub data_dir_given: bool,
     /// Output format.
     pub format: Format,
     /// The server to work through, with `--server`; `None` works on the local registry.
@@ -57,9 +62,14 @@ impl Context {
     /// Opens the registry and a bus over it: every `${VAR}` of this process resolves, and
     /// `$Secret{..}` when the registry's key file exists.
     pub async fn bus(&self) -> CliResult<Bus> {
-        let registry = self.registry().await?;
+        Ok(self.bus_over(self.registry().await?))
+    }
+
+    /// A bus over `registry`: files anywhere (relative ones in the data folder), every `${VAR}`
+    /// of this process, and `$Secret{..}` when the registry's key file exists.
+    pub fn bus_over(&self, registry: Registry) -> Bus {
         let policy = SecretPolicy::any_env().with_store(secret::bus_store(self, &registry));
-        Ok(Bus::builder(registry).secrets(policy).build())
+        Bus::builder(registry).secrets(policy).files(FilePolicy::local(&self.data_dir)).build()
     }
 
     /// True for JSON output.
@@ -89,8 +99,12 @@ pub async fn run(cli: Cli) -> CliResult {
         }
         _ => None,
     };
+    let data_dir_given = cli.data_dir.is_some();
+    let data_dir = cli.data_dir.unwrap_or_else(|| polybus::files::data_dir_beside(&cli.registry));
     let ctx = Context {
         registry_url: cli.registry,
+        data_dir,
+        data_dir_given,
         format: cli.output,
         remote,
         secrets_key_file: cli.secrets_key_file,
