@@ -173,10 +173,16 @@ impl PrivateBroker {
     }
 }
 
+/// Set to keep a private broker's data directory (and its log) after the run, for debugging.
+pub const KEEP_ENV: &str = "POLYBUS_KEEP_PRIVATE";
+
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        if let Some(Ok(running)) = self.started.get() {
+        if let Some(Ok(running)) = self.started.take() {
             let _ = running.stop(Stop::Kill, &self.name);
+            if std::env::var_os(KEEP_ENV).is_some() {
+                eprintln!("private {}: kept {} ({KEEP_ENV} is set)", self.name, running.dir.keep().display());
+            }
         }
     }
 }

@@ -141,11 +141,16 @@ fn spawn_publishers(
 #[derive(Default)]
 struct Record {
     ok: HashSet<String>,
+    /// When each Ok publish returned.
+    ok_at: HashMap<String, Instant>,
+    stopped_at: Option<Instant>,
     failed: Vec<(String, String)>,
     deliveries: HashMap<String, u64>,
     receive_errors: Vec<(usize, String)>,
     ready_at: Option<Instant>,
     ok_after_ready: usize,
+    /// A message published after the broker served again has arrived: consuming resumed.
+    new_message_arrived: bool,
     first_ok_after_ready: Option<Instant>,
     first_delivery_after_ready: Option<Instant>,
 }
@@ -157,6 +162,7 @@ impl Record {
         let after_ready = self.ready_at.is_some();
         match event {
             Event::Published { id, result: Ok(()) } => {
+                self.ok_at.insert(id.clone(), now);
                 self.ok.insert(id);
                 if after_ready {
                     self.ok_after_ready += 1;
@@ -171,6 +177,9 @@ impl Record {
                 panic!("publish of {id} neither succeeded nor failed within {PUBLISH_DEADLINE:?}")
             }
             Event::Received { id } => {
+                if let (Some(ready), Some(published)) = (self.ready_at, self.ok_at.get(&id)) {
+                    self.new_message_arrived |= *published >= ready;
+                }
                 *self.deliveries.entry(id).or_default() += 1;
                 if after_ready {
                     self.first_delivery_after_ready.get_or_insert(now);
@@ -180,7 +189,7 @@ impl Record {
             Event::Closed { member } => {
                 panic!("member {member}'s subscription ended at the restart instead of reconnecting")
             }
-            Event::Stopped => {}
+            Event::Stopped => self.stopped_at = Some(now),
             Event::Ready => self.ready_at = Some(now),
             Event::RestartFailed(e) => panic!("restarting the private broker: {e}"),
         }
@@ -188,6 +197,22 @@ impl Record {
 
     fn missing(&self) -> Vec<&String> {
         self.ok.iter().filter(|id| !self.deliveries.contains_key(*id)).collect()
+    }
+
+    /// Missing messages by when their publish returned: before the stop, during the outage,
+    /// after the broker served again.
+    fn missing_by_phase(&self) -> [usize; 3] {
+        let mut phases = [0; 3];
+        for id in self.missing() {
+            let at = self.ok_at[id];
+            let phase = match (self.stopped_at, self.ready_at) {
+                (Some(stop), _) if at < stop => 0,
+                (_, Some(ready)) if at >= ready => 2,
+                _ => 1,
+            };
+            phases[phase] += 1;
+        }
+        phases
     }
 }
 
@@ -206,12 +231,14 @@ async fn until(
             Ok(None) => return Err(format!("every publisher and member stopped while waiting for {what}")),
             Err(_) => {
                 return Err(format!(
-                    "timed out after {limit:?} waiting for {what}: {} published ok, {} failed, {} distinct \
-                     received, {} still missing",
+                    "timed out after {limit:?} waiting for {what}: {} published ok, {} failed (last error: \
+                     {:?}), {} distinct received, {} still missing; last receive error: {:?}",
                     record.ok.len(),
                     record.failed.len(),
+                    record.failed.last().map(|(_, e)| e),
                     record.deliveries.len(),
-                    record.missing().len()
+                    record.missing().len(),
+                    record.receive_errors.last(),
                 ));
             }
         }
@@ -268,13 +295,12 @@ pub(crate) async fn broker_restart_mid_publish_and_mid_consume(ctx: Ctx, how: St
         })
     };
     drop(events_tx);
-    until(
-        &mut events,
-        &mut record,
-        Duration::from_secs(120),
-        "publishes to succeed after the restart",
-        |r| r.ok_after_ready >= AFTER,
-    )
+    // Publishing goes on until consuming resumed too, so messages published before and after
+    // the members are back are both checked.
+    let what = "publishes to succeed, and one of them to arrive, after the restart";
+    until(&mut events, &mut record, Duration::from_secs(120), what, |r| {
+        r.ok_after_ready >= AFTER && r.new_message_arrived
+    })
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     stop_publishing.store(true, Ordering::Relaxed);
@@ -338,6 +364,11 @@ pub(crate) async fn broker_restart_mid_publish_and_mid_consume(ctx: Ctx, how: St
         .collect();
     assert!(strangers.is_empty(), "messages no one published arrived: {strangers:?}");
     if let Err(e) = settled {
-        panic!("{e} (first missing: {:?})", record.missing().first());
+        let [before, during, after] = record.missing_by_phase();
+        panic!(
+            "{e}; of the missing, {before} were published before the stop, {during} during the outage, {after} \
+             after the broker served again (first missing: {:?})",
+            record.missing().first()
+        );
     }
 }
