@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use polybus::{Message, SubscribeOptions};
+use polybus::{Message, SubscribeOptions, Topic};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::fixture::{Ctx, ENV, WAIT, within};
+use crate::fixture::{Ctx, ENV, OrFail, WAIT, within};
 use crate::reliability::{FaultFigures, report_fault};
 use crate::restart::{Event, spawn_members};
 
@@ -25,12 +25,21 @@ const LINGER: Duration = Duration::from_millis(500);
 
 pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
     let started = Instant::now();
+    // A partition per consumer where the broker has partitions (Kafka), as a deployment of ten
+    // competing consumers would have: more members than partitions leaves some idle.
+    let event = format!("{}-load", ctx.event);
+    let topic = serde_json::json!({"tag": event, "envs": [{"slug": ENV, "partitions": CONSUMERS}]});
+    ctx.registry
+        .create_topic(Topic::from_value(topic).or_fail("the load topic's definition"))
+        .await
+        .or_fail(format!("creating topic {event}"));
     // A roomy deadline: this case is about losing nothing under load, not redelivery timing.
     let options = SubscribeOptions { ack_deadline: Duration::from_secs(30), ..ctx.options("workers") };
     let mut subs = Vec::with_capacity(CONSUMERS);
     for _ in 0..CONSUMERS {
-        subs.push(ctx.subscribe_with(&ctx.event, options.clone()).await);
+        subs.push(ctx.subscribe_with(&event, options.clone()).await);
     }
+    eprintln!("load: {CONSUMERS} consumers joined in {:?}", started.elapsed());
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let ack_errors = Arc::new(AtomicU64::new(0));
     let members = spawn_members(subs, Duration::ZERO, events_tx, ack_errors.clone());
@@ -39,7 +48,7 @@ pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
     let publishing = Instant::now();
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|p| {
-            let (bus, event) = (ctx.bus.clone(), ctx.event.clone());
+            let (bus, event) = (ctx.bus.clone(), event.clone());
             tokio::spawn(async move {
                 let mut ids = Vec::with_capacity(each);
                 for i in 0..each {
@@ -61,6 +70,7 @@ pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
         }
     }
     let published_in = publishing.elapsed();
+    eprintln!("load: {} messages published in {published_in:?}", sent.len());
 
     // Received ids, with how often each came; a stall (nothing new for WAIT) ends the wait.
     let mut deliveries: HashMap<String, u64> = HashMap::new();
