@@ -193,7 +193,7 @@ pub(crate) static CASES: &[Case] = &[
     },
     Case {
         name: LOAD_CASE,
-        needs: &[],
+        needs: &[Need::Alone],
         max_attempts: None,
         limit: LONG,
         run: |ctx, _| Box::pin(load_lose_nothing(ctx, LONG)),

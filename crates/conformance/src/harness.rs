@@ -43,6 +43,8 @@ pub(crate) enum Need {
     PrivateBroker,
     /// The private broker keeps what it acknowledged through a SIGKILL.
     CrashSafe,
+    /// Runs with no other case at once (a load that would starve them, or be starved).
+    Alone,
 }
 
 impl Need {
@@ -186,7 +188,8 @@ static BROKER: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// Runs one case in its own runtime, with its own registry and topic; a panic is the failure.
 fn run_case(case: &'static Case, target: &Target, caps: Capabilities) -> Result<(), Failed> {
-    let restarts = case.needs.iter().any(|need| matches!(need, Need::Restart | Need::PrivateBroker));
+    let restarts =
+        case.needs.iter().any(|need| matches!(need, Need::Restart | Need::PrivateBroker | Need::Alone));
     let (_shared, _alone) = if restarts {
         (None, Some(BROKER.write().unwrap_or_else(|poisoned| poisoned.into_inner())))
     } else {
