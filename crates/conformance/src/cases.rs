@@ -17,6 +17,9 @@ use crate::fixture::{
     ACK_DEADLINE, Ctx, ENV, Members, OrFail, TIMER_SLACK, WAIT, expect_nothing, receive, within,
 };
 use crate::harness::Need;
+use crate::load::{LOAD_CASE, load_lose_nothing};
+use crate::private::Stop;
+use crate::restart::{CRASH_CASE, RESTART_CASE, RESTART_LIMIT, broker_restart_mid_publish_and_mid_consume};
 
 /// One behaviour to prove.
 pub(crate) struct Case {
@@ -173,6 +176,27 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: None,
         limit: NORMAL,
         run: |ctx, _| Box::pin(graceful_shutdown_settles_in_flight_messages(ctx)),
+    },
+    Case {
+        name: RESTART_CASE,
+        needs: &[Need::PrivateBroker],
+        max_attempts: None,
+        limit: RESTART_LIMIT,
+        run: |ctx, _| Box::pin(broker_restart_mid_publish_and_mid_consume(ctx, Stop::Graceful)),
+    },
+    Case {
+        name: CRASH_CASE,
+        needs: &[Need::PrivateBroker, Need::CrashSafe],
+        max_attempts: None,
+        limit: RESTART_LIMIT,
+        run: |ctx, _| Box::pin(broker_restart_mid_publish_and_mid_consume(ctx, Stop::Kill)),
+    },
+    Case {
+        name: LOAD_CASE,
+        needs: &[Need::Alone],
+        max_attempts: None,
+        limit: LONG,
+        run: |ctx, _| Box::pin(load_lose_nothing(ctx, LONG)),
     },
 ];
 

@@ -18,6 +18,10 @@
 mod cases;
 mod fixture;
 mod harness;
+mod load;
+pub mod private;
+pub mod reliability;
+mod restart;
 
 use std::sync::Arc;
 
@@ -25,6 +29,7 @@ use futures::future::BoxFuture;
 use polybus::{BrokerType, Connector};
 
 pub use harness::run;
+pub use private::PrivateBroker;
 
 /// Restarts the real broker behind a target and returns once it accepts connections again.
 pub type RestartHook = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
@@ -42,12 +47,22 @@ pub struct Target {
     pub connectors: Vec<Arc<dyn Connector>>,
     /// Restarts the broker; `None` skips the reconnect case.
     pub restart: Option<RestartHook>,
+    /// A broker instance of the suite's own that the restart cases stop and start, or why
+    /// there is none (the reason those cases are skipped with).
+    pub private: Result<Arc<PrivateBroker>, String>,
 }
 
 impl Target {
     /// A target with no extra connectors and no restart hook.
     pub fn new(name: impl Into<String>, broker_type: BrokerType, config: serde_json::Value) -> Self {
-        Target { name: name.into(), broker_type, config, connectors: Vec::new(), restart: None }
+        Target {
+            name: name.into(),
+            broker_type,
+            config,
+            connectors: Vec::new(),
+            restart: None,
+            private: Err("no private broker for this target".into()),
+        }
     }
 
     /// Adds a connector (for an adapter that is not a feature of the `polybus` crate).
@@ -62,6 +77,18 @@ impl Target {
         F: Fn() -> BoxFuture<'static, ()> + Send + Sync + 'static,
     {
         self.restart = Some(Arc::new(hook));
+        self
+    }
+
+    /// Sets the private broker the restart cases stop and start.
+    pub fn private(mut self, broker: Arc<PrivateBroker>) -> Self {
+        self.private = Ok(broker);
+        self
+    }
+
+    /// Says why this target has no private broker (the restart cases are skipped with it).
+    pub fn no_private(mut self, reason: impl Into<String>) -> Self {
+        self.private = Err(reason.into());
         self
     }
 }
