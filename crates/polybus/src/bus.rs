@@ -142,6 +142,8 @@ impl Bus {
         options: impl Into<SubscribeOptions>,
     ) -> Result<Subscriber> {
         let options = options.into();
+        polybus_core::tag::check_tag(&options.group)
+            .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
         check_group(&options.group, route.broker_type, &route.spec)?;
         let inner = route.transport.subscribe(&route.spec, &options).await?;
@@ -163,6 +165,8 @@ impl Bus {
         options: impl Into<SubscribeOptions>,
     ) -> Result<Subscriber> {
         let options = options.into();
+        polybus_core::tag::check_tag(&options.group)
+            .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
         let spec = route.spec.dead_letter_spec();
         check_group(&options.group, route.broker_type, &spec)?;
@@ -380,9 +384,8 @@ fn in_batch(error: Error, index: usize) -> Error {
     }
 }
 
-/// Checks a group name: a tag, and legal in the names it derives on `spec`'s broker.
+/// Checks that the names a group derives on `spec`'s broker are legal there.
 fn check_group(group: &str, broker_type: BrokerType, spec: &TopicSpec) -> Result<()> {
-    polybus_core::tag::check_tag(group).map_err(|e| ValidationError::field("group", e))?;
     names::check_group(broker_type, &spec.native_name, group)
         .map_err(|e| ValidationError::field("group", format!("not a valid {broker_type} name: {e}")))?;
     Ok(())
