@@ -250,3 +250,41 @@ fn usage_errors_keep_clap_exit_code() {
     let run = sandbox.run(&["publish", "--env", "dev", "bus:orders", "--header", "novalue", "--data", "x"]);
     assert_eq!(run.code, Some(2), "{run:#?}");
 }
+
+#[test]
+fn huge_and_hostile_names_are_refused_and_old_ones_are_listed_escaped_without_a_panic() {
+    let sandbox = Sandbox::new();
+    let huge = sandbox.write(
+        "huge.yaml",
+        format!("name: {}\ntag: huge\nenvs:\n  - slug: dev\n    type: embedded\n", "n".repeat(65_536)),
+    );
+    let refused = sandbox.run(&["broker", "create", "-f", &huge]);
+    assert!(
+        refused
+            .failed(1)
+            .starts_with("error: VALIDATION_FAILED: huge.yaml: field `name`: is 65536 characters long"),
+        "{refused:?}"
+    );
+    let hostile = sandbox.write("hostile.json", r#"{"name": "evil\u001b]0;owned\u0007", "tag": "evil", "envs": [{"slug": "dev", "type": "embedded"}]}"#);
+    let refused = sandbox.run(&["broker", "create", "-f", &hostile]);
+    assert!(!refused.failed(1).contains('\u{1b}'), "{refused:?}");
+
+    // Definitions stored before the limits (or by an older server) are still listed, safely.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let url = sandbox.path().join("registry.db").display().to_string();
+        let store = polybus_registry::open_store(&url).await.expect("registry");
+        for (tag, name) in [("huge", "n".repeat(65_536)), ("evil", "evil\u{1b}]0;owned\u{7}\u{1b}[2J".to_owned())] {
+            let doc = json!({"name": name, "tag": tag, "envs": [{"slug": "dev", "type": "embedded"}], "version": 1});
+            store.insert(polybus_registry::Kind::Broker, tag, None, &doc).await.expect("stored as-is");
+        }
+    });
+    let listed = sandbox.run(&["broker", "list"]);
+    let text = listed.ok();
+    assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+    assert!(text.contains("evil\\u{1b}]0;owned\\u{7}"), "{text:?}");
+    assert!(text.lines().all(|l| l.chars().count() < 200), "{text:?}");
+    assert!(text.contains('…'), "{text:?}");
+    let shown = sandbox.run(&["broker", "get", "evil"]);
+    assert!(!shown.ok().contains('\u{1b}'), "{shown:?}");
+}
