@@ -288,3 +288,26 @@ fn huge_and_hostile_names_are_refused_and_old_ones_are_listed_escaped_without_a_
     let shown = sandbox.run(&["broker", "get", "evil"]);
     assert!(!shown.ok().contains('\u{1b}'), "{shown:?}");
 }
+
+#[test]
+fn broker_get_hides_kafka_properties_and_url_passwords_holding_slashes() {
+    let sandbox = Sandbox::new();
+    let file = sandbox.write(
+        "kafka.yaml",
+        "name: K\ntag: k\nenvs:\n  - slug: prd\n    type: kafka\n    config:\n      brokers: [\"k:9092\"]\n      \
+         properties:\n        sasl.password: pw-sasl\n        ssl.key.password: pw-key\n        \
+         sasl.jaas.config: 'PlainLoginModule required password=\"pw-jaas\";'\n  - slug: q\n    type: rabbitmq\n    \
+         config:\n      url: \"amqp://app:pw/slash@rabbit:5672/\"\n",
+    );
+    sandbox.run(&["broker", "create", "-f", &file]).ok();
+    for args in
+        [&["broker", "get", "k"][..], &["broker", "get", "k", "--output", "json"], &["broker", "list"]]
+    {
+        let run = sandbox.run(args);
+        let out = run.ok();
+        assert!(!out.contains("pw-") && !out.contains("pw/slash"), "{args:?}: {out}");
+    }
+    let json = sandbox.run(&["broker", "get", "k", "--output", "json"]).json();
+    assert_eq!(json["envs"][0]["config"]["properties"]["sasl.password"], "****");
+    assert_eq!(json["envs"][1]["config"]["url"], "amqp://app:****@rabbit:5672/");
+}
