@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use base64::Engine;
-use polybus::{Broker, BrokerType, Message, Topic, wire};
+use polybus::{Broker, BrokerType, Message, SecretInfo, Topic, wire};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -382,6 +382,23 @@ impl Client {
     /// `DELETE /v1/topics/{event}`.
     pub async fn delete_topic(&self, event: &str) -> CliResult {
         let _: Value = self.call(Method::DELETE, &["topics", event], &[], NO_BODY, REQUEST_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/secrets`: sets a secret; the answer holds its name and times only.
+    pub async fn set_secret(&self, name: &str, value: &str) -> CliResult<SecretInfo> {
+        let body = serde_json::json!({ "name": name, "value": value });
+        self.call(Method::POST, &["secrets"], &[], Some(&body), REQUEST_TIMEOUT).await
+    }
+
+    /// `GET /v1/secrets`: names and times.
+    pub async fn secrets(&self) -> CliResult<Vec<SecretInfo>> {
+        self.call(Method::GET, &["secrets"], &[], NO_BODY, REQUEST_TIMEOUT).await
+    }
+
+    /// `DELETE /v1/secrets/{name}`.
+    pub async fn delete_secret(&self, name: &str) -> CliResult {
+        let _: Value = self.call(Method::DELETE, &["secrets", name], &[], NO_BODY, REQUEST_TIMEOUT).await?;
         Ok(())
     }
 

@@ -9,6 +9,7 @@ pub mod limits;
 pub mod message;
 pub mod names;
 pub mod redact;
+pub mod scrub;
 pub mod secret;
 pub mod strict;
 pub mod tag;

@@ -6,12 +6,13 @@ use std::time::{Duration, Instant};
 
 use polybus_core::{
     BrokerType, Capabilities, ConnectTarget, Connector, Error, Message, Result, SubscribeOptions, TopicSpec,
-    Transport, ValidationError, names, secret,
+    Transport, ValidationError, names,
 };
 use polybus_registry::Registry;
 use tokio::sync::Mutex;
 
 use crate::delivery::{DeadLetterTarget, Subscriber};
+use crate::secrets::{self, SecretPolicy};
 
 /// How long a resolved topic or connection is trusted before the registry is asked again.
 const REFRESH_AFTER: Duration = Duration::from_secs(1);
@@ -53,6 +54,7 @@ pub(crate) struct Resolved {
 pub struct BusBuilder {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
+    secrets: SecretPolicy,
 }
 
 impl BusBuilder {
@@ -62,12 +64,20 @@ impl BusBuilder {
         self
     }
 
+    /// Sets which secret references resolve and from where (default: every `${VAR}`, no
+    /// `$Secret{..}`).
+    pub fn secrets(mut self, policy: SecretPolicy) -> Self {
+        self.secrets = policy;
+        self
+    }
+
     /// Builds the bus; connections are made lazily, on first use of an env.
     pub fn build(self) -> Bus {
         Bus {
             inner: Arc::new(Inner {
                 registry: self.registry,
                 connectors: self.connectors,
+                secrets: self.secrets,
                 connections: Mutex::new(HashMap::new()),
                 connecting: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
@@ -82,6 +92,7 @@ type Gate = Arc<Mutex<()>>;
 struct Inner {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
+    secrets: SecretPolicy,
     connections: Mutex<HashMap<(String, String), Connection>>,
     /// One gate per broker env, so concurrent first uses make one connection, not one each.
     connecting: Mutex<HashMap<(String, String), Gate>>,
@@ -103,12 +114,17 @@ impl Bus {
     /// A builder, to add connectors of your own.
     pub fn builder(registry: Registry) -> BusBuilder {
         let connectors = crate::default_connectors().into_iter().map(|c| (c.broker_type(), c)).collect();
-        BusBuilder { registry, connectors }
+        BusBuilder { registry, connectors, secrets: SecretPolicy::any_env() }
     }
 
     /// The registry this bus resolves through.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// How this bus resolves secret references.
+    pub fn secrets(&self) -> &SecretPolicy {
+        &self.inner.secrets
     }
 
     /// Publishes one message to `event` in `env`; returns its id.
@@ -345,15 +361,17 @@ impl Bus {
             .connectors
             .get(&broker_env.broker_type)
             .ok_or_else(|| Error::NoAdapter(broker_env.broker_type.to_string()))?;
+        let resolved = self.inner.secrets.resolve(&broker_env.config).await?;
         let target = ConnectTarget {
             broker: broker.to_owned(),
             env: env.to_owned(),
             broker_type: broker_env.broker_type,
-            config: secret::resolve(&broker_env.config)?,
+            config: resolved.config,
         };
         tracing::debug!(broker, env, broker_type = %broker_env.broker_type, "connecting");
-        let transport = connector.connect(&target).await?;
-        Ok((transport, broker_env.broker_type, definition.version))
+        // Every error of this connection, from here on, names references instead of values.
+        let transport = connector.connect(&target).await.map_err(|e| resolved.scrubber.scrub(e))?;
+        Ok((secrets::scrubbed(transport, resolved.scrubber), broker_env.broker_type, definition.version))
     }
 }
 

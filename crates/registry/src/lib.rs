@@ -3,6 +3,7 @@
 //! PostgreSQL for several replicas).
 
 mod postgres;
+mod secrets;
 mod sqlite;
 
 use std::sync::Arc;
@@ -12,6 +13,9 @@ use polybus_core::{Broker, BrokerPatch, Error, EventRef, Result, Topic, TopicPat
 use serde_json::Value;
 
 pub use postgres::PostgresStore;
+pub use secrets::{
+    DEFAULT_KEY_FILE, KEY_BYTES, MAX_VALUE_BYTES, SecretInfo, Secrets, SecretsKey, default_key_path, find_key,
+};
 pub use sqlite::SqliteStore;
 
 /// How many times an unversioned update retries when another writer got in first.
@@ -26,6 +30,8 @@ pub enum Kind {
     Topic,
     /// A server API key, stored hashed.
     ApiKey,
+    /// A `$Secret{name}` value, stored encrypted.
+    Secret,
 }
 
 impl Kind {
@@ -35,6 +41,7 @@ impl Kind {
             Kind::Broker => "broker",
             Kind::Topic => "topic",
             Kind::ApiKey => "api_key",
+            Kind::Secret => "secret",
         }
     }
 }
@@ -70,11 +77,16 @@ pub trait Store: Send + Sync {
 /// Opens the store a registry URL names: `postgres://…` / `postgresql://…`, or a file path or
 /// `sqlite://PATH`.
 pub async fn open_store(url: &str) -> Result<Arc<dyn Store>> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_postgres_url(url) {
         return Ok(Arc::new(PostgresStore::open(url).await?));
     }
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
     Ok(Arc::new(SqliteStore::open(path).await?))
+}
+
+/// True when a registry URL names a PostgreSQL registry.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// The registry: create, update, fetch and delete brokers and topics, validated.

@@ -8,6 +8,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use polybus::Error;
+use polybus::core::secret::SecretError;
 use polybus::core::strict::Strict;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -112,6 +113,13 @@ fn status_of(error: &Error) -> StatusCode {
         Error::NoAdapter(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Transport { .. } => StatusCode::BAD_GATEWAY,
         Error::MissingSecret { .. } | Error::Storage(_) | Error::Closed(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Secret(e) => match e {
+            SecretError::NotAllowed { .. } => StatusCode::BAD_REQUEST,
+            SecretError::NotFound(_) => StatusCode::NOT_FOUND,
+            SecretError::Missing { .. }
+            | SecretError::Unavailable { .. }
+            | SecretError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        },
     }
 }
 

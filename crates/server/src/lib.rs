@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Registry URL: a SQLite path, `sqlite://PATH` or `postgres://…`.
     pub registry_url: String,
+    /// The `$Secret{name}` key file; default `polybus-secrets.key` beside a SQLite registry,
+    /// created when missing. A PostgreSQL registry has none unless given.
+    pub secrets_key_file: Option<std::path::PathBuf>,
     /// Other settings.
     pub options: Options,
 }
@@ -50,7 +53,12 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Listens on `listen`, serving the registry at `registry_url`, with default options.
     pub fn new(listen: SocketAddr, registry_url: impl Into<String>) -> Self {
-        ServerConfig { listen, registry_url: registry_url.into(), options: Options::default() }
+        ServerConfig {
+            listen,
+            registry_url: registry_url.into(),
+            secrets_key_file: None,
+            options: Options::default(),
+        }
     }
 }
 
@@ -94,10 +102,17 @@ impl Server {
     /// Opens the registry and binds the address.
     pub async fn bind(config: &ServerConfig) -> Result<Server, ServeError> {
         let registry = Registry::open(&config.registry_url).await?;
-        let state = AppState::open(registry, config.options.clone()).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+        // After binding, so a server that cannot start leaves no key file behind.
+        let mut options = config.options.clone();
+        options.secrets_key =
+            polybus_registry::find_key(&config.registry_url, config.secrets_key_file.as_deref(), true)?;
+        if let Err(reason) = &options.secrets_key {
+            tracing::warn!("`$Secret{{..}}` references cannot be used: {reason}");
+        }
+        let state = AppState::open(registry, options).await?;
         Ok(Server { listener, state })
     }
 

@@ -3,7 +3,7 @@
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use polybus::{Bus, Registry};
+use polybus::{Bus, Registry, SecretPolicy, Secrets, SecretsKey};
 use tokio::sync::watch;
 
 use crate::keys::ApiKeys;
@@ -20,11 +20,28 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 pub struct Options {
     /// Largest request body in bytes; larger ones get `413 PAYLOAD_TOO_LARGE`.
     pub body_limit: usize,
+    /// Only `${VAR}` references whose name starts with one of these resolve (an empty prefix
+    /// allows every variable of the server).
+    pub secret_env_prefixes: Vec<String>,
+    /// The key of the `$Secret{name}` store, or why there is none.
+    pub secrets_key: Result<SecretsKey, String>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { body_limit: DEFAULT_BODY_LIMIT }
+        Options {
+            body_limit: DEFAULT_BODY_LIMIT,
+            secret_env_prefixes: vec![polybus::DEFAULT_ENV_PREFIX.to_owned()],
+            secrets_key: Err("this server was started without a secrets key".to_owned()),
+        }
+    }
+}
+
+impl Options {
+    /// The secret policy these options describe, over `registry`'s store.
+    pub fn secret_policy(&self, registry: &Registry) -> SecretPolicy {
+        let secrets = Secrets::with_key(registry.store().clone(), self.secrets_key.clone());
+        SecretPolicy::env_prefixes(self.secret_env_prefixes.clone()).with_store(secrets)
     }
 }
 
@@ -63,7 +80,8 @@ impl AppState {
 
     /// State over a bus on `registry` with the connectors compiled into this build.
     pub async fn open(registry: Registry, options: Options) -> polybus::Result<Self> {
-        Ok(AppState::new(Bus::open(registry).await?, options))
+        let policy = options.secret_policy(&registry);
+        Ok(AppState::new(Bus::builder(registry).secrets(policy).build(), options))
     }
 
     /// The registry.

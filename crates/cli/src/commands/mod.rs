@@ -6,12 +6,14 @@ mod consume;
 mod key;
 mod publish;
 mod quickstart;
+mod secret;
 mod serve;
 mod topic;
 
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use polybus::{Bus, Registry};
+use polybus::{Bus, Registry, SecretPolicy};
 use std::io::IsTerminal;
+use std::path::PathBuf;
 
 use crate::cli::{Cli, Command, Format};
 use crate::failure::{CliResult, Failure};
@@ -26,6 +28,8 @@ pub struct Context {
     pub format: Format,
     /// The server to work through, with `--server`; `None` works on the local registry.
     pub remote: Option<Client>,
+    /// `--secrets-key-file`, when given.
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// Where a command's data comes from: the local registry and brokers, or a server.
@@ -50,9 +54,12 @@ impl Context {
         Ok(Registry::open(&self.registry_url).await?)
     }
 
-    /// Opens the registry and a bus over it.
+    /// Opens the registry and a bus over it: every `${VAR}` of this process resolves, and
+    /// `$Secret{..}` when the registry's key file exists.
     pub async fn bus(&self) -> CliResult<Bus> {
-        Ok(Bus::open(self.registry().await?).await?)
+        let registry = self.registry().await?;
+        let policy = SecretPolicy::any_env().with_store(secret::bus_store(self, &registry));
+        Ok(Bus::builder(registry).secrets(policy).build())
     }
 
     /// True for JSON output.
@@ -82,7 +89,12 @@ pub async fn run(cli: Cli) -> CliResult {
         }
         _ => None,
     };
-    let ctx = Context { registry_url: cli.registry, format: cli.output, remote };
+    let ctx = Context {
+        registry_url: cli.registry,
+        format: cli.output,
+        remote,
+        secrets_key_file: cli.secrets_key_file,
+    };
     match cli.command {
         Command::Broker(command) => broker::run(&ctx, command).await,
         Command::Topic(command) => topic::run(&ctx, command).await,
@@ -91,6 +103,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Quickstart => quickstart::run(&ctx).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
         Command::Key(command) => key::run(&ctx, command).await,
+        Command::Secret(command) => secret::run(&ctx, command).await,
         Command::Bench(args) => bench::run(&ctx, args).await,
     }
 }

@@ -20,7 +20,9 @@ const FIRST_KEY: &str = "admin";
 pub async fn run(ctx: &Context, args: ServeArgs) -> CliResult {
     // Before anything is printed, so a signal sent as soon as the banner shows is not lost.
     let shutdown = polybus_server::shutdown_signal();
-    let config = ServerConfig::new(args.listen, ctx.registry_url.clone());
+    let mut config = ServerConfig::new(args.listen, ctx.registry_url.clone());
+    config.secrets_key_file = ctx.secrets_key_file.clone();
+    config.options.secret_env_prefixes = args.secret_env_prefixes;
     let server = Server::bind(&config).await.map_err(failure)?;
     let address = server.local_addr().map_err(failure)?;
     let first = first_key(server.state().keys()).await?;

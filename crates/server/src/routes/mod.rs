@@ -4,6 +4,7 @@ pub mod consume;
 pub mod messages;
 pub mod ops;
 pub mod registry;
+pub mod secrets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,7 @@ use crate::{auth, dashboard};
     tags(
         (name = "brokers", description = "Broker definitions"),
         (name = "topics", description = "Topics, addressed as events `broker-tag:topic-tag`"),
+        (name = "secrets", description = "Secrets for `$Secret{name}` references: written, listed by name, never read back"),
         (name = "messages", description = "Publishing"),
         (name = "consume", description = "Consuming with leases: SSE stream or pull, then ack"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
@@ -61,6 +63,7 @@ impl Modify for BearerAuth {
 fn routes(state: &AppState) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(registry::router())
+        .merge(secrets::router())
         .merge(messages::router())
         .merge(consume::router())
         .merge(ops::protected())

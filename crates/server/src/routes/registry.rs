@@ -48,6 +48,7 @@ async fn create_broker(
     ApiJson(doc): ApiJson<Value>,
 ) -> ApiResult<(StatusCode, Json<Broker>)> {
     let broker = Broker::from_value(doc)?;
+    state.bus().secrets().check_broker(&broker).await?;
     let created = state.registry().create_broker(broker).await?;
     Ok((StatusCode::CREATED, Json(created.redacted())))
 }
@@ -86,6 +87,7 @@ async fn update_broker(
     ApiJson(doc): ApiJson<Value>,
 ) -> ApiResult<Json<Broker>> {
     let patch = BrokerPatch::from_value(doc)?;
+    state.bus().secrets().check_envs(&patch.envs).await?;
     Ok(Json(state.registry().update_broker(&tag, patch).await?.redacted()))
 }
 
