@@ -34,8 +34,10 @@ fn main() -> ExitCode {
 }
 
 /// Logs to stderr at `default` (`warn`, or `info` for the server) unless `RUST_LOG` says otherwise.
+/// rumqttc's own warnings (reason codes of acks the MQTT adapter reads and handles) are left out.
 fn init_logging(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default},rumqttc=error")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(|| ScrubbedStderr)

@@ -6,60 +6,11 @@ use serde_json::Value;
 use crate::error::Error;
 pub use crate::scrub::Scrubber;
 
-/// What a redacted literal secret is shown as.
-pub const REDACTED: &str = "****";
-
-/// Config keys whose values are secrets.
-const SECRET_KEYS: [&str; 6] = ["password", "pass", "token", "secretaccesskey", "credentials", "apikey"];
-
-/// True when the last segment of a dotted field path names a secret.
-pub fn is_secret_field(path: &str) -> bool {
-    let last = path.rsplit('.').next().unwrap_or(path).to_ascii_lowercase();
-    SECRET_KEYS.contains(&last.as_str())
-}
+pub use crate::redact::{REDACTED, is_secret_field, redact, redact_url};
 
 /// True when the whole string is one `${VAR}` or `$Secret{name}` reference.
 pub fn is_reference(value: &str) -> bool {
     matches!(pieces(value).as_slice(), [Piece::Ref(Reference::Env(n) | Reference::Stored(n))] if !n.is_empty())
-}
-
-/// Replaces literal secrets in a config with `****`, and passwords inside URLs.
-pub fn redact(value: &mut Value) {
-    match value {
-        Value::Object(map) => {
-            for (key, v) in map.iter_mut() {
-                if SECRET_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
-                    match v {
-                        Value::String(s) if is_reference(s) => {}
-                        Value::Null => {}
-                        _ => *v = Value::String(REDACTED.into()),
-                    }
-                } else {
-                    redact(v);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(redact),
-        Value::String(s) => {
-            if let Some(clean) = redact_url(s) {
-                *s = clean;
-            }
-        }
-        _ => {}
-    }
-}
-
-/// `scheme://user:secret@host` → `scheme://user:****@host`; `None` when there is nothing to hide.
-pub fn redact_url(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let (userinfo, host) = authority.rsplit_once('@')?;
-    let user = match userinfo.split_once(':') {
-        Some((user, password)) if !is_reference(password) => user,
-        _ => return None,
-    };
-    Some(format!("{scheme}://{user}:{REDACTED}@{host}{}", &rest[authority_end..]))
 }
 
 /// Longest `$Secret{name}` name.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use polybus_core::{
     BrokerType, Capabilities, ConnectTarget, Connector, Error, Message, Result, SubscribeOptions, TopicSpec,
-    Transport,
+    Transport, ValidationError, names,
 };
 use polybus_registry::Registry;
 use tokio::sync::Mutex;
@@ -155,7 +155,11 @@ impl Bus {
     /// Publishes several messages to `event` in `env`, in order; returns their ids.
     pub async fn publish_batch(&self, env: &str, event: &str, messages: Vec<Message>) -> Result<Vec<String>> {
         let route = self.resolve(env, event).await?;
-        let messages = messages.into_iter().map(|m| prepare(m, &route)).collect::<Result<Vec<_>>>()?;
+        let messages = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| prepare(m, &route).map_err(|e| in_batch(e, i)))
+            .collect::<Result<Vec<_>>>()?;
         let ids = messages.iter().map(|m| m.id.clone()).collect();
         route.transport.publish_batch(&route.spec, messages).await?;
         Ok(ids)
@@ -172,6 +176,7 @@ impl Bus {
         polybus_core::tag::check_tag(&options.group)
             .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
+        check_group(&options.group, route.broker_type, &route.spec)?;
         let inner = route.transport.subscribe(&route.spec, &options).await?;
         let dead_letter = DeadLetterTarget {
             transport: route.transport.clone(),
@@ -191,8 +196,11 @@ impl Bus {
         options: impl Into<SubscribeOptions>,
     ) -> Result<Subscriber> {
         let options = options.into();
+        polybus_core::tag::check_tag(&options.group)
+            .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
         let spec = route.spec.dead_letter_spec();
+        check_group(&options.group, route.broker_type, &spec)?;
         route.transport.ensure_topic(&spec).await?;
         let inner = route.transport.subscribe(&spec, &options).await?;
         let nowhere = DeadLetterTarget {
@@ -250,13 +258,15 @@ impl Bus {
             previous => {
                 let topic = self.inner.registry.fetch_topic(&key.1).await?;
                 let broker = self.inner.registry.fetch_broker(&event_ref.broker).await?;
-                if broker.env(env).is_none() {
+                let Some(broker_env) = broker.env(env) else {
                     return Err(Error::BrokerEnvNotFound {
                         tag: broker.tag.clone(),
                         env: env.to_owned(),
                         available: broker.env_slugs(),
                     });
-                }
+                };
+                // Topics stored before their names were checked, or whose broker changed type.
+                topic.check_native_names(env, broker_env.broker_type)?;
                 let spec = topic.spec(env)?;
                 if let Some(previous) = previous
                     && previous.topic_version != topic.version
@@ -391,6 +401,7 @@ fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
     if message.id.is_empty() {
         message.id = uuid::Uuid::now_v7().to_string();
     }
+    polybus_core::headers::check(&message)?;
     message.published_at = chrono_now();
     message.attempt = 0;
     if message.delay.is_some() && !route.transport.capabilities().delayed_delivery.available() {
@@ -400,6 +411,24 @@ fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
         });
     }
     Ok(message)
+}
+
+/// Names the message of a batch a validation error is about: `messages[3].headers`.
+fn in_batch(error: Error, index: usize) -> Error {
+    match error {
+        Error::Validation(mut v) => {
+            v.field = format!("messages[{index}].{}", v.field);
+            Error::Validation(v)
+        }
+        other => other,
+    }
+}
+
+/// Checks that the names a group derives on `spec`'s broker are legal there.
+fn check_group(group: &str, broker_type: BrokerType, spec: &TopicSpec) -> Result<()> {
+    names::check_group(broker_type, &spec.native_name, group)
+        .map_err(|e| ValidationError::field("group", format!("not a valid {broker_type} name: {e}")))?;
+    Ok(())
 }
 
 fn chrono_now() -> polybus_core::message::Timestamp {

@@ -126,6 +126,7 @@ impl Registry {
             let current = self.fetch_broker(tag).await?;
             check_version("broker", tag, patch.version, current.version)?;
             let mut next = patch.apply(&current)?;
+            self.check_topics_against(&next).await?;
             next.version = current.version + 1;
             if self.store.replace(Kind::Broker, tag, current.version, &to_doc(&next)?).await? {
                 tracing::info!(broker = %tag, version = next.version, "broker updated");
@@ -137,6 +138,22 @@ impl Registry {
             }
         }
         Err(Error::Storage(format!("broker `{tag}` kept changing under concurrent updates; try again")))
+    }
+
+    /// Checks the broker's topics against a changed definition: a new env or a new broker type
+    /// must not turn a topic's native name into a wildcard.
+    async fn check_topics_against(&self, broker: &Broker) -> Result<()> {
+        for record in self.store.list(Kind::Topic, Some(&broker.tag)).await? {
+            let key = record.key.clone();
+            let topic: Topic = from_record(record)?;
+            for env in &broker.envs {
+                topic.check_native_names(&env.slug, env.broker_type).map_err(|mut e| {
+                    e.message = format!("topic `{key}` would break: {}", e.message);
+                    e
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// The broker with this tag.

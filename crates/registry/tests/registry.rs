@@ -182,7 +182,27 @@ every_store!(
     two_handles_see_each_other_and_a_stale_update_conflicts,
     any_kind_is_stored_by_key_with_compare_and_swap,
     secrets_are_encrypted_at_rest_listed_by_name_and_revealed_with_the_key_only,
+    a_broker_update_cannot_turn_a_topic_name_into_a_wildcard,
 );
+
+async fn a_broker_update_cannot_turn_a_topic_name_into_a_wildcard(reg: Registry, _fx: Fixture) {
+    reg.create_broker(broker("bus")).await.unwrap();
+    // `*` is a plain character on the embedded broker...
+    let t =
+        Topic::from_value(json!({"tag": "bus:orders", "envs": [{"slug": "dev", "nativeName": "orders.*"}]}))
+            .unwrap();
+    reg.create_topic(t).await.unwrap();
+    // ...and a wildcard once `dev` becomes a RabbitMQ env: the update is refused, nothing changes.
+    let patch = BrokerPatch::from_value(
+        json!({"envs": [{"slug": "dev", "type": "rabbitmq", "config": {"url": "amqp://127.0.0.1"}}]}),
+    )
+    .unwrap();
+    let err = reg.update_broker("bus", patch).await.unwrap_err();
+    assert_eq!(err.code(), "VALIDATION_FAILED");
+    assert!(err.to_string().contains("topic `bus:orders` would break"), "{err}");
+    assert!(err.to_string().contains("wildcard in RabbitMQ"), "{err}");
+    assert_eq!(reg.fetch_broker("bus").await.unwrap().version, 1);
+}
 
 async fn broker_round_trips_through_create_update_fetch_delete(reg: Registry, _fx: Fixture) {
     let created = reg.create_broker(broker("message-bus")).await.unwrap();

@@ -31,7 +31,7 @@ use polybus::Registry;
 use tokio::net::TcpListener;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
-pub use keys::{ApiKeys, KeyInfo, NewKey};
+pub use keys::{ApiKeys, Caller, KeyInfo, NewKey};
 pub use metrics::{Metrics, Stats};
 pub use routes::{openapi, router};
 pub use state::{AppState, DEFAULT_BODY_LIMIT, Options};
@@ -172,14 +172,10 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
     server.run(shutdown_signal()).await
 }
 
-/// A registry URL safe to show: a password in it is replaced by `****`.
+/// A registry URL safe to show: a password in it is replaced by `****` (by the same rule as
+/// broker configs, so a password holding `/` or `@` is hidden whole).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_owned() };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
-        None => url.to_owned(),
-    }
+    polybus::core::secret::redact_url(url).unwrap_or_else(|| url.to_owned())
 }
 
 /// A future that completes on Ctrl-C or SIGTERM. The handlers are installed when this is
@@ -227,5 +223,6 @@ mod tests {
         assert_eq!(redact_url("postgres://bus:secret@db:5432/test"), "postgres://bus:****@db:5432/test");
         assert_eq!(redact_url("postgres://bus@db/test"), "postgres://bus@db/test");
         assert_eq!(redact_url("./polybus.db"), "./polybus.db");
+        assert_eq!(redact_url("postgres://bus:se/cr@et@db:5432/test"), "postgres://bus:****@db:5432/test");
     }
 }

@@ -170,6 +170,9 @@ async fn sweep(inner: Weak<Inner>) {
             });
         }
         inner.metrics.set_leases(inner.leases.len());
+        if let Err(e) = inner.keys.refresh_watched().await {
+            tracing::warn!(error = %e, "reading the API keys for revocations");
+        }
         let idle = inner.leases.take_idle_pullers(false);
         if !idle.is_empty() {
             leases::close_pullers(idle).await;

@@ -68,24 +68,6 @@ pub(crate) fn decode(publish: &Publish) -> Message {
     message
 }
 
-/// Identifies one publish (topic, payload, properties), to tell a resend of a message from a
-/// new message reusing its packet id.
-pub(crate) fn fingerprint(publish: &Publish) -> u64 {
-    let mut hash = Fnv::default();
-    hash.write(&publish.topic);
-    hash.write(&publish.payload);
-    if let Some(props) = &publish.properties {
-        for (name, value) in &props.user_properties {
-            hash.write(name.as_bytes());
-            hash.write(value.as_bytes());
-        }
-        if let Some(ct) = &props.content_type {
-            hash.write(ct.as_bytes());
-        }
-    }
-    hash.0
-}
-
 /// A short stable hash of `s` (FNV-1a), the same in every build and process.
 pub(crate) fn stable_hash(s: &str) -> u64 {
     let mut hash = Fnv::default();
@@ -160,15 +142,5 @@ mod tests {
         assert_eq!(got.key, None);
         assert_eq!(got.headers.len(), 1);
         assert_eq!(got.headers[wire::DEAD_LETTER_REASON], "why");
-    }
-
-    #[test]
-    fn fingerprints_tell_messages_apart() {
-        let a = received(&Message::text("a"), 1, false);
-        let mut a_again = a.clone();
-        a_again.dup = true;
-        a_again.pkid = 7;
-        assert_eq!(fingerprint(&a), fingerprint(&a_again));
-        assert_ne!(fingerprint(&a), fingerprint(&received(&Message::text("a"), 1, false)));
     }
 }

@@ -1,6 +1,7 @@
 //! polybus adapter for MQTT 5: QoS 1 publishes that wait for their PUBACK, and one
 //! connection per group member on a shared subscription (`$share/<group>/<topic>`) with a
-//! persistent session, manual acks and receive-maximum = prefetch.
+//! session that never expires, manual acks and receive-maximum = prefetch; a gone member's
+//! session is adopted by another member of its group.
 //!
 //! The native name of a topic is its MQTT topic, unprefixed, so any MQTT 5 client reaches
 //! the same messages; headers travel as user properties. What MQTT cannot do, and how this
@@ -8,6 +9,7 @@
 
 mod codec;
 mod config;
+mod orphan;
 mod publisher;
 mod subscription;
 mod transport;
@@ -38,8 +40,8 @@ pub fn retry_topic(group: &str, topic: &str) -> String {
     subscription::retry_topic(group, topic)
 }
 
-/// The topic level under which a group's parked messages of `topic` are retained, one
-/// topic per message: `polybus-parked/<group>/<topic>/<uuid>`.
-pub fn parked_topic(group: &str, topic: &str) -> String {
-    subscription::parked_topic(group, topic)
+/// The topic level under which the records of a group's gone members of `topic` are
+/// retained, one topic per gone session: `polybus-orphans/<group>/<topic>/<incarnation>`.
+pub fn orphan_topic(group: &str, topic: &str) -> String {
+    orphan::orphan_level(group, topic)
 }

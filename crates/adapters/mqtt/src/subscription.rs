@@ -1,16 +1,16 @@
-//! One group member: its own MQTT 5 connection with a persistent session, a shared
+//! One group member: its own MQTT 5 connection with a session that never expires, a shared
 //! subscription for its group, manual acks, and receive-maximum = prefetch.
 //!
 //! MQTT has no nack and never redelivers on a live connection, so a member redelivers by
 //! publishing a copy (attempt + 1) to its group's retry topic, which only that group's
 //! members subscribe to, and acks the original once the broker has the copy. That serves
-//! `nack`, `nack` with a delay, an expired ack deadline, and the messages a leaving member
-//! had received but not handed out.
+//! `nack`, `nack` with a delay and an expired ack deadline.
 //!
-//! A shared subscription exists only while some session holds it, so when no member of the
-//! group is left to take a copy, the copy is *parked*: published retained under the group's
-//! parking topic (one topic per message). The next member to join receives the retained
-//! copies, republishes them to the retry topic and clears them.
+//! A member never unsubscribes: when it closes, dies or loses its connection, its session
+//! stays subscribed and becomes an *orphan* that another member of the group adopts (see
+//! [`crate::orphan`]). Each connection is one *incarnation* with a client id of its own; a
+//! member whose connection drops goes on as a new incarnation and leaves the old session to
+//! be adopted, so no client id is ever connected twice by its member.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -18,42 +18,38 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use polybus_core::{Acker, Delivery, Error, Message, Op, Result, SubscribeOptions, Subscription, wire};
+use polybus_core::{Acker, Delivery, Error, Message, Op, Result, SubscribeOptions, Subscription};
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{
-    ConnAck, Filter, Packet, Publish, PublishProperties, SubAck, SubscribeReasonCode,
-};
+use rumqttc::v5::mqttbytes::v5::{ConnAck, Filter, Packet, Publish, SubAck, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, EventLoop};
-use tokio::sync::{mpsc, oneshot};
-use tokio::task::AbortHandle;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::codec;
 use crate::config::Settings;
+use crate::orphan::{self, Adopter, Claim, DRAIN_PREFIX, Exit, NEVER_EXPIRES, Record, Seen};
 use crate::publisher::{Ack, BACKOFF_MAX, BACKOFF_MIN, Publisher, describe, lock};
 
-/// How long the broker keeps a member's session (subscription and unacked messages) after
-/// its connection drops; a member reconnecting with the same name within it gets them back.
-pub(crate) const SESSION_EXPIRY_SECS: u32 = 60;
-/// How long subscribing, unsubscribing and draining on leave wait for the broker.
+/// How long subscribing and an ack round trip wait for the broker.
 const BROKER_WAIT: Duration = Duration::from_secs(10);
 /// Requests (acks, subscribes) queued towards the client's event loop, beyond prefetch.
 const REQUEST_HEADROOM: usize = 16;
+/// The group's own filters (topic and retry topic) lead a member's subscription.
+const GROUP_FILTERS: usize = 2;
 /// First topic level of each group's redeliveries.
 pub(crate) const RETRY_PREFIX: &str = "polybus-retry";
-/// First topic level of each group's parked messages.
-pub(crate) const PARKED_PREFIX: &str = "polybus-parked";
-/// First topic level of the markers a leaving member drains its session with.
-pub(crate) const DRAIN_PREFIX: &str = "polybus-drain";
+/// Longest random pause before adopting a session, so that members seeing the same record
+/// rarely adopt it at the same time.
+const ADOPT_JITTER_MS: u64 = 250;
+/// Pause before trying a failed adoption again.
+const ADOPT_RETRY: Duration = Duration::from_secs(2);
+/// How long a lost incarnation's record is retried while the broker cannot be reached.
+const RECORD_RETRY_FOR: Duration = Duration::from_secs(120);
 
 /// The topic a group's redeliveries of `topic` are published to.
 pub(crate) fn retry_topic(group: &str, topic: &str) -> String {
     format!("{RETRY_PREFIX}/{group}/{topic}")
-}
-
-/// The topic level under which a group's parked messages of `topic` are retained.
-pub(crate) fn parked_topic(group: &str, topic: &str) -> String {
-    format!("{PARKED_PREFIX}/{group}/{topic}")
 }
 
 /// The shared-subscription filter of `group` on `topic`.
@@ -61,36 +57,15 @@ pub(crate) fn shared_filter(group: &str, topic: &str) -> String {
     format!("$share/{group}/{topic}")
 }
 
-/// The client id of member `consumer` of `group` on `topic`: the same on every reconnect,
-/// so the broker resumes its session.
-pub(crate) fn member_client_id(prefix: &str, group: &str, consumer: &str, topic: &str) -> String {
-    format!("{prefix}-{group}-{consumer}-{:08x}", codec::stable_hash(topic) as u32)
-}
-
-/// Client ids of the members alive in this process. Two connections with one client id
-/// would take the session from each other in turn, so a member whose name is taken here
-/// gets the lowest free `-<n>` suffix: still the same id after a restart of the process.
-static LIVE_CLIENT_IDS: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-/// A client id reserved in [`LIVE_CLIENT_IDS`] until dropped.
-struct ClientId(String);
-
-impl ClientId {
-    fn reserve(base: String) -> ClientId {
-        let mut live = lock(&LIVE_CLIENT_IDS);
-        let id = std::iter::once(base.clone())
-            .chain((2..).map(|n| format!("{base}-{n}")))
-            .find(|id| !live.contains(id))
-            .unwrap_or(base);
-        live.push(id.clone());
-        ClientId(id)
-    }
-}
-
-impl Drop for ClientId {
-    fn drop(&mut self) {
-        lock(&LIVE_CLIENT_IDS).retain(|id| id != &self.0);
-    }
+/// The client id of one incarnation of member `consumer` of `group` on `topic`.
+pub(crate) fn member_client_id(
+    prefix: &str,
+    group: &str,
+    consumer: &str,
+    topic: &str,
+    incarnation: &str,
+) -> String {
+    format!("{prefix}-{group}-{consumer}-{:08x}-{incarnation}", codec::stable_hash(topic) as u32)
 }
 
 type Answer = std::result::Result<(), String>;
@@ -112,54 +87,51 @@ pub(crate) async fn subscribe(
             format!("group `{group}` cannot name an MQTT shared subscription (no `/`, `+` or `#`)"),
         ));
     }
-    let prefetch = options.prefetch.clamp(1, usize::from(u16::MAX));
-    let client_id = ClientId::reserve(member_client_id(&settings.client_id, group, &options.consumer, topic));
-    let mut mqtt = settings.options(client_id.0.clone());
-    mqtt.set_clean_start(false)
-        .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
-        .set_manual_acks(true)
-        .set_receive_maximum(Some(prefetch as u16))
-        .set_outgoing_inflight_upper_limit(16);
-    let (client, eventloop) = AsyncClient::new(mqtt, prefetch + REQUEST_HEADROOM);
     let retry = retry_topic(group, topic);
-    let parked = parked_topic(group, topic);
+    let names = Names {
+        settings: settings.clone(),
+        topic: topic.to_owned(),
+        group: group.clone(),
+        consumer: options.consumer.clone(),
+        prefetch: options.prefetch.clamp(1, usize::from(u16::MAX)),
+        orphan_level: orphan::orphan_level(group, topic),
+        retry_topic: retry,
+    };
+    let (incarnation, eventloop) = names.incarnation();
     let (tx, rx) = mpsc::unbounded_channel();
     let member = Arc::new(Member {
         label: label.clone(),
-        _client_id: client_id,
-        client,
-        filters: vec![
-            Filter::new(shared_filter(group, topic), QoS::AtLeastOnce),
-            Filter::new(shared_filter(group, &retry), QoS::AtLeastOnce),
-            Filter::new(format!("{parked}/+"), QoS::AtLeastOnce),
-        ],
-        retry_topic: retry,
-        parked_topic: parked,
+        names,
         publisher,
         ack_deadline: options.ack_deadline,
+        changed: Notify::new(),
         state: Mutex::new(MemberState {
             session: 0,
-            connacks: 0,
+            incarnation,
+            driver: None,
             next_key: 0,
             held: HashMap::new(),
-            by_pkid: HashMap::new(),
-            acked: HashMap::new(),
-            unparking: HashSet::new(),
             subacks: VecDeque::new(),
-            unsubacks: VecDeque::new(),
-            drain: None,
+            round_trips: VecDeque::new(),
+            orphans: HashSet::new(),
+            adoptions: Vec::new(),
             listening: true,
+            retired: false,
             deliveries: Some(tx),
         }),
     });
     // Asked before the connection starts, so a failed first connection answers it.
     let (reply, subscribed) = oneshot::channel();
-    lock(&member.state).subacks.push_back(reply);
-    member
-        .client
-        .try_subscribe_many(member.filters.clone())
+    let client = {
+        let mut state = lock(&member.state);
+        state.subacks.push_back(reply);
+        state.incarnation.client.clone()
+    };
+    client
+        .try_subscribe_many(member.names.filters())
         .map_err(|_| Error::transport(Op::Subscribe, &label, "the connection task ended"))?;
-    tokio::spawn(drive(Arc::downgrade(&member), eventloop));
+    let driver = tokio::spawn(drive(Arc::downgrade(&member), eventloop));
+    lock(&member.state).driver = Some(driver);
     wait(subscribed, "the subscription").await.map_err(|e| Error::transport(Op::Subscribe, &label, e))?;
     Ok(MqttSubscription { member, rx, closed: false })
 }
@@ -234,52 +206,126 @@ struct Held {
     message: Message,
     /// Packet id of a QoS 1 publish (QoS 0 needs no ack).
     pkid: Option<u16>,
-    /// The broker session it arrived in; an ack is meaningful only in the same one.
+    /// The incarnation it arrived in; an ack is meaningful only in the same one.
     session: u64,
-    fingerprint: u64,
     stage: Stage,
 }
 
+/// One connection of a member, under a client id of its own.
+struct Incarnation {
+    /// The last part of the client id and of the member's record topic.
+    id: String,
+    client_id: String,
+    client: AsyncClient,
+    connected: bool,
+}
+
+/// What names a member and its group on the broker.
+struct Names {
+    settings: Settings,
+    topic: String,
+    group: String,
+    consumer: String,
+    prefetch: usize,
+    orphan_level: String,
+    retry_topic: String,
+}
+
+impl Names {
+    /// The topic and the group's retry topic (shared), and the group's orphan records.
+    fn filters(&self) -> Vec<Filter> {
+        let mut filters: Vec<Filter> =
+            self.shared_filters().into_iter().map(|f| Filter::new(f, QoS::AtLeastOnce)).collect();
+        // QoS 0: records are retained, so a session that missed one gets it when it subscribes.
+        filters.push(Filter::new(format!("{}/+", self.orphan_level), QoS::AtMostOnce));
+        filters
+    }
+
+    fn shared_filters(&self) -> Vec<String> {
+        vec![shared_filter(&self.group, &self.topic), shared_filter(&self.group, &self.retry_topic)]
+    }
+
+    fn record_topic(&self, incarnation: &str) -> String {
+        format!("{}/{incarnation}", self.orphan_level)
+    }
+
+    /// A new client id, with its will, and the client to connect it.
+    fn incarnation(&self) -> (Incarnation, EventLoop) {
+        let id = uuid::Uuid::new_v4().simple().to_string()[..16].to_owned();
+        let client_id =
+            member_client_id(&self.settings.client_id, &self.group, &self.consumer, &self.topic, &id);
+        let mut mqtt = self.settings.options(client_id.clone());
+        mqtt.set_clean_start(true)
+            .set_session_expiry_interval(Some(NEVER_EXPIRES))
+            .set_manual_acks(true)
+            .set_receive_maximum(Some(self.prefetch as u16))
+            .set_outgoing_inflight_upper_limit(16)
+            .set_last_will(orphan::will(&self.record_topic(&id), &client_id));
+        let (client, eventloop) = AsyncClient::new(mqtt, self.prefetch + REQUEST_HEADROOM);
+        (Incarnation { id, client_id, client, connected: false }, eventloop)
+    }
+
+    fn adopter(&self, publisher: &Publisher) -> Adopter {
+        let mut filters = self.shared_filters();
+        filters.push(format!("{}/+", self.orphan_level));
+        Adopter {
+            settings: self.settings.clone(),
+            publisher: publisher.clone(),
+            retry_topic: self.retry_topic.clone(),
+            filters,
+        }
+    }
+}
+
 struct MemberState {
-    /// Bumped when the broker reports it has no session for us any more.
+    /// Counts incarnations: bumped when a connected one is lost.
     session: u64,
-    connacks: u64,
+    incarnation: Incarnation,
+    /// The task polling the current incarnation's connection.
+    driver: Option<JoinHandle<()>>,
     /// Source of held keys and leases.
     next_key: u64,
     held: HashMap<u64, Held>,
-    /// Packet ids of this session's held QoS 1 messages.
-    by_pkid: HashMap<u16, u64>,
-    /// Packet ids this session acked, with the message's fingerprint: a resend of one of
-    /// them (our ack was lost with the connection) is acked again, not delivered again.
-    acked: HashMap<u16, u64>,
-    /// Packet ids of parked messages being taken back.
-    unparking: HashSet<u16>,
     subacks: VecDeque<Reply>,
-    unsubacks: VecDeque<Reply>,
-    /// The marker a leaving member waits for, and who waits.
-    drain: Option<(String, Reply)>,
-    /// Subscribed (and resubscribing after a lost session) until the subscription closes.
+    /// Round trips awaiting the PUBACK of their publish.
+    round_trips: VecDeque<Reply>,
+    /// Record topics of the group's orphans seen and not cleared yet.
+    orphans: HashSet<String>,
+    /// Adoptions this member started; leaving waits for them.
+    adoptions: Vec<JoinHandle<()>>,
+    /// Handing out messages and adopting orphans, until the subscription closes.
     listening: bool,
+    /// Its session is left to the group (record published, or connection gone).
+    retired: bool,
     deliveries: Option<mpsc::UnboundedSender<u64>>,
+}
+
+impl MemberState {
+    /// True while a delivery of the current incarnation is handed out and not settled.
+    fn unsettled(&self) -> bool {
+        self.held.values().any(|h| {
+            h.session == self.session && matches!(h.stage, Stage::HandedOut { .. } | Stage::Settling)
+        })
+    }
 }
 
 struct Member {
     label: String,
-    /// Released when the member is gone (and its connection with it).
-    _client_id: ClientId,
-    client: AsyncClient,
-    /// The topic and the group's retry topic (shared), and the group's parked messages.
-    filters: Vec<Filter>,
-    retry_topic: String,
-    parked_topic: String,
+    names: Names,
     publisher: Publisher,
     ack_deadline: Duration,
+    /// Notified when deliveries are settled.
+    changed: Notify,
     state: Mutex<MemberState>,
 }
 
 impl Drop for Member {
     fn drop(&mut self) {
-        let _ = self.client.try_disconnect();
+        // Without a DISCONNECT: unless the member retired, the broker publishes its will.
+        let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Some(driver) = state.driver.take() {
+            driver.abort();
+        }
     }
 }
 
@@ -290,75 +336,126 @@ fn ack_for(pkid: u16) -> Publish {
     publish
 }
 
+/// What the connection task does after a lost connection.
+enum Next {
+    Stop,
+    /// Poll the same client again: it reconnects.
+    Poll,
+    /// Poll a new incarnation's client.
+    Replace(Box<EventLoop>),
+}
+
 impl Member {
-    /// Stops taking messages: unsubscribes and gives back what was received but not handed
-    /// out; what the broker still had queued for this session is drained in the background.
-    /// Deliveries handed out can still be settled; the connection lasts until they are.
+    /// Stops handing out messages. What was received but not handed out stays unacked in the
+    /// session; once every handed-out delivery is settled (or expired), the member retires.
     async fn leave(self: Arc<Self>) -> Answer {
-        let mut answers = Vec::new();
-        let buffered: Vec<u64> = {
+        let adoptions = {
             let mut state = lock(&self.state);
+            if !state.listening {
+                return Ok(());
+            }
             state.listening = false;
             state.deliveries = None;
-            for _ in &self.filters {
-                let (tx, rx) = oneshot::channel();
-                state.unsubacks.push_back(tx);
-                answers.push(rx);
-            }
-            state.held.iter().filter(|(_, h)| matches!(h.stage, Stage::Buffered)).map(|(k, _)| *k).collect()
+            state.held.retain(|_, h| !matches!(h.stage, Stage::Buffered));
+            std::mem::take(&mut state.adoptions)
         };
-        for filter in &self.filters {
-            self.client
-                .unsubscribe(filter.path.clone())
-                .await
-                .map_err(|_| "the connection task ended".to_owned())?;
+        // An adoption cut short (the process exiting after close) would pass messages on twice.
+        let finished = join_all(adoptions);
+        if tokio::time::timeout(BROKER_WAIT, finished).await.is_err() {
+            tracing::warn!(topic = %self.label, "adoptions still under way after {BROKER_WAIT:?}; leaving anyway");
         }
-        let mut outcome = Ok(());
-        for answer in answers {
-            let result = wait(answer, "the unsubscribe").await;
-            outcome = outcome.and(result);
+        let unsettled = lock(&self.state).unsettled();
+        if unsettled {
+            // Deliveries handed out can still be settled; retiring waits for them.
+            let member = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = member.clone().retire().await {
+                    tracing::warn!(topic = %member.label, error = %e, "leaving the group");
+                }
+            });
+            Ok(())
+        } else {
+            self.retire().await
         }
-        for key in buffered {
-            self.clone().give_back(key).await;
-        }
-        let member = self.clone();
-        tokio::spawn(async move {
-            if let Err(e) = member.drain().await {
-                tracing::warn!(topic = %member.label, error = %e,
-                    "draining a leaving member; what the broker still queued for it stays in its session");
-            }
-        });
-        outcome
     }
 
-    /// Waits until everything the broker queued for this session before now has arrived
-    /// (and been given back): a marker published to a topic only this session subscribes
-    /// to comes after them, as a session's queue is first in, first out. The marker may
-    /// wait for handed-out deliveries to free their prefetch slots, at most an ack deadline.
-    async fn drain(&self) -> Answer {
-        let marker = format!("{DRAIN_PREFIX}/{}", uuid::Uuid::new_v4().simple());
-        let (reply, subscribed) = oneshot::channel();
-        let (drained_tx, drained) = oneshot::channel();
-        {
+    /// Leaves the session to the group: once the broker has every ack, publishes the
+    /// member's record and disconnects (which discards the will).
+    async fn retire(self: Arc<Self>) -> Answer {
+        let settled = tokio::time::timeout(self.ack_deadline + BROKER_WAIT, self.settled()).await.is_ok();
+        let (client, client_id, record_topic, in_session) = {
             let mut state = lock(&self.state);
-            state.subacks.push_back(reply);
-            state.drain = Some((marker.clone(), drained_tx));
+            if state.retired {
+                return Ok(());
+            }
+            if !state.incarnation.connected {
+                // A new incarnation still connecting: nothing of it to leave; the session of
+                // the lost one has its record.
+                state.retired = true;
+                if let Some(driver) = state.driver.take() {
+                    driver.abort();
+                }
+                return Ok(());
+            }
+            let in_session = state.held.values().any(|h| matches!(h.stage, Stage::InSession));
+            let incarnation = &state.incarnation;
+            (
+                incarnation.client.clone(),
+                incarnation.client_id.clone(),
+                self.names.record_topic(&incarnation.id),
+                in_session,
+            )
+        };
+        let flushed = self.round_trip(&client).await;
+        let exit = if settled && flushed.is_ok() && !in_session { Exit::Closed } else { Exit::Lost };
+        let driver = {
+            let mut state = lock(&self.state);
+            state.retired = true;
+            state.driver.take()
+        };
+        let (payload, properties) = orphan::record(&client_id, exit);
+        match self.publisher.publish(&record_topic, true, payload, properties).await {
+            Ok(_) => {
+                let _ = client.disconnect().await;
+                if let Some(mut driver) = driver
+                    && tokio::time::timeout(Duration::from_secs(2), &mut driver).await.is_err()
+                {
+                    driver.abort();
+                }
+                Ok(())
+            }
+            Err(e) => {
+                // Dropping the connection without a DISCONNECT has the broker publish the will.
+                if let Some(driver) = driver {
+                    driver.abort();
+                }
+                Err(format!("publishing the member's record ({e}); the broker publishes its will instead"))
+            }
         }
-        self.client
-            .subscribe(marker.clone(), QoS::AtLeastOnce)
+    }
+
+    /// Resolves once no delivery of the current incarnation is handed out and unsettled.
+    async fn settled(&self) {
+        loop {
+            let notified = self.changed.notified();
+            if !lock(&self.state).unsettled() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// A round trip (an empty QoS 1 publish nobody subscribes to): once it is answered, the
+    /// broker has processed every ack sent before it.
+    async fn round_trip(&self, client: &AsyncClient) -> Answer {
+        let (reply, answered) = oneshot::channel();
+        lock(&self.state).round_trips.push_back(reply);
+        let nobody = format!("{DRAIN_PREFIX}/{}", uuid::Uuid::new_v4().simple());
+        client
+            .publish(nobody, QoS::AtLeastOnce, false, Bytes::new())
             .await
             .map_err(|_| "the connection task ended".to_owned())?;
-        wait(subscribed, "the drain marker's subscription").await?;
-        self.publisher.publish(&marker, false, Bytes::new(), PublishProperties::default()).await?;
-        let outcome = match tokio::time::timeout(self.ack_deadline + BROKER_WAIT, drained).await {
-            Ok(Ok(answer)) => answer,
-            Ok(Err(_)) => Err("the connection closed before the drain marker arrived".into()),
-            Err(_) => {
-                Err(format!("the drain marker did not arrive within {:?}", self.ack_deadline + BROKER_WAIT))
-            }
-        };
-        let _ = self.client.unsubscribe(marker).await;
-        outcome
+        wait(answered, "the acks").await
     }
 
     /// Hands a buffered message to the application, starting its ack deadline.
@@ -378,12 +475,16 @@ impl Member {
         Some(Delivery::new(message, Box::new(acker)))
     }
 
-    /// Takes a handed-out message for settling, when `lease` is still its current one.
-    fn claim(&self, key: u64, lease: u64) -> bool {
+    /// Takes a handed-out message for settling, when `lease` is still its current one, and
+    /// stops its ack-deadline timer unless the timer itself settles it (aborting a running
+    /// task cancels it at its next await: the redelivery would stop half done).
+    fn claim(&self, key: u64, lease: u64, by_timer: bool) -> bool {
         let mut state = lock(&self.state);
         match state.held.get_mut(&key) {
             Some(held) if matches!(&held.stage, Stage::HandedOut { lease: l, .. } if *l == lease) => {
-                if let Stage::HandedOut { timer, .. } = std::mem::replace(&mut held.stage, Stage::Settling) {
+                if let Stage::HandedOut { timer, .. } = std::mem::replace(&mut held.stage, Stage::Settling)
+                    && !by_timer
+                {
                     timer.abort();
                 }
                 true
@@ -394,62 +495,63 @@ impl Member {
 
     /// Acks the original of a settled message and forgets it.
     async fn settle(&self, key: u64) -> Answer {
-        let pkid = {
+        let ack = {
             let mut state = lock(&self.state);
-            let Some(held) = state.held.remove(&key) else { return Ok(()) };
-            match held.pkid {
-                Some(pkid) if held.session == state.session => {
-                    state.by_pkid.remove(&pkid);
-                    state.acked.insert(pkid, held.fingerprint);
-                    pkid
+            let held = state.held.remove(&key);
+            self.changed.notify_waiters();
+            match held {
+                Some(Held { pkid: Some(pkid), session, .. }) if session == state.session => {
+                    Some((pkid, state.incarnation.client.clone()))
                 }
-                // QoS 0, or a session the broker has forgotten: nothing to ack.
-                _ => return Ok(()),
+                // QoS 0, or a lost incarnation's session (its adopter passes the message on).
+                _ => None,
             }
         };
-        self.client.ack(&ack_for(pkid)).await.map_err(|_| "the connection task ended".to_owned())
+        match ack {
+            Some((pkid, client)) => {
+                client.ack(&ack_for(pkid)).await.map_err(|_| "the connection task ended".to_owned())
+            }
+            None => Ok(()),
+        }
     }
 
-    /// Publishes a copy for the group with `attempt` (parked when no member is left to take
-    /// it), then acks the original.
+    /// Publishes a copy for the group with `attempt`, then acks the original.
     async fn redeliver(&self, key: u64, attempt: u32) -> Answer {
         let message = match lock(&self.state).held.get(&key) {
             Some(held) => held.message.clone(),
             None => return Ok(()),
         };
         let properties = codec::encode(&message, attempt);
-        let ack = self
-            .publisher
-            .publish(&self.retry_topic, false, message.payload.clone(), properties.clone())
-            .await?;
-        if ack == Ack::NoSubscribers {
-            let parked = format!("{}/{}", self.parked_topic, uuid::Uuid::new_v4().simple());
-            self.publisher.publish(&parked, true, message.payload.clone(), properties).await?;
-            tracing::info!(topic = %self.label, id = %message.id, parked_as = %parked,
-                "no member of the group is listening; message parked for the next one");
+        match self.publisher.publish(&self.names.retry_topic, false, message.payload, properties).await? {
+            Ack::Routed => self.settle(key).await,
+            Ack::NoSubscribers => Err("no session of the group subscribes to its retry topic".into()),
         }
-        self.settle(key).await
     }
 
-    /// After a failed redelivery: retry at the next ack deadline while subscribed, else
-    /// leave the message unacked in the session.
+    /// After a failed redelivery: retry at the next ack deadline while listening, else leave
+    /// the message unacked in the session.
     fn recover(self: &Arc<Self>, key: u64) {
         let mut state = lock(&self.state);
         let lease = state.next_key;
         state.next_key += 1;
         let listening = state.listening;
-        let Some(held) = state.held.get_mut(&key) else { return };
-        held.stage = if listening {
-            Stage::HandedOut { lease, timer: tokio::spawn(self.clone().expire(key, lease)).abort_handle() }
-        } else {
-            Stage::InSession
-        };
+        if let Some(held) = state.held.get_mut(&key) {
+            held.stage = if listening {
+                Stage::HandedOut {
+                    lease,
+                    timer: tokio::spawn(self.clone().expire(key, lease)).abort_handle(),
+                }
+            } else {
+                Stage::InSession
+            };
+        }
+        self.changed.notify_waiters();
     }
 
     /// At the ack deadline: redeliver to the group with the next attempt.
     async fn expire(self: Arc<Self>, key: u64, lease: u64) {
         tokio::time::sleep(self.ack_deadline).await;
-        if !self.claim(key, lease) {
+        if !self.claim(key, lease, true) {
             return;
         }
         let attempt = match lock(&self.state).held.get(&key) {
@@ -462,119 +564,30 @@ impl Member {
         }
     }
 
-    /// Returns a message that was received but never handed out, with its attempt unchanged.
-    async fn give_back(self: Arc<Self>, key: u64) {
-        let attempt = {
-            let mut state = lock(&self.state);
-            let Some(held) = state.held.get_mut(&key) else { return };
-            if !matches!(held.stage, Stage::Buffered) {
-                return;
-            }
-            held.stage = Stage::Settling;
-            held.message.attempt
-        };
-        if let Err(e) = self.redeliver(key, attempt).await {
-            tracing::warn!(topic = %self.label, error = %e,
-                "giving back a message; it stays in the member's session until a member with its name reconnects");
-            self.recover(key);
-        }
-    }
-
-    /// Takes a parked message back: republishes it to the group, then clears the retained copy.
-    async fn unpark(self: Arc<Self>, publish: Publish) {
-        let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-        let message = codec::decode(&publish);
-        let properties = codec::encode(&message, message.attempt);
-        let outcome = async {
-            if !lock(&self.state).listening {
-                return Ok(());
-            }
-            match self
-                .publisher
-                .publish(&self.retry_topic, false, message.payload.clone(), properties)
-                .await?
-            {
-                Ack::Routed => self
-                    .publisher
-                    .publish(&topic, true, Bytes::new(), PublishProperties::default())
-                    .await
-                    .map(|_| ()),
-                // Leaving meanwhile: the parked copy stays for the next member.
-                Ack::NoSubscribers => Ok(()),
-            }
-        }
-        .await;
-        if let Err(e) = outcome {
-            tracing::warn!(topic = %self.label, parked = %topic, error = %e, "taking back a parked message");
-        }
-        lock(&self.state).unparking.remove(&publish.pkid);
-        let _ = self.client.ack(&ack_for(publish.pkid)).await;
-    }
-
     fn on_connack(&self, connack: &ConnAck) {
         let mut state = lock(&self.state);
-        state.connacks += 1;
-        if state.connacks == 1 {
+        state.incarnation.connected = true;
+        if state.session == 0 {
             return;
         }
-        tracing::info!(topic = %self.label, session_present = connack.session_present, "mqtt member reconnected");
-        if !connack.session_present {
-            // The broker forgot us (session expired, or it restarted without persistence):
-            // packet ids we hold mean nothing now.
-            state.session += 1;
-            state.by_pkid.clear();
-            state.acked.clear();
-            state.unparking.clear();
-        }
-        // Subscribing again even to a resumed session: Mosquitto 2.0 does not restore shared
-        // subscriptions from its persistence file after a restart.
+        tracing::info!(topic = %self.label, client_id = %state.incarnation.client_id,
+            session_present = connack.session_present, "mqtt member reconnected as a new incarnation");
         if state.listening {
-            let _ = self.client.try_subscribe_many(self.filters.clone());
+            let _ = state.incarnation.client.try_subscribe_many(self.names.filters());
         }
     }
 
     fn on_publish(self: &Arc<Self>, publish: Publish) {
+        if let Some(seen) = orphan::parse(&self.names.orphan_level, &publish) {
+            self.on_record(seen);
+            return;
+        }
         let qos1 = publish.qos != QoS::AtMostOnce;
-        let topic = publish.topic.as_ref();
         let mut state = lock(&self.state);
-        if let Some((marker, _)) = &state.drain
-            && topic == marker.as_bytes()
-        {
-            if let Some((_, drained)) = state.drain.take() {
-                let _ = drained.send(Ok(()));
-            }
-            drop(state);
-            let _ = self.client.try_ack(&ack_for(publish.pkid));
+        let Some(deliveries) = state.deliveries.clone().filter(|_| state.listening && !state.retired) else {
+            // Arrived while leaving: left unacked in the session, for the member adopting it.
             return;
-        }
-        if topic.strip_prefix(self.parked_topic.as_bytes()).is_some_and(|rest| rest.starts_with(b"/")) {
-            let is_copy = publish
-                .properties
-                .as_ref()
-                .is_some_and(|p| p.user_properties.iter().any(|(name, _)| name == wire::ID));
-            // A clear (empty, no properties) or a resend of one being taken back: just ack.
-            if !is_copy || !state.unparking.insert(publish.pkid) {
-                drop(state);
-                let _ = self.client.try_ack(&ack_for(publish.pkid));
-                return;
-            }
-            drop(state);
-            tokio::spawn(self.clone().unpark(publish));
-            return;
-        }
-        let fingerprint = codec::fingerprint(&publish);
-        if qos1 {
-            if state.by_pkid.contains_key(&publish.pkid) {
-                // The broker resending a message we still hold (after a reconnect).
-                return;
-            }
-            if publish.dup && state.acked.get(&publish.pkid) == Some(&fingerprint) {
-                drop(state);
-                let _ = self.client.try_ack(&ack_for(publish.pkid));
-                return;
-            }
-            state.acked.remove(&publish.pkid);
-        }
+        };
         let key = state.next_key;
         state.next_key += 1;
         let session = state.session;
@@ -584,77 +597,176 @@ impl Member {
                 message: codec::decode(&publish),
                 pkid: qos1.then_some(publish.pkid),
                 session,
-                fingerprint,
                 stage: Stage::Buffered,
             },
         );
-        if qos1 {
-            state.by_pkid.insert(publish.pkid, key);
-        }
-        let queued = state.deliveries.as_ref().is_some_and(|tx| tx.send(key).is_ok());
         drop(state);
-        if !queued {
-            // Arrived while leaving.
-            tokio::spawn(self.clone().give_back(key));
+        let _ = deliveries.send(key);
+    }
+
+    /// Adopts the session a record names (after a short random pause), unless it is this
+    /// member's own or another member of this process adopts it.
+    fn on_record(self: &Arc<Self>, seen: Seen) {
+        let record = match seen {
+            Seen::Cleared(topic) => {
+                lock(&self.state).orphans.remove(&topic);
+                return;
+            }
+            Seen::Orphan(record) => record,
+        };
+        {
+            let mut state = lock(&self.state);
+            if record.client_id == state.incarnation.client_id {
+                return;
+            }
+            state.orphans.insert(record.topic.clone());
+            if !state.listening {
+                return;
+            }
+        }
+        if let Some(claim) = orphan::claim(&record.topic) {
+            let adoption = tokio::spawn(adopt(Arc::downgrade(self), record, claim));
+            let mut state = lock(&self.state);
+            state.adoptions.retain(|a| !a.is_finished());
+            state.adoptions.push(adoption);
         }
     }
 
     fn on_suback(&self, suback: &SubAck) {
-        let refused = suback
-            .return_codes
-            .iter()
-            .find(|code| !matches!(code, SubscribeReasonCode::Success(QoS::AtLeastOnce | QoS::ExactlyOnce)));
-        let answer = match refused {
-            None => Ok(()),
-            Some(SubscribeReasonCode::Success(_)) => Err("the broker granted only QoS 0".to_owned()),
-            Some(code) => {
-                let detail = suback.properties.as_ref().and_then(|p| p.reason_string.clone());
-                Err(format!(
-                    "the broker refused the subscription: {code:?}{}",
-                    detail.map(|d| format!(" ({d})")).unwrap_or_default()
-                ))
-            }
+        let detail = || {
+            let reason = suback.properties.as_ref().and_then(|p| p.reason_string.clone());
+            reason.map(|r| format!(" ({r})")).unwrap_or_default()
         };
+        let refused = suback.return_codes.iter().enumerate().find_map(|(i, code)| match code {
+            // The group's filters must be QoS 1: at QoS 0 a message is gone once sent.
+            SubscribeReasonCode::Success(QoS::AtMostOnce) if i < GROUP_FILTERS => {
+                Some("the broker granted only QoS 0".to_owned())
+            }
+            SubscribeReasonCode::Success(_) => None,
+            code => Some(format!("the broker refused the subscription: {code:?}{}", detail())),
+        });
+        let answer = refused.map_or(Ok(()), Err);
         match lock(&self.state).subacks.pop_front() {
             Some(waiter) => {
                 let _ = waiter.send(answer);
             }
             None => {
                 if let Err(e) = answer {
-                    tracing::warn!(topic = %self.label, error = %e, "resubscribing after a lost session");
+                    tracing::warn!(topic = %self.label, error = %e, "subscribing a new incarnation");
                 }
             }
         }
     }
 
-    fn on_unsuback(&self) {
-        if let Some(waiter) = lock(&self.state).unsubacks.pop_front() {
+    fn on_puback(&self) {
+        if let Some(waiter) = lock(&self.state).round_trips.pop_front() {
             let _ = waiter.send(Ok(()));
         }
     }
 
-    fn on_connection_lost(&self, reason: &str) {
+    /// Decides what the connection task does after a lost connection. A lost incarnation's
+    /// session is an orphan now: its record is published (its will may say the same).
+    fn on_connection_lost(self: &Arc<Self>, reason: &str) -> Next {
         let mut state = lock(&self.state);
-        let reason = if state.connacks == 0 {
-            format!("could not connect: {reason}")
-        } else {
+        let reason = if state.incarnation.connected || state.session > 0 {
             format!("the connection to the broker was lost: {reason}")
+        } else {
+            format!("could not connect: {reason}")
         };
         let state = &mut *state;
-        for waiter in state.subacks.drain(..).chain(state.unsubacks.drain(..)) {
+        for waiter in state.subacks.drain(..).chain(state.round_trips.drain(..)) {
             let _ = waiter.send(Err(reason.clone()));
+        }
+        if state.retired {
+            return Next::Stop;
+        }
+        if !state.incarnation.connected {
+            // The first connection failed (subscribing fails), or a new incarnation is
+            // still trying to connect.
+            return if state.session == 0 { Next::Stop } else { Next::Poll };
+        }
+        let lost = Record {
+            topic: self.names.record_topic(&state.incarnation.id),
+            client_id: state.incarnation.client_id.clone(),
+            exit: Exit::Lost,
+        };
+        state.session += 1;
+        self.changed.notify_waiters();
+        tokio::spawn(publish_record(self.publisher.clone(), self.label.clone(), lost));
+        if !state.listening {
+            state.retired = true;
+            return Next::Stop;
+        }
+        let (incarnation, eventloop) = self.names.incarnation();
+        state.incarnation = incarnation;
+        Next::Replace(Box::new(eventloop))
+    }
+}
+
+/// Waits for every task of `tasks` to end.
+async fn join_all(tasks: Vec<JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// Publishes a lost incarnation's record, trying again while the broker cannot be reached.
+async fn publish_record(publisher: Publisher, label: String, record: Record) {
+    let deadline = tokio::time::Instant::now() + RECORD_RETRY_FOR;
+    let (payload, properties) = orphan::record(&record.client_id, record.exit);
+    loop {
+        match publisher.publish(&record.topic, true, payload.clone(), properties.clone()).await {
+            Ok(_) => return,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(topic = %label, error = %e, "publishing a lost incarnation's record; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => {
+                tracing::warn!(topic = %label, client_id = %record.client_id, error = %e,
+                    "could not publish a lost incarnation's record; its will, if the broker published it, names it");
+                return;
+            }
         }
     }
 }
 
-/// Polls the member's event loop, reconnecting with backoff (the session resumes); ends
-/// once the member is gone.
+/// Adopts the session `record` names for the group of `member`, trying again while the
+/// member listens and the record is not cleared.
+async fn adopt(member: Weak<Member>, record: Record, _claim: Claim) {
+    let mut pause = Duration::from_millis(u64::from(uuid::Uuid::new_v4().as_u128() as u16) % ADOPT_JITTER_MS);
+    loop {
+        tokio::time::sleep(pause).await;
+        let (adopter, label) = {
+            let Some(member) = member.upgrade() else { return };
+            let state = lock(&member.state);
+            if !state.listening || !state.orphans.contains(&record.topic) {
+                return;
+            }
+            (member.names.adopter(&member.publisher), member.label.clone())
+        };
+        match adopter.adopt(&record).await {
+            Ok(passed_on) => {
+                tracing::info!(topic = %label, client_id = %record.client_id, passed_on,
+                    "adopted the session of a gone member");
+                if let Some(member) = member.upgrade() {
+                    lock(&member.state).orphans.remove(&record.topic);
+                }
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(topic = %label, client_id = %record.client_id, error = %e, retry_in = ?ADOPT_RETRY,
+                    "adopting the session of a gone member");
+                pause = ADOPT_RETRY;
+            }
+        }
+    }
+}
+
+/// Polls the member's connection, reconnecting with backoff (as a new incarnation once a
+/// connected one is lost); ends once the member is gone or retired.
 async fn drive(member: Weak<Member>, mut eventloop: EventLoop) {
     let mut backoff = BACKOFF_MIN;
     loop {
-        if member.strong_count() == 0 {
-            return;
-        }
         let event = eventloop.poll().await;
         let Some(strong) = member.upgrade() else { return };
         match event {
@@ -664,15 +776,15 @@ async fn drive(member: Weak<Member>, mut eventloop: EventLoop) {
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => strong.on_publish(publish),
             Ok(Event::Incoming(Packet::SubAck(suback))) => strong.on_suback(&suback),
-            Ok(Event::Incoming(Packet::UnsubAck(_))) => strong.on_unsuback(),
+            Ok(Event::Incoming(Packet::PubAck(_))) => strong.on_puback(),
             Ok(Event::Outgoing(Outgoing::Disconnect)) => return,
             Ok(_) => {}
             Err(e) => {
                 let reason = describe(&e);
-                strong.on_connection_lost(&reason);
-                if lock(&strong.state).connacks == 0 {
-                    // Never connected: the subscribe call has failed, nobody is waiting.
-                    return;
+                match strong.on_connection_lost(&reason) {
+                    Next::Stop => return,
+                    Next::Poll => {}
+                    Next::Replace(fresh) => eventloop = *fresh,
                 }
                 tracing::warn!(topic = %strong.label, error = %reason, retry_in = ?backoff,
                     "mqtt member connection lost; reconnecting");
@@ -696,14 +808,14 @@ struct MqttAcker {
 #[async_trait]
 impl Acker for MqttAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        if !self.member.claim(self.key, self.lease) {
+        if !self.member.claim(self.key, self.lease, false) {
             return Err(Error::LeaseLost(self.id));
         }
         self.member.settle(self.key).await.map_err(|e| Error::transport(Op::Ack, &self.member.label, e))
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        if !self.member.claim(self.key, self.lease) {
+        if !self.member.claim(self.key, self.lease, false) {
             return Err(Error::LeaseLost(self.id));
         }
         let MqttAcker { member, key, attempt, .. } = *self;

@@ -10,8 +10,9 @@ use polybus_core::{
 
 use crate::codec;
 use crate::config::Settings;
+use crate::orphan::{DRAIN_PREFIX, ORPHAN_PREFIX};
 use crate::publisher::{Pending, Publisher};
-use crate::subscription::{self, DRAIN_PREFIX, PARKED_PREFIX, RETRY_PREFIX};
+use crate::subscription::{self, RETRY_PREFIX};
 
 /// What MQTT 5 (with shared subscriptions) can do, and what this adapter builds on top.
 pub(crate) const CAPABILITIES: Capabilities = Capabilities {
@@ -81,7 +82,7 @@ pub(crate) fn check_topic(topic: &str) -> std::result::Result<(), String> {
         return Err(format!("`{topic}` starts with `$`, which MQTT reserves for the broker"));
     }
     let first_level = topic.split('/').next().unwrap_or_default();
-    if [RETRY_PREFIX, PARKED_PREFIX, DRAIN_PREFIX].contains(&first_level) {
+    if [RETRY_PREFIX, ORPHAN_PREFIX, DRAIN_PREFIX].contains(&first_level) {
         return Err(format!("`{topic}` is under `{first_level}/`, a topic level polybus keeps for itself"));
     }
     Ok(())

@@ -1,5 +1,5 @@
 //! What is particular to MQTT: redeliveries stay within their group, messages a leaving
-//! member held wait for the next member, late acks are refused, and bad names or
+//! member held go to the next member, late acks are refused, and bad names or
 //! addresses fail clearly. Runs against `MQTT_HOST:MQTT_PORT` (default 127.0.0.1:1883).
 
 mod common;
@@ -85,11 +85,11 @@ async fn messages_queued_for_a_leaving_member_wait_for_the_next_member() {
     assert_eq!(got, expected, "the next member gets exactly the unhandled jobs");
     expect_nothing(&mut next, Duration::from_millis(500), "after the left-over jobs").await;
 
-    // Taken back means cleared: nothing stays retained under the group's parking topic.
+    // Adopted means cleared: no record of a gone member stays retained for the group.
     let mut native = Native::connect().await;
-    native.subscribe(&format!("{}/+", polybus_mqtt::parked_topic("workers", &world.topic))).await;
+    native.subscribe(&format!("{}/+", polybus_mqtt::orphan_topic("workers", &world.topic))).await;
     let leftover = tokio::time::timeout(Duration::from_millis(500), native.publish_received()).await;
-    assert!(leftover.is_err(), "a parked copy was left retained: {leftover:?}");
+    assert!(leftover.is_err(), "a gone member's record was left retained: {leftover:?}");
     world.bus.close().await.unwrap();
 }
 
@@ -130,18 +130,12 @@ async fn a_subscription_keeps_redelivering_after_its_bus_closed() {
 #[tokio::test]
 async fn topic_names_mqtt_cannot_publish_to_are_refused_clearly() {
     let world = World::new().await;
-    world
-        .registry
-        .create_topic(
-            Topic::from_value(
-                json!({"tag": "mqtt-test:wild", "envs": [{"slug": ENV, "nativeName": "a/+/b"}]}),
-            )
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    let err = world.bus.publish(ENV, "mqtt-test:wild", Message::text("x")).await.unwrap_err();
-    assert!(err.to_string().contains("not an MQTT topic name"), "{err}");
+    let wild =
+        Topic::from_value(json!({"tag": "mqtt-test:wild", "envs": [{"slug": ENV, "nativeName": "a/+/b"}]}))
+            .unwrap();
+    let err = world.registry.create_topic(wild).await.unwrap_err();
+    assert_eq!(err.code(), "VALIDATION_FAILED");
+    assert!(err.to_string().contains("wildcard in MQTT topic filters"), "{err}");
     world.bus.close().await.unwrap();
 }
 

@@ -205,6 +205,11 @@ impl EventStream {
         EventStream { body: response.into_body().into_data_stream(), buffer: String::new() }
     }
 
+    /// The rest of the stream: what was read but not parsed yet, and the body still to come.
+    pub fn into_parts(self) -> (String, axum::body::BodyDataStream) {
+        (self.buffer, self.body)
+    }
+
     /// The next event (comments skipped); panics after `within`.
     pub async fn next(&mut self, within: Duration) -> SseEvent {
         tokio::time::timeout(within, async {
