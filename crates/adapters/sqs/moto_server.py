@@ -10,13 +10,21 @@ Usage: python3 moto_server.py -H 127.0.0.1 -p 4566   (the arguments of moto_serv
 2. Cost: every sent or received message re-counted the whole queue (for attributes it did not
    need), and every delete copied it, so a queue thousands deep answered in seconds. Those
    counts are skipped there, and a delete removes its one message in place.
+3. Clock: every receive lists the queue's visible messages, reading the clock twice per message
+   through datetime arithmetic (~8 µs): 80 ms a receive on a queue 10,000 deep, with the queue
+   locked, so the whole server moved ~120 messages a second. Here the clock is read once per
+   listing, and moto's SQS clock reads are `time.time()` (the same instant, without datetime).
+4. Log: werkzeug logged a line per request (an eighth of the server's time under load, and a
+   log that only grows); here it logs warnings and errors only.
 
 Everything else is moto as installed.
 """
 
 import functools
+import logging
 import sys
 import threading
+import time
 
 from moto.core.utils import unix_time
 from moto.server import main
@@ -106,6 +114,31 @@ def retained(backend, queue_name, message):
 
 
 models.SQSBackend.is_message_valid_based_on_retention_period = retained
+
+
+def unix_time(dt=None):
+    return time.time() if dt is None else original_unix_time(dt)
+
+
+def unix_time_millis(dt=None):
+    return unix_time(dt) * 1000.0
+
+
+original_unix_time = models.unix_time
+models.unix_time = unix_time
+models.unix_time_millis = unix_time_millis
+
+
+def visible_messages(queue):
+    """moto's `Queue.messages` (visible and not delayed), with one clock read per listing."""
+    now = unix_time_millis()
+    return [m for m in queue._messages if now > m.visible_at and now >= m.delayed_until]
+
+
+models.Queue.messages = property(visible_messages)
+
+# werkzeug sets INFO only on a logger whose level is unset.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 if __name__ == "__main__":
     main(sys.argv[1:])

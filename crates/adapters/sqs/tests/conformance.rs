@@ -1,29 +1,74 @@
-//! The shared behaviour suite against SQS: moto's server at `POLYBUS_SQS_ENDPOINT` (default
-//! `http://127.0.0.1:4566`, started by `scripts/services sqs`), region `us-east-1`.
+//! The shared behaviour suite against SQS on moto, region `us-east-1`.
+//!
+//! By default the suite starts a moto of its own, through this crate's `moto_server.py` (the
+//! launcher that fixes moto's SQS emulation for concurrent clients and large queues), on a free
+//! loopback port, with the Python of the venv `scripts/services sqs` installs (`POLYBUS_VENV`,
+//! default `~/.cache/polybus/venv`): the run gets the launcher of this checkout whatever the
+//! shared moto was started from, and no one else's load. `POLYBUS_SQS_ENDPOINT` points the suite
+//! at a running moto (or SQS) instead, as does a missing venv (`http://127.0.0.1:4566`, started
+//! by `scripts/services sqs`); the queues this run made there (`t-…`) are deleted at the end.
 //!
 //! moto keeps its queues in memory, so restarting it loses the messages the reconnect case
-//! needs: that case and the broker-restart cases are skipped. The queues this run made (`t-…`) are deleted at the end.
+//! needs: that case and the broker-restart cases are skipped.
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use polybus::BrokerType;
-use polybus_conformance::Target;
+use polybus_conformance::private::Launch;
+use polybus_conformance::{PrivateBroker, Target};
 use polybus_sqs::SqsConnector;
 use serde_json::json;
 
-fn endpoint() -> String {
-    std::env::var("POLYBUS_SQS_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned())
-}
+const SHARED: &str = "http://127.0.0.1:4566";
 
-fn main() -> ExitCode {
-    let endpoint = endpoint();
-    let config = json!({
+fn config(endpoint: &str) -> serde_json::Value {
+    json!({
         "region": "us-east-1",
         "endpointUrl": endpoint,
         "accessKeyId": "test",
         "secretAccessKey": "test",
-    });
+    })
+}
+
+/// A moto of this binary's own, through the crate's launcher.
+fn private_moto() -> PrivateBroker {
+    PrivateBroker::new("moto", |_dir, port| {
+        let venv = std::env::var_os("POLYBUS_VENV")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/polybus/venv")));
+        let python = venv
+            .map(|venv| venv.join("bin/python3"))
+            .filter(|python| python.is_file())
+            .ok_or("no Python venv with moto (scripts/services sqs installs it; POLYBUS_VENV names it)")?;
+        let launcher = Path::new(env!("CARGO_MANIFEST_DIR")).join("moto_server.py").display().to_string();
+        let port = port.to_string();
+        let endpoint = format!("http://127.0.0.1:{port}");
+        Ok(Launch::new(python, &[&launcher, "-H", "127.0.0.1", "-p", &port], config(&endpoint)))
+    })
+}
+
+fn main() -> ExitCode {
+    // Kept until the suite is done; dropping it stops the server.
+    let mut moto = None;
+    let endpoint = match std::env::var("POLYBUS_SQS_ENDPOINT") {
+        Ok(endpoint) => endpoint,
+        Err(_) => {
+            let broker = private_moto();
+            match broker.addr() {
+                Ok(addr) => {
+                    moto = Some(broker);
+                    format!("http://{addr}")
+                }
+                Err(e) => {
+                    eprintln!("conformance[sqs]: no private moto ({e}); using the shared one on {SHARED}");
+                    SHARED.to_owned()
+                }
+            }
+        }
+    };
+    let config = config(&endpoint);
     let target = Target::new("sqs", BrokerType::AwsSqs, config).connector(Arc::new(SqsConnector)).no_private(
         "moto keeps its queues and messages in memory only: a restart loses all of them, so there is no \
          restart to survive",
@@ -38,6 +83,10 @@ fn main() -> ExitCode {
     let client = runtime.block_on(client(&endpoint));
     let before = runtime.block_on(queue_urls(&client)).unwrap_or_default();
     let code = polybus_conformance::run(target);
+    if moto.take().is_some() {
+        // The private server and its queues are gone with it.
+        return code;
+    }
     runtime.block_on(async {
         let after = match queue_urls(&client).await {
             Ok(after) => after,
