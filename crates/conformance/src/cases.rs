@@ -17,6 +17,7 @@ use crate::fixture::{
     ACK_DEADLINE, Ctx, ENV, Members, OrFail, TIMER_SLACK, WAIT, expect_nothing, receive, within,
 };
 use crate::harness::Need;
+use crate::process;
 
 /// One behaviour to prove.
 pub(crate) struct Case {
@@ -173,6 +174,29 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: None,
         limit: NORMAL,
         run: |ctx, _| Box::pin(graceful_shutdown_settles_in_flight_messages(ctx)),
+    },
+    Case {
+        name: "consumer_process_killed_mid_stream_loses_nothing",
+        needs: &[Need::AtLeastOnce, Need::ProcessFaults],
+        max_attempts: None,
+        limit: LONG,
+        run: |ctx, _| Box::pin(process::consumer_process_killed_mid_stream_loses_nothing(ctx)),
+    },
+    Case {
+        name: "group_replaced_after_its_member_processes_were_killed_loses_nothing",
+        needs: &[Need::AtLeastOnce, Need::ProcessFaults],
+        max_attempts: None,
+        limit: LONG,
+        run: |ctx, _| {
+            Box::pin(process::group_replaced_after_its_member_processes_were_killed_loses_nothing(ctx))
+        },
+    },
+    Case {
+        name: "group_replaced_after_its_members_closed_loses_nothing",
+        needs: &[Need::AtLeastOnce],
+        max_attempts: None,
+        limit: LONG,
+        run: |ctx, _| Box::pin(process::group_replaced_after_its_members_closed_loses_nothing(ctx)),
     },
 ];
 

@@ -18,13 +18,14 @@
 mod cases;
 mod fixture;
 mod harness;
+mod process;
 
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use polybus::{BrokerType, Connector};
 
-pub use harness::run;
+pub use harness::{member_process, run, run_all};
 
 /// Restarts the real broker behind a target and returns once it accepts connections again.
 pub type RestartHook = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
@@ -42,17 +43,46 @@ pub struct Target {
     pub connectors: Vec<Arc<dyn Connector>>,
     /// Restarts the broker; `None` skips the reconnect case.
     pub restart: Option<RestartHook>,
+    /// Whether the cases that kill member processes run against this target.
+    pub process_faults: ProcessFaults,
+}
+
+/// Which of the process-fault cases (a member process killed with SIGKILL, a whole group
+/// replaced) a target takes. They run the test binary again as member processes, so its
+/// `main` must call [`member_process`] first (or leave starting brokers to the suite).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ProcessFaults {
+    /// With every other case.
+    #[default]
+    Run,
+    /// Skipped, for the reason given (printed with the plan).
+    Skip(String),
+    /// Only these cases (another target takes the rest).
+    Only,
 }
 
 impl Target {
     /// A target with no extra connectors and no restart hook.
     pub fn new(name: impl Into<String>, broker_type: BrokerType, config: serde_json::Value) -> Self {
-        Target { name: name.into(), broker_type, config, connectors: Vec::new(), restart: None }
+        Target {
+            name: name.into(),
+            broker_type,
+            config,
+            connectors: Vec::new(),
+            restart: None,
+            process_faults: ProcessFaults::Run,
+        }
     }
 
     /// Adds a connector (for an adapter that is not a feature of the `polybus` crate).
     pub fn connector(mut self, connector: Arc<dyn Connector>) -> Self {
         self.connectors.push(connector);
+        self
+    }
+
+    /// Sets which process-fault cases run against this target.
+    pub fn process_faults(mut self, process_faults: ProcessFaults) -> Self {
+        self.process_faults = process_faults;
         self
     }
 

@@ -19,6 +19,9 @@ use polybus_conformance::Target;
 use polybus_mqtt::MqttConnector;
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(MqttConnector)]) {
+        return code;
+    }
     let config =
         |host: &str, port: u16| serde_json::json!({ "host": host, "port": port, "clientId": "conformance" });
     let explicit = std::env::var("MQTT_HOST").is_ok() || std::env::var("MQTT_PORT").is_ok();

@@ -19,6 +19,9 @@ use polybus_nats::NatsConnector;
 use serde_json::json;
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(NatsConnector)]) {
+        return code;
+    }
     let target = Target::new("nats", BrokerType::Nats, json!({})).connector(Arc::new(NatsConnector));
     match std::env::var("POLYBUS_NATS_URL") {
         Ok(url) => run_on_shared_server(target, &url),

@@ -17,6 +17,9 @@ fn endpoint() -> String {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(SqsConnector)]) {
+        return code;
+    }
     let endpoint = endpoint();
     let config = json!({
         "region": "us-east-1",
