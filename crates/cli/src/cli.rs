@@ -18,6 +18,12 @@ pub struct Cli {
     /// Registry to use: a file path or `sqlite://PATH`.
     #[arg(long, global = true, env = "POLYBUS_REGISTRY", default_value = DEFAULT_REGISTRY)]
     pub registry: String,
+    /// Data folder: relative file paths in definitions (the embedded broker's `path`, Pub/Sub's
+    /// `keyFilename`) and the default broker file resolve against it, never the working directory;
+    /// `serve` keeps every file a definition names inside it [default: `polybus-data` beside the
+    /// registry]
+    #[arg(long, global = true, env = "POLYBUS_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<std::path::PathBuf>,
     /// Work through a polybus server's HTTP API at this URL (e.g. `http://127.0.0.1:8080`)
     /// instead of a local registry.
     #[arg(long, global = true, env = "POLYBUS_SERVER", value_name = "URL")]
@@ -25,6 +31,10 @@ pub struct Cli {
     /// API key for `--server` (better given as `POLYBUS_API_KEY`, which other users cannot see).
     #[arg(long, global = true, env = "POLYBUS_API_KEY", hide_env_values = true, value_name = "KEY")]
     pub api_key: Option<crate::remote::ApiKey>,
+    /// Key file of the registry's `$Secret{name}` store (default: `polybus-secrets.key` beside a
+    /// SQLite registry; a PostgreSQL registry needs one, shared by every server replica).
+    #[arg(long, global = true, env = "POLYBUS_SECRETS_KEY_FILE", value_name = "FILE")]
+    pub secrets_key_file: Option<PathBuf>,
     /// Output format.
     #[arg(long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -57,11 +67,15 @@ pub enum Command {
     Consume(ConsumeArgs),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
-    /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`.
+    /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
+    /// definitions sent to it may name files only inside `--data-dir`.
     Serve(ServeArgs),
     /// Manage the server's API keys (stored hashed in the registry).
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Manage secrets for `$Secret{name}` references: stored encrypted, never shown again.
+    #[command(subcommand)]
+    Secret(SecretCommand),
     /// Measure publish and consume+ack throughput and publish→deliver latency on a topic.
     Bench(crate::commands::bench::BenchArgs),
 }
@@ -77,6 +91,7 @@ impl Command {
             Command::Quickstart => "quickstart",
             Command::Serve(_) => "serve",
             Command::Key(_) => "key",
+            Command::Secret(_) => "secret",
             Command::Bench(_) => "bench",
         }
     }
@@ -96,6 +111,35 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "POLYBUS_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Only `${VAR}` references whose name starts with this resolve in broker configs; repeat
+    /// for several (comma-separated in the variable). An empty prefix lets anyone who can write
+    /// a definition read every variable of the server: do not.
+    #[arg(
+        long = "secret-env-prefix",
+        env = "POLYBUS_SECRET_ENV_PREFIX",
+        value_name = "PREFIX",
+        value_delimiter = ',',
+        default_value = polybus::DEFAULT_ENV_PREFIX
+    )]
+    pub secret_env_prefixes: Vec<String>,
+}
+
+/// `polybus secret …`
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Set a secret (create or replace); the value is read from stdin, or asked for without echo
+    /// on a terminal, never from the command line. Use it in configs as `$Secret{NAME}`.
+    Set {
+        /// The name: 1 to 64 of `A-Z a-z 0-9 _ -`.
+        name: String,
+    },
+    /// List the secrets: names and times, never values.
+    List,
+    /// Delete a secret; definitions that refer to it fail to connect from then on.
+    Delete {
+        /// The name.
+        name: String,
+    },
 }
 
 /// `polybus key …`
@@ -268,6 +312,20 @@ mod tests {
         assert_eq!(parse_header("a="), Ok(("a".into(), String::new())));
         assert!(parse_header("=b").is_err());
         assert!(parse_header("ab").is_err());
+    }
+
+    #[test]
+    fn secret_env_prefixes_default_repeat_and_split() {
+        let prefixes = |args: &[&str]| match Cli::try_parse_from([&["polybus", "serve"], args].concat()) {
+            Ok(Cli { command: Command::Serve(serve), .. }) => serve.secret_env_prefixes,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(prefixes(&[]), ["POLYBUS_BROKER_"]);
+        assert_eq!(
+            prefixes(&["--secret-env-prefix", "A_,B_", "--secret-env-prefix", "C_"]),
+            ["A_", "B_", "C_"]
+        );
+        assert_eq!(prefixes(&["--secret-env-prefix", ""]), [""]);
     }
 
     #[test]

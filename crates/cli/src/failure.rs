@@ -69,7 +69,9 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // One line whatever the source said: a multi-line message would break `2>&1 | grep`.
         let message: Vec<&str> = self.message.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
-        write!(f, "{}: {}", self.code, message.join(" "))
+        // Escaped: a message may quote what a server or a definition file holds.
+        let message = crate::output::shown(&message.join(" "), usize::MAX);
+        write!(f, "{}: {}", self.code, message)
     }
 }
 

@@ -7,7 +7,7 @@ mod files;
 mod output;
 mod remote;
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
@@ -40,8 +40,25 @@ fn init_logging(default: &str) {
         .unwrap_or_else(|_| EnvFilter::new(format!("{default},rumqttc=error")));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| ScrubbedStderr)
         .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .init();
+}
+
+/// Stderr for log lines, with every secret value a bus resolved replaced by its reference
+/// (client libraries log endpoints themselves, which may hold resolved values).
+struct ScrubbedStderr;
+
+impl Write for ScrubbedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // The formatter writes each event in one call, so a value is never split across calls.
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(polybus::scrub_log(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }

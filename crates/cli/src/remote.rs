@@ -9,7 +9,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use base64::Engine;
-use polybus::{Broker, BrokerType, Message, Topic, wire};
+use polybus::{Broker, BrokerType, Message, SecretInfo, Topic, wire};
 use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use reqwest::{Method, StatusCode, Url};
 use serde::de::DeserializeOwned;
@@ -26,6 +26,8 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const MAX_PULL_WAIT: Duration = Duration::from_secs(30);
 /// No request body.
 const NO_BODY: Option<&Value> = None;
+/// A request body above this size may be refused by a server for its size.
+const LARGE_BODY: usize = 1024 * 1024;
 /// Most characters of a non-JSON error body quoted in a failure.
 const QUOTED_BODY: usize = 200;
 
@@ -267,14 +269,16 @@ impl Client {
         if let Some(value) = &self.authorization {
             request = request.header(AUTHORIZATION, value.clone());
         }
+        let mut sent = 0;
         if let Some(body) = body {
             let bytes = serde_json::to_vec(body)
                 .map_err(|e| Failure::new("ENCODE_FAILED", format!("cannot encode the request: {e}")))?;
+            sent = bytes.len();
             request = request.header(CONTENT_TYPE, "application/json").body(bytes);
         }
-        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
+        let response = request.send().await.map_err(|e| self.unreachable(&e, sent))?;
         let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| self.unreachable(&e))?;
+        let bytes = response.bytes().await.map_err(|e| self.unreachable(&e, 0))?;
         if !status.is_success() {
             return Err(self.refused(status, &bytes));
         }
@@ -282,9 +286,16 @@ impl Client {
             .map_err(|e| bad_response(format!("{} answered {status} with unexpected JSON: {e}", self.shown)))
     }
 
-    fn unreachable(&self, error: &reqwest::Error) -> Failure {
+    /// The failure of a request that got no answer; `sent` is the size of its body.
+    fn unreachable(&self, error: &reqwest::Error, sent: usize) -> Failure {
         let what = if error.is_timeout() { "no answer in time from" } else { "cannot reach" };
-        Failure::new("SERVER_UNREACHABLE", format!("{what} the server at {}: {}", self.shown, chain(error)))
+        let mut message = format!("{what} the server at {}: {}", self.shown, chain(error));
+        // A server closes the connection on a body over its limit; it answers 413 when it can.
+        if sent > LARGE_BODY && !error.is_connect() && !error.is_timeout() {
+            message
+                .push_str(&format!(" (while sending {sent} bytes: the server may refuse a body this large)"));
+        }
+        Failure::new("SERVER_UNREACHABLE", message)
     }
 
     /// The failure an error answer stands for: the server's own code and message when it sent
@@ -371,6 +382,23 @@ impl Client {
     /// `DELETE /v1/topics/{event}`.
     pub async fn delete_topic(&self, event: &str) -> CliResult {
         let _: Value = self.call(Method::DELETE, &["topics", event], &[], NO_BODY, REQUEST_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// `POST /v1/secrets`: sets a secret; the answer holds its name and times only.
+    pub async fn set_secret(&self, name: &str, value: &str) -> CliResult<SecretInfo> {
+        let body = serde_json::json!({ "name": name, "value": value });
+        self.call(Method::POST, &["secrets"], &[], Some(&body), REQUEST_TIMEOUT).await
+    }
+
+    /// `GET /v1/secrets`: names and times.
+    pub async fn secrets(&self) -> CliResult<Vec<SecretInfo>> {
+        self.call(Method::GET, &["secrets"], &[], NO_BODY, REQUEST_TIMEOUT).await
+    }
+
+    /// `DELETE /v1/secrets/{name}`.
+    pub async fn delete_secret(&self, name: &str) -> CliResult {
+        let _: Value = self.call(Method::DELETE, &["secrets", name], &[], NO_BODY, REQUEST_TIMEOUT).await?;
         Ok(())
     }
 

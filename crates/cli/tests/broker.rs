@@ -250,3 +250,64 @@ fn usage_errors_keep_clap_exit_code() {
     let run = sandbox.run(&["publish", "--env", "dev", "bus:orders", "--header", "novalue", "--data", "x"]);
     assert_eq!(run.code, Some(2), "{run:#?}");
 }
+
+#[test]
+fn huge_and_hostile_names_are_refused_and_old_ones_are_listed_escaped_without_a_panic() {
+    let sandbox = Sandbox::new();
+    let huge = sandbox.write(
+        "huge.yaml",
+        format!("name: {}\ntag: huge\nenvs:\n  - slug: dev\n    type: embedded\n", "n".repeat(65_536)),
+    );
+    let refused = sandbox.run(&["broker", "create", "-f", &huge]);
+    assert!(
+        refused
+            .failed(1)
+            .starts_with("error: VALIDATION_FAILED: huge.yaml: field `name`: is 65536 characters long"),
+        "{refused:?}"
+    );
+    let hostile = sandbox.write("hostile.json", r#"{"name": "evil\u001b]0;owned\u0007", "tag": "evil", "envs": [{"slug": "dev", "type": "embedded"}]}"#);
+    let refused = sandbox.run(&["broker", "create", "-f", &hostile]);
+    assert!(!refused.failed(1).contains('\u{1b}'), "{refused:?}");
+
+    // Definitions stored before the limits (or by an older server) are still listed, safely.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let url = sandbox.path().join("registry.db").display().to_string();
+        let store = polybus_registry::open_store(&url).await.expect("registry");
+        for (tag, name) in [("huge", "n".repeat(65_536)), ("evil", "evil\u{1b}]0;owned\u{7}\u{1b}[2J".to_owned())] {
+            let doc = json!({"name": name, "tag": tag, "envs": [{"slug": "dev", "type": "embedded"}], "version": 1});
+            store.insert(polybus_registry::Kind::Broker, tag, None, &doc).await.expect("stored as-is");
+        }
+    });
+    let listed = sandbox.run(&["broker", "list"]);
+    let text = listed.ok();
+    assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text:?}");
+    assert!(text.contains("evil\\u{1b}]0;owned\\u{7}"), "{text:?}");
+    assert!(text.lines().all(|l| l.chars().count() < 200), "{text:?}");
+    assert!(text.contains('…'), "{text:?}");
+    let shown = sandbox.run(&["broker", "get", "evil"]);
+    assert!(!shown.ok().contains('\u{1b}'), "{shown:?}");
+}
+
+#[test]
+fn broker_get_hides_kafka_properties_and_url_passwords_holding_slashes() {
+    let sandbox = Sandbox::new();
+    let file = sandbox.write(
+        "kafka.yaml",
+        "name: K\ntag: k\nenvs:\n  - slug: prd\n    type: kafka\n    config:\n      brokers: [\"k:9092\"]\n      \
+         properties:\n        sasl.password: pw-sasl\n        ssl.key.password: pw-key\n        \
+         sasl.jaas.config: 'PlainLoginModule required password=\"pw-jaas\";'\n  - slug: q\n    type: rabbitmq\n    \
+         config:\n      url: \"amqp://app:pw/slash@rabbit:5672/\"\n",
+    );
+    sandbox.run(&["broker", "create", "-f", &file]).ok();
+    for args in
+        [&["broker", "get", "k"][..], &["broker", "get", "k", "--output", "json"], &["broker", "list"]]
+    {
+        let run = sandbox.run(args);
+        let out = run.ok();
+        assert!(!out.contains("pw-") && !out.contains("pw/slash"), "{args:?}: {out}");
+    }
+    let json = sandbox.run(&["broker", "get", "k", "--output", "json"]).json();
+    assert_eq!(json["envs"][0]["config"]["properties"]["sasl.password"], "****");
+    assert_eq!(json["envs"][1]["config"]["url"], "amqp://app:****@rabbit:5672/");
+}

@@ -13,7 +13,8 @@ fn quickstart_twice_in_a_fresh_directory_succeeds() {
     let first = quickstart();
     let out = first.ok();
     assert_eq!(first.stderr, "");
-    let broker_file = sandbox.path().canonicalize().expect("dir").join("polybus-broker.db");
+    let broker_file =
+        sandbox.path().canonicalize().expect("dir").join("polybus-data").join("polybus-broker.db");
     assert!(
         out.contains(&format!(
             "broker     `quickstart` (created): env `local` on the embedded broker in {}\n",

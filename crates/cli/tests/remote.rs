@@ -61,7 +61,8 @@ fn registry_publish_and_consume_work_through_the_server() {
     let client = Sandbox::new();
     let key = Some(server.key.as_str());
     let run = |args: &[&str]| remote(&client, &server, key, args);
-    let db = server.sandbox.broker_db().display().to_string();
+    // Relative: a server keeps the files a definition names in its data folder.
+    let db = "broker.db";
     let mut all = Vec::new();
 
     // Broker create, then get: secrets redacted, the same text as on the local registry.
@@ -204,6 +205,7 @@ fn registry_publish_and_consume_work_through_the_server() {
     }
     // Nothing went to the client's own registry.
     assert!(!client.path().join("registry.db").exists());
+    assert!(server.sandbox.path().join("polybus-data").join(db).exists(), "in the server's data folder");
 }
 
 #[test]
@@ -254,4 +256,26 @@ fn local_only_commands_and_unreachable_servers_fail_in_one_line() {
         "{line}"
     );
     assert!(!line.contains("pbk_secret_key"));
+}
+
+#[test]
+fn a_body_over_the_server_limit_is_reported_as_the_server_answered_it() {
+    let server = Server::start();
+    let client = Sandbox::new();
+    let key = Some(server.key.as_str());
+    let broker = client.write(
+        "b.yaml",
+        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: broker.db\n",
+    );
+    remote(&client, &server, key, &["broker", "create", "-f", &broker]).ok();
+    let topic = client.write("t.yaml", "tag: bus:orders\n");
+    remote(&client, &server, key, &["topic", "create", "-f", &topic]).ok();
+    // 16 MiB, base64-encoded in the request: far over the server's default limit of 3 MiB.
+    let big = client.write("big.bin", vec![b'x'; 16 << 20]);
+    let run = remote(&client, &server, key, &["publish", "--env", "dev", "bus:orders", "--file", &big]);
+    let line = run.failed(1);
+    assert!(
+        line.starts_with("error: PAYLOAD_TOO_LARGE: the request body is larger than the server's limit of"),
+        "{line}"
+    );
 }

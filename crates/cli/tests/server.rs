@@ -64,6 +64,9 @@ fn serve_creates_a_first_key_answers_with_it_and_stops_on_sigterm() {
     let address = url.strip_prefix("http://").expect("http URL").to_owned();
     let key = started["createdKey"]["key"].as_str().expect("a first key").to_owned();
     assert_eq!(started["createdKey"]["name"], "admin");
+    let data_dir = sandbox.path().canonicalize().expect("sandbox").join("polybus-data");
+    assert_eq!(started["dataDir"].as_str(), data_dir.to_str(), "the data folder sits beside the registry");
+    assert!(data_dir.is_dir(), "and is created at start");
 
     let (status, body) = get(&address, "/v1/brokers", &key);
     assert!(status.contains("200"), "{status}: {body}");
@@ -81,9 +84,10 @@ fn serve_creates_a_first_key_answers_with_it_and_stops_on_sigterm() {
     let mut again = sandbox.spawn(&["serve", "--listen", "127.0.0.1:0"]);
     let mut stdout = BufReader::new(again.stdout.take().expect("stdout"));
     let mut banner = String::new();
-    for _ in 0..8 {
+    for _ in 0..9 {
         stdout.read_line(&mut banner).expect("banner");
     }
+    assert!(banner.contains("data folder  "), "{banner}");
     assert!(banner.starts_with("polybus server listening on http://127.0.0.1:"), "{banner}");
     assert!(banner.contains("polybus key create --name NAME"), "no second key is created: {banner}");
     let stopped = Command::new("kill").args(["-TERM", &again.id().to_string()]).status().expect("kill");

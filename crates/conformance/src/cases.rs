@@ -17,7 +17,10 @@ use crate::fixture::{
     ACK_DEADLINE, Ctx, ENV, Members, OrFail, TIMER_SLACK, WAIT, expect_nothing, receive, within,
 };
 use crate::harness::Need;
+use crate::load::{LOAD_CASE, load_lose_nothing};
+use crate::private::Stop;
 use crate::process;
+use crate::restart::{CRASH_CASE, RESTART_CASE, RESTART_LIMIT, broker_restart_mid_publish_and_mid_consume};
 
 /// One behaviour to prove.
 pub(crate) struct Case {
@@ -48,6 +51,13 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: None,
         limit: NORMAL,
         run: |ctx, caps| Box::pin(round_trip_keeps_payload_headers_and_key(ctx, caps)),
+    },
+    Case {
+        name: "header_rules_give_the_same_answer_on_every_broker",
+        needs: &[],
+        max_attempts: None,
+        limit: NORMAL,
+        run: |ctx, _| Box::pin(header_rules_give_the_same_answer_on_every_broker(ctx)),
     },
     Case {
         name: "competing_consumers_each_message_goes_to_one_member",
@@ -176,14 +186,35 @@ pub(crate) static CASES: &[Case] = &[
         run: |ctx, _| Box::pin(graceful_shutdown_settles_in_flight_messages(ctx)),
     },
     Case {
-        name: "consumer_process_killed_mid_stream_loses_nothing",
+        name: RESTART_CASE,
+        needs: &[Need::PrivateBroker],
+        max_attempts: None,
+        limit: RESTART_LIMIT,
+        run: |ctx, _| Box::pin(broker_restart_mid_publish_and_mid_consume(ctx, Stop::Graceful)),
+    },
+    Case {
+        name: CRASH_CASE,
+        needs: &[Need::PrivateBroker, Need::CrashSafe],
+        max_attempts: None,
+        limit: RESTART_LIMIT,
+        run: |ctx, _| Box::pin(broker_restart_mid_publish_and_mid_consume(ctx, Stop::Kill)),
+    },
+    Case {
+        name: LOAD_CASE,
+        needs: &[Need::Alone],
+        max_attempts: None,
+        limit: LONG,
+        run: |ctx, _| Box::pin(load_lose_nothing(ctx, LONG)),
+    },
+    Case {
+        name: process::KILL_CASE,
         needs: &[Need::AtLeastOnce, Need::ProcessFaults],
         max_attempts: None,
         limit: LONG,
         run: |ctx, _| Box::pin(process::consumer_process_killed_mid_stream_loses_nothing(ctx)),
     },
     Case {
-        name: "group_replaced_after_its_member_processes_were_killed_loses_nothing",
+        name: process::KILLED_GROUP_CASE,
         needs: &[Need::AtLeastOnce, Need::ProcessFaults],
         max_attempts: None,
         limit: LONG,
@@ -192,7 +223,7 @@ pub(crate) static CASES: &[Case] = &[
         },
     },
     Case {
-        name: "group_replaced_after_its_members_closed_loses_nothing",
+        name: process::CLOSED_GROUP_CASE,
         needs: &[Need::AtLeastOnce],
         max_attempts: None,
         limit: LONG,
@@ -245,6 +276,54 @@ async fn round_trip_keeps_payload_headers_and_key(ctx: Ctx, caps: Capabilities) 
         delivery.published_at
     );
     delivery.ack().await.or_fail("acking");
+}
+
+async fn header_rules_give_the_same_answer_on_every_broker(ctx: Ctx) {
+    let mut sub = ctx.subscribe("reader").await;
+    // What one broker would refuse, drop, act on or choke on is refused by polybus on all of them.
+    let refused = [
+        ("a reserved polybus- name", Message::text("r").header(wire::ATTEMPT, "999")),
+        ("a header name with NUL", Message::text("r").header("a\0b", "v")),
+        ("an empty header name", Message::text("r").header("", "v")),
+        ("a header name with a space", Message::text("r").header("a b", "v")),
+        ("a value with CR LF", Message::text("r").header("h", "v\r\nInjected: 1")),
+        ("a value with a tab", Message::text("r").header("h", "a\tb")),
+        ("a value over 1024 bytes", Message::text("r").header("h", "v".repeat(1025))),
+        ("a name NATS JetStream acts on", Message::text("r").header("Nats-Rollup", "all")),
+        ("a name RabbitMQ routes on", Message::text("r").header("CC", "elsewhere")),
+        ("a name RabbitMQ counts attempts in", Message::text("r").header("x-delivery-count", "999")),
+        ("a name Pub/Sub refuses", Message::text("r").header("goog-x", "v")),
+        ("a key with NUL", Message::text("r").key("k\0")),
+    ];
+    for (what, message) in refused {
+        match within(WAIT, what, ctx.bus.publish(ENV, &ctx.event, message)).await {
+            Err(polybus::Error::Validation(e)) => {
+                assert!(e.field == "headers" || e.field == "key", "{what}: {e}")
+            }
+            other => panic!("{what}: expected a validation error, got {other:?}"),
+        }
+    }
+    let batch = vec![Message::text("fine"), Message::text("bad").header("polybus-id", "forged")];
+    match within(WAIT, "a batch with one bad message", ctx.bus.publish_batch(ENV, &ctx.event, batch)).await {
+        Err(polybus::Error::Validation(e)) => assert_eq!(e.field, "messages[1].headers"),
+        other => panic!("a batch with one bad message: expected a validation error, got {other:?}"),
+    }
+
+    // The connection is intact, and headers at every limit travel unchanged.
+    let mut edge = Message::text("at the limits")
+        .key("k".repeat(200))
+        .header("x.a_b-c~1", "v".repeat(1024))
+        .header("n".repeat(128), "a name at the limit")
+        .header("x-unicode", "äöü ✓ 😀 with spaces: and colons");
+    for i in 0..61 {
+        edge = edge.header(format!("h{i:02}"), i.to_string());
+    }
+    assert_eq!(edge.headers.len(), 64);
+    ctx.publish(edge.clone()).await;
+    let delivery = receive(&mut sub, "the message with headers at the limits").await;
+    assert_same_message(&delivery, &edge, "the message with headers at the limits");
+    delivery.ack().await.or_fail("acking");
+    expect_nothing(&mut sub, ACK_DEADLINE + LINGER, "the topic after the refused publishes").await;
 }
 
 async fn competing_consumers_each_message_goes_to_one_member(ctx: Ctx) {

@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::{RestartHook, Target};
+use crate::{PrivateBroker, RestartHook, Target};
 
 /// The env every case publishes to.
 pub(crate) const ENV: &str = "test";
@@ -69,6 +69,8 @@ pub(crate) struct Ctx {
     pub id: String,
     /// Restarts the target's broker, when it can.
     pub restart: Option<RestartHook>,
+    /// The target's private broker, when it has one.
+    pub private: Option<Arc<PrivateBroker>>,
     /// The target's connectors, for a second bus.
     connectors: Vec<Arc<dyn polybus::Connector>>,
     _dir: Arc<tempfile::TempDir>,
@@ -96,6 +98,7 @@ impl Ctx {
             event: format!("{BROKER}:t-{id}"),
             id,
             restart: target.restart.clone(),
+            private: target.private.clone().ok(),
             connectors: target.connectors.clone(),
             _dir: Arc::new(dir),
         };

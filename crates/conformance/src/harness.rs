@@ -39,6 +39,12 @@ pub(crate) enum Need {
     LargeMessages,
     /// The target can restart its broker.
     Restart,
+    /// The target has a private broker the case may stop and start; the case runs on it.
+    PrivateBroker,
+    /// The private broker keeps what it acknowledged through a SIGKILL.
+    CrashSafe,
+    /// Runs with no other case at once (a load that would starve them, or be starved).
+    Alone,
     /// Member processes may be killed: the target does not declare these cases skipped.
     ProcessFaults,
 }
@@ -62,6 +68,8 @@ impl Need {
                 .filter(|max| *max < LARGE_MESSAGE)
                 .map(|max| format!("adapter accepts payloads of at most {max} bytes")),
             Need::Restart if target.restart.is_none() => Some("no restart hook for this target".into()),
+            Need::PrivateBroker => target.private.as_ref().err().cloned(),
+            Need::CrashSafe => target.private.as_ref().ok().and_then(|b| b.crash_safety()).map(str::to_owned),
             Need::ProcessFaults => match &target.process_faults {
                 ProcessFaults::Skip(reason) => Some(reason.clone()),
                 ProcessFaults::Run | ProcessFaults::Only => None,
@@ -101,6 +109,7 @@ pub fn member_process(connectors: &[Arc<dyn polybus::Connector>]) -> Option<Exit
 
 /// Runs the cases `target` takes; returns whether any failed.
 fn run_one(args: &Arguments, target: Target) -> bool {
+    crate::reliability::set_broker(&target.name);
     let target = Arc::new(target);
     let cases: Vec<&'static Case> = CASES
         .iter()
@@ -145,7 +154,10 @@ fn failing(case: &Case, message: String) -> Trial {
 fn trial(case: &'static Case, skip: Option<String>, target: Arc<Target>, caps: Capabilities) -> Trial {
     match skip {
         // Ignored at run time, so the reason shows on the trial's own line.
-        Some(reason) => Trial::ignorable_test(case.name, move || Ok(Completion::ignored_with(reason))),
+        Some(reason) => Trial::ignorable_test(case.name, move || {
+            crate::reliability::report_skip(case.name, &reason);
+            Ok(Completion::ignored_with(reason))
+        }),
         None => Trial::test(case.name, move || run_case(case, &target, caps)),
     }
 }
@@ -209,16 +221,28 @@ fn print_plan(
     }
 }
 
-/// Cases share the broker; a case that restarts it runs alone (write), the others together (read).
+/// Cases share the broker; a case that restarts a broker runs alone (write), the others
+/// together (read).
 static BROKER: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// Runs one case in its own runtime, with its own registry and topic; a panic is the failure.
 fn run_case(case: &'static Case, target: &Target, caps: Capabilities) -> Result<(), Failed> {
-    let restarts = case.needs.contains(&Need::Restart);
+    let restarts =
+        case.needs.iter().any(|need| matches!(need, Need::Restart | Need::PrivateBroker | Need::Alone));
     let (_shared, _alone) = if restarts {
         (None, Some(BROKER.write().unwrap_or_else(|poisoned| poisoned.into_inner())))
     } else {
         (Some(BROKER.read().unwrap_or_else(|poisoned| poisoned.into_inner())), None)
+    };
+    let on_private;
+    let target = if case.needs.contains(&Need::PrivateBroker) {
+        let broker = target.private.as_ref().map_err(|reason| Failed::from(reason.clone()))?;
+        let config =
+            broker.config().map_err(|e| Failed::from(format!("starting the private broker: {e}")))?;
+        on_private = Target { config, ..target.clone() };
+        &on_private
+    } else {
+        target
     };
     let runtime = runtime().map_err(|e| Failed::from(format!("starting a runtime: {e}")))?;
     let outcome = catch_unwind(AssertUnwindSafe(|| {

@@ -18,7 +18,11 @@
 mod cases;
 mod fixture;
 mod harness;
+mod load;
+pub mod private;
 mod process;
+pub mod reliability;
+mod restart;
 
 use std::sync::Arc;
 
@@ -26,6 +30,7 @@ use futures::future::BoxFuture;
 use polybus::{BrokerType, Connector};
 
 pub use harness::{member_process, run, run_all};
+pub use private::PrivateBroker;
 
 /// Restarts the real broker behind a target and returns once it accepts connections again.
 pub type RestartHook = Arc<dyn Fn() -> BoxFuture<'static, ()> + Send + Sync>;
@@ -45,6 +50,9 @@ pub struct Target {
     pub restart: Option<RestartHook>,
     /// Whether the cases that kill member processes run against this target.
     pub process_faults: ProcessFaults,
+    /// A broker instance of the suite's own that the restart cases stop and start, or why
+    /// there is none (the reason those cases are skipped with).
+    pub private: Result<Arc<PrivateBroker>, String>,
 }
 
 /// Which of the process-fault cases (a member process killed with SIGKILL, a whole group
@@ -71,6 +79,7 @@ impl Target {
             connectors: Vec::new(),
             restart: None,
             process_faults: ProcessFaults::Run,
+            private: Err("no private broker for this target".into()),
         }
     }
 
@@ -92,6 +101,18 @@ impl Target {
         F: Fn() -> BoxFuture<'static, ()> + Send + Sync + 'static,
     {
         self.restart = Some(Arc::new(hook));
+        self
+    }
+
+    /// Sets the private broker the restart cases stop and start.
+    pub fn private(mut self, broker: Arc<PrivateBroker>) -> Self {
+        self.private = Ok(broker);
+        self
+    }
+
+    /// Says why this target has no private broker (the restart cases are skipped with it).
+    pub fn no_private(mut self, reason: impl Into<String>) -> Self {
+        self.private = Err(reason.into());
         self
     }
 }

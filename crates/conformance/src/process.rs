@@ -22,6 +22,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::fixture::{ACK_DEADLINE, Ctx, ENV, OrFail, WAIT, build_bus, within};
+use crate::reliability::{FaultFigures, report_fault};
+
+/// The cases' names.
+pub(crate) const KILL_CASE: &str = "consumer_process_killed_mid_stream_loses_nothing";
+pub(crate) const KILLED_GROUP_CASE: &str =
+    "group_replaced_after_its_member_processes_were_killed_loses_nothing";
+pub(crate) const CLOSED_GROUP_CASE: &str = "group_replaced_after_its_members_closed_loses_nothing";
 
 /// Set in a member process: what to join, as JSON.
 pub(crate) const MEMBER_ENV: &str = "POLYBUS_CONFORMANCE_MEMBER";
@@ -257,31 +264,32 @@ impl Acking {
 }
 
 /// Receives with `subs` (acking each) until every id of `expected` arrived, then lingers to
-/// count duplicates. Fails naming how many are missing after [`RECOVER`].
-async fn receive_all(subs: Vec<Subscriber>, expected: &HashSet<String>) -> Received {
+/// count duplicates; gives up after [`RECOVER`]. Also returns how long after `since` the last
+/// expected id arrived, when all did.
+async fn receive_all(
+    subs: Vec<Subscriber>,
+    expected: &HashSet<String>,
+    since: Instant,
+) -> (Received, Option<Duration>) {
     let mut members = Acking::spawn(subs);
     let mut received = Received::default();
     let deadline = Instant::now() + RECOVER;
+    let mut recovered = None;
     while !expected.iter().all(|id| received.0.contains_key(id)) {
-        let Some((id, _)) = members.next_before(deadline).await else {
-            let missing = expected.iter().filter(|id| !received.0.contains_key(*id)).count();
-            panic!(
-                "lost: {missing} of {} messages the stopped members never acked did not reach the new \
-                 members within {RECOVER:?} ({} deliveries so far)",
-                expected.len(),
-                received.deliveries()
-            );
-        };
+        let Some((id, _)) = members.next_before(deadline).await else { break };
         *received.0.entry(id).or_default() += 1;
     }
-    let linger = Instant::now() + LINGER;
-    while let Some((id, _)) = members.next_before(linger).await {
-        *received.0.entry(id).or_default() += 1;
+    if expected.iter().all(|id| received.0.contains_key(id)) {
+        recovered = Some(since.elapsed());
+        let linger = Instant::now() + LINGER;
+        while let Some((id, _)) = members.next_before(linger).await {
+            *received.0.entry(id).or_default() += 1;
+        }
     }
     for (id, _) in members.stop().await {
         *received.0.entry(id).or_default() += 1;
     }
-    received
+    (received, recovered)
 }
 
 /// Publishes `count` messages; returns their ids.
@@ -289,17 +297,25 @@ async fn publish(ctx: &Ctx, prefix: &str, count: usize) -> Vec<String> {
     ctx.publish_numbered(&ctx.event, prefix, count).await
 }
 
-/// Checks and reports what new members received against what stopped members printed.
-fn conclude(what: &str, published: &[String], acked: &HashSet<String>, received: &Received) {
+/// Reports what new members received against what stopped members printed (the figures
+/// for docs/RELIABILITY.md), then fails on any loss.
+fn conclude(
+    case: &str,
+    fault: &str,
+    published: &[String],
+    acked: &HashSet<String>,
+    outcome: (Received, Option<Duration>),
+) {
+    let (received, recover) = outcome;
     let all: HashSet<&String> = published.iter().collect();
     let foreign: Vec<_> = received.0.keys().filter(|id| !all.contains(id)).collect();
     let expected: Vec<_> = published.iter().filter(|id| !acked.contains(*id)).collect();
     let lost = expected.iter().filter(|id| !received.0.contains_key(**id)).count();
     let again = received.0.keys().filter(|id| acked.contains(*id)).count();
     eprintln!(
-        "{what}: published {}, printed by the stopped members {}, expected by the new ones {}, \
-         delivered to them {} ({} distinct); duplicates {} ({again} of them printed before the stop, \
-         {} delivered twice to the new members); lost {lost}",
+        "{case}: published {}, printed by the stopped members {}, expected by the new ones {}, delivered \
+         to them {} ({} distinct); duplicates {} ({again} printed before the stop, {} delivered twice to \
+         the new members); lost {lost}",
         published.len(),
         acked.len(),
         expected.len(),
@@ -308,12 +324,26 @@ fn conclude(what: &str, published: &[String], acked: &HashSet<String>, received:
         again + received.duplicates(),
         received.duplicates(),
     );
+    let figures = FaultFigures {
+        fault: fault.to_owned(),
+        sent: published.len() as u64,
+        delivered: (published.len() - lost) as u64,
+        lost: lost as u64,
+        duplicates: (again + received.duplicates()) as u64,
+        recover,
+    };
+    report_fault(case, &figures);
     assert!(
         foreign.is_empty(),
-        "{what}: {} deliveries of messages never published: {foreign:?}",
+        "{case}: {} deliveries of messages never published: {foreign:?}",
         foreign.len()
     );
-    assert_eq!(lost, 0, "{what}: messages lost");
+    assert_eq!(
+        lost,
+        0,
+        "{case}: {lost} of {} messages the stopped members never acked did not reach the new members within {RECOVER:?}",
+        expected.len()
+    );
 }
 
 /// A member process killed (SIGKILL) after about a third of the messages: a new member, with
@@ -322,10 +352,11 @@ pub(crate) async fn consumer_process_killed_mid_stream_loses_nothing(ctx: Ctx) {
     let first = MemberProcesses::start(&ctx, "workers", 1).await;
     let published = publish(&ctx, "kill", MESSAGES).await;
     let acked = first.kill_after(MESSAGES / 3).await;
+    let killed = Instant::now();
     let expected: HashSet<String> = published.iter().filter(|id| !acked.contains(*id)).cloned().collect();
     let second = ctx.subscribe("workers").await;
-    let received = receive_all(vec![second], &expected).await;
-    conclude("consumer process killed", &published, &acked, &received);
+    let outcome = receive_all(vec![second], &expected, killed).await;
+    conclude(KILL_CASE, "consumer process SIGKILL", &published, &acked, outcome);
 }
 
 /// Every member of the group killed (SIGKILL) mid-stream, messages published while it has
@@ -334,11 +365,12 @@ pub(crate) async fn group_replaced_after_its_member_processes_were_killed_loses_
     let old = MemberProcesses::start(&ctx, "workers", 2).await;
     let mut published = publish(&ctx, "before", MESSAGES * 2 / 3).await;
     let acked = old.kill_after(MESSAGES / 3).await;
+    let killed = Instant::now();
     published.extend(publish(&ctx, "between", MESSAGES / 3).await);
     let expected: HashSet<String> = published.iter().filter(|id| !acked.contains(*id)).cloned().collect();
     let new = vec![ctx.subscribe("workers").await, ctx.subscribe("workers").await];
-    let received = receive_all(new, &expected).await;
-    conclude("group of killed member processes replaced", &published, &acked, &received);
+    let outcome = receive_all(new, &expected, killed).await;
+    conclude(KILLED_GROUP_CASE, "whole group replaced (members killed)", &published, &acked, outcome);
 }
 
 /// Every member of the group closed mid-stream, messages published while it has none, then new
@@ -347,11 +379,12 @@ pub(crate) async fn group_replaced_after_its_members_closed_loses_nothing(ctx: C
     let old = vec![ctx.subscribe("workers").await, ctx.subscribe("workers").await];
     let mut published = publish(&ctx, "before", MESSAGES * 2 / 3).await;
     let acked = ack_then_close(old, MESSAGES / 3).await;
+    let closed = Instant::now();
     published.extend(publish(&ctx, "between", MESSAGES / 3).await);
     let expected: HashSet<String> = published.iter().filter(|id| !acked.contains(*id)).cloned().collect();
     let new = vec![ctx.subscribe("workers").await, ctx.subscribe("workers").await];
-    let received = receive_all(new, &expected).await;
-    conclude("group of closed members replaced", &published, &acked, &received);
+    let outcome = receive_all(new, &expected, closed).await;
+    conclude(CLOSED_GROUP_CASE, "whole group replaced (members closed)", &published, &acked, outcome);
 }
 
 /// Members ack what they receive until `after` messages were acked between them, then all

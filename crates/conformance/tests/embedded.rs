@@ -14,6 +14,11 @@ fn main() -> ExitCode {
     let dir = tempfile::tempdir().expect("a temporary directory for the embedded broker's file");
     let path = dir.path().join("broker.db");
     let config = serde_json::json!({ "path": path.to_string_lossy() });
-    let target = Target::new("embedded", BrokerType::Embedded, config).connector(Arc::new(EmbeddedConnector));
+    let target = Target::new("embedded", BrokerType::Embedded, config)
+        .connector(Arc::new(EmbeddedConnector))
+        .no_private(
+            "the embedded broker is a SQLite file inside the application, with no process of its own to \
+             restart; the application's crash is the process-kill case",
+        );
     polybus_conformance::run(target)
 }

@@ -9,8 +9,8 @@ use serde_json::Value;
 
 use crate::config;
 use crate::error::ValidationError;
-use crate::secret;
 use crate::tag::check_tag;
+use crate::{limits, secret};
 
 /// The kind of broker an env runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -138,8 +138,9 @@ impl Broker {
 
     /// Checks tag, names, env slugs and each env's config.
     pub fn validate(&self) -> Result<(), ValidationError> {
-        if self.name.trim().is_empty() {
-            return Err(ValidationError::field("name", "must not be empty"));
+        limits::check_name("name", &self.name)?;
+        if let Some(description) = &self.description {
+            limits::check_description("description", description)?;
         }
         check_tag(&self.tag).map_err(|e| ValidationError::field("tag", e))?;
         if self.envs.is_empty() {
@@ -262,7 +263,7 @@ pub(crate) fn from_value_at<T: serde::de::DeserializeOwned>(
     prefix: &str,
 ) -> Result<T, ValidationError> {
     let envs = value.get("envs").cloned();
-    serde_path_to_error::deserialize(value).map_err(|err| {
+    serde_path_to_error::deserialize(crate::strict::Strict(value)).map_err(|err| {
         let path = err.path().to_string();
         let message = err.inner().to_string();
         // `envs[2].config.port` → env named by its slug when the document has one.
@@ -375,5 +376,45 @@ mod tests {
         let b = Broker::from_value(two_envs()).unwrap().redacted();
         assert_eq!(b.envs[1].config["password"], "****");
         assert_eq!(b.envs[0].config["url"], "${RABBITMQ_URL}");
+    }
+
+    #[test]
+    fn huge_or_control_character_names_are_refused() {
+        let mut v = two_envs();
+        v["name"] = json!("n".repeat(65_536));
+        assert_eq!(Broker::from_value(v).unwrap_err().field, "name");
+        let mut v = two_envs();
+        v["name"] = json!("red\u{1b}[31m");
+        assert_eq!(Broker::from_value(v).unwrap_err().field, "name");
+        let mut v = two_envs();
+        v["description"] = json!("d".repeat(1 << 20));
+        assert_eq!(Broker::from_value(v).unwrap_err().field, "description");
+    }
+
+    #[test]
+    fn arrays_in_place_of_objects_are_refused_with_the_field_named() {
+        let err = Broker::from_value(json!(["Bus", "bus", null, [["dev", "embedded", {}]]])).unwrap_err();
+        assert!(err.message.contains("named fields"), "{err}");
+        let mut v = two_envs();
+        v["envs"][1] = json!(["dev", "redis", {"host": "h"}]);
+        let err = Broker::from_value(v).unwrap_err();
+        assert_eq!(err.field, "envs[1]", "{err}");
+        let mut v = two_envs();
+        v["envs"][0] = json!({"slug": "k", "type": "kafka", "config": {"brokers": ["h:1"], "sasl": ["plain", "u", "p"]}});
+        let err = Broker::from_value(v).unwrap_err();
+        assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("k"), "config.sasl"), "{err}");
+    }
+
+    #[test]
+    fn kafka_properties_and_odd_url_passwords_are_redacted() {
+        let b = Broker::from_value(json!({"name": "B", "tag": "b", "envs": [
+            {"slug": "k", "type": "kafka", "config": {"brokers": ["h:9092"], "properties": {
+                "sasl.password": "pw-1", "ssl.key.password": "pw-2", "sasl.jaas.config": "x password=\"pw-3\";"}}},
+            {"slug": "r", "type": "rabbitmq", "config": {"url": "amqp://app:pw/4@rabbit:5672/"}}]}))
+        .unwrap()
+        .redacted();
+        let shown = serde_json::to_string(&b).unwrap();
+        assert!(!shown.contains("pw"), "{shown}");
+        assert_eq!(b.envs[1].config["url"], "amqp://app:****@rabbit:5672/");
     }
 }

@@ -243,7 +243,7 @@ pub struct EmbeddedConfig {
 
 /// Parses a typed config, returning `(field, message)` on error.
 pub fn parse<T: DeserializeOwned>(value: &Value) -> Result<T, (String, String)> {
-    serde_path_to_error::deserialize(value.clone()).map_err(|err| {
+    serde_path_to_error::deserialize(crate::strict::Strict(value.clone())).map_err(|err| {
         let path = err.path().to_string();
         let mut field = if path == "." { "config".to_owned() } else { format!("config.{path}") };
         if let Some(missing) = missing_field(&err.inner().to_string()) {

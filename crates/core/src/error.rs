@@ -138,6 +138,10 @@ pub enum Error {
         /// Where the reference is.
         field: String,
     },
+    /// A `${VAR}` refused by policy, a `$Secret{name}` that cannot be resolved, or the
+    /// secret store failing.
+    #[error(transparent)]
+    Secret(#[from] crate::secret::SecretError),
     /// The broker type cannot do what was asked.
     #[error("{broker_type} does not support {what}")]
     Unsupported {
@@ -182,6 +186,7 @@ impl Error {
             Error::Conflict { .. } => "CONFLICT",
             Error::InUse { .. } => "IN_USE",
             Error::MissingSecret { .. } => "SECRET_MISSING",
+            Error::Secret(e) => e.code(),
             Error::Unsupported { .. } => "UNSUPPORTED",
             Error::NoAdapter(_) => "NO_ADAPTER",
             Error::Transport { op, .. } => match op {

@@ -4,8 +4,14 @@
 pub mod broker;
 pub mod config;
 pub mod error;
+pub mod headers;
+pub mod limits;
 pub mod message;
+pub mod names;
+pub mod redact;
+pub mod scrub;
 pub mod secret;
+pub mod strict;
 pub mod tag;
 pub mod topic;
 pub mod transport;

@@ -1,107 +1,231 @@
-//! Secrets: `${ENV_VAR}` references resolved at connect time, and redaction of literals.
+//! Secrets: `${ENV_VAR}` and `$Secret{name}` references resolved at connect time, and
+//! redaction of literals.
 
 use serde_json::Value;
 
 use crate::error::Error;
+pub use crate::scrub::Scrubber;
 
-/// What a redacted literal secret is shown as.
-pub const REDACTED: &str = "****";
+pub use crate::redact::{REDACTED, is_secret_field, redact, redact_url};
 
-/// Config keys whose values are secrets.
-const SECRET_KEYS: [&str; 6] = ["password", "pass", "token", "secretaccesskey", "credentials", "apikey"];
-
-/// True when the last segment of a dotted field path names a secret.
-pub fn is_secret_field(path: &str) -> bool {
-    let last = path.rsplit('.').next().unwrap_or(path).to_ascii_lowercase();
-    SECRET_KEYS.contains(&last.as_str())
-}
-
-/// True when the whole string is a `${VAR}` reference.
+/// True when the whole string is one `${VAR}` or `$Secret{name}` reference.
 pub fn is_reference(value: &str) -> bool {
-    value.starts_with("${") && value.ends_with('}') && value.len() > 3
+    matches!(pieces(value).as_slice(), [Piece::Ref(Reference::Env(n) | Reference::Stored(n))] if !n.is_empty())
 }
 
-/// Replaces literal secrets in a config with `****`, and passwords inside URLs.
-pub fn redact(value: &mut Value) {
+/// Longest `$Secret{name}` name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// A secret reference inside a config string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reference {
+    /// `${VAR}`: an environment variable of the process that connects.
+    Env(String),
+    /// `$Secret{name}`: a secret kept encrypted in the registry.
+    Stored(String),
+}
+
+impl std::fmt::Display for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reference::Env(var) => write!(f, "${{{var}}}"),
+            Reference::Stored(name) => write!(f, "$Secret{{{name}}}"),
+        }
+    }
+}
+
+/// Checks a `$Secret{name}` name: 1 to 64 of `A-Z a-z 0-9 _ -`.
+pub fn check_name(name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name.len() <= MAX_NAME_LEN
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!("a secret name is 1 to {MAX_NAME_LEN} of the characters A-Z a-z 0-9 _ -"))
+    }
+}
+
+/// A piece of a config string: literal text or a reference.
+enum Piece<'a> {
+    Text(&'a str),
+    Ref(Reference),
+}
+
+/// Splits `s` into text and references; an unterminated `${` or `$Secret{` stays text.
+fn pieces(s: &str) -> Vec<Piece<'_>> {
+    const OPENERS: [&str; 2] = ["${", "$Secret{"];
+    let mut out = Vec::new();
+    let mut rest = s;
+    loop {
+        let next = OPENERS
+            .iter()
+            .filter_map(|o| rest.find(o).map(|at| (at, *o)))
+            .min_by_key(|(at, o)| (*at, usize::MAX - o.len()));
+        let Some((start, opener)) = next else { break };
+        let after = &rest[start + opener.len()..];
+        let Some(end) = after.find('}') else { break };
+        if start > 0 {
+            out.push(Piece::Text(&rest[..start]));
+        }
+        let name = after[..end].to_owned();
+        out.push(Piece::Ref(if opener == "${" { Reference::Env(name) } else { Reference::Stored(name) }));
+        rest = &after[end + 1..];
+    }
+    if !rest.is_empty() {
+        out.push(Piece::Text(rest));
+    }
+    out
+}
+
+/// Every reference in `value`, with the dotted path of the field it is in (`config.url`).
+pub fn references(value: &Value) -> Vec<(String, Reference)> {
+    let mut found = Vec::new();
+    collect(value, "config", &mut found);
+    found
+}
+
+fn collect(value: &Value, path: &str, found: &mut Vec<(String, Reference)>) {
     match value {
-        Value::Object(map) => {
-            for (key, v) in map.iter_mut() {
-                if SECRET_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
-                    match v {
-                        Value::String(s) if is_reference(s) => {}
-                        Value::Null => {}
-                        _ => *v = Value::String(REDACTED.into()),
-                    }
-                } else {
-                    redact(v);
-                }
-            }
+        Value::String(s) => found.extend(pieces(s).into_iter().filter_map(|p| match p {
+            Piece::Ref(r) => Some((path.to_owned(), r)),
+            Piece::Text(_) => None,
+        })),
+        Value::Array(items) => {
+            items.iter().enumerate().for_each(|(i, v)| collect(v, &format!("{path}[{i}]"), found))
         }
-        Value::Array(items) => items.iter_mut().for_each(redact),
-        Value::String(s) => {
-            if let Some(clean) = redact_url(s) {
-                *s = clean;
-            }
-        }
+        Value::Object(map) => map.iter().for_each(|(k, v)| collect(v, &format!("{path}.{k}"), found)),
         _ => {}
     }
 }
 
-/// `scheme://user:secret@host` → `scheme://user:****@host`; `None` when there is nothing to hide.
-pub fn redact_url(url: &str) -> Option<String> {
-    let (scheme, rest) = url.split_once("://")?;
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let (userinfo, host) = authority.rsplit_once('@')?;
-    let user = match userinfo.split_once(':') {
-        Some((user, password)) if !is_reference(password) => user,
-        _ => return None,
-    };
-    Some(format!("{scheme}://{user}:{REDACTED}@{host}{}", &rest[authority_end..]))
+/// A config with its references resolved, and what turns their values back into references.
+#[derive(Debug)]
+pub struct Resolved {
+    /// The config, references replaced by their values (never log it).
+    pub config: Value,
+    /// Maps each resolved value back to its reference, for every error of the connection.
+    pub scrubber: Scrubber,
 }
 
-/// Returns a copy of `value` with every `${VAR}` (whole or embedded) replaced by the variable's value.
-pub fn resolve(value: &Value) -> Result<Value, Error> {
-    resolve_at(value, "config")
+/// Returns a copy of `value` with every reference (whole or embedded) replaced by what
+/// `lookup` answers for it, given the reference and the field it is in.
+pub fn resolve(
+    value: &Value,
+    lookup: &mut dyn FnMut(&Reference, &str) -> Result<String, Error>,
+) -> Result<Resolved, Error> {
+    let mut scrubber = Scrubber::default();
+    let config = resolve_at(value, "config", lookup, &mut scrubber)?;
+    Ok(Resolved { config, scrubber })
 }
 
-fn resolve_at(value: &Value, path: &str) -> Result<Value, Error> {
+/// Looks `${VAR}` up in this process's environment; `$Secret{..}` is not available.
+pub fn env_lookup(reference: &Reference, field: &str) -> Result<String, Error> {
+    match reference {
+        Reference::Env(var) => {
+            std::env::var(var).map_err(|_| Error::MissingSecret { var: var.clone(), field: field.to_owned() })
+        }
+        Reference::Stored(_) => Err(SecretError::Unavailable {
+            reference: reference.to_string(),
+            field: field.to_owned(),
+            reason: "this process has no secret store".into(),
+        }
+        .into()),
+    }
+}
+
+fn resolve_at(
+    value: &Value,
+    path: &str,
+    lookup: &mut dyn FnMut(&Reference, &str) -> Result<String, Error>,
+    scrubber: &mut Scrubber,
+) -> Result<Value, Error> {
     Ok(match value {
-        Value::String(s) => Value::String(resolve_str(s, path)?),
+        Value::String(s) => {
+            let mut out = String::with_capacity(s.len());
+            for piece in pieces(s) {
+                match piece {
+                    Piece::Text(text) => out.push_str(text),
+                    Piece::Ref(reference) => {
+                        let resolved = lookup(&reference, path)?;
+                        scrubber.add(&resolved, &reference.to_string());
+                        out.push_str(&resolved);
+                    }
+                }
+            }
+            Value::String(out)
+        }
         Value::Array(items) => Value::Array(
             items
                 .iter()
                 .enumerate()
-                .map(|(i, v)| resolve_at(v, &format!("{path}[{i}]")))
+                .map(|(i, v)| resolve_at(v, &format!("{path}[{i}]"), lookup, scrubber))
                 .collect::<Result<_, _>>()?,
         ),
         Value::Object(map) => Value::Object(
             map.iter()
-                .map(|(k, v)| Ok((k.clone(), resolve_at(v, &format!("{path}.{k}"))?)))
+                .map(|(k, v)| Ok((k.clone(), resolve_at(v, &format!("{path}.{k}"), lookup, scrubber)?)))
                 .collect::<Result<_, Error>>()?,
         ),
         other => other.clone(),
     })
 }
 
-fn resolve_str(s: &str, field: &str) -> Result<String, Error> {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(start) = rest.find("${") {
-        out.push_str(&rest[..start]);
-        let after = &rest[start + 2..];
-        let Some(end) = after.find('}') else {
-            out.push_str(&rest[start..]);
-            return Ok(out);
-        };
-        let var = &after[..end];
-        let value = std::env::var(var)
-            .map_err(|_| Error::MissingSecret { var: var.to_owned(), field: field.to_owned() })?;
-        out.push_str(&value);
-        rest = &after[end + 1..];
+/// Why a secret reference or the secret store failed; never holds a secret's value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SecretError {
+    /// A `${VAR}` outside the prefixes this process allows.
+    #[error(
+        "secret reference `{reference}` in {field} is not allowed here: only environment variables starting with {allowed} resolve (see `polybus serve --secret-env-prefix`)"
+    )]
+    NotAllowed {
+        /// The reference, e.g. `${HOME}`.
+        reference: String,
+        /// Where it is.
+        field: String,
+        /// The allowed prefixes, for the message.
+        allowed: String,
+    },
+    /// A `$Secret{name}` whose secret does not exist.
+    #[error(
+        "secret reference `{reference}` in {field}: no secret named `{name}`; set it with `polybus secret set {name}`"
+    )]
+    Missing {
+        /// The reference.
+        reference: String,
+        /// Where it is.
+        field: String,
+        /// The secret's name.
+        name: String,
+    },
+    /// A reference that cannot be resolved here (no secret store, no key, a malformed name).
+    #[error("secret reference `{reference}` in {field}: {reason}")]
+    Unavailable {
+        /// The reference.
+        reference: String,
+        /// Where it is.
+        field: String,
+        /// Why.
+        reason: String,
+    },
+    /// No secret with this name (deleting one).
+    #[error("no secret named `{0}` (see `polybus secret list`)")]
+    NotFound(String),
+    /// The secret store cannot be used (no key, a different key, damaged data).
+    #[error("secrets unavailable: {0}")]
+    StoreUnavailable(String),
+}
+
+impl SecretError {
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            SecretError::NotAllowed { .. } => "SECRET_NOT_ALLOWED",
+            SecretError::Missing { .. } => "SECRET_MISSING",
+            SecretError::Unavailable { .. } | SecretError::StoreUnavailable(_) => "SECRETS_UNAVAILABLE",
+            SecretError::NotFound(_) => "SECRET_NOT_FOUND",
+        }
     }
-    out.push_str(rest);
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -121,11 +245,61 @@ mod tests {
 
     #[test]
     fn missing_variables_are_named_without_values() {
-        let err = resolve(&json!({"password": "${POLYBUS_TEST_SURELY_UNSET}"})).unwrap_err();
+        let err = resolve(&json!({"password": "${POLYBUS_TEST_SURELY_UNSET}"}), &mut env_lookup).unwrap_err();
         assert_eq!(err.code(), "SECRET_MISSING");
         assert!(err.to_string().contains("config.password"));
-        let ok = resolve(&json!({"url": "amqp://u:${PATH}@h", "n": 1})).unwrap();
-        assert!(!ok["url"].as_str().unwrap().contains("${"));
-        assert_eq!(ok["n"], 1);
+        let ok = resolve(&json!({"url": "amqp://u:${PATH}@h", "n": 1}), &mut env_lookup).unwrap();
+        assert!(!ok.config["url"].as_str().unwrap().contains("${"));
+        assert_eq!(ok.config["n"], 1);
+    }
+
+    #[test]
+    fn both_forms_are_found_whole_and_embedded_with_their_field() {
+        let config = json!({
+            "url": "amqp://u:$Secret{rabbit-pw}@${HOST}:5672/x",
+            "servers": ["nats://${A}", "plain"],
+            "token": "$Secret{tok}",
+            "open": "${unterminated",
+            "dollar": "$Secretary{x} costs $5",
+        });
+        let mut found: Vec<(String, String)> =
+            references(&config).into_iter().map(|(f, r)| (f, r.to_string())).collect();
+        found.sort();
+        assert_eq!(
+            found,
+            vec![
+                ("config.servers[0]".to_owned(), "${A}".to_owned()),
+                ("config.token".to_owned(), "$Secret{tok}".to_owned()),
+                ("config.url".to_owned(), "$Secret{rabbit-pw}".to_owned()),
+                ("config.url".to_owned(), "${HOST}".to_owned()),
+            ]
+        );
+        assert!(is_reference("$Secret{tok}") && is_reference("${A}"));
+        assert!(!is_reference("${}") && !is_reference("x${A}") && !is_reference("${A}${B}"));
+    }
+
+    #[test]
+    fn resolving_replaces_each_reference_and_scrubs_its_value_back() {
+        let config = json!({"url": "amqp://u:$Secret{pw}@${HOST}:5672/", "n": 2});
+        let resolved = resolve(&config, &mut |r, _| {
+            Ok(match r {
+                Reference::Env(_) => "db.internal".to_owned(),
+                Reference::Stored(_) => "hunter2".to_owned(),
+            })
+        })
+        .unwrap();
+        assert_eq!(resolved.config, json!({"url": "amqp://u:hunter2@db.internal:5672/", "n": 2}));
+        assert_eq!(
+            resolved.scrubber.scrub_str("cannot reach DB.INTERNAL:5672 as u:hunter2"),
+            "cannot reach ${HOST}:5672 as u:$Secret{pw}"
+        );
+    }
+
+    #[test]
+    fn secret_names_are_checked() {
+        assert!(check_name("rabbit_pw-2").is_ok());
+        for bad in ["", "a b", "a/b", "é", &"x".repeat(65)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -3,9 +3,10 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::broker::{Broker, from_value_at};
+use crate::broker::{Broker, BrokerType, from_value_at};
 use crate::error::ValidationError;
 use crate::tag::EventRef;
+use crate::{limits, names};
 
 /// Attempts before a message is dead-lettered, unless the topic says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
@@ -128,8 +129,11 @@ impl Topic {
         if self.max_attempts == Some(0) {
             return Err(ValidationError::field("maxAttempts", "must be at least 1"));
         }
-        if let Some(dl) = &self.dead_letter {
-            check_native(dl).map_err(|e| ValidationError::field("deadLetter", e))?;
+        if !self.name.is_empty() {
+            limits::check_name("name", &self.name)?;
+        }
+        if let Some(description) = &self.description {
+            limits::check_description("description", description)?;
         }
         let mut seen = std::collections::HashSet::new();
         for (i, env) in self.envs.iter().enumerate() {
@@ -150,16 +154,44 @@ impl Topic {
                     format!("env slug `{}` appears more than once", env.slug),
                 ));
             }
-            if let Some(native) = &env.native_name {
-                check_native(native).map_err(|e| ValidationError::in_env(&env.slug, "nativeName", e))?;
-            }
             if let Some(p) = env.partitions
                 && p < 1
             {
                 return Err(ValidationError::in_env(&env.slug, "partitions", "must be at least 1"));
             }
         }
+        for env in &broker.envs {
+            self.check_native_names(&env.slug, env.broker_type)?;
+        }
         Ok(())
+    }
+
+    /// Checks every native name this topic uses in `env` against the rules of `broker_type`.
+    pub fn check_native_names(&self, env: &str, broker_type: BrokerType) -> Result<(), ValidationError> {
+        let invalid = |field: &str, e: String| {
+            ValidationError::in_env(env, field, format!("not a valid {broker_type} name: {e}"))
+        };
+        let overrides = self.envs.iter().find(|e| e.slug == env);
+        let named = overrides.and_then(|o| o.native_name.as_ref().or(o.topic_name.as_ref()));
+        if let Some(o) = overrides {
+            for (field, name) in [("nativeName", &o.native_name), ("topicName", &o.topic_name)] {
+                if let Some(name) = name {
+                    names::check_native(broker_type, name).map_err(|e| invalid(field, e))?;
+                }
+            }
+            if let Some(url) = &o.queue_url {
+                names::check_queue_url(url).map_err(|e| invalid("queueUrl", e))?;
+            }
+        }
+        let spec = self.spec(env)?;
+        if named.is_none() {
+            names::check_native(broker_type, &spec.native_name)
+                .map_err(|e| invalid("tag", format!("{e}; set `nativeName` for this env")))?;
+        }
+        names::check_native(broker_type, &spec.dead_letter).map_err(|e| match &self.dead_letter {
+            Some(_) => invalid("deadLetter", e),
+            None => invalid("deadLetter", format!("the default `<native>-dlq`: {e}; set `deadLetter`")),
+        })
     }
 
     /// What an adapter needs to know about this topic in `env`.
@@ -182,16 +214,6 @@ impl Topic {
             queue_url: overrides.queue_url,
         })
     }
-}
-
-fn check_native(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 255 {
-        return Err("must be 1 to 255 characters".into());
-    }
-    if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("`{name}` must not contain spaces or control characters"));
-    }
-    Ok(())
 }
 
 /// A partial update of a topic.
@@ -352,5 +374,75 @@ mod tests {
         assert_eq!(t.validate(&broker()).unwrap_err().field, "tag");
         let t = Topic::from_value(json!({"tag": "message-bus:orders", "envs": [{"slug": "stg"}]})).unwrap();
         assert!(t.validate(&broker()).unwrap_err().message.contains("no env `stg`"));
+    }
+
+    fn on(broker_type: &str) -> Broker {
+        Broker::from_value(json!({"name": "B", "tag": "bus", "envs": [
+        {"slug": "dev", "type": "embedded"},
+        {"slug": "prd", "type": broker_type, "config": match broker_type {
+            "rabbitmq" => json!({"url": "amqp://127.0.0.1"}),
+            "nats" => json!({"servers": "nats://127.0.0.1"}),
+            "mqtt" => json!({"host": "127.0.0.1"}),
+            "kafka" => json!({"brokers": ["127.0.0.1:9092"]}),
+            "google_pubsub" => json!({"projectId": "proj"}),
+            "aws_sqs" => json!({"region": "eu-west-1"}),
+            _ => json!({"host": "127.0.0.1"}),
+        }}]}))
+        .unwrap()
+    }
+
+    fn in_prd(overrides: Value) -> Topic {
+        let mut env = json!({"slug": "prd"});
+        env.as_object_mut().unwrap().extend(overrides.as_object().unwrap().clone());
+        Topic::from_value(json!({"tag": "bus:orders", "envs": [env]})).unwrap()
+    }
+
+    #[test]
+    fn wildcard_native_names_are_refused_naming_env_field_and_rule() {
+        for (broker_type, name) in [
+            ("rabbitmq", "#"),
+            ("rabbitmq", "*"),
+            ("rabbitmq", "a.*"),
+            ("nats", ">"),
+            ("nats", "a.*"),
+            ("mqtt", "#"),
+            ("mqtt", "a/+"),
+        ] {
+            let err = in_prd(json!({"nativeName": name})).validate(&on(broker_type)).unwrap_err();
+            assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "nativeName"), "{err}");
+            assert!(err.message.contains("wildcard"), "{broker_type} {name}: {err}");
+        }
+        // The same names are plain on the embedded env of the same broker.
+        let t =
+            Topic::from_value(json!({"tag": "bus:orders", "envs": [{"slug": "dev", "nativeName": "a.*"}]}))
+                .unwrap();
+        t.validate(&on("rabbitmq")).unwrap();
+    }
+
+    #[test]
+    fn topic_name_queue_url_and_dead_letter_are_validated_per_broker() {
+        for bad in ["with space", "nul\u{0}", "#"] {
+            let err = in_prd(json!({"topicName": bad})).validate(&on("google_pubsub")).unwrap_err();
+            assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "topicName"), "{err}");
+        }
+        let err = in_prd(json!({"queueUrl": "file:///etc/passwd"})).validate(&on("aws_sqs")).unwrap_err();
+        assert_eq!(err.field, "queueUrl");
+        let mut t = in_prd(json!({}));
+        t.dead_letter = Some("#".into());
+        let err = t.validate(&on("rabbitmq")).unwrap_err();
+        assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "deadLetter"), "{err}");
+        let t = in_prd(json!({"nativeName": "k".repeat(249)}));
+        let err = t.validate(&on("kafka")).unwrap_err();
+        assert!(err.field == "deadLetter" && err.message.contains("default"), "{err}");
+    }
+
+    #[test]
+    fn names_and_descriptions_are_bounded() {
+        let mut t = Topic::from_value(json!({"tag": "bus:orders"})).unwrap();
+        t.name = "n".repeat(65_536);
+        assert_eq!(t.validate(&on("redis")).unwrap_err().field, "name");
+        t.name = "Orders".into();
+        t.description = Some("\u{1b}]0;owned\u{7}".into());
+        assert_eq!(t.validate(&on("redis")).unwrap_err().field, "description");
     }
 }

@@ -6,12 +6,14 @@ use std::time::{Duration, Instant};
 
 use polybus_core::{
     BrokerType, Capabilities, ConnectTarget, Connector, Error, Message, Result, SubscribeOptions, TopicSpec,
-    Transport, secret,
+    Transport, ValidationError, names,
 };
 use polybus_registry::Registry;
 use tokio::sync::Mutex;
 
 use crate::delivery::{DeadLetterTarget, Subscriber};
+use crate::files::FilePolicy;
+use crate::secrets::{self, SecretPolicy};
 
 /// How long a resolved topic or connection is trusted before the registry is asked again.
 const REFRESH_AFTER: Duration = Duration::from_secs(1);
@@ -53,6 +55,8 @@ pub(crate) struct Resolved {
 pub struct BusBuilder {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
+    secrets: SecretPolicy,
+    files: FilePolicy,
 }
 
 impl BusBuilder {
@@ -62,12 +66,27 @@ impl BusBuilder {
         self
     }
 
+    /// Sets which secret references resolve and from where (default: every `${VAR}`, no
+    /// `$Secret{..}`).
+    pub fn secrets(mut self, policy: SecretPolicy) -> Self {
+        self.secrets = policy;
+        self
+    }
+
+    /// Where the files definitions name may be (default: [`FilePolicy::default`]).
+    pub fn files(mut self, policy: FilePolicy) -> Self {
+        self.files = policy;
+        self
+    }
+
     /// Builds the bus; connections are made lazily, on first use of an env.
     pub fn build(self) -> Bus {
         Bus {
             inner: Arc::new(Inner {
                 registry: self.registry,
                 connectors: self.connectors,
+                secrets: self.secrets,
+                files: self.files,
                 connections: Mutex::new(HashMap::new()),
                 connecting: Mutex::new(HashMap::new()),
                 routes: Mutex::new(HashMap::new()),
@@ -82,6 +101,8 @@ type Gate = Arc<Mutex<()>>;
 struct Inner {
     registry: Registry,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
+    secrets: SecretPolicy,
+    files: FilePolicy,
     connections: Mutex<HashMap<(String, String), Connection>>,
     /// One gate per broker env, so concurrent first uses make one connection, not one each.
     connecting: Mutex<HashMap<(String, String), Gate>>,
@@ -103,12 +124,22 @@ impl Bus {
     /// A builder, to add connectors of your own.
     pub fn builder(registry: Registry) -> BusBuilder {
         let connectors = crate::default_connectors().into_iter().map(|c| (c.broker_type(), c)).collect();
-        BusBuilder { registry, connectors }
+        BusBuilder { registry, connectors, secrets: SecretPolicy::any_env(), files: FilePolicy::default() }
     }
 
     /// The registry this bus resolves through.
     pub fn registry(&self) -> &Registry {
         &self.inner.registry
+    }
+
+    /// How this bus resolves secret references.
+    pub fn secrets(&self) -> &SecretPolicy {
+        &self.inner.secrets
+    }
+
+    /// Where the files definitions name may be.
+    pub fn files(&self) -> &FilePolicy {
+        &self.inner.files
     }
 
     /// Publishes one message to `event` in `env`; returns its id.
@@ -124,7 +155,11 @@ impl Bus {
     /// Publishes several messages to `event` in `env`, in order; returns their ids.
     pub async fn publish_batch(&self, env: &str, event: &str, messages: Vec<Message>) -> Result<Vec<String>> {
         let route = self.resolve(env, event).await?;
-        let messages = messages.into_iter().map(|m| prepare(m, &route)).collect::<Result<Vec<_>>>()?;
+        let messages = messages
+            .into_iter()
+            .enumerate()
+            .map(|(i, m)| prepare(m, &route).map_err(|e| in_batch(e, i)))
+            .collect::<Result<Vec<_>>>()?;
         let ids = messages.iter().map(|m| m.id.clone()).collect();
         route.transport.publish_batch(&route.spec, messages).await?;
         Ok(ids)
@@ -141,6 +176,7 @@ impl Bus {
         polybus_core::tag::check_tag(&options.group)
             .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
+        check_group(&options.group, route.broker_type, &route.spec)?;
         let inner = route.transport.subscribe(&route.spec, &options).await?;
         let dead_letter = DeadLetterTarget {
             transport: route.transport.clone(),
@@ -160,8 +196,11 @@ impl Bus {
         options: impl Into<SubscribeOptions>,
     ) -> Result<Subscriber> {
         let options = options.into();
+        polybus_core::tag::check_tag(&options.group)
+            .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
         let spec = route.spec.dead_letter_spec();
+        check_group(&options.group, route.broker_type, &spec)?;
         route.transport.ensure_topic(&spec).await?;
         let inner = route.transport.subscribe(&spec, &options).await?;
         let nowhere = DeadLetterTarget {
@@ -219,13 +258,15 @@ impl Bus {
             previous => {
                 let topic = self.inner.registry.fetch_topic(&key.1).await?;
                 let broker = self.inner.registry.fetch_broker(&event_ref.broker).await?;
-                if broker.env(env).is_none() {
+                let Some(broker_env) = broker.env(env) else {
                     return Err(Error::BrokerEnvNotFound {
                         tag: broker.tag.clone(),
                         env: env.to_owned(),
                         available: broker.env_slugs(),
                     });
-                }
+                };
+                // Topics stored before their names were checked, or whose broker changed type.
+                topic.check_native_names(env, broker_env.broker_type)?;
                 let spec = topic.spec(env)?;
                 if let Some(previous) = previous
                     && previous.topic_version != topic.version
@@ -335,15 +376,24 @@ impl Bus {
             .connectors
             .get(&broker_env.broker_type)
             .ok_or_else(|| Error::NoAdapter(broker_env.broker_type.to_string()))?;
+        let resolved = self.inner.secrets.resolve(&broker_env.config).await?;
         let target = ConnectTarget {
             broker: broker.to_owned(),
             env: env.to_owned(),
             broker_type: broker_env.broker_type,
-            config: secret::resolve(&broker_env.config)?,
+            config: resolved.config,
+        };
+        let target = ConnectTarget {
+            config: self.inner.files.connect_config(broker_env, target.config).await?,
+            ..target
         };
         tracing::debug!(broker, env, broker_type = %broker_env.broker_type, "connecting");
-        let transport = connector.connect(&target).await?;
-        Ok((transport, broker_env.broker_type, definition.version))
+        // Every error of this connection, from here on, names references instead of values.
+        let transport = connector
+            .connect(&target)
+            .await
+            .map_err(|e| self.inner.files.conceal(broker_env, resolved.scrubber.scrub(e)))?;
+        Ok((secrets::scrubbed(transport, resolved.scrubber), broker_env.broker_type, definition.version))
     }
 }
 
@@ -351,6 +401,7 @@ fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
     if message.id.is_empty() {
         message.id = uuid::Uuid::now_v7().to_string();
     }
+    polybus_core::headers::check(&message)?;
     message.published_at = chrono_now();
     message.attempt = 0;
     if message.delay.is_some() && !route.transport.capabilities().delayed_delivery.available() {
@@ -360,6 +411,24 @@ fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
         });
     }
     Ok(message)
+}
+
+/// Names the message of a batch a validation error is about: `messages[3].headers`.
+fn in_batch(error: Error, index: usize) -> Error {
+    match error {
+        Error::Validation(mut v) => {
+            v.field = format!("messages[{index}].{}", v.field);
+            Error::Validation(v)
+        }
+        other => other,
+    }
+}
+
+/// Checks that the names a group derives on `spec`'s broker are legal there.
+fn check_group(group: &str, broker_type: BrokerType, spec: &TopicSpec) -> Result<()> {
+    names::check_group(broker_type, &spec.native_name, group)
+        .map_err(|e| ValidationError::field("group", format!("not a valid {broker_type} name: {e}")))?;
+    Ok(())
 }
 
 fn chrono_now() -> polybus_core::message::Timestamp {

@@ -18,16 +18,22 @@
 mod bus;
 mod consume;
 mod delivery;
+pub mod files;
+mod secrets;
 
 pub use bus::{Bus, BusBuilder, Group};
 pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
 pub use delivery::{Delivery, Subscriber};
+pub use files::FilePolicy;
+pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
 
 pub use polybus_core::{
     self as core, Broker, BrokerEnv, BrokerPatch, BrokerType, Capabilities, Connector, Error, EventRef,
     Message, Result, SubscribeOptions, Support, Topic, TopicPatch, TopicSpec, Transport, wire,
 };
-pub use polybus_registry::{Registry, SqliteStore, Store};
+pub use polybus_registry::{
+    Registry, SecretInfo, Secrets, SecretsKey, SqliteStore, Store, find_key as find_secrets_key,
+};
 
 /// The group that always exists on a dead-letter destination: read dead letters with
 /// `bus.dead_letters(env, event, Group(DEAD_LETTER_GROUP))`.

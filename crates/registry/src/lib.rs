@@ -3,6 +3,7 @@
 //! PostgreSQL for several replicas).
 
 mod postgres;
+mod secrets;
 mod sqlite;
 
 use std::sync::Arc;
@@ -12,6 +13,9 @@ use polybus_core::{Broker, BrokerPatch, Error, EventRef, Result, Topic, TopicPat
 use serde_json::Value;
 
 pub use postgres::PostgresStore;
+pub use secrets::{
+    DEFAULT_KEY_FILE, KEY_BYTES, MAX_VALUE_BYTES, SecretInfo, Secrets, SecretsKey, default_key_path, find_key,
+};
 pub use sqlite::SqliteStore;
 
 /// How many times an unversioned update retries when another writer got in first.
@@ -26,6 +30,8 @@ pub enum Kind {
     Topic,
     /// A server API key, stored hashed.
     ApiKey,
+    /// A `$Secret{name}` value, stored encrypted.
+    Secret,
 }
 
 impl Kind {
@@ -35,6 +41,7 @@ impl Kind {
             Kind::Broker => "broker",
             Kind::Topic => "topic",
             Kind::ApiKey => "api_key",
+            Kind::Secret => "secret",
         }
     }
 }
@@ -70,11 +77,16 @@ pub trait Store: Send + Sync {
 /// Opens the store a registry URL names: `postgres://…` / `postgresql://…`, or a file path or
 /// `sqlite://PATH`.
 pub async fn open_store(url: &str) -> Result<Arc<dyn Store>> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+    if is_postgres_url(url) {
         return Ok(Arc::new(PostgresStore::open(url).await?));
     }
     let path = url.strip_prefix("sqlite://").unwrap_or(url);
     Ok(Arc::new(SqliteStore::open(path).await?))
+}
+
+/// True when a registry URL names a PostgreSQL registry.
+pub fn is_postgres_url(url: &str) -> bool {
+    url.starts_with("postgres://") || url.starts_with("postgresql://")
 }
 
 /// The registry: create, update, fetch and delete brokers and topics, validated.
@@ -114,6 +126,7 @@ impl Registry {
             let current = self.fetch_broker(tag).await?;
             check_version("broker", tag, patch.version, current.version)?;
             let mut next = patch.apply(&current)?;
+            self.check_topics_against(&next).await?;
             next.version = current.version + 1;
             if self.store.replace(Kind::Broker, tag, current.version, &to_doc(&next)?).await? {
                 tracing::info!(broker = %tag, version = next.version, "broker updated");
@@ -125,6 +138,22 @@ impl Registry {
             }
         }
         Err(Error::Storage(format!("broker `{tag}` kept changing under concurrent updates; try again")))
+    }
+
+    /// Checks the broker's topics against a changed definition: a new env or a new broker type
+    /// must not turn a topic's native name into a wildcard.
+    async fn check_topics_against(&self, broker: &Broker) -> Result<()> {
+        for record in self.store.list(Kind::Topic, Some(&broker.tag)).await? {
+            let key = record.key.clone();
+            let topic: Topic = from_record(record)?;
+            for env in &broker.envs {
+                topic.check_native_names(&env.slug, env.broker_type).map_err(|mut e| {
+                    e.message = format!("topic `{key}` would break: {}", e.message);
+                    e
+                })?;
+            }
+        }
+        Ok(())
     }
 
     /// The broker with this tag.

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polybus_core::{Broker, BrokerPatch, Topic, TopicPatch};
-use polybus_registry::{Kind, PostgresStore, Record, Registry, SqliteStore};
+use polybus_registry::{Kind, PostgresStore, Record, Registry, Secrets, SecretsKey, SqliteStore};
 use serde_json::json;
 
 /// A registry on a store of its own, and what it takes to open a second handle on that store.
@@ -181,7 +181,28 @@ every_store!(
     topics_belong_to_an_existing_broker_and_block_its_deletion,
     two_handles_see_each_other_and_a_stale_update_conflicts,
     any_kind_is_stored_by_key_with_compare_and_swap,
+    secrets_are_encrypted_at_rest_listed_by_name_and_revealed_with_the_key_only,
+    a_broker_update_cannot_turn_a_topic_name_into_a_wildcard,
 );
+
+async fn a_broker_update_cannot_turn_a_topic_name_into_a_wildcard(reg: Registry, _fx: Fixture) {
+    reg.create_broker(broker("bus")).await.unwrap();
+    // `*` is a plain character on the embedded broker...
+    let t =
+        Topic::from_value(json!({"tag": "bus:orders", "envs": [{"slug": "dev", "nativeName": "orders.*"}]}))
+            .unwrap();
+    reg.create_topic(t).await.unwrap();
+    // ...and a wildcard once `dev` becomes a RabbitMQ env: the update is refused, nothing changes.
+    let patch = BrokerPatch::from_value(
+        json!({"envs": [{"slug": "dev", "type": "rabbitmq", "config": {"url": "amqp://127.0.0.1"}}]}),
+    )
+    .unwrap();
+    let err = reg.update_broker("bus", patch).await.unwrap_err();
+    assert_eq!(err.code(), "VALIDATION_FAILED");
+    assert!(err.to_string().contains("topic `bus:orders` would break"), "{err}");
+    assert!(err.to_string().contains("wildcard in RabbitMQ"), "{err}");
+    assert_eq!(reg.fetch_broker("bus").await.unwrap().version, 1);
+}
 
 async fn broker_round_trips_through_create_update_fetch_delete(reg: Registry, _fx: Fixture) {
     let created = reg.create_broker(broker("message-bus")).await.unwrap();
@@ -341,6 +362,73 @@ async fn any_kind_is_stored_by_key_with_compare_and_swap(reg: Registry, _fx: Fix
     assert!(!store.delete(Kind::ApiKey, "ab").await.unwrap());
     assert!(store.list(Kind::ApiKey, None).await.unwrap().is_empty());
     store.ping().await.unwrap();
+}
+
+async fn secrets_are_encrypted_at_rest_listed_by_name_and_revealed_with_the_key_only(
+    reg: Registry,
+    fx: Fixture,
+) {
+    let key = SecretsKey::generate();
+    let secrets = Secrets::new(reg.store().clone(), key.clone());
+    let value = format!("s3cret-{}", uuid::Uuid::new_v4().simple());
+    let first = secrets.set("rabbit-pw", &value).await.unwrap();
+    assert_eq!(first.created_at, first.updated_at);
+    secrets.set("a_token", "other").await.unwrap();
+
+    // At rest: neither the value nor anything that decodes to it.
+    let stored = reg.store().get(Kind::Secret, "rabbit-pw").await.unwrap().expect("stored");
+    assert!(!stored.doc.to_string().contains(&value), "{}", stored.doc);
+    assert!(!stored.doc.to_string().contains("s3cret"), "{}", stored.doc);
+
+    // Another handle with the same key reads it; listing gives names and times only.
+    let replica = Secrets::new(fx.reopen().await.store().clone(), key.clone());
+    assert_eq!(
+        replica.reveal("rabbit-pw").await.unwrap().as_deref().map(String::as_str),
+        Some(value.as_str())
+    );
+    let listed: Vec<_> = replica.list().await.unwrap().into_iter().map(|i| i.name).collect();
+    assert_eq!(listed, vec!["a_token", "rabbit-pw"]);
+    assert_eq!(replica.reveal("nobody").await.unwrap(), None);
+
+    // Setting again replaces the value and keeps the creation time.
+    let second = secrets.set("rabbit-pw", "changed").await.unwrap();
+    assert_eq!(second.created_at, first.created_at);
+    assert!(second.updated_at >= first.updated_at);
+    assert_eq!(secrets.reveal("rabbit-pw").await.unwrap().as_deref().map(String::as_str), Some("changed"));
+
+    // A different key, no key, a value moved to another name: refused, never garbage.
+    let other = Secrets::new(reg.store().clone(), SecretsKey::generate());
+    let err = other.reveal("rabbit-pw").await.unwrap_err();
+    assert_eq!(err.code(), "SECRETS_UNAVAILABLE");
+    assert!(err.to_string().contains("another key"), "{err}");
+    let keyless = Secrets::without_key(reg.store().clone(), "no key here");
+    assert_eq!(keyless.list().await.unwrap().len(), 2);
+    let err = keyless.set("x", "y").await.unwrap_err();
+    assert_eq!(
+        (err.code(), err.to_string()),
+        ("SECRETS_UNAVAILABLE", "secrets unavailable: no key here".to_owned())
+    );
+    let moved = reg.store().get(Kind::Secret, "rabbit-pw").await.unwrap().expect("stored").doc;
+    let mut moved_to = moved.clone();
+    moved_to["name"] = json!("a_token");
+    let current = reg.store().get(Kind::Secret, "a_token").await.unwrap().expect("stored").version;
+    assert!(reg.store().replace(Kind::Secret, "a_token", current, &moved_to).await.unwrap());
+    let err = secrets.reveal("a_token").await.unwrap_err();
+    assert!(err.to_string().contains("damaged"), "{err}");
+
+    // Names are checked; values are bounded; deleting twice says so.
+    for bad in ["", "a b", "x/../y"] {
+        assert_eq!(secrets.set(bad, "v").await.unwrap_err().code(), "VALIDATION_FAILED", "{bad}");
+    }
+    assert_eq!(
+        secrets.set("big", &"x".repeat(polybus_registry::MAX_VALUE_BYTES + 1)).await.unwrap_err().code(),
+        "VALIDATION_FAILED"
+    );
+    assert_eq!(secrets.set("empty", "").await.unwrap_err().code(), "VALIDATION_FAILED");
+    secrets.delete("rabbit-pw").await.unwrap();
+    assert_eq!(secrets.delete("rabbit-pw").await.unwrap_err().code(), "SECRET_NOT_FOUND");
+    assert!(!secrets.exists("rabbit-pw").await.unwrap());
+    assert!(secrets.exists("a_token").await.unwrap());
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 
 use crate::error::ApiError;
+use crate::keys::Caller;
 use crate::state::AppState;
 
 /// Whether a route changes state, and so needs a read-write key.
@@ -24,7 +25,7 @@ pub fn needs_write(method: &Method, route: &str) -> bool {
 /// Checks the request's API key and that it may do what the route does.
 pub async fn require_key(
     State(state): State<AppState>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Result<Response, ApiError> {
     let Some(value) = request.headers().get(header::AUTHORIZATION) else {
@@ -57,6 +58,8 @@ pub async fn require_key(
         ));
     }
     tracing::Span::current().record("key", key.name.as_str());
+    let fingerprint = crate::keys::ApiKeys::fingerprint(token);
+    request.extensions_mut().insert(Caller { name: key.name, fingerprint });
     Ok(next.run(request).await)
 }
 

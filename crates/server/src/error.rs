@@ -8,6 +8,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use polybus::Error;
+use polybus::core::secret::SecretError;
+use polybus::core::strict::Strict;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
@@ -64,6 +66,15 @@ impl ApiError {
         error
     }
 
+    /// `413 PAYLOAD_TOO_LARGE` for a body over `limit` bytes.
+    pub fn too_large(limit: usize) -> Self {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "PAYLOAD_TOO_LARGE",
+            format!("the request body is larger than the server's limit of {limit} bytes"),
+        )
+    }
+
     /// `401 UNAUTHORIZED`.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         ApiError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
@@ -102,6 +113,13 @@ fn status_of(error: &Error) -> StatusCode {
         Error::NoAdapter(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Transport { .. } => StatusCode::BAD_GATEWAY,
         Error::MissingSecret { .. } | Error::Storage(_) | Error::Closed(_) => StatusCode::SERVICE_UNAVAILABLE,
+        Error::Secret(e) => match e {
+            SecretError::NotAllowed { .. } => StatusCode::BAD_REQUEST,
+            SecretError::NotFound(_) => StatusCode::NOT_FOUND,
+            SecretError::Missing { .. }
+            | SecretError::Unavailable { .. }
+            | SecretError::StoreUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        },
     }
 }
 
@@ -155,11 +173,7 @@ impl<T: DeserializeOwned> FromRequest<AppState> for ApiJson<T> {
 
 fn body_error(rejection: BytesRejection, limit: usize) -> ApiError {
     if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "PAYLOAD_TOO_LARGE",
-            format!("the request body is larger than the server's limit of {limit} bytes"),
-        )
+        ApiError::too_large(limit)
     } else {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -178,20 +192,14 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> ApiResult<T> {
             "the request body is empty; expected a JSON object",
         ));
     }
-    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let value = serde_path_to_error::deserialize(&mut deserializer).map_err(|err| {
-        let path = err.path().to_string();
-        let error = err.into_inner();
-        let field = field_of(&path, &error.to_string());
-        json_error(error, field)
-    })?;
-    deserializer.end().map_err(|e| json_error(e, "body".to_owned()))?;
-    Ok(value)
+    let value = serde_json::from_slice(bytes).map_err(|e| json_error(e, "body".to_owned()))?;
+    from_value(value)
 }
 
-/// Deserializes a parsed body; a wrong shape is `VALIDATION_FAILED` naming the field.
+/// Deserializes a parsed body; a wrong shape (an array where an object is expected included) is
+/// `VALIDATION_FAILED` naming the field.
 pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> ApiResult<T> {
-    serde_path_to_error::deserialize(value).map_err(|err| {
+    serde_path_to_error::deserialize(Strict(value)).map_err(|err| {
         let path = err.path().to_string();
         let reason = err.into_inner().to_string();
         ApiError::invalid(field_of(&path, &reason), reason)
@@ -295,6 +303,9 @@ mod tests {
         assert_eq!(error.detail().code, "INVALID_JSON");
         let error = parse_json::<Shape>(b"  ").expect_err("empty");
         assert_eq!(error.detail().code, "INVALID_JSON");
+        let error = parse_json::<Shape>(b"[10]").expect_err("fields by position");
+        assert_eq!(error.detail().code, "VALIDATION_FAILED");
+        assert_eq!(error.detail().field.as_deref(), Some("body"));
     }
 
     #[test]

@@ -13,7 +13,7 @@ use polybus_registry::Kind;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, watch};
 use utoipa::ToSchema;
 
 /// Every key starts with this, so a leaked one is easy to recognise.
@@ -27,6 +27,38 @@ const SECRET_BYTES: usize = 32;
 const REFRESH_AFTER: Duration = Duration::from_secs(1);
 /// Least time between two reads of the store caused by unknown keys.
 const MISS_RELOAD_AFTER: Duration = Duration::from_millis(200);
+/// While event streams are open, how often the store is read for revocations made by another
+/// process (`polybus key revoke`): a revoked key's streams end within this and one sweep.
+const WATCHED_RELOAD_AFTER: Duration = Duration::from_millis(250);
+
+/// The key a request was made with: its name, and a fingerprint to recognise it by (the hash
+/// the store keeps; never the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The key's name.
+    pub name: String,
+    /// The key's SHA-256, hex.
+    pub fingerprint: String,
+}
+
+/// Completes when a key is revoked.
+pub struct KeyWatch {
+    current: watch::Receiver<Option<Arc<HashMap<String, KeyInfo>>>>,
+    fingerprint: String,
+}
+
+impl KeyWatch {
+    /// Completes once the key is no longer a current key.
+    pub async fn revoked(&mut self) {
+        let fingerprint = &self.fingerprint;
+        let gone =
+            self.current.wait_for(|known| known.as_ref().is_some_and(|k| !k.contains_key(fingerprint)));
+        if gone.await.is_err() {
+            // The keys are gone with the server; its shutdown ends the streams.
+            std::future::pending::<()>().await;
+        }
+    }
+}
 
 /// What is known about a key (never the key itself).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -70,12 +102,18 @@ struct Known {
 pub struct ApiKeys {
     store: Arc<dyn Store>,
     known: Mutex<Known>,
+    /// The current keys by hash, each time they are read from the store.
+    current: watch::Sender<Option<Arc<HashMap<String, KeyInfo>>>>,
 }
 
 impl ApiKeys {
     /// The keys kept in `registry`'s store.
     pub fn new(registry: &Registry) -> Self {
-        ApiKeys { store: registry.store().clone(), known: Mutex::new(Known::default()) }
+        ApiKeys {
+            store: registry.store().clone(),
+            known: Mutex::new(Known::default()),
+            current: watch::channel(None).0,
+        }
     }
 
     /// Creates a key named `name`; `Error::AlreadyExists` when the name is taken.
@@ -109,6 +147,8 @@ impl ApiKeys {
     pub async fn revoke(&self, name: &str) -> Result<bool> {
         let revoked = self.store.delete(Kind::ApiKey, name).await?;
         self.forget().await;
+        // Streams of the revoked key end now rather than at the next periodic read.
+        self.reload(&mut *self.known.lock().await).await?;
         if revoked {
             tracing::info!(key = name, "API key revoked");
         }
@@ -129,11 +169,40 @@ impl ApiKeys {
         // A key created or revoked by another process shows up at the next read of the store.
         let may_reload = known.loaded.is_none_or(|at| at.elapsed() >= MISS_RELOAD_AFTER);
         if !fresh || may_reload {
-            let keys = self.load().await?;
-            known.by_hash = Arc::new(keys.into_iter().map(|k| (k.sha256, k.info)).collect());
-            known.loaded = Some(Instant::now());
+            self.reload(&mut known).await?;
         }
         Ok(known.by_hash.get(&digest).cloned())
+    }
+
+    /// The fingerprint of a key, as [`Caller::fingerprint`].
+    pub fn fingerprint(secret: &str) -> String {
+        hash(secret)
+    }
+
+    /// Watches the key with this fingerprint for its revocation.
+    pub fn watch(&self, fingerprint: &str) -> KeyWatch {
+        KeyWatch { current: self.current.subscribe(), fingerprint: fingerprint.to_owned() }
+    }
+
+    /// Reads the store again when someone watches for revocations and the last read is older
+    /// than a quarter second; called by the server's sweep.
+    pub async fn refresh_watched(&self) -> Result<()> {
+        if self.current.receiver_count() == 0 {
+            return Ok(());
+        }
+        let mut known = self.known.lock().await;
+        if known.loaded.is_none_or(|at| at.elapsed() >= WATCHED_RELOAD_AFTER) {
+            self.reload(&mut known).await?;
+        }
+        Ok(())
+    }
+
+    async fn reload(&self, known: &mut Known) -> Result<()> {
+        let keys = self.load().await?;
+        known.by_hash = Arc::new(keys.into_iter().map(|k| (k.sha256, k.info)).collect());
+        known.loaded = Some(Instant::now());
+        self.current.send_replace(Some(known.by_hash.clone()));
+        Ok(())
     }
 
     async fn load(&self) -> Result<Vec<StoredKey>> {

@@ -28,6 +28,8 @@ pub struct Scope {
 struct Lease {
     delivery: Delivery,
     scope: Scope,
+    /// Fingerprint of the key that took the delivery: only that key settles it.
+    owner: String,
     labels: TopicLabels,
     expires: Instant,
 }
@@ -119,16 +121,30 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Leases {
-    /// Holds `delivery` under `lease` until it is settled or `lease` expires.
-    pub fn hold(&self, lease: &Granted, delivery: Delivery, scope: &Scope, labels: &TopicLabels) {
-        let held = Lease { delivery, scope: scope.clone(), labels: labels.clone(), expires: lease.expires };
+    /// Holds `delivery` under `lease` for the key `owner` until it is settled or `lease` expires.
+    pub fn hold(
+        &self,
+        lease: &Granted,
+        delivery: Delivery,
+        scope: &Scope,
+        labels: &TopicLabels,
+        owner: &str,
+    ) {
+        let held = Lease {
+            delivery,
+            scope: scope.clone(),
+            labels: labels.clone(),
+            owner: owner.to_owned(),
+            expires: lease.expires,
+        };
         lock(&self.table).insert(lease.id.clone(), held);
     }
 
-    /// Takes the lease `id` out of the table if it exists and belongs to `scope`.
-    pub fn take(&self, id: &str, scope: &Scope) -> Option<Held> {
+    /// Takes the lease `id` out of the table if it exists, belongs to `scope` and was taken by
+    /// the key `owner`.
+    pub fn take(&self, id: &str, scope: &Scope, owner: &str) -> Option<Held> {
         let mut table = lock(&self.table);
-        if table.get(id).is_none_or(|lease| &lease.scope != scope) {
+        if table.get(id).is_none_or(|lease| &lease.scope != scope || lease.owner != owner) {
             return None;
         }
         table.remove(id).map(|l| Held { delivery: l.delivery, labels: l.labels })

@@ -31,7 +31,7 @@ use polybus::Registry;
 use tokio::net::TcpListener;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
-pub use keys::{ApiKeys, KeyInfo, NewKey};
+pub use keys::{ApiKeys, Caller, KeyInfo, NewKey};
 pub use metrics::{Metrics, Stats};
 pub use routes::{openapi, router};
 pub use state::{AppState, DEFAULT_BODY_LIMIT, Options};
@@ -43,6 +43,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Registry URL: a SQLite path, `sqlite://PATH` or `postgres://…`.
     pub registry_url: String,
+    /// The `$Secret{name}` key file; default `polybus-secrets.key` beside a SQLite registry,
+    /// created when missing. A PostgreSQL registry has none unless given.
+    pub secrets_key_file: Option<std::path::PathBuf>,
     /// Other settings.
     pub options: Options,
 }
@@ -50,7 +53,12 @@ pub struct ServerConfig {
 impl ServerConfig {
     /// Listens on `listen`, serving the registry at `registry_url`, with default options.
     pub fn new(listen: SocketAddr, registry_url: impl Into<String>) -> Self {
-        ServerConfig { listen, registry_url: registry_url.into(), options: Options::default() }
+        ServerConfig {
+            listen,
+            registry_url: registry_url.into(),
+            secrets_key_file: None,
+            options: Options::default(),
+        }
     }
 }
 
@@ -71,6 +79,14 @@ pub enum ServeError {
     /// Serving failed.
     #[error("serving HTTP failed: {0}")]
     Serve(std::io::Error),
+    /// The data folder could not be created.
+    #[error("cannot create the data folder {}: {source}", path.display())]
+    DataDir {
+        /// The folder.
+        path: std::path::PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
 }
 
 impl ServeError {
@@ -80,6 +96,7 @@ impl ServeError {
             ServeError::Registry(e) => e.code(),
             ServeError::Bind { .. } => "LISTEN_FAILED",
             ServeError::Serve(_) => "SERVE_FAILED",
+            ServeError::DataDir { .. } => "DATA_DIR_FAILED",
         }
     }
 }
@@ -91,13 +108,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens the registry and binds the address.
+    /// Opens the registry, creates the data folder (by default `polybus-data` beside a SQLite
+    /// registry) and binds the address.
     pub async fn bind(config: &ServerConfig) -> Result<Server, ServeError> {
         let registry = Registry::open(&config.registry_url).await?;
-        let state = AppState::open(registry, config.options.clone()).await?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+        // After binding, so a server that cannot start leaves no key file behind.
+        let mut options = config.options.clone();
+        let data_dir =
+            options.data_dir.get_or_insert_with(|| polybus::files::data_dir_beside(&config.registry_url));
+        std::fs::create_dir_all(&*data_dir)
+            .map_err(|source| ServeError::DataDir { path: data_dir.clone(), source })?;
+        options.secrets_key =
+            polybus_registry::find_key(&config.registry_url, config.secrets_key_file.as_deref(), true)?;
+        if let Err(reason) = &options.secrets_key {
+            tracing::warn!("`$Secret{{..}}` references cannot be used: {reason}");
+        }
+        let state = AppState::open(registry, options).await?;
         Ok(Server { listener, state })
     }
 
@@ -143,14 +172,10 @@ pub async fn serve(config: ServerConfig) -> Result<(), ServeError> {
     server.run(shutdown_signal()).await
 }
 
-/// A registry URL safe to show: a password in it is replaced by `****`.
+/// A registry URL safe to show: a password in it is replaced by `****` (by the same rule as
+/// broker configs, so a password holding `/` or `@` is hidden whole).
 pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_owned() };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:****@{host}"),
-        None => url.to_owned(),
-    }
+    polybus::core::secret::redact_url(url).unwrap_or_else(|| url.to_owned())
 }
 
 /// A future that completes on Ctrl-C or SIGTERM. The handlers are installed when this is
@@ -198,5 +223,6 @@ mod tests {
         assert_eq!(redact_url("postgres://bus:secret@db:5432/test"), "postgres://bus:****@db:5432/test");
         assert_eq!(redact_url("postgres://bus@db/test"), "postgres://bus@db/test");
         assert_eq!(redact_url("./polybus.db"), "./polybus.db");
+        assert_eq!(redact_url("postgres://bus:se/cr@et@db:5432/test"), "postgres://bus:****@db:5432/test");
     }
 }

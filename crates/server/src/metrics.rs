@@ -222,7 +222,12 @@ impl Metrics {
 
     /// Records a failure when it means the broker could not be reached.
     pub fn connection_error(&self, broker: &str, env: &str, error: &polybus::Error) {
-        if matches!(error, polybus::Error::Transport { .. } | polybus::Error::MissingSecret { .. }) {
+        if matches!(
+            error,
+            polybus::Error::Transport { .. }
+                | polybus::Error::MissingSecret { .. }
+                | polybus::Error::Secret(_)
+        ) {
             self.connection(broker, env, Err(error));
         }
     }

@@ -1,9 +1,10 @@
 //! What every request handler shares: registry, bus, keys, metrics, leases.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use polybus::{Bus, Registry};
+use polybus::{Bus, FilePolicy, Registry, SecretPolicy, Secrets, SecretsKey};
 use tokio::sync::watch;
 
 use crate::keys::ApiKeys;
@@ -20,11 +21,38 @@ const SWEEP_EVERY: Duration = Duration::from_millis(100);
 pub struct Options {
     /// Largest request body in bytes; larger ones get `413 PAYLOAD_TOO_LARGE`.
     pub body_limit: usize,
+    /// Only `${VAR}` references whose name starts with one of these resolve (an empty prefix
+    /// allows every variable of the server).
+    pub secret_env_prefixes: Vec<String>,
+    /// The key of the `$Secret{name}` store, or why there is none.
+    pub secrets_key: Result<SecretsKey, String>,
+    /// The data folder: every file the server creates or reads for a definition is inside it.
+    /// `None`: `polybus-data` beside a SQLite registry ([`crate::Server::bind`]), else `./polybus-data`.
+    pub data_dir: Option<PathBuf>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { body_limit: DEFAULT_BODY_LIMIT }
+        Options {
+            body_limit: DEFAULT_BODY_LIMIT,
+            secret_env_prefixes: vec![polybus::DEFAULT_ENV_PREFIX.to_owned()],
+            secrets_key: Err("this server was started without a secrets key".to_owned()),
+            data_dir: None,
+        }
+    }
+}
+
+impl Options {
+    /// The secret policy these options describe, over `registry`'s store.
+    pub fn secret_policy(&self, registry: &Registry) -> SecretPolicy {
+        let secrets = Secrets::with_key(registry.store().clone(), self.secrets_key.clone());
+        SecretPolicy::env_prefixes(self.secret_env_prefixes.clone()).with_store(secrets)
+    }
+
+    /// The file policy of a server: definitions confined to the data folder.
+    pub fn files(&self) -> FilePolicy {
+        let beside_working_directory = || PathBuf::from(".").join(polybus::files::DATA_DIR_NAME);
+        FilePolicy::confined(self.data_dir.clone().unwrap_or_else(beside_working_directory))
     }
 }
 
@@ -61,9 +89,12 @@ impl AppState {
         AppState { inner }
     }
 
-    /// State over a bus on `registry` with the connectors compiled into this build.
+    /// State over a bus on `registry` with the connectors compiled into this build, definitions
+    /// confined to the data folder of `options`.
     pub async fn open(registry: Registry, options: Options) -> polybus::Result<Self> {
-        Ok(AppState::new(Bus::open(registry).await?, options))
+        let policy = options.secret_policy(&registry);
+        let bus = Bus::builder(registry).secrets(policy).files(options.files()).build();
+        Ok(AppState::new(bus, options))
     }
 
     /// The registry.
@@ -139,6 +170,9 @@ async fn sweep(inner: Weak<Inner>) {
             });
         }
         inner.metrics.set_leases(inner.leases.len());
+        if let Err(e) = inner.keys.refresh_watched().await {
+            tracing::warn!(error = %e, "reading the API keys for revocations");
+        }
         let idle = inner.leases.take_idle_pullers(false);
         if !idle.is_empty() {
             leases::close_pullers(idle).await;

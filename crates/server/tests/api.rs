@@ -11,7 +11,7 @@ use polybus_server::Options;
 use serde_json::{Value, json};
 
 /// Every route the server has, as `(METHOD, path)`.
-const ROUTES: [(&str, &str); 20] = [
+const ROUTES: [(&str, &str); 23] = [
     ("GET", "/"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -29,6 +29,9 @@ const ROUTES: [(&str, &str); 20] = [
     ("GET", "/v1/topics/{event}"),
     ("PATCH", "/v1/topics/{event}"),
     ("DELETE", "/v1/topics/{event}"),
+    ("POST", "/v1/secrets"),
+    ("GET", "/v1/secrets"),
+    ("DELETE", "/v1/secrets/{name}"),
     ("POST", "/v1/envs/{env}/events/{event}/messages"),
     ("POST", "/v1/envs/{env}/events/{event}/subscriptions/{group}/pull"),
     ("POST", "/v1/envs/{env}/events/{event}/subscriptions/{group}/ack"),
@@ -61,7 +64,8 @@ async fn every_api_route_needs_a_key_but_health_readiness_and_the_page() {
             .replace("{tag}", "bus")
             .replace("{event}", "bus:orders")
             .replace("{env}", "dev")
-            .replace("{group}", "g");
+            .replace("{group}", "g")
+            .replace("{name}", "pw");
         let (status, body) = api.call(method, &path, None, None).await;
         if ["/", "/healthz", "/readyz"].contains(&path.as_str()) {
             assert_eq!(status, StatusCode::OK, "{method} {path}: {body}");
@@ -152,7 +156,7 @@ async fn broker_lifecycle_with_redaction_versions_and_conflicts() {
         "tag": "message-bus",
         "envs": [
             {"slug": "dev", "type": "REDIS", "config": {"host": "127.0.0.1", "port": 6379, "password": "hunter2"}},
-            {"slug": "local", "type": "embedded", "config": {"path": api.broker_db()}},
+            {"slug": "local", "type": "embedded", "config": {"path": common::BROKER_DB}},
         ],
     });
     let created = api.ok("POST", "/v1/brokers", Some(broker.clone()), StatusCode::CREATED).await;
@@ -340,7 +344,7 @@ async fn bad_bodies_are_400s_naming_the_problem() {
 
 #[tokio::test]
 async fn bodies_over_the_limit_are_413() {
-    let api = TestApi::with_options(Options { body_limit: 1024 }).await;
+    let api = TestApi::with_options(Options { body_limit: 1024, ..Options::default() }).await;
     let event = api.embedded_topic("bus", "orders").await;
     let big = json!({"payload": "x".repeat(4096), "encoding": "text"});
     api.fails(

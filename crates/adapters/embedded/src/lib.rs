@@ -7,6 +7,7 @@
 
 mod checkpoint;
 mod log;
+mod ownership;
 mod settle;
 mod store;
 mod subscription;
@@ -18,6 +19,8 @@ use async_trait::async_trait;
 use polybus_core::config::EmbeddedConfig;
 use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
 
+pub use ownership::APPLICATION_ID;
+pub use store::check_file;
 pub use transport::{DEFAULT_PATH, EmbeddedTransport};
 
 /// Connects broker envs of type `embedded`.
@@ -38,6 +41,12 @@ impl Connector for EmbeddedConnector {
                 Error::Validation(ValidationError::in_env(&target.env, field, message))
             })?
         };
-        Ok(Arc::new(EmbeddedTransport::open(&config).await?))
+        match EmbeddedTransport::open(&config).await {
+            Ok(transport) => Ok(Arc::new(transport)),
+            Err(Error::Validation(invalid)) if invalid.env.is_none() => {
+                Err(ValidationError { env: Some(target.env.clone()), ..invalid }.into())
+            }
+            Err(other) => Err(other),
+        }
     }
 }

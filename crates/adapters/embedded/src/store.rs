@@ -8,12 +8,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak, mpsc};
 use std::time::Duration;
 
-use polybus_core::{Error, Op, Result};
+use polybus_core::{Error, Op, Result, ValidationError};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::Notify;
 
 use crate::checkpoint;
 use crate::log::{Settled, Settlement};
+use crate::ownership::{self, Ownership};
 use crate::settle;
 
 /// Schema version written to `PRAGMA user_version`.
@@ -22,7 +23,7 @@ const SCHEMA_VERSION: i64 = 1;
 /// How long a call waits for another process holding the file's write lock.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-const SCHEMA: &str = "
+pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS topics (
     id   INTEGER PRIMARY KEY,
     name TEXT NOT NULL UNIQUE
@@ -69,6 +70,8 @@ pub(crate) enum DbError {
     Json(serde_json::Error),
     /// The file holds something this version cannot read.
     Incompatible(String),
+    /// The file is not one the broker created; says why, never what it holds.
+    Foreign(String),
 }
 
 impl From<rusqlite::Error> for DbError {
@@ -103,7 +106,7 @@ impl fmt::Display for DbError {
                 write!(f, "{err}{hint}")
             }
             DbError::Json(err) => write!(f, "headers are not valid JSON: {err}"),
-            DbError::Incompatible(what) => f.write_str(what),
+            DbError::Incompatible(what) | DbError::Foreign(what) => f.write_str(what),
         }
     }
 }
@@ -164,6 +167,34 @@ fn connect_error(path: &Path, message: impl fmt::Display) -> Error {
     Error::transport(Op::Connect, format!("embedded {}", path.display()), message)
 }
 
+/// An error opening `path`: a file that is not the broker's is the config's fault (`config.path`).
+fn open_error(path: &Path, err: DbError) -> Error {
+    match err {
+        DbError::Foreign(why) => ValidationError::field(
+            "config.path",
+            format!("`{}` is not a polybus broker file: {why}; point `path` at a new file", path.display()),
+        )
+        .into(),
+        other => connect_error(path, other),
+    }
+}
+
+/// Checks, without writing to it, that the broker may open `path`: a missing or empty file, or
+/// one the broker created. Blocks; the error names the file and why, never its content.
+pub fn check_file(path: &Path) -> Result<()> {
+    let inspect = || -> DbResult<()> {
+        ownership::check_header(path)?;
+        if !path.exists() {
+            return Ok(());
+        }
+        let flags = rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let conn = Connection::open_with_flags(path, flags)?;
+        conn.busy_timeout(BUSY_TIMEOUT)?;
+        ownership::identify(&conn).map(|_| ())
+    };
+    inspect().map_err(|err| open_error(path, err))
+}
+
 /// The file's absolute path, created folders included, so that two spellings of one file
 /// share one store.
 fn canonical(path: &Path) -> Result<PathBuf> {
@@ -210,8 +241,9 @@ impl Store {
     }
 
     fn open_blocking(path: PathBuf) -> Result<Store> {
+        ownership::check_header(&path).map_err(|err| open_error(&path, err))?;
         let conn = connect(&path).map_err(|err| connect_error(&path, DbError::Sql(err)))?;
-        prepare(&conn).map_err(|err| connect_error(&path, err))?;
+        prepare(&conn).map_err(|err| open_error(&path, err))?;
         let conn = Arc::new(Mutex::new(conn));
         if let Err(err) = checkpoint::start(&conn, &path) {
             tracing::warn!(error = %err, path = %path.display(),
@@ -325,8 +357,19 @@ pub(crate) fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(conn)
 }
 
-/// Sets the connection up and creates or checks the schema.
+/// Makes sure the file is the broker's (stamping a new or unstamped one) before anything else
+/// writes to it, then sets the connection up and creates or checks the schema.
 fn prepare(conn: &Connection) -> DbResult<()> {
+    if ownership::identify(conn)? != Ownership::Ours {
+        let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+        // Another process may have stamped the file meanwhile; look again under the write lock.
+        if ownership::identify(&tx)? == Ownership::New {
+            tx.execute_batch(SCHEMA)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        }
+        ownership::stamp(&tx)?;
+        tx.commit()?;
+    }
     let mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))?;
     if !mode.eq_ignore_ascii_case("wal") {
         return Err(DbError::Incompatible(format!(

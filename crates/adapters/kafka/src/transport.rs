@@ -71,7 +71,8 @@ pub(crate) fn client_error(error: &KafkaError, reason: &str) {
 pub(crate) struct Client {
     /// How to make clients, and how to word errors.
     pub settings: Settings,
-    producer: FutureProducer<Logger>,
+    /// Replaced when librdkafka declares it fatally failed (see [`Client::recover`]).
+    producer: Mutex<FutureProducer<Logger>>,
     admin: AdminClient<Logger>,
     ensured: Mutex<HashSet<String>>,
 }
@@ -82,6 +83,33 @@ impl Client {
         self.settings.error(op, topic, cause)
     }
 
+    /// The current producer.
+    fn producer(&self) -> FutureProducer<Logger> {
+        self.producer.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Replaces `failed` with a new producer when librdkafka declared it fatally failed: an
+    /// idempotent producer does so when the broker lost its sequence state (a crashed broker
+    /// restarted), and then fails every later send for good.
+    fn recover(&self, failed: &FutureProducer<Logger>) {
+        let Some((code, reason)) = failed.client().fatal_error() else { return };
+        let mut current = self.producer.lock().unwrap_or_else(PoisonError::into_inner);
+        if current.client().fatal_error().is_none() {
+            return; // Another publish replaced it already.
+        }
+        match self.settings.producer().create_with_context(Logger) {
+            Ok(fresh) => {
+                tracing::warn!(servers = %self.settings.servers, ?code, %reason, "kafka producer failed fatally; replaced it");
+                let old = std::mem::replace(&mut *current, fresh);
+                // Destroying a producer waits for librdkafka's threads: not on the async runtime.
+                std::thread::spawn(move || drop(old));
+            }
+            Err(e) => {
+                tracing::warn!(servers = %self.settings.servers, error = %e, "kafka producer failed fatally; making a new one failed")
+            }
+        }
+    }
+
     /// Produces one record to `topic` and waits for the broker's acknowledgement.
     pub async fn produce(
         &self,
@@ -89,20 +117,38 @@ impl Client {
         (record, headers): (Record, OwnedHeaders),
         op: Op,
     ) -> Result<()> {
+        let producer = self.producer();
         let delivery =
-            self.producer.send(future_record(topic, &record, headers), Timeout::After(QUEUE_WAIT)).await;
-        delivery.map(|_| ()).map_err(|(e, _)| self.error(op, topic, e))
+            producer.send(future_record(topic, &record, headers), Timeout::After(QUEUE_WAIT)).await;
+        delivery.map(|_| ()).map_err(|(e, _)| {
+            self.recover(&producer);
+            self.error(op, topic, e)
+        })
     }
 
     /// Enqueues every record, then waits for all of them: the first failure is returned.
     async fn produce_all(&self, topic: &str, records: Vec<(Record, OwnedHeaders)>) -> Result<()> {
+        let producer = self.producer();
+        let result = self.produce_all_with(&producer, topic, records).await;
+        if result.is_err() {
+            self.recover(&producer);
+        }
+        result
+    }
+
+    async fn produce_all_with(
+        &self,
+        producer: &FutureProducer<Logger>,
+        topic: &str,
+        records: Vec<(Record, OwnedHeaders)>,
+    ) -> Result<()> {
         let mut pending: VecDeque<DeliveryFuture> = VecDeque::with_capacity(records.len());
         let mut first_error = None;
         let (bodies, headers): (Vec<Record>, Vec<OwnedHeaders>) = records.into_iter().unzip();
         for (record, headers) in bodies.iter().zip(headers) {
             let mut next = future_record(topic, record, headers);
             loop {
-                match self.producer.send_result(next) {
+                match producer.send_result(next) {
                     Ok(delivery) => {
                         pending.push_back(delivery);
                         break;
@@ -209,7 +255,7 @@ impl Client {
     }
 
     async fn exists(&self, name: &str) -> Result<bool> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let topic = name.to_owned();
         let metadata = tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(Some(&topic), METADATA_WAIT).map(|m| {
@@ -225,7 +271,7 @@ impl Client {
 
     /// Asks the cluster for its metadata.
     async fn metadata(&self, op: Op) -> Result<()> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let result = tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(None, METADATA_WAIT).map(|_| ())
         })
@@ -266,7 +312,12 @@ impl KafkaTransport {
             .admin()
             .create_with_context(Logger)
             .map_err(|e| settings.error(Op::Connect, &servers, e))?;
-        let client = Arc::new(Client { settings, producer, admin, ensured: Mutex::new(HashSet::new()) });
+        let client = Arc::new(Client {
+            settings,
+            producer: Mutex::new(producer),
+            admin,
+            ensured: Mutex::new(HashSet::new()),
+        });
         client.metadata(Op::Connect).await?;
         Ok(KafkaTransport { client, closed: AtomicBool::new(false) })
     }
@@ -339,7 +390,7 @@ impl Transport for KafkaTransport {
 
     async fn close(&self) -> Result<()> {
         self.closed.store(true, Ordering::SeqCst);
-        let producer = self.client.producer.clone();
+        let producer = self.client.producer();
         let flushed = tokio::task::spawn_blocking(move || producer.flush(FLUSH_WAIT))
             .await
             .map_err(|e| self.client.error(Op::Close, &self.client.settings.servers, e))?;

@@ -7,12 +7,14 @@
 //! leaves the server's pid and command line in /tmp): `noida-db restart kafka` stops the Kafka
 //! service, dropping every connection, and starts it again from the data it saved.
 
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use polybus::BrokerType;
-use polybus_conformance::{ProcessFaults, Target};
+use polybus_conformance::private::Launch;
+use polybus_conformance::{PrivateBroker, ProcessFaults, Target};
 use polybus_kafka::KafkaConnector;
 use serde_json::json;
 
@@ -29,7 +31,8 @@ fn main() -> ExitCode {
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| ADDRESS.to_owned());
     let mut target =
         Target::new("kafka", BrokerType::Kafka, json!({"brokers": [brokers], "clientId": "conformance"}))
-            .connector(Arc::new(KafkaConnector));
+            .connector(Arc::new(KafkaConnector))
+            .private(Arc::new(private_noida()));
     if brokers == ADDRESS && started_by_services().is_some() {
         target = target.restart(|| {
             Box::pin(async {
@@ -57,6 +60,41 @@ fn main() -> ExitCode {
     .connector(Arc::new(KafkaConnector))
     .process_faults(ProcessFaults::Only);
     polybus_conformance::run_all(vec![target.process_faults(ProcessFaults::Skip(skip.into())), on_tansu])
+}
+
+/// A noida-db of this binary's own, Kafka only, on a free port with its own data directory.
+fn private_noida() -> PrivateBroker {
+    PrivateBroker::new("noida-db (Kafka)", |dir, port| {
+        let program = noida_binary().ok_or(
+            "no noida-db binary (scripts/services kafka installs it; POLYBUS_NOIDA_DB names it elsewhere)",
+        )?;
+        let (port, data) = (port.to_string(), dir.join("data").display().to_string());
+        let args =
+            ["start", "--only", "kafka", "--kafka-port", &port, "--host", "127.0.0.1", "--data-dir", &data];
+        Ok(Launch::new(
+            program,
+            &args,
+            json!({"brokers": [format!("127.0.0.1:{port}")], "clientId": "conformance"}),
+        ))
+    })
+}
+
+/// The noida-db server binary: `POLYBUS_NOIDA_DB`, the one scripts/services ran, or the one in
+/// its Python venv.
+fn noida_binary() -> Option<PathBuf> {
+    if let Some(path) = std::env::var_os("POLYBUS_NOIDA_DB") {
+        return Some(PathBuf::from(path));
+    }
+    let from_services =
+        std::fs::read_to_string(CMD_FILE).ok().and_then(|c| c.lines().next().map(PathBuf::from));
+    let venv = std::env::var_os("POLYBUS_VENV")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache/polybus/venv")))?;
+    let in_venv = std::fs::read_dir(venv.join("lib"))
+        .ok()?
+        .flatten()
+        .map(|python| python.path().join("site-packages/noida_db/noida-db"));
+    from_services.into_iter().chain(in_venv).find(|p| p.is_file())
 }
 
 /// The pid and command line of the noida-db server `scripts/services` started, if it runs.

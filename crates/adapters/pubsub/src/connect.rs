@@ -9,6 +9,7 @@ use google_cloud_auth::credentials::{self, CacheableResource, Credentials, anony
 use polybus_core::config::PubsubConfig;
 use polybus_core::{Error, Op, Result, ValidationError};
 use token_source::{TokenSource, TokenSourceProvider};
+use tokio::io::AsyncReadExt;
 
 /// The emulator's address (`host:port`), as Google's own tools read it.
 pub const EMULATOR_HOST: &str = "PUBSUB_EMULATOR_HOST";
@@ -38,23 +39,20 @@ impl Settings {
             .or_else(|| std::env::var(EMULATOR_HOST).ok().filter(|h| !h.trim().is_empty()))
             .map(|e| endpoint_url(e.trim()));
         let key = match (&config.credentials, &config.key_filename) {
-            (Some(inline), _) => Some(serde_json::from_str(inline).map_err(|e| {
-                // serde_json's message names a line and column, never the text itself.
-                Error::from(ValidationError::in_env(
-                    env,
-                    "config.credentials",
-                    format!("not a service-account key in JSON: {e}"),
-                ))
-            })?),
-            (None, Some(path)) => Some(read_key_file(path, env).await?),
+            (Some(inline), _) => Some((
+                service_account_key(inline.as_bytes()).map_err(|why| {
+                    invalid(env, "config.credentials", format!("not a service-account key: {why}"))
+                })?,
+                "config.credentials",
+            )),
+            (None, Some(path)) => Some((read_key_file(path, env).await?, "config.keyFilename")),
             (None, None) => None,
         };
         let credentials = match key {
-            Some(key) => Some(
-                service_account::Builder::new(key)
-                    .build()
-                    .map_err(|e| Error::transport(Op::Connect, "pubsub credentials", e))?,
-            ),
+            // The builder's own message may quote the key; the shape was checked above.
+            Some((key, field)) => Some(service_account::Builder::new(key).build().map_err(|_| {
+                invalid(env, field, "the service-account key was refused by Google's client library")
+            })?),
             None if endpoint.as_deref().is_some_and(|e| e.starts_with("http://")) => {
                 Some(anonymous::Builder::new().build())
             }
@@ -134,14 +132,47 @@ fn endpoint_url(endpoint: &str) -> String {
     if endpoint.contains("://") { endpoint.to_owned() } else { format!("http://{endpoint}") }
 }
 
+/// Largest key file read; a service-account key is about 2.4 KB.
+const MAX_KEY_FILE_BYTES: u64 = 64 * 1024;
+
+/// Fields a service-account key has, each a string.
+const KEY_FIELDS: [&str; 4] = ["client_email", "private_key_id", "private_key", "project_id"];
+
 async fn read_key_file(path: &str, env: &str) -> Result<serde_json::Value> {
-    let bytes = tokio::fs::read(path).await.map_err(|e| {
-        Error::from(ValidationError::in_env(env, "config.keyFilename", format!("cannot read `{path}`: {e}")))
-    })?;
-    serde_json::from_slice(&bytes).map_err(|e| {
-        ValidationError::in_env(env, "config.keyFilename", format!("`{path}` is not a JSON key file: {e}"))
-            .into()
-    })
+    let field = "config.keyFilename";
+    let mut bytes = Vec::new();
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| invalid(env, field, format!("cannot read `{path}`: {}", e.kind())))?;
+    file.take(MAX_KEY_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .await
+        .map_err(|e| invalid(env, field, format!("cannot read `{path}`: {}", e.kind())))?;
+    if bytes.len() as u64 > MAX_KEY_FILE_BYTES {
+        return Err(invalid(env, field, format!("`{path}` is larger than a key file (64 KiB)")));
+    }
+    service_account_key(&bytes)
+        .map_err(|why| invalid(env, field, format!("`{path}` is not a service-account key file: {why}")))
+}
+
+/// Parses a service-account key; the error says what is wrong with it, never what it holds.
+fn service_account_key(bytes: &[u8]) -> std::result::Result<serde_json::Value, String> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)
+        .map_err(|e| format!("it is not JSON (syntax error at line {}, column {})", e.line(), e.column()))?;
+    let object = value.as_object().ok_or("expected a JSON object")?;
+    if object.get("type").is_some_and(|t| t != "service_account") {
+        return Err("its `type` is not `service_account`".into());
+    }
+    if let Some(missing) =
+        KEY_FIELDS.iter().find(|f| !object.get(**f).is_some_and(serde_json::Value::is_string))
+    {
+        return Err(format!("`{missing}` is missing or not a string"));
+    }
+    Ok(value)
+}
+
+fn invalid(env: &str, field: &str, message: impl Into<String>) -> Error {
+    ValidationError::in_env(env, field, message).into()
 }
 
 #[cfg(test)]
@@ -189,5 +220,45 @@ mod tests {
         .err()
         .expect("an error");
         assert!(err.to_string().contains("/nonexistent/key.json"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn no_error_quotes_what_a_key_holds() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cases = [
+            "\"s3cret-string\"",
+            "s3cret-text, not JSON",
+            "[\"s3cret-item\"]",
+            r#"{"type": "service_account", "client_email": ["s3cret-email"], "private_key": "s3cret-key"}"#,
+            r#"{"type": "s3cret-type"}"#,
+        ];
+        for (i, content) in cases.iter().enumerate() {
+            let path = dir.path().join(format!("key{i}.json"));
+            std::fs::write(&path, content).expect("key file");
+            for (field, config) in [
+                ("config.keyFilename", serde_json::json!({"projectId": "p-1", "keyFilename": path})),
+                ("config.credentials", serde_json::json!({"projectId": "p-1", "credentials": content})),
+            ] {
+                let err = Settings::resolve(&self::config(config), "dev").await.err().expect("an error");
+                let Error::Validation(validation) = &err else { panic!("{content}: {err}") };
+                assert_eq!(validation.field, field, "{err}");
+                assert!(!err.to_string().contains("s3cret"), "{err}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_key_shaped_file_gives_credentials() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("key.json");
+        let key = serde_json::json!({"type": "service_account", "project_id": "p-1", "private_key_id": "k1",
+            "private_key": "-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n",
+            "client_email": "sa@p-1.iam.gserviceaccount.com"});
+        std::fs::write(&path, key.to_string()).expect("key file");
+        let settings =
+            Settings::resolve(&config(serde_json::json!({"projectId": "p-1", "keyFilename": path})), "dev")
+                .await
+                .expect("settings");
+        assert!(settings.credentials.is_some());
     }
 }

@@ -1,11 +1,16 @@
 //! The shared behaviour suite against the Redis on `POLYBUS_TEST_REDIS_URL`
 //! (default `redis://127.0.0.1:6379`).
+//!
+//! The broker-restart cases run on a private `redis-server` this binary starts on a free port
+//! when they need it, with `appendonly yes` and `appendfsync always` (every acknowledged write
+//! is on disk, so a SIGKILL loses nothing either).
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use polybus::BrokerType;
-use polybus_conformance::Target;
+use polybus_conformance::private::{Launch, find_program};
+use polybus_conformance::{PrivateBroker, Target};
 use polybus_redis::RedisConnector;
 
 fn redis_url() -> String {
@@ -36,6 +41,33 @@ fn main() -> ExitCode {
     let url = redis_url();
     let target = Target::new("redis", BrokerType::Redis, serde_json::json!({ "url": url }))
         .connector(Arc::new(RedisConnector))
-        .restart(move || Box::pin(kill_client_connections(url.clone())));
+        .restart(move || Box::pin(kill_client_connections(url.clone())))
+        .private(Arc::new(private_redis()));
     polybus_conformance::run(target)
+}
+
+/// A redis-server of this binary's own that writes every command to its append-only file
+/// before answering.
+fn private_redis() -> PrivateBroker {
+    PrivateBroker::new("redis-server (appendonly, appendfsync always)", |dir, port| {
+        let program = find_program("redis-server").ok_or("no redis-server binary (Debian: redis-server)")?;
+        let (port, dir) = (port.to_string(), dir.display().to_string());
+        let args = [
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            &port,
+            "--dir",
+            &dir,
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--daemonize",
+            "no",
+        ];
+        Ok(Launch::new(program, &args, serde_json::json!({ "url": format!("redis://127.0.0.1:{port}") })))
+    })
 }

@@ -90,15 +90,14 @@ pub async fn run(ctx: &Context, command: BrokerCommand) -> CliResult {
 
 /// Connects to the env from this process and pings it: its broker type and the latency in ms.
 async fn test_locally(ctx: &Context, tag: &str, env: &str) -> CliResult<(BrokerType, f64)> {
-    let registry = ctx.registry().await?;
-    let broker = registry.fetch_broker(tag).await?;
+    let bus = ctx.bus().await?;
+    let broker = bus.registry().fetch_broker(tag).await?;
     let broker_type =
         broker.env(env).map(|e| e.broker_type).ok_or_else(|| polybus::Error::BrokerEnvNotFound {
             tag: tag.to_owned(),
             env: env.to_owned(),
             available: broker.env_slugs(),
         })?;
-    let bus = polybus::Bus::open(registry).await?;
     let latency = bus.test_connection(tag, env).await;
     if let Err(e) = bus.close().await {
         tracing::debug!(error = %e, "closing the bus after a connection test");

@@ -6,12 +6,15 @@ mod consume;
 mod key;
 mod publish;
 mod quickstart;
+mod secret;
 mod serve;
 mod topic;
 
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use polybus::{Bus, Registry};
 use std::io::IsTerminal;
+use std::path::PathBuf;
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use polybus::{Bus, FilePolicy, Registry, SecretPolicy};
 
 use crate::cli::{Cli, Command, Format};
 use crate::failure::{CliResult, Failure};
@@ -22,10 +25,16 @@ use crate::remote::Client;
 pub struct Context {
     /// The registry URL, as given.
     pub registry_url: String,
+    /// The data folder: `--data-dir`, or `polybus-data` beside the registry.
+    pub data_dir: PathBuf,
+    /// `--data-dir` as given, to repeat it in the commands shown to the user.
+    pub data_dir_given: bool,
     /// Output format.
     pub format: Format,
     /// The server to work through, with `--server`; `None` works on the local registry.
     pub remote: Option<Client>,
+    /// `--secrets-key-file`, when given.
+    pub secrets_key_file: Option<PathBuf>,
 }
 
 /// Where a command's data comes from: the local registry and brokers, or a server.
@@ -50,9 +59,17 @@ impl Context {
         Ok(Registry::open(&self.registry_url).await?)
     }
 
-    /// Opens the registry and a bus over it.
+    /// Opens the registry and a bus over it: every `${VAR}` of this process resolves, and
+    /// `$Secret{..}` when the registry's key file exists.
     pub async fn bus(&self) -> CliResult<Bus> {
-        Ok(Bus::open(self.registry().await?).await?)
+        Ok(self.bus_over(self.registry().await?))
+    }
+
+    /// A bus over `registry`: files anywhere (relative ones in the data folder), every `${VAR}`
+    /// of this process, and `$Secret{..}` when the registry's key file exists.
+    pub fn bus_over(&self, registry: Registry) -> Bus {
+        let policy = SecretPolicy::any_env().with_store(secret::bus_store(self, &registry));
+        Bus::builder(registry).secrets(policy).files(FilePolicy::local(&self.data_dir)).build()
     }
 
     /// True for JSON output.
@@ -82,7 +99,16 @@ pub async fn run(cli: Cli) -> CliResult {
         }
         _ => None,
     };
-    let ctx = Context { registry_url: cli.registry, format: cli.output, remote };
+    let data_dir_given = cli.data_dir.is_some();
+    let data_dir = cli.data_dir.unwrap_or_else(|| polybus::files::data_dir_beside(&cli.registry));
+    let ctx = Context {
+        registry_url: cli.registry,
+        data_dir,
+        data_dir_given,
+        format: cli.output,
+        remote,
+        secrets_key_file: cli.secrets_key_file,
+    };
     match cli.command {
         Command::Broker(command) => broker::run(&ctx, command).await,
         Command::Topic(command) => topic::run(&ctx, command).await,
@@ -91,6 +117,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Quickstart => quickstart::run(&ctx).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
         Command::Key(command) => key::run(&ctx, command).await,
+        Command::Secret(command) => secret::run(&ctx, command).await,
         Command::Bench(args) => bench::run(&ctx, args).await,
     }
 }

@@ -17,7 +17,7 @@ const ENV: &str = "local";
 const EVENT: &str = "quickstart:greetings";
 const GROUP: &str = "quickstart";
 const MESSAGES: usize = 10;
-/// The embedded broker's file, next to the registry file.
+/// The embedded broker's file, in the data folder.
 const BROKER_FILE: &str = "polybus-broker.db";
 /// How long the ten messages may take to come back.
 const RECEIVE_WITHIN: Duration = Duration::from_secs(30);
@@ -25,11 +25,11 @@ const RECEIVE_WITHIN: Duration = Duration::from_secs(30);
 /// Sets up (or reuses) the quickstart broker and topic, publishes and consumes ten messages.
 pub async fn run(ctx: &Context) -> CliResult {
     let registry = ctx.registry().await?;
-    let broker_file = broker_file(&ctx.registry_url)?;
-    let broker = ensure_broker(&registry, &broker_file).await?;
+    let broker_file = broker_file(&ctx.data_dir)?;
+    let broker = ensure_broker(&registry).await?;
     let topic = ensure_topic(&registry).await?;
 
-    let bus = Bus::open(registry).await?;
+    let bus = ctx.bus_over(registry);
     let exchanged = exchange(&bus).await;
     let closed = close(&bus).await;
     let (published, consumed) = exchanged?;
@@ -46,11 +46,14 @@ pub async fn run(ctx: &Context) -> CliResult {
         }));
     }
     let state = |created: bool| if created { "created" } else { "already there, reused" };
-    let registry_flag = if ctx.registry_url == DEFAULT_REGISTRY {
+    let mut registry_flag = if ctx.registry_url == DEFAULT_REGISTRY {
         String::new()
     } else {
         format!(" --registry {}", ctx.registry_url)
     };
+    if ctx.data_dir_given {
+        registry_flag.push_str(&format!(" --data-dir {}", ctx.data_dir.display()));
+    }
     let rows = vec![
         vec!["registry".to_owned(), ctx.registry_url.clone()],
         vec![
@@ -79,13 +82,11 @@ pub async fn run(ctx: &Context) -> CliResult {
     output::line(format!("{}\n\nNext, try:\n{}", output::columns(&rows), next.join("\n")))
 }
 
-/// The broker file beside the registry file, as an absolute path so it does not depend on
-/// the directory later commands run in.
-fn broker_file(registry_url: &str) -> CliResult<PathBuf> {
-    let registry = Path::new(registry_url.strip_prefix("sqlite://").unwrap_or(registry_url));
-    let dir = registry.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let file = std::path::absolute(dir.join(BROKER_FILE))
-        .map_err(|e| Failure::new("STORAGE_FAILED", format!("cannot resolve {}: {e}", dir.display())))?;
+/// Where the broker file is, for showing: in the data folder, which the env's relative `path`
+/// resolves against for the CLI and a server alike.
+fn broker_file(data_dir: &Path) -> CliResult<PathBuf> {
+    let file = std::path::absolute(data_dir.join(BROKER_FILE))
+        .map_err(|e| Failure::new("STORAGE_FAILED", format!("cannot resolve {}: {e}", data_dir.display())))?;
     Ok(clean(&file))
 }
 
@@ -95,8 +96,8 @@ fn clean(path: &Path) -> PathBuf {
 }
 
 /// Creates the quickstart broker, or reuses it; true when created.
-async fn ensure_broker(registry: &Registry, broker_file: &Path) -> CliResult<bool> {
-    let local = json!({ "slug": ENV, "type": "embedded", "config": { "path": broker_file } });
+async fn ensure_broker(registry: &Registry) -> CliResult<bool> {
+    let local = json!({ "slug": ENV, "type": "embedded", "config": { "path": BROKER_FILE } });
     match registry.fetch_broker(BROKER).await {
         Ok(existing) if existing.env(ENV).is_some() => Ok(false),
         Ok(_) => {
@@ -196,10 +197,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn broker_file_sits_beside_the_registry() {
-        let file = broker_file("sqlite:///tmp/x/polybus.db").expect("path");
-        assert_eq!(file, PathBuf::from("/tmp/x/polybus-broker.db"));
-        let file = broker_file("polybus.db").expect("path");
-        assert_eq!(file, clean(&std::env::current_dir().expect("cwd").join("polybus-broker.db")));
+    fn broker_file_sits_in_the_data_folder() {
+        let file = broker_file(Path::new("/tmp/x/polybus-data")).expect("path");
+        assert_eq!(file, PathBuf::from("/tmp/x/polybus-data/polybus-broker.db"));
+        let file = broker_file(Path::new("./polybus-data")).expect("path");
+        let expected = std::env::current_dir().expect("cwd").join("polybus-data/polybus-broker.db");
+        assert_eq!(file, clean(&expected));
     }
 }

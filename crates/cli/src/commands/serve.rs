@@ -1,4 +1,5 @@
-//! `polybus serve [--listen ADDR]`: the HTTP server over the registry.
+//! `polybus serve [--listen ADDR] [--data-dir DIR]`: the HTTP server over the registry, keeping
+//! every file a definition names inside the data folder.
 //!
 //! When the registry has no API key yet, a read-write key named `admin` is created and printed
 //! once, so the first `polybus serve` can be used at once; later starts create nothing.
@@ -20,19 +21,25 @@ const FIRST_KEY: &str = "admin";
 pub async fn run(ctx: &Context, args: ServeArgs) -> CliResult {
     // Before anything is printed, so a signal sent as soon as the banner shows is not lost.
     let shutdown = polybus_server::shutdown_signal();
-    let config = ServerConfig::new(args.listen, ctx.registry_url.clone());
+    let mut config = ServerConfig::new(args.listen, ctx.registry_url.clone());
+    config.secrets_key_file = ctx.secrets_key_file.clone();
+    config.options.secret_env_prefixes = args.secret_env_prefixes;
+    config.options.data_dir = Some(ctx.data_dir.clone());
     let server = Server::bind(&config).await.map_err(failure)?;
     let address = server.local_addr().map_err(failure)?;
     let first = first_key(server.state().keys()).await?;
     let url = format!("http://{address}");
     let registry = polybus_server::redact_url(&ctx.registry_url);
+    let data_dir = std::path::absolute(&ctx.data_dir).unwrap_or_else(|_| ctx.data_dir.clone());
+    let data_dir = data_dir.display().to_string();
     if ctx.json() {
         let key = first.as_ref().map(|k| {
             json!({ "name": k.info.name, "key": k.secret, "prefix": k.info.prefix, "readOnly": k.info.read_only })
         });
-        output::line(output::compact(&json!({ "url": url, "registry": registry, "createdKey": key }))?)?;
+        let started = json!({ "url": url, "registry": registry, "dataDir": data_dir, "createdKey": key });
+        output::line(output::compact(&started)?)?;
     } else {
-        output::line(banner(&url, &registry, first.as_ref()))?;
+        output::line(banner(&url, &registry, &data_dir, first.as_ref()))?;
     }
     server.run(shutdown).await.map_err(failure)
 }
@@ -50,13 +57,14 @@ async fn first_key(keys: &ApiKeys) -> CliResult<Option<NewKey>> {
     }
 }
 
-fn banner(url: &str, registry: &str, first: Option<&NewKey>) -> String {
+fn banner(url: &str, registry: &str, data_dir: &str, first: Option<&NewKey>) -> String {
     let rows = vec![
         vec!["dashboard".to_owned(), format!("{url}/")],
         vec!["API".to_owned(), format!("{url}/v1  (described at {url}/v1/openapi.json)")],
         vec!["metrics".to_owned(), format!("{url}/metrics")],
         vec!["health".to_owned(), format!("{url}/healthz, {url}/readyz")],
         vec!["registry".to_owned(), registry.to_owned()],
+        vec!["data folder".to_owned(), format!("{data_dir}  (every file a definition names stays in it)")],
     ];
     let mut text = format!("polybus server listening on {url}\n{}", indent(&output::columns(&rows)));
     match first {

@@ -6,9 +6,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::{Extension, Json};
 use futures::Stream;
 use polybus::{Delivery, SubscribeOptions, Subscriber};
 use serde::{Deserialize, Serialize};
@@ -20,6 +20,7 @@ use utoipa_axum::routes;
 use crate::error::{
     ApiError, ApiJson, ApiJsonOrDefault, ApiPath, ApiQuery, ApiResult, ErrorBody, ErrorDetail,
 };
+use crate::keys::{Caller, KeyWatch};
 use crate::leases::{self, Granted, Puller, Scope, Settle};
 use crate::metrics::TopicLabels;
 use crate::routes::messages::{MAX_DELAY_MS, MessageOut};
@@ -90,17 +91,17 @@ async fn subscribe(
     Ok(result?)
 }
 
-/// Leases `delivery` and returns its JSON form.
+/// Leases `delivery` to `caller` and returns its JSON form.
 fn lease(
     state: &AppState,
     delivery: Delivery,
-    scope: &Scope,
-    labels: &TopicLabels,
+    (scope, labels): (&Scope, &TopicLabels),
+    caller: &Caller,
     deadline: Duration,
 ) -> MessageOut {
     let granted = Granted::new(deadline);
     let out = MessageOut::new(&delivery, &granted);
-    state.leases().hold(&granted, delivery, scope, labels);
+    state.leases().hold(&granted, delivery, scope, labels, &caller.fingerprint);
     state.metrics().delivered(labels);
     out
 }
@@ -122,13 +123,17 @@ struct Streaming {
     scope: Scope,
     labels: TopicLabels,
     deadline: Duration,
+    caller: Caller,
+    /// Ends the stream when the caller's key is revoked.
+    key: KeyWatch,
 }
 
 /// Streams the group's messages as Server-Sent Events.
 ///
 /// Each `message` event's data is a message with its `leaseId` (also the event's `id`); settle
 /// it with `POST …/ack` before `leaseExpiresAt` or it is redelivered. A broker failure ends the
-/// stream with an `error` event carrying `{ "error": {…} }`; reconnect to go on.
+/// stream with an `error` event carrying `{ "error": {…} }`; reconnect to go on. Revoking the
+/// key the stream was opened with ends it within a second, with an `UNAUTHORIZED` `error` event.
 #[utoipa::path(get, path = "/v1/envs/{env}/events/{event}/subscriptions/{group}/stream", tag = "consume",
     params(
         ("env" = String, Path, description = "The env slug"),
@@ -144,6 +149,7 @@ struct Streaming {
     ))]
 async fn stream(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(path): ApiPath<SubscriptionPath>,
     ApiQuery(query): ApiQuery<StreamQuery>,
 ) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
@@ -155,16 +161,24 @@ async fn stream(
     }
     let subscriber = subscribe(&state, &scope, &labels, options(&scope, prefetch, deadline)).await?;
     tracing::debug!(env = scope.env, event = scope.event, group = scope.group, "event stream opened");
-    let streaming = Streaming { state, subscriber, scope, labels, deadline };
+    let key = state.keys().watch(&caller.fingerprint);
+    let streaming = Streaming { state, subscriber, scope, labels, deadline, caller, key };
     let events = futures::stream::unfold(Some(streaming), |streaming| async move {
         let mut s = streaming?;
         let next = tokio::select! {
             _ = s.state.shutting_down() => None,
+            _ = s.key.revoked() => {
+                tracing::info!(key = s.caller.name, event = s.scope.event, "API key revoked: event stream closed");
+                close_quietly(&mut s.subscriber).await;
+                let error = ApiError::unauthorized(format!("API key `{}` was revoked", s.caller.name));
+                let event = Event::default().event("error").json_data(ErrorBody { error: error.detail().clone() });
+                return Some((Ok(event.unwrap_or_else(|_| error_event("API key revoked"))), None));
+            }
             next = s.subscriber.next() => next,
         };
         match next {
             Some(Ok(delivery)) => {
-                let out = lease(&s.state, delivery, &s.scope, &s.labels, s.deadline);
+                let out = lease(&s.state, delivery, (&s.scope, &s.labels), &s.caller, s.deadline);
                 let event = Event::default().event("message").id(out.lease_id.clone());
                 let event = event
                     .json_data(&out)
@@ -178,14 +192,18 @@ async fn stream(
                 Some((Ok(event.unwrap_or_else(|_| error_event("receive failed"))), None))
             }
             None => {
-                if let Err(e) = s.subscriber.close().await {
-                    tracing::debug!(error = %e, "closing an event stream's subscription");
-                }
+                close_quietly(&mut s.subscriber).await;
                 None
             }
         }
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::default()))
+}
+
+async fn close_quietly(subscriber: &mut Subscriber) {
+    if let Err(e) = subscriber.close().await {
+        tracing::debug!(error = %e, "closing an event stream's subscription");
+    }
 }
 
 fn error_event(message: &str) -> Event {
@@ -227,6 +245,7 @@ pub struct Pulled {
     ))]
 async fn pull(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(path): ApiPath<SubscriptionPath>,
     ApiJsonOrDefault(request): ApiJsonOrDefault<PullRequest>,
 ) -> ApiResult<Json<Pulled>> {
@@ -276,7 +295,9 @@ async fn pull(
                 tracing::warn!(error = %e, "pull member failed after handing out messages");
                 break;
             }
-            Ok(Some(Ok(delivery))) => messages.push(lease(&state, delivery, &scope, &labels, deadline)),
+            Ok(Some(Ok(delivery))) => {
+                messages.push(lease(&state, delivery, (&scope, &labels), &caller, deadline));
+            }
         }
     }
     drop(subscriber);
@@ -309,7 +330,8 @@ pub struct AckFailure {
     /// The lease.
     lease_id: String,
     /// Why: `LEASE_NOT_FOUND` (settled already, expired and redelivered, or granted by another
-    /// server), `LEASE_LOST`, or a broker failure.
+    /// server, or to another key: a lease is settled only by the key that took it), `LEASE_LOST`,
+    /// or a broker failure.
     error: ErrorDetail,
 }
 
@@ -336,6 +358,7 @@ pub struct AckResult {
     ))]
 async fn ack(
     State(state): State<AppState>,
+    Extension(caller): Extension<Caller>,
     ApiPath(path): ApiPath<SubscriptionPath>,
     ApiJson(request): ApiJson<AckRequest>,
 ) -> ApiResult<Json<AckResult>> {
@@ -371,7 +394,7 @@ async fn ack(
         Settle::Ack
     };
     let settling = request.lease_ids.into_iter().map(|id| {
-        let held = state.leases().take(&id, &scope);
+        let held = state.leases().take(&id, &scope, &caller.fingerprint);
         let (state, how) = (state.clone(), how.clone());
         async move {
             let Some(held) = held else {
@@ -379,7 +402,7 @@ async fn ack(
                     axum::http::StatusCode::NOT_FOUND,
                     "LEASE_NOT_FOUND",
                     format!(
-                        "lease `{id}` is not open on this server for this subscription: already settled, expired (its message is redelivered), or granted by another server"
+                        "lease `{id}` is not open on this server for this subscription and key: already settled, expired (its message is redelivered), granted to another key, or by another server"
                     ),
                 );
                 return Err(AckFailure { lease_id: id, error: error.detail().clone() });

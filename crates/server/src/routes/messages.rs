@@ -201,12 +201,7 @@ impl MessageIn {
             }
             message.id = id;
         }
-        if let Some(name) = self.headers.keys().find(|name| name.is_empty()) {
-            return Err(ApiError::invalid(
-                field("headers"),
-                format!("header name `{name}` must not be empty"),
-            ));
-        }
+        // Header rules are the library's, the same for every face (`polybus::core::headers`).
         message.headers = self.headers;
         for (name, value) in trace {
             message.headers.entry(name.clone()).or_insert_with(|| value.clone());

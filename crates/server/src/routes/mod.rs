@@ -4,14 +4,17 @@ pub mod consume;
 pub mod messages;
 pub mod ops;
 pub mod registry;
+pub mod secrets;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
+use futures::StreamExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityScheme};
@@ -37,6 +40,7 @@ use crate::{auth, dashboard};
     tags(
         (name = "brokers", description = "Broker definitions"),
         (name = "topics", description = "Topics, addressed as events `broker-tag:topic-tag`"),
+        (name = "secrets", description = "Secrets for `$Secret{name}` references: written, listed by name, never read back"),
         (name = "messages", description = "Publishing"),
         (name = "consume", description = "Consuming with leases: SSE stream or pull, then ack"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
@@ -59,6 +63,7 @@ impl Modify for BearerAuth {
 fn routes(state: &AppState) -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(registry::router())
+        .merge(secrets::router())
         .merge(messages::router())
         .merge(consume::router())
         .merge(ops::protected())
@@ -83,6 +88,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.body_limit()))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_oversized))
         .layer(middleware::from_fn_with_state(state.clone(), count_requests))
         .layer(
             TraceLayer::new_for_http()
@@ -97,6 +103,34 @@ pub fn router(state: AppState) -> Router {
                 .into_response()
         }))
         .with_state(state)
+}
+
+/// Most bytes of an oversized body read (and dropped) before answering 413.
+const MAX_DRAINED: u64 = 64 * 1024 * 1024;
+/// Longest an oversized body is read before answering 413.
+const DRAIN_FOR: Duration = Duration::from_secs(10);
+
+/// Answers `413 PAYLOAD_TOO_LARGE` to a body whose declared length is over the limit, after
+/// reading what the client sends (up to [`MAX_DRAINED`]): a client still writing when the
+/// server closes the connection sees only a broken pipe, never the answer.
+async fn refuse_oversized(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let limit = state.body_limit();
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let Some(declared) = declared.filter(|n| *n > limit as u64) else {
+        return next.run(request).await;
+    };
+    if declared <= MAX_DRAINED {
+        let mut body = request.into_body().into_data_stream();
+        let drained = tokio::time::timeout(DRAIN_FOR, async { while let Some(Ok(_)) = body.next().await {} });
+        if drained.await.is_err() {
+            tracing::debug!(declared, "an oversized request body kept coming; answering 413 now");
+        }
+    }
+    ApiError::too_large(limit).into_response()
 }
 
 async fn no_route(request: Request) -> ApiError {

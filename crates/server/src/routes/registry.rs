@@ -40,7 +40,7 @@ pub struct Deleted {
     request_body(content = schema::Broker, description = "The broker definition, as in a `broker.yaml`"),
     responses(
         (status = 201, description = "Created (secrets redacted)", body = schema::Broker),
-        (status = 400, description = "Invalid definition (`VALIDATION_FAILED` names the env and field) or bad JSON", body = ErrorBody),
+        (status = 400, description = "Invalid definition (`VALIDATION_FAILED` names the env and field; files only inside the data folder) or bad JSON", body = ErrorBody),
         (status = 409, description = "A broker with this tag exists (`ALREADY_EXISTS`)", body = ErrorBody),
     ))]
 async fn create_broker(
@@ -48,6 +48,8 @@ async fn create_broker(
     ApiJson(doc): ApiJson<Value>,
 ) -> ApiResult<(StatusCode, Json<Broker>)> {
     let broker = Broker::from_value(doc)?;
+    state.bus().secrets().check_broker(&broker).await?;
+    state.bus().files().check_broker(&broker).await?;
     let created = state.registry().create_broker(broker).await?;
     Ok((StatusCode::CREATED, Json(created.redacted())))
 }
@@ -86,6 +88,8 @@ async fn update_broker(
     ApiJson(doc): ApiJson<Value>,
 ) -> ApiResult<Json<Broker>> {
     let patch = BrokerPatch::from_value(doc)?;
+    state.bus().secrets().check_envs(&patch.envs).await?;
+    state.bus().files().check_envs(&patch.envs).await?;
     Ok(Json(state.registry().update_broker(&tag, patch).await?.redacted()))
 }
 

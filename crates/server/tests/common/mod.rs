@@ -14,6 +14,9 @@ use polybus_server::{AppState, Options};
 use serde_json::{Value, json};
 use tower::ServiceExt;
 
+/// The embedded broker's file of test brokers, relative to the data folder.
+pub const BROKER_DB: &str = "broker.db";
+
 /// A router with a read-write key and a read-only key.
 pub struct TestApi {
     dir: tempfile::TempDir,
@@ -33,9 +36,10 @@ impl TestApi {
         TestApi::with_options(Options::default()).await
     }
 
-    /// A fresh server.
-    pub async fn with_options(options: Options) -> Self {
+    /// A fresh server; its data folder is `polybus-data` beside the registry unless `options` names one.
+    pub async fn with_options(mut options: Options) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
+        options.data_dir.get_or_insert_with(|| dir.path().join("polybus-data"));
         let url = dir.path().join("registry.db").display().to_string();
         let registry = Registry::open(&url).await.expect("registry");
         let state = AppState::open(registry, options).await.expect("state");
@@ -45,9 +49,19 @@ impl TestApi {
         TestApi { dir, state, router, admin, reader }
     }
 
-    /// The embedded broker's file.
+    /// The temporary folder the registry is in.
+    pub fn dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// The server's data folder: `polybus-data` beside the registry.
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("polybus-data")
+    }
+
+    /// The embedded broker's file, inside the data folder.
     pub fn broker_db(&self) -> PathBuf {
-        self.dir.path().join("broker.db")
+        self.data_dir().join(BROKER_DB)
     }
 
     /// Sends a request as it is.
@@ -125,7 +139,7 @@ impl TestApi {
         let broker = json!({
             "name": format!("Broker {tag}"),
             "tag": tag,
-            "envs": [{"slug": "dev", "type": "embedded", "config": {"path": self.broker_db()}}],
+            "envs": [{"slug": "dev", "type": "embedded", "config": {"path": BROKER_DB}}],
         });
         self.ok("POST", "/v1/brokers", Some(broker), StatusCode::CREATED).await;
     }
@@ -189,6 +203,11 @@ impl EventStream {
     /// Reads events from `response`.
     pub fn new(response: Response<Body>) -> Self {
         EventStream { body: response.into_body().into_data_stream(), buffer: String::new() }
+    }
+
+    /// The rest of the stream: what was read but not parsed yet, and the body still to come.
+    pub fn into_parts(self) -> (String, axum::body::BodyDataStream) {
+        (self.buffer, self.body)
     }
 
     /// The next event (comments skipped); panics after `within`.

@@ -1,0 +1,132 @@
+//! Load: many publishers and competing consumers at once lose nothing; duplicates are counted
+//! and reported.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use polybus::{Message, SubscribeOptions, Topic};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::fixture::{Ctx, ENV, OrFail, WAIT, within};
+use crate::reliability::{FaultFigures, report_fault};
+use crate::restart::{Event, spawn_members};
+
+/// Name of the load case.
+pub(crate) const LOAD_CASE: &str = "load_50_publishers_10_consumers_10000_messages_lose_nothing";
+
+const PUBLISHERS: usize = 50;
+const CONSUMERS: usize = 10;
+const MESSAGES: usize = 10_000;
+/// How long the case keeps listening after everything arrived, to count late duplicates.
+const LINGER: Duration = Duration::from_millis(500);
+
+pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
+    let started = Instant::now();
+    // A partition per consumer where the broker has partitions (Kafka), as a deployment of ten
+    // competing consumers would have: more members than partitions leaves some idle.
+    let event = format!("{}-load", ctx.event);
+    let topic = serde_json::json!({"tag": event, "envs": [{"slug": ENV, "partitions": CONSUMERS}]});
+    ctx.registry
+        .create_topic(Topic::from_value(topic).or_fail("the load topic's definition"))
+        .await
+        .or_fail(format!("creating topic {event}"));
+    // A roomy deadline: this case is about losing nothing under load, not redelivery timing.
+    let options = SubscribeOptions { ack_deadline: Duration::from_secs(30), ..ctx.options("workers") };
+    let mut subs = Vec::with_capacity(CONSUMERS);
+    for _ in 0..CONSUMERS {
+        subs.push(ctx.subscribe_with(&event, options.clone()).await);
+    }
+    eprintln!("load: {CONSUMERS} consumers joined in {:?}", started.elapsed());
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let ack_errors = Arc::new(AtomicU64::new(0));
+    let members = spawn_members(subs, Duration::ZERO, events_tx, ack_errors.clone());
+
+    let each = MESSAGES / PUBLISHERS;
+    let publishing = Instant::now();
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|p| {
+            let (bus, event) = (ctx.bus.clone(), event.clone());
+            tokio::spawn(async move {
+                let mut ids = Vec::with_capacity(each);
+                for i in 0..each {
+                    let message = Message::text(format!("publisher {p} message {i}"));
+                    let what = format!("publisher {p}, message {i}");
+                    let id = within(WAIT, &what, bus.publish(ENV, &event, message)).await;
+                    ids.push(id.unwrap_or_else(|e| panic!("{what}: {e}")));
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut sent = Vec::with_capacity(MESSAGES);
+    for (p, publisher) in publishers.into_iter().enumerate() {
+        match within(limit, format!("publisher {p}"), publisher).await {
+            Ok(ids) => sent.extend(ids),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => panic!("publisher {p}: {e}"),
+        }
+    }
+    let published_in = publishing.elapsed();
+    eprintln!("load: {} messages published in {published_in:?}", sent.len());
+
+    // Received ids, with how often each came; a stall (nothing new for WAIT) ends the wait.
+    let mut deliveries: HashMap<String, u64> = HashMap::new();
+    let mut stall = None;
+    let deadline = started + limit - Duration::from_secs(5);
+    while deliveries.len() < sent.len() {
+        let until = (Instant::now() + WAIT).min(deadline);
+        match tokio::time::timeout_at(until, events.recv()).await {
+            Ok(Some(Event::Received { id })) => *deliveries.entry(id).or_default() += 1,
+            Ok(Some(Event::ReceiveFailed { member, error })) => {
+                panic!("member {member}: receiving failed: {error}")
+            }
+            Ok(Some(Event::Closed { member })) => panic!("member {member}'s subscription ended"),
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("every member stopped"),
+            Err(_) => {
+                stall = Some(if until < deadline {
+                    format!("nothing new for {WAIT:?}")
+                } else {
+                    "the case's time ran out".to_owned()
+                });
+                break;
+            }
+        }
+    }
+    let consumed_in = publishing.elapsed();
+    let linger_until = Instant::now() + LINGER;
+    while let Ok(Some(event)) = tokio::time::timeout_at(linger_until, events.recv()).await {
+        if let Event::Received { id } = event {
+            *deliveries.entry(id).or_default() += 1;
+        }
+    }
+    for member in members {
+        member.abort();
+    }
+
+    let delivered = sent.iter().filter(|id| deliveries.contains_key(*id)).count();
+    let figures = FaultFigures {
+        fault: format!("load ({PUBLISHERS} publishers, {CONSUMERS} consumers)"),
+        sent: sent.len() as u64,
+        delivered: delivered as u64,
+        lost: (sent.len() - delivered) as u64,
+        duplicates: deliveries.values().sum::<u64>() - deliveries.len() as u64,
+        recover: None,
+    };
+    eprintln!(
+        "load: {} messages published by {PUBLISHERS} publishers in {published_in:?}, all consumed by {CONSUMERS} \
+         consumers {consumed_in:?} after the first publish; {} failed acks",
+        sent.len(),
+        ack_errors.load(Ordering::Relaxed),
+    );
+    report_fault(LOAD_CASE, &figures);
+    if let Some(why) = stall {
+        let missing = sent.iter().find(|id| !deliveries.contains_key(*id));
+        panic!("received {delivered} of {} messages, then {why} (first missing: {missing:?})", sent.len());
+    }
+    let foreign = deliveries.len() - delivered;
+    assert_eq!(foreign, 0, "deliveries of messages this case never published");
+}
