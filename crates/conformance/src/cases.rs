@@ -19,6 +19,7 @@ use crate::fixture::{
 use crate::harness::Need;
 use crate::load::{LOAD_CASE, load_lose_nothing};
 use crate::private::Stop;
+use crate::process;
 use crate::restart::{CRASH_CASE, RESTART_CASE, RESTART_LIMIT, broker_restart_mid_publish_and_mid_consume};
 
 /// One behaviour to prove.
@@ -204,6 +205,29 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: None,
         limit: LONG,
         run: |ctx, _| Box::pin(load_lose_nothing(ctx, LONG)),
+    },
+    Case {
+        name: process::KILL_CASE,
+        needs: &[Need::AtLeastOnce, Need::ProcessFaults],
+        max_attempts: None,
+        limit: LONG,
+        run: |ctx, _| Box::pin(process::consumer_process_killed_mid_stream_loses_nothing(ctx)),
+    },
+    Case {
+        name: process::KILLED_GROUP_CASE,
+        needs: &[Need::AtLeastOnce, Need::ProcessFaults],
+        max_attempts: None,
+        limit: LONG,
+        run: |ctx, _| {
+            Box::pin(process::group_replaced_after_its_member_processes_were_killed_loses_nothing(ctx))
+        },
+    },
+    Case {
+        name: process::CLOSED_GROUP_CASE,
+        needs: &[Need::AtLeastOnce],
+        max_attempts: None,
+        limit: LONG,
+        run: |ctx, _| Box::pin(process::group_replaced_after_its_members_closed_loses_nothing(ctx)),
     },
 ];
 

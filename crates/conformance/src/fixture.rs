@@ -27,6 +27,8 @@ pub(crate) const BROKER: &str = "conformance";
 pub(crate) const WAIT: Duration = Duration::from_secs(10);
 /// Ack deadline of subscriptions whose redelivery timing a case depends on.
 pub(crate) const ACK_DEADLINE: Duration = Duration::from_secs(1);
+/// The registry's file in each case's temporary directory.
+const REGISTRY_FILE: &str = "registry.db";
 /// Brokers and timers keep time in milliseconds; a lower bound may be missed by this much.
 pub(crate) const TIMER_SLACK: Duration = Duration::from_millis(25);
 
@@ -79,7 +81,7 @@ impl Ctx {
     pub async fn new(target: &Target, max_attempts: Option<u32>) -> polybus::Result<Ctx> {
         let dir =
             tempfile::tempdir().map_err(|e| polybus::Error::Storage(format!("temporary directory: {e}")))?;
-        let path: PathBuf = dir.path().join("registry.db");
+        let path: PathBuf = dir.path().join(REGISTRY_FILE);
         let registry = Registry::new(Arc::new(SqliteStore::open(&path).await?));
         registry
             .create_broker(Broker::from_value(json!({
@@ -118,6 +120,11 @@ impl Ctx {
         }
         self.registry.create_topic(Topic::from_value(doc)?).await?;
         Ok(())
+    }
+
+    /// The registry's file, for a member process to open.
+    pub fn registry_path(&self) -> PathBuf {
+        self._dir.path().join(REGISTRY_FILE)
     }
 
     /// A second, independent bus over the same registry.
@@ -174,7 +181,8 @@ impl Ctx {
     }
 }
 
-fn build_bus(registry: &Registry, connectors: &[Arc<dyn polybus::Connector>]) -> Bus {
+/// A bus over `registry` with the default connectors and `connectors`.
+pub(crate) fn build_bus(registry: &Registry, connectors: &[Arc<dyn polybus::Connector>]) -> Bus {
     connectors.iter().fold(Bus::builder(registry.clone()), |b, c| b.connector(c.clone())).build()
 }
 

@@ -11,9 +11,9 @@ use std::time::Duration;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 use polybus::{Capabilities, Support};
 
-use crate::Target;
 use crate::cases::{CASES, Case};
 use crate::fixture::{Ctx, OrFail, within};
+use crate::{ProcessFaults, Target, process};
 
 /// How long connecting and reading the capabilities may take.
 const PROBE_LIMIT: Duration = Duration::from_secs(30);
@@ -45,6 +45,8 @@ pub(crate) enum Need {
     CrashSafe,
     /// Runs with no other case at once (a load that would starve them, or be starved).
     Alone,
+    /// Member processes may be killed: the target does not declare these cases skipped.
+    ProcessFaults,
 }
 
 impl Need {
@@ -68,35 +70,72 @@ impl Need {
             Need::Restart if target.restart.is_none() => Some("no restart hook for this target".into()),
             Need::PrivateBroker => target.private.as_ref().err().cloned(),
             Need::CrashSafe => target.private.as_ref().ok().and_then(|b| b.crash_safety()).map(str::to_owned),
+            Need::ProcessFaults => match &target.process_faults {
+                ProcessFaults::Skip(reason) => Some(reason.clone()),
+                ProcessFaults::Run | ProcessFaults::Only => None,
+            },
             _ => None,
         }
     }
 }
 
 /// Runs the behaviour suite against `target` with libtest's command line and output
-/// (filters, `--skip`, `--exact`, `--list`); returns the exit code for `main`.
+/// (filters, `--skip`, `--exact`, `--list`); returns the exit code for `main`. In a member
+/// process a process-fault case started, runs that member instead (see [`member_process`]).
 pub fn run(target: Target) -> ExitCode {
+    run_all(vec![target])
+}
+
+/// [`run`] for several targets in turn (e.g. one broker for most cases and another for the
+/// process faults); fails when any run fails.
+pub fn run_all(targets: Vec<Target>) -> ExitCode {
+    if let Some(target) = targets.first()
+        && let Some(code) = process::member_process(&target.connectors)
+    {
+        return code;
+    }
     let args = Arguments::from_args();
+    // Every target runs, whatever the ones before it did.
+    let failed: Vec<bool> = targets.into_iter().map(|target| run_one(&args, target)).collect();
+    if failed.contains(&true) { ExitCode::from(101) } else { ExitCode::SUCCESS }
+}
+
+/// When this process is a group member that a process-fault case started (by running its test
+/// binary again), runs it until it is killed and returns its exit code; `None` otherwise.
+/// Call it first in `main`, before starting anything a run of the suite needs.
+pub fn member_process(connectors: &[Arc<dyn polybus::Connector>]) -> Option<ExitCode> {
+    process::member_process(connectors)
+}
+
+/// Runs the cases `target` takes; returns whether any failed.
+fn run_one(args: &Arguments, target: Target) -> bool {
     crate::reliability::set_broker(&target.name);
     let target = Arc::new(target);
+    let cases: Vec<&'static Case> = CASES
+        .iter()
+        .filter(|case| {
+            target.process_faults != ProcessFaults::Only || case.needs.contains(&Need::ProcessFaults)
+        })
+        .collect();
     let wanted = |case: &Case| !args.is_filtered_out(&named(case));
     // Listing, or running nothing, needs only the names: no broker.
-    if args.list || !CASES.iter().any(wanted) {
-        return libtest_mimic::run(&args, CASES.iter().map(named).collect()).exit_code();
+    if args.list || !cases.iter().any(|case| wanted(case)) {
+        return libtest_mimic::run(args, cases.into_iter().map(named).collect()).has_failed();
     }
     let trials = match probe(&target) {
         Ok(caps) => {
-            let plan: Vec<_> = CASES.iter().map(|case| (case, skip_reason(case, &caps, &target))).collect();
+            let plan: Vec<_> =
+                cases.into_iter().map(|case| (case, skip_reason(case, &caps, &target))).collect();
             print_plan(&target.name, &caps, &plan, wanted);
             plan.into_iter().map(|(case, skip)| trial(case, skip, target.clone(), caps.clone())).collect()
         }
         Err(e) => {
             let message = format!("conformance[{}]: cannot set up or reach the broker: {e}", target.name);
             eprintln!("{message}");
-            CASES.iter().map(|case| failing(case, message.clone())).collect()
+            cases.into_iter().map(|case| failing(case, message.clone())).collect()
         }
     };
-    libtest_mimic::run(&args, trials).exit_code()
+    libtest_mimic::run(args, trials).has_failed()
 }
 
 /// A trial that only carries the case's name, for listing and filtering.

@@ -20,6 +20,7 @@ mod fixture;
 mod harness;
 mod load;
 pub mod private;
+mod process;
 pub mod reliability;
 mod restart;
 
@@ -28,7 +29,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use polybus::{BrokerType, Connector};
 
-pub use harness::run;
+pub use harness::{member_process, run, run_all};
 pub use private::PrivateBroker;
 
 /// Restarts the real broker behind a target and returns once it accepts connections again.
@@ -47,9 +48,25 @@ pub struct Target {
     pub connectors: Vec<Arc<dyn Connector>>,
     /// Restarts the broker; `None` skips the reconnect case.
     pub restart: Option<RestartHook>,
+    /// Whether the cases that kill member processes run against this target.
+    pub process_faults: ProcessFaults,
     /// A broker instance of the suite's own that the restart cases stop and start, or why
     /// there is none (the reason those cases are skipped with).
     pub private: Result<Arc<PrivateBroker>, String>,
+}
+
+/// Which of the process-fault cases (a member process killed with SIGKILL, a whole group
+/// replaced) a target takes. They run the test binary again as member processes, so its
+/// `main` must call [`member_process`] first (or leave starting brokers to the suite).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum ProcessFaults {
+    /// With every other case.
+    #[default]
+    Run,
+    /// Skipped, for the reason given (printed with the plan).
+    Skip(String),
+    /// Only these cases (another target takes the rest).
+    Only,
 }
 
 impl Target {
@@ -61,6 +78,7 @@ impl Target {
             config,
             connectors: Vec::new(),
             restart: None,
+            process_faults: ProcessFaults::Run,
             private: Err("no private broker for this target".into()),
         }
     }
@@ -68,6 +86,12 @@ impl Target {
     /// Adds a connector (for an adapter that is not a feature of the `polybus` crate).
     pub fn connector(mut self, connector: Arc<dyn Connector>) -> Self {
         self.connectors.push(connector);
+        self
+    }
+
+    /// Sets which process-fault cases run against this target.
+    pub fn process_faults(mut self, process_faults: ProcessFaults) -> Self {
+        self.process_faults = process_faults;
         self
     }
 

@@ -8,7 +8,7 @@
 //! `{"broker":..,"case":..,"skipped":"reason"}`.
 
 use std::io::Write;
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::json;
@@ -16,16 +16,18 @@ use serde_json::json;
 /// The environment variable naming the file the lines are appended to.
 pub const OUT_ENV: &str = "POLYBUS_RELIABILITY_OUT";
 
-/// The target's name, set once by the harness: every line names its broker.
-static BROKER: OnceLock<String> = OnceLock::new();
+/// The name of the target being run, set by the harness (a binary may run several targets in
+/// turn): every line names its broker.
+static BROKER: Mutex<String> = Mutex::new(String::new());
 
-/// Records the name of the broker this test binary runs against.
+/// Records the name of the broker the cases about to run are run against.
 pub(crate) fn set_broker(name: &str) {
-    let _ = BROKER.set(name.to_owned());
+    *BROKER.lock().unwrap_or_else(|e| e.into_inner()) = name.to_owned();
 }
 
-fn broker() -> &'static str {
-    BROKER.get().map_or("unknown", String::as_str)
+fn broker() -> String {
+    let name = BROKER.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    if name.is_empty() { "unknown".to_owned() } else { name }
 }
 
 /// What one fault case measured.

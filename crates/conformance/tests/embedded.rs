@@ -8,6 +8,9 @@ use polybus_conformance::Target;
 use polybus_embedded::EmbeddedConnector;
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(EmbeddedConnector)]) {
+        return code;
+    }
     let dir = tempfile::tempdir().expect("a temporary directory for the embedded broker's file");
     let path = dir.path().join("broker.db");
     let config = serde_json::json!({ "path": path.to_string_lossy() });

@@ -1,5 +1,7 @@
 //! The behaviour suite against a Kafka-protocol broker on 127.0.0.1:9092 (`scripts/services kafka`
-//! starts noida-db there). `KAFKA_BROKERS` points it elsewhere.
+//! starts noida-db there). `KAFKA_BROKERS` points it elsewhere. On noida-db, the cases that kill
+//! member processes run against tansu on 127.0.0.1:9093 instead (`scripts/services tansu`):
+//! noida-db never expires a member that died without leaving.
 //!
 //! The restart case runs when the broker is the noida-db server `scripts/services` started (it
 //! leaves the server's pid and command line in /tmp): `noida-db restart kafka` stops the Kafka
@@ -12,15 +14,20 @@ use std::time::{Duration, Instant};
 
 use polybus::BrokerType;
 use polybus_conformance::private::Launch;
-use polybus_conformance::{PrivateBroker, Target};
+use polybus_conformance::{PrivateBroker, ProcessFaults, Target};
 use polybus_kafka::KafkaConnector;
 use serde_json::json;
 
 const PID_FILE: &str = "/tmp/polybus-kafka.pid";
 const CMD_FILE: &str = "/tmp/polybus-kafka.cmd";
 const ADDRESS: &str = "127.0.0.1:9092";
+/// The second Kafka-protocol broker, tansu (`scripts/services tansu`); `KAFKA_TANSU_BROKERS` points elsewhere.
+const TANSU_ADDRESS: &str = "127.0.0.1:9093";
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(KafkaConnector)]) {
+        return code;
+    }
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| ADDRESS.to_owned());
     let mut target =
         Target::new("kafka", BrokerType::Kafka, json!({"brokers": [brokers], "clientId": "conformance"}))
@@ -37,7 +44,22 @@ fn main() -> ExitCode {
             })
         });
     }
-    polybus_conformance::run(target)
+    if brokers != ADDRESS {
+        return polybus_conformance::run(target);
+    }
+    // noida-db never expires a member that died without leaving: its partitions stay assigned.
+    let skip = "noida-db never expires a group member that died without leaving (SIGKILL), so its \
+                partitions stay assigned to it; these cases run on tansu (`kafka (tansu)` below)";
+    let tansu = std::env::var("KAFKA_TANSU_BROKERS").unwrap_or_else(|_| TANSU_ADDRESS.to_owned());
+    let on_tansu = Target::new(
+        "kafka (tansu)",
+        BrokerType::Kafka,
+        // tansu takes about half the session timeout to let a member join.
+        json!({"brokers": [tansu], "clientId": "conformance", "properties": {"session.timeout.ms": "6000"}}),
+    )
+    .connector(Arc::new(KafkaConnector))
+    .process_faults(ProcessFaults::Only);
+    polybus_conformance::run_all(vec![target.process_faults(ProcessFaults::Skip(skip.into())), on_tansu])
 }
 
 /// A noida-db of this binary's own, Kafka only, on a free port with its own data directory.

@@ -66,6 +66,8 @@ struct Inner {
     closing: watch::Sender<bool>,
     idle: Notify,
     driver: Mutex<Option<JoinHandle<()>>>,
+    /// When the connection was last re-established.
+    reconnected_at: Mutex<Option<tokio::time::Instant>>,
 }
 
 struct State {
@@ -152,6 +154,7 @@ impl Publisher {
             closing: watch::Sender::new(false),
             idle: Notify::new(),
             driver: Mutex::new(None),
+            reconnected_at: Mutex::new(None),
         });
         let (first_tx, first_rx) = oneshot::channel();
         let driver = tokio::spawn(drive(Arc::downgrade(&inner), eventloop, first_tx));
@@ -268,6 +271,12 @@ impl Publisher {
         flushed
     }
 
+    /// True while the connection is down or was re-established less than `within` ago.
+    pub fn reconnecting(&self, within: Duration) -> bool {
+        !*self.inner.connected.borrow()
+            || lock(&self.inner.reconnected_at).is_some_and(|at| at.elapsed() < within)
+    }
+
     /// `host:port` of the broker.
     pub fn endpoint(&self) -> String {
         self.inner.settings.endpoint()
@@ -325,6 +334,7 @@ impl Inner {
                 if let Some(first) = first.take() {
                     let _ = first.send(Ok(()));
                 } else {
+                    *lock(&self.reconnected_at) = Some(tokio::time::Instant::now());
                     tracing::info!(client_id = %self.client_id, endpoint = %self.settings.endpoint(), "mqtt reconnected");
                 }
             }

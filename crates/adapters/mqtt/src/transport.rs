@@ -1,18 +1,25 @@
 //! The MQTT 5 [`Transport`]: one publishing connection, one connection per group member.
 
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use polybus_core::{
     BrokerType, Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec,
     Transport,
 };
+use tokio::time::Instant;
 
 use crate::codec;
 use crate::config::Settings;
 use crate::orphan::{DRAIN_PREFIX, ORPHAN_PREFIX};
-use crate::publisher::{Pending, Publisher};
+use crate::publisher::{Ack, Pending, Publisher};
 use crate::subscription::{self, RETRY_PREFIX};
+
+/// How long after a reconnection a publish no subscription took is sent again.
+const RESUBSCRIBE_GRACE: Duration = Duration::from_secs(10);
+/// First pause before sending such a publish again.
+const RESUBSCRIBE_PAUSE: Duration = Duration::from_millis(50);
 
 /// What MQTT 5 (with shared subscriptions) can do, and what this adapter builds on top.
 pub(crate) const CAPABILITIES: Capabilities = Capabilities {
@@ -105,19 +112,44 @@ impl Transport for MqttTransport {
         checked(Op::EnsureTopic, topic).map(|_| ())
     }
 
-    async fn publish(&self, topic: &TopicSpec, message: Message) -> Result<()> {
+    /// Shortly after a reconnection, a message no subscription took is sent again for a while:
+    /// the broker may have restarted without the groups' shared subscriptions (Mosquitto 2.0
+    /// forgets them) while their members subscribe again.
+    async fn publish(&self, topic: &TopicSpec, mut message: Message) -> Result<()> {
         let name = checked(Op::Publish, topic)?;
-        self.start(name, message)
-            .await?
-            .wait()
-            .await
-            .map(|_| ())
-            .map_err(|e| Error::transport(Op::Publish, format!("mqtt {name}"), e))
+        let started = Instant::now();
+        let mut pause = RESUBSCRIBE_PAUSE;
+        loop {
+            let again = (self.publisher.reconnecting(RESUBSCRIBE_GRACE)
+                && started.elapsed() < RESUBSCRIBE_GRACE)
+                .then(|| message.clone());
+            let ack = self
+                .start(name, message)
+                .await?
+                .wait()
+                .await
+                .map_err(|e| Error::transport(Op::Publish, format!("mqtt {name}"), e))?;
+            match (ack, again) {
+                (Ack::NoSubscribers, Some(copy)) if self.publisher.reconnecting(RESUBSCRIBE_GRACE) => {
+                    tracing::debug!(topic = %name, retry_in = ?pause, "no subscription took the message after a reconnection; sending it again");
+                    message = copy;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(1));
+                }
+                _ => return Ok(()),
+            }
+        }
     }
 
     /// Sends every message before waiting for the first PUBACK; QoS 1 on one connection
     /// keeps their order.
     async fn publish_batch(&self, topic: &TopicSpec, messages: Vec<Message>) -> Result<()> {
+        if self.publisher.reconnecting(RESUBSCRIBE_GRACE) {
+            for message in messages {
+                self.publish(topic, message).await?;
+            }
+            return Ok(());
+        }
         let name = checked(Op::Publish, topic)?;
         let mut pending = Vec::with_capacity(messages.len());
         let mut outcome = Ok(());

@@ -47,7 +47,10 @@ async fn a_nacked_message_comes_back_to_its_own_group_only() {
     assert_eq!((again.id.as_str(), again.attempt), (id.as_str(), 2));
     again.ack().await.unwrap();
     expect_nothing(&mut audit, Duration::from_millis(500), "audit after billing's nack").await;
+    billing.close().await.unwrap();
+    audit.close().await.unwrap();
     world.bus.close().await.unwrap();
+    world.forget_groups(&["billing", "audit"]).await;
 }
 
 #[tokio::test]
@@ -90,7 +93,9 @@ async fn messages_queued_for_a_leaving_member_wait_for_the_next_member() {
     native.subscribe(&format!("{}/+", polybus_mqtt::orphan_topic("workers", &world.topic))).await;
     let leftover = tokio::time::timeout(Duration::from_millis(500), native.publish_received()).await;
     assert!(leftover.is_err(), "a gone member's record was left retained: {leftover:?}");
+    next.close().await.unwrap();
     world.bus.close().await.unwrap();
+    world.forget_groups(&["workers"]).await;
 }
 
 #[tokio::test]
@@ -108,7 +113,9 @@ async fn an_ack_after_the_deadline_is_refused_and_the_message_comes_back() {
     }
     again.ack().await.unwrap();
     expect_nothing(&mut sub, Duration::from_millis(1500), "after acking the redelivery").await;
+    sub.close().await.unwrap();
     world.bus.close().await.unwrap();
+    world.forget_groups(&["slow"]).await;
 }
 
 #[tokio::test]
@@ -125,6 +132,7 @@ async fn a_subscription_keeps_redelivering_after_its_bus_closed() {
     assert_eq!((again.id.as_str(), again.attempt), (id.as_str(), 2));
     again.ack().await.unwrap();
     sub.close().await.unwrap();
+    world.forget_groups(&["late"]).await;
 }
 
 #[tokio::test]

@@ -19,6 +19,9 @@ use polybus_conformance::{PrivateBroker, Target};
 use polybus_mqtt::MqttConnector;
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(MqttConnector)]) {
+        return code;
+    }
     let explicit = std::env::var("MQTT_HOST").is_ok() || std::env::var("MQTT_PORT").is_ok();
     let private = (!explicit).then(|| Arc::new(private_broker()));
     let started = private.as_ref().map(|broker| broker.config().map(|config| (broker.clone(), config)));

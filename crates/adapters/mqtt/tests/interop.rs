@@ -75,6 +75,7 @@ async fn message_published_natively_is_consumed_through_polybus() {
     delivery.ack().await.expect("acking");
     sub.close().await.expect("closing the subscription");
     world.bus.close().await.expect("closing the bus");
+    world.forget_groups(&["billing"]).await;
 }
 
 #[tokio::test]
@@ -91,5 +92,7 @@ async fn a_native_qos0_publish_is_delivered_and_settles_without_error() {
         tokio::time::timeout(WAIT, sub.next()).await.expect("a delivery").expect("open").expect("receiving");
     assert_eq!(delivery.payload_str(), Some("fire and forget"));
     delivery.ack().await.expect("acking a QoS 0 delivery is a no-op");
+    sub.close().await.expect("closing the subscription");
     world.bus.close().await.expect("closing the bus");
+    world.forget_groups(&["billing"]).await;
 }

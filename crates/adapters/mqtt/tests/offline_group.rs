@@ -131,6 +131,7 @@ async fn kept_after_last_member_closed() {
     receive_all(&mut next, &ids, "the next member").await;
     next.close().await.expect("closing");
     world.bus.close().await.expect("closing the bus");
+    world.forget_groups(&["g"]).await;
 }
 
 /// A member process killed mid-stream: the next member, with a new consumer id, gets what
@@ -153,6 +154,7 @@ async fn killed_member() {
     );
     next.close().await.expect("closing");
     world.bus.close().await.expect("closing the bus");
+    world.forget_groups(&["g"]).await;
 }
 
 /// Every member killed, messages published while none is left, then new members: every
@@ -194,6 +196,7 @@ async fn whole_group_killed() {
         sub.close().await.expect("closing");
     }
     world.bus.close().await.expect("closing the bus");
+    world.forget_groups(&["g"]).await;
 }
 
 /// A child process that is a member of a group.

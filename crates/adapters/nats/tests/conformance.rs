@@ -19,6 +19,9 @@ use polybus_nats::NatsConnector;
 use serde_json::json;
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(NatsConnector)]) {
+        return code;
+    }
     let target = Target::new("nats", BrokerType::Nats, json!({})).connector(Arc::new(NatsConnector));
     if let Ok(url) = std::env::var("POLYBUS_NATS_URL") {
         return run_on_shared_server(target.no_private("POLYBUS_NATS_URL names a shared server"), &url);

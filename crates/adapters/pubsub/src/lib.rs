@@ -1,7 +1,7 @@
 //! polybus adapter for Google Cloud Pub/Sub, on Google's own client (`google-cloud-pubsub`).
 //!
 //! A topic is a Pub/Sub topic named by the topic's native name; a group is a subscription
-//! `<native>--<group>` (message ordering on, a dead-letter policy only so that Pub/Sub counts
+//! `<native>--<group>` (message ordering off, a dead-letter policy only so that Pub/Sub counts
 //! delivery attempts). Headers travel as attributes, the key as the ordering key, and the
 //! polybus id, content type and publish time as the attributes `polybus-id`,
 //! `polybus-content-type` and `polybus-published-at`. Ack deadlines shorter than Pub/Sub's

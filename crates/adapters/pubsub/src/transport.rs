@@ -114,7 +114,9 @@ impl Shared {
             .set_name(path.clone())
             .set_topic(self.names.topic(&topic.native_name))
             .set_ack_deadline_seconds(server_ack_deadline(options))
-            .set_enable_message_ordering(true)
+            // Off: with ordering on, a redelivery brings back every later message of its key,
+            // acked ones too (on the emulator, every later message, key or not).
+            .set_enable_message_ordering(false)
             .set_dead_letter_policy(
                 DeadLetterPolicy::new()
                     .set_dead_letter_topic(self.names.topic(&topic.dead_letter))
@@ -131,6 +133,12 @@ impl Shared {
                 .send()
                 .await
                 .map(|s| {
+                    if s.enable_message_ordering {
+                        tracing::warn!(subscription = %s.name,
+                            "the subscription has message ordering on, so a redelivered message brings back \
+                             every later message of its ordering key, acked ones too (on the emulator, every \
+                             later message); make it again to turn ordering off");
+                    }
                     if s.dead_letter_policy.is_none() {
                         tracing::warn!(subscription = %s.name,
                             "the subscription has no dead-letter policy, so Pub/Sub does not count delivery \

@@ -20,6 +20,9 @@ use serde_json::json;
 const PROJECT: &str = "polybus-test";
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(PubsubConnector)]) {
+        return code;
+    }
     let host = std::env::var("PUBSUB_EMULATOR_HOST").unwrap_or_else(|_| "127.0.0.1:8085".into());
     let endpoint = format!("http://{host}");
     let target = Target::new(

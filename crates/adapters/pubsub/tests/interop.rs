@@ -1,5 +1,5 @@
 //! A message published through polybus is an ordinary Pub/Sub message for Google's own client,
-//! and the reverse. Runs against the emulator at `PUBSUB_EMULATOR_HOST` (default
+//! and the reverse; and an acked message stays acked when another one is redelivered. Runs against the emulator at `PUBSUB_EMULATOR_HOST` (default
 //! `127.0.0.1:8085`, as `scripts/services pubsub` starts it); every test deletes the topics
 //! and subscriptions it made.
 
@@ -224,6 +224,51 @@ async fn a_native_message_is_consumed_through_polybus() {
         );
         within("acking", delivery.ack()).await.expect("acking");
         within("closing", sub.close()).await.expect("closing");
+    })
+    .await;
+}
+
+/// Found with a consumer process killed mid-stream (issue 13): on a subscription with message
+/// ordering on, the emulator redelivers every later message, acked ones included, when an
+/// earlier one is redelivered, even without ordering keys.
+#[tokio::test]
+async fn acked_messages_stay_acked_when_an_earlier_one_is_redelivered() {
+    World::run(|world| async move {
+        let options = SubscribeOptions { ack_deadline: Duration::from_secs(1), ..SubscribeOptions::new("g") };
+        let mut sub =
+            within("subscribing", world.bus.subscribe(ENV, &world.event, options)).await.expect("subscribe");
+        let mut ids = Vec::new();
+        for i in 0..4 {
+            let message = Message::text(format!("m{i}"));
+            ids.push(
+                within("publishing", world.bus.publish(ENV, &world.event, message)).await.expect("publish"),
+            );
+        }
+        // The first delivery is left to expire; the others are acked.
+        let mut first = None;
+        for _ in 0..4 {
+            let delivery = within("a delivery", sub.next()).await.expect("open").expect("delivery");
+            if first.is_none() {
+                first = Some(delivery.id.clone());
+                continue;
+            }
+            delivery.ack().await.expect("ack");
+        }
+        let first = first.expect("a first delivery");
+        let again = within("the redelivery of the unacked message", sub.next())
+            .await
+            .expect("open")
+            .expect("delivery");
+        assert_eq!((again.id.as_str(), again.attempt), (first.as_str(), 2), "the unacked message comes back");
+        again.ack().await.expect("ack");
+        // Longer than the ack deadline: time enough for any acked message to come back.
+        let mut came_back = Vec::new();
+        while let Ok(Some(Ok(d))) = tokio::time::timeout(Duration::from_secs(3), sub.next()).await {
+            came_back.push(d.id.clone());
+            d.ack().await.expect("ack");
+        }
+        assert!(came_back.is_empty(), "acked messages were delivered again: {came_back:?}");
+        sub.close().await.expect("close");
     })
     .await;
 }

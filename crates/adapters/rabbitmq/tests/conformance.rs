@@ -25,6 +25,9 @@ use polybus_conformance::{PrivateBroker, Target};
 use polybus_rabbitmq::{DELAY_EXCHANGE, RabbitmqConnector};
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(RabbitmqConnector)]) {
+        return code;
+    }
     let exchange = common::unique("polybus.conformance");
     let before: HashSet<String> = common::list_queues().into_iter().collect();
     let target = Target::new(

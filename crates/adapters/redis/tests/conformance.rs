@@ -35,6 +35,9 @@ async fn kill_client_connections(url: String) {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(RedisConnector)]) {
+        return code;
+    }
     let url = redis_url();
     let target = Target::new("redis", BrokerType::Redis, serde_json::json!({ "url": url }))
         .connector(Arc::new(RedisConnector))

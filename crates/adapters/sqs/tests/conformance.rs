@@ -50,6 +50,9 @@ fn private_moto() -> PrivateBroker {
 }
 
 fn main() -> ExitCode {
+    if let Some(code) = polybus_conformance::member_process(&[Arc::new(SqsConnector)]) {
+        return code;
+    }
     // Kept until the suite is done; dropping it stops the server.
     let mut moto = None;
     let endpoint = match std::env::var("POLYBUS_SQS_ENDPOINT") {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use polybus::{Broker, Bus, Registry, Topic};
 use polybus_mqtt::MqttConnector;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -61,6 +61,65 @@ impl World {
         let bus = Bus::builder(registry.clone()).connector(Arc::new(MqttConnector)).build();
         World { bus, registry, event, topic, _dir: dir }
     }
+}
+
+impl World {
+    /// Deletes what `groups` left on the (shared) broker: the sessions of their gone members,
+    /// which never expire, and the retained records naming them. Call it once every
+    /// subscription of theirs is closed.
+    pub async fn forget_groups(&self, groups: &[&str]) {
+        let mut native = Native::connect().await;
+        let filters = groups.iter().map(|group| {
+            Filter::new(format!("{}/+", polybus_mqtt::orphan_topic(group, &self.topic)), QoS::AtLeastOnce)
+        });
+        // One SUBSCRIBE: every retained record comes after its SUBACK.
+        native.client.subscribe_many(filters).await.expect("sending SUBSCRIBE");
+        next_packet(&mut native.events, "the SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+        let mut records = Vec::new();
+        while let Ok(record) =
+            tokio::time::timeout(Duration::from_millis(300), native.publish_received()).await
+        {
+            if !record.payload.is_empty() {
+                records.push(record);
+            }
+        }
+        for record in records {
+            let client_id = String::from_utf8_lossy(&record.payload).into_owned();
+            delete_session(&client_id).await;
+            let topic = String::from_utf8_lossy(&record.topic).into_owned();
+            native
+                .client
+                .publish(topic, QoS::AtLeastOnce, true, Vec::new())
+                .await
+                .expect("clearing a record");
+            next_packet(&mut native.events, "the PUBACK of a cleared record", |p| {
+                matches!(p, Packet::PubAck(_))
+            })
+            .await;
+        }
+    }
+}
+
+/// Deletes the session of `client_id`: a clean start whose session ends with the connection.
+async fn delete_session(client_id: &str) {
+    let (host, port) = broker_address();
+    let (client, mut eventloop) = AsyncClient::new(MqttOptions::new(client_id, host, port), 8);
+    let connected = async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::ConnAck(_))) => return,
+                Ok(_) => {}
+                Err(e) => panic!("connecting as {client_id} to delete its session: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, connected).await.expect("connecting in time to delete a session");
+    client.disconnect().await.expect("disconnecting");
+    let _ = tokio::time::timeout(WAIT, async {
+        while !matches!(eventloop.poll().await, Ok(Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_)) {
+        }
+    })
+    .await;
 }
 
 /// A native MQTT 5 client and the publishes / acks it sees.
