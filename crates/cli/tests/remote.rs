@@ -263,12 +263,9 @@ fn a_body_over_the_server_limit_is_reported_as_the_server_answered_it() {
     let server = Server::start();
     let client = Sandbox::new();
     let key = Some(server.key.as_str());
-    let db = server.sandbox.broker_db().display().to_string();
     let broker = client.write(
         "b.yaml",
-        format!(
-            "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: {db}\n"
-        ),
+        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: broker.db\n",
     );
     remote(&client, &server, key, &["broker", "create", "-f", &broker]).ok();
     let topic = client.write("t.yaml", "tag: bus:orders\n");
