@@ -10,7 +10,7 @@ use polybus::{Message, SubscribeOptions, Topic};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::fixture::{Ctx, ENV, OrFail, WAIT, within};
+use crate::fixture::{Ctx, ENV, OrFail, WAIT};
 use crate::reliability::{FaultFigures, report_fault};
 use crate::restart::{Event, spawn_members};
 
@@ -53,20 +53,35 @@ pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
                 let mut ids = Vec::with_capacity(each);
                 for i in 0..each {
                     let message = Message::text(format!("publisher {p} message {i}"));
-                    let what = format!("publisher {p}, message {i}");
-                    let id = within(WAIT, &what, bus.publish(ENV, &event, message)).await;
-                    ids.push(id.unwrap_or_else(|e| panic!("{what}: {e}")));
+                    match tokio::time::timeout(WAIT, bus.publish(ENV, &event, message)).await {
+                        Ok(Ok(id)) => ids.push(id),
+                        Ok(Err(e)) => return (ids, Some(format!("publisher {p}, message {i}: {e}"))),
+                        Err(_) => {
+                            return (
+                                ids,
+                                Some(format!("publisher {p}, message {i}: no answer within {WAIT:?}")),
+                            );
+                        }
+                    }
                 }
-                ids
+                (ids, None)
             })
         })
         .collect();
+    // Not failing yet: the figures are reported first, whatever went wrong.
+    let deadline = started + limit - Duration::from_secs(5);
+    let mut failure = None;
     let mut sent = Vec::with_capacity(MESSAGES);
     for (p, publisher) in publishers.into_iter().enumerate() {
-        match within(limit, format!("publisher {p}"), publisher).await {
-            Ok(ids) => sent.extend(ids),
-            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-            Err(e) => panic!("publisher {p}: {e}"),
+        match tokio::time::timeout_at(deadline, publisher).await {
+            Ok(Ok((ids, error))) => {
+                sent.extend(ids);
+                failure = failure.or(error);
+            }
+            Ok(Err(e)) => failure = failure.or(Some(format!("publisher {p}: {e}"))),
+            Err(_) => {
+                failure = failure.or(Some(format!("publisher {p} was not done when the case's time ran out")))
+            }
         }
     }
     let published_in = publishing.elapsed();
@@ -74,25 +89,30 @@ pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
 
     // Received ids, with how often each came; a stall (nothing new for WAIT) ends the wait.
     let mut deliveries: HashMap<String, u64> = HashMap::new();
-    let mut stall = None;
-    let deadline = started + limit - Duration::from_secs(5);
-    while deliveries.len() < sent.len() {
+    while failure.is_none() && deliveries.len() < sent.len() {
         let until = (Instant::now() + WAIT).min(deadline);
         match tokio::time::timeout_at(until, events.recv()).await {
             Ok(Some(Event::Received { id })) => *deliveries.entry(id).or_default() += 1,
             Ok(Some(Event::ReceiveFailed { member, error })) => {
-                panic!("member {member}: receiving failed: {error}")
+                failure = Some(format!("member {member}: receiving failed: {error}"));
             }
-            Ok(Some(Event::Closed { member })) => panic!("member {member}'s subscription ended"),
+            Ok(Some(Event::Closed { member })) => {
+                failure = Some(format!("member {member}'s subscription ended"))
+            }
             Ok(Some(_)) => {}
-            Ok(None) => panic!("every member stopped"),
+            Ok(None) => failure = Some("every member stopped".to_owned()),
             Err(_) => {
-                stall = Some(if until < deadline {
+                let delivered = sent.iter().filter(|id| deliveries.contains_key(*id)).count();
+                let missing = sent.iter().find(|id| !deliveries.contains_key(*id));
+                let why = if until < deadline {
                     format!("nothing new for {WAIT:?}")
                 } else {
                     "the case's time ran out".to_owned()
-                });
-                break;
+                };
+                failure = Some(format!(
+                    "received {delivered} of {} messages, then {why} (first missing: {missing:?})",
+                    sent.len()
+                ));
             }
         }
     }
@@ -117,15 +137,14 @@ pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
         recover: None,
     };
     eprintln!(
-        "load: {} messages published by {PUBLISHERS} publishers in {published_in:?}, all consumed by {CONSUMERS} \
-         consumers {consumed_in:?} after the first publish; {} failed acks",
+        "load: {} messages published by {PUBLISHERS} publishers in {published_in:?}, {delivered} consumed by \
+         {CONSUMERS} consumers {consumed_in:?} after the first publish; {} failed acks",
         sent.len(),
         ack_errors.load(Ordering::Relaxed),
     );
     report_fault(LOAD_CASE, &figures);
-    if let Some(why) = stall {
-        let missing = sent.iter().find(|id| !deliveries.contains_key(*id));
-        panic!("received {delivered} of {} messages, then {why} (first missing: {missing:?})", sent.len());
+    if let Some(failure) = failure {
+        panic!("{failure}");
     }
     let foreign = deliveries.len() - delivered;
     assert_eq!(foreign, 0, "deliveries of messages this case never published");

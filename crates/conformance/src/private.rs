@@ -75,6 +75,7 @@ pub struct PrivateBroker {
     name: String,
     launcher: Launcher,
     not_crash_safe: Option<String>,
+    crash_settle: Option<(Duration, String)>,
     started: OnceLock<Result<Running, String>>,
 }
 
@@ -96,6 +97,7 @@ impl PrivateBroker {
             name: name.into(),
             launcher: Box::new(launcher),
             not_crash_safe: None,
+            crash_settle: None,
             started: OnceLock::new(),
         }
     }
@@ -109,6 +111,18 @@ impl PrivateBroker {
     /// Why a SIGKILL may lose acknowledged messages, when it may.
     pub fn crash_safety(&self) -> Option<&str> {
         self.not_crash_safe.as_deref()
+    }
+
+    /// Declares that what a case creates (queues, streams) survives a SIGKILL only once it is
+    /// `after` old, and why: the crash case waits that long after subscribing.
+    pub fn crash_safe_after(mut self, after: Duration, why: impl Into<String>) -> PrivateBroker {
+        self.crash_settle = Some((after, why.into()));
+        self
+    }
+
+    /// How old what a case created must be to survive a SIGKILL, and why, when it must.
+    pub fn crash_settle(&self) -> Option<(Duration, &str)> {
+        self.crash_settle.as_ref().map(|(after, why)| (*after, why.as_str()))
     }
 
     /// Its name.

@@ -5,13 +5,13 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use polybus::{Bus, Message, Subscriber};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::fixture::{ACK_DEADLINE, Ctx, ENV};
 use crate::private::Stop;
@@ -23,8 +23,15 @@ const MEMBERS: usize = 2;
 const PUBLISHERS: usize = 4;
 /// Publishes that must have returned Ok before the broker goes down.
 const BEFORE: usize = 200;
-/// Publishes that must return Ok after the broker serves again.
+/// Most publishes started while the broker is down; then the publishers wait for it.
+const DURING: usize = 200;
+/// Publishes that must return Ok after the broker serves again; then the publishers stop.
 const AFTER: usize = 200;
+/// Most publishes started in all: the case never floods a broker, however fast it answers.
+const MAX_PUBLISHES: usize = 2_000;
+/// Each publisher starts a publish at most this often (4 publishers: 160 a second), so the
+/// publishes spread across the outage.
+const PACE: Duration = Duration::from_millis(25);
 /// How long the broker stays down.
 const OUTAGE: Duration = Duration::from_secs(1);
 /// Longest a single publish may take to succeed or fail: beyond Kafka's 30 s message timeout.
@@ -38,6 +45,8 @@ const BACKOFF: Duration = Duration::from_millis(200);
 const SETTLE: Duration = Duration::from_secs(60);
 /// How long the case keeps listening after everything arrived, to count late duplicates.
 const LINGER: Duration = Duration::from_millis(1500);
+/// Kept from the case's limit for stopping, reporting and closing.
+const MARGIN: Duration = Duration::from_secs(15);
 
 /// What happened, in the order the case saw it.
 pub(crate) enum Event {
@@ -45,6 +54,9 @@ pub(crate) enum Event {
     Published { id: String, result: Result<(), String> },
     /// A publish neither succeeded nor failed within [`PUBLISH_DEADLINE`].
     Hung { id: String },
+    /// A publisher is done: [`AFTER`] of its group's publishes succeeded after the restart, or
+    /// [`MAX_PUBLISHES`] were started.
+    PublisherDone,
     /// A member received (and tried to ack) a message.
     Received { id: String },
     /// A member's receive failed; it goes on.
@@ -100,26 +112,60 @@ pub(crate) fn spawn_members(
         .collect()
 }
 
-/// Publishers of numbered messages `<prefix>-<n>` that go on until `stop` is set, each
-/// reporting every publish as an [`Event`] and pausing for [`BACKOFF`] after a failure.
+/// Where the restart is, for the publishers: they publish freely before it, at most
+/// [`DURING`] times while the broker is down, and until [`AFTER`] succeeded once it is back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Before,
+    Down,
+    Up,
+}
+
+/// Publishers of numbered messages `<prefix>-<n>`, paced by [`PACE`], each reporting every
+/// publish as an [`Event`] and pausing for [`BACKOFF`] after a failure.
 fn spawn_publishers(
     bus: &Bus,
     event: &str,
     prefix: &str,
-    stop: Arc<AtomicBool>,
+    phase: watch::Receiver<Phase>,
     events: mpsc::UnboundedSender<Event>,
 ) -> Vec<JoinHandle<()>> {
-    let next = Arc::new(AtomicU64::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let during = Arc::new(AtomicUsize::new(0));
+    let ok_after = Arc::new(AtomicUsize::new(0));
     (0..PUBLISHERS)
         .map(|_| {
             let (bus, event, prefix) = (bus.clone(), event.to_owned(), prefix.to_owned());
-            let (stop, events, next) = (stop.clone(), events.clone(), next.clone());
+            let (mut phase, events) = (phase.clone(), events.clone());
+            let (started, during, ok_after) = (started.clone(), during.clone(), ok_after.clone());
             tokio::spawn(async move {
-                while !stop.load(Ordering::Relaxed) {
-                    let id = format!("{prefix}-{}", next.fetch_add(1, Ordering::Relaxed));
+                let mut pace = tokio::time::interval(PACE);
+                pace.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                loop {
+                    pace.tick().await;
+                    let now = *phase.borrow();
+                    match now {
+                        Phase::Before => {}
+                        Phase::Down if during.fetch_add(1, Ordering::Relaxed) < DURING => {}
+                        Phase::Down => {
+                            // Enough publishes into the outage: wait for the broker.
+                            let _ = phase.wait_for(|p| *p == Phase::Up).await;
+                            continue;
+                        }
+                        Phase::Up if ok_after.load(Ordering::Relaxed) < AFTER => {}
+                        Phase::Up => break,
+                    }
+                    let n = started.fetch_add(1, Ordering::Relaxed);
+                    if n >= MAX_PUBLISHES {
+                        break;
+                    }
+                    let id = format!("{prefix}-{n}");
                     let message = Message::text(format!("message {id}")).id(id.clone());
                     match tokio::time::timeout(PUBLISH_DEADLINE, bus.publish(ENV, &event, message)).await {
                         Ok(Ok(_)) => {
+                            if now == Phase::Up {
+                                ok_after.fetch_add(1, Ordering::Relaxed);
+                            }
                             let _ = events.send(Event::Published { id, result: Ok(()) });
                         }
                         Ok(Err(e)) => {
@@ -132,6 +178,7 @@ fn spawn_publishers(
                         }
                     }
                 }
+                let _ = events.send(Event::PublisherDone);
             })
         })
         .collect()
@@ -149,15 +196,14 @@ struct Record {
     receive_errors: Vec<(usize, String)>,
     ready_at: Option<Instant>,
     ok_after_ready: usize,
-    /// A message published after the broker served again has arrived: consuming resumed.
-    new_message_arrived: bool,
     first_ok_after_ready: Option<Instant>,
     first_delivery_after_ready: Option<Instant>,
+    publishers_done: usize,
 }
 
 impl Record {
-    /// Takes one event in; panics on the ones that fail the case at once.
-    fn take(&mut self, event: Event) {
+    /// Takes one event in; the error is an event that fails the case at once.
+    fn take(&mut self, event: Event) -> Result<(), String> {
         let now = Instant::now();
         let after_ready = self.ready_at.is_some();
         match event {
@@ -170,16 +216,18 @@ impl Record {
                 }
             }
             Event::Published { id, result: Err(error) } => {
-                assert!(!error.trim().is_empty(), "publish of {id} failed with an empty error");
+                if error.trim().is_empty() {
+                    return Err(format!("publish of {id} failed with an empty error"));
+                }
                 self.failed.push((id, error));
             }
             Event::Hung { id } => {
-                panic!("publish of {id} neither succeeded nor failed within {PUBLISH_DEADLINE:?}")
+                return Err(format!(
+                    "publish of {id} neither succeeded nor failed within {PUBLISH_DEADLINE:?}"
+                ));
             }
+            Event::PublisherDone => self.publishers_done += 1,
             Event::Received { id } => {
-                if let (Some(ready), Some(published)) = (self.ready_at, self.ok_at.get(&id)) {
-                    self.new_message_arrived |= *published >= ready;
-                }
                 *self.deliveries.entry(id).or_default() += 1;
                 if after_ready {
                     self.first_delivery_after_ready.get_or_insert(now);
@@ -187,12 +235,15 @@ impl Record {
             }
             Event::ReceiveFailed { member, error } => self.receive_errors.push((member, error)),
             Event::Closed { member } => {
-                panic!("member {member}'s subscription ended at the restart instead of reconnecting")
+                return Err(format!(
+                    "member {member}'s subscription ended at the restart instead of reconnecting"
+                ));
             }
             Event::Stopped => self.stopped_at = Some(now),
             Event::Ready => self.ready_at = Some(now),
-            Event::RestartFailed(e) => panic!("restarting the private broker: {e}"),
+            Event::RestartFailed(e) => return Err(format!("restarting the private broker: {e}")),
         }
+        Ok(())
     }
 
     fn missing(&self) -> Vec<&String> {
@@ -227,7 +278,7 @@ async fn until(
     let deadline = Instant::now() + limit;
     while !done(record) {
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(event)) => record.take(event),
+            Ok(Some(event)) => record.take(event)?,
             Ok(None) => return Err(format!("every publisher and member stopped while waiting for {what}")),
             Err(_) => {
                 return Err(format!(
@@ -253,8 +304,9 @@ pub(crate) const RESTART_CASE: &str = "broker_restart_mid_publish_and_mid_consum
 /// Name of the case that kills the broker.
 pub(crate) const CRASH_CASE: &str = "broker_crash_mid_publish_and_mid_consume_loses_nothing";
 
-/// The restart case, stopping the broker `how`.
+/// The restart case, stopping the broker `how`. Its figures are reported whatever happens.
 pub(crate) async fn broker_restart_mid_publish_and_mid_consume(ctx: Ctx, how: Stop) {
+    let deadline = Instant::now() + RESTART_LIMIT - MARGIN;
     let broker = ctx.private.clone().expect("the harness runs this case only with a private broker");
     let (case, fault) = match how {
         Stop::Graceful => (RESTART_CASE, "broker restart"),
@@ -267,72 +319,87 @@ pub(crate) async fn broker_restart_mid_publish_and_mid_consume(ctx: Ctx, how: St
         subs.push(ctx.subscribe("workers").await);
     }
     let members = spawn_members(subs, HANDLING, events_tx.clone(), ack_errors.clone());
-    let stop_publishing = Arc::new(AtomicBool::new(false));
-    let publishers =
-        spawn_publishers(&ctx.bus, &ctx.event, &ctx.id, stop_publishing.clone(), events_tx.clone());
+    if let (Stop::Kill, Some((after, why))) = (how, broker.crash_settle()) {
+        eprintln!("{fault}: waiting {after:?} after subscribing before the crash: {why}");
+        tokio::time::sleep(after).await;
+    }
+    let (phase, phase_rx) = watch::channel(Phase::Before);
+    let phase = Arc::new(phase);
+    let publishers = spawn_publishers(&ctx.bus, &ctx.event, &ctx.id, phase_rx, events_tx.clone());
 
     let mut record = Record::default();
-    // Mid-publish and mid-consume: publishes go on, deliveries have begun and some wait.
-    until(&mut events, &mut record, Duration::from_secs(30), "the first messages to flow", |r| {
-        r.ok.len() >= BEFORE && r.deliveries.len() >= 20
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    let backlog = record.ok.len() - record.deliveries.len();
-    let restarter = {
-        let (broker, events) = (broker.clone(), events_tx.clone());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = broker.stop(how) {
-                let _ = events.send(Event::RestartFailed(format!("stopping: {e}")));
-                return;
-            }
-            let _ = events.send(Event::Stopped);
-            std::thread::sleep(OUTAGE);
-            let _ = events.send(match broker.start() {
-                Ok(()) => Event::Ready,
-                Err(e) => Event::RestartFailed(format!("starting again: {e}")),
-            });
+    let mut backlog = 0;
+    let mut restarter = None;
+    let outcome = async {
+        // Mid-publish and mid-consume: publishes go on, deliveries have begun and some wait.
+        let limit = Duration::from_secs(30).min(deadline.saturating_duration_since(Instant::now()));
+        until(&mut events, &mut record, limit, "the first messages to flow", |r| {
+            r.ok.len() >= BEFORE && r.deliveries.len() >= 20
         })
-    };
-    drop(events_tx);
-    // Publishing goes on until consuming resumed too, so messages published before and after
-    // the members are back are both checked.
-    let what = "publishes to succeed, and one of them to arrive, after the restart";
-    until(&mut events, &mut record, Duration::from_secs(120), what, |r| {
-        r.ok_after_ready >= AFTER && r.new_message_arrived
-    })
-    .await
-    .unwrap_or_else(|e| panic!("{e}"));
-    stop_publishing.store(true, Ordering::Relaxed);
-    let _ = restarter.await;
-    let published = futures::future::join_all(publishers);
-    tokio::pin!(published);
-    // Publishers finish their last publish; events keep coming meanwhile.
-    loop {
-        tokio::select! {
-            _ = &mut published => break,
-            Some(event) = events.recv() => record.take(event),
+        .await?;
+        backlog = record.ok.len() - record.deliveries.len();
+        restarter = Some({
+            let (broker, events, phase) = (broker.clone(), events_tx.clone(), phase.clone());
+            tokio::task::spawn_blocking(move || {
+                phase.send_replace(Phase::Down);
+                if let Err(e) = broker.stop(how) {
+                    let _ = events.send(Event::RestartFailed(format!("stopping: {e}")));
+                    return;
+                }
+                let _ = events.send(Event::Stopped);
+                std::thread::sleep(OUTAGE);
+                match broker.start() {
+                    Ok(()) => {
+                        let _ = events.send(Event::Ready);
+                        phase.send_replace(Phase::Up);
+                    }
+                    Err(e) => {
+                        let _ = events.send(Event::RestartFailed(format!("starting again: {e}")));
+                    }
+                }
+            })
+        });
+        // Publishing goes on after the broker is back, so messages published before, during
+        // and after the outage are all checked.
+        let what =
+            format!("the publishers to finish ({AFTER} Ok after the restart, or {MAX_PUBLISHES} in all)");
+        until(&mut events, &mut record, deadline.saturating_duration_since(Instant::now()), &what, |r| {
+            r.publishers_done == PUBLISHERS
+        })
+        .await?;
+        if record.ok_after_ready == 0 {
+            return Err(format!(
+                "no publish succeeded after the broker served again ({MAX_PUBLISHES} publishes in all)"
+            ));
         }
+        let limit = SETTLE.min(deadline.saturating_duration_since(Instant::now()));
+        until(&mut events, &mut record, limit, "every message published Ok to arrive", |r| {
+            r.missing().is_empty()
+        })
+        .await?;
+        // Long enough for an unacked delivery to come back once more.
+        let linger_until = (Instant::now() + ACK_DEADLINE + LINGER).min(deadline);
+        while let Ok(Some(event)) = tokio::time::timeout_at(linger_until, events.recv()).await {
+            record.take(event)?;
+        }
+        Ok(())
     }
-    // Not failing yet: the figures are reported first, losses included.
-    let settled = until(&mut events, &mut record, SETTLE, "every message published Ok to arrive", |r| {
-        r.missing().is_empty()
-    })
     .await;
-    // Long enough for an unacked delivery to come back once more.
-    let linger_until = Instant::now() + ACK_DEADLINE + LINGER;
-    while let Ok(Some(event)) = tokio::time::timeout_at(linger_until, events.recv()).await {
-        record.take(event);
+    for task in members.iter().chain(&publishers) {
+        task.abort();
     }
-    for member in members {
-        member.abort();
+    if let Some(restarter) = restarter {
+        // The broker's stop and start are bounded by the private broker's own limits.
+        let _ = restarter.await;
+    }
+    while let Ok(event) = events.try_recv() {
+        let _ = record.take(event);
     }
 
-    let ready_at = record.ready_at.expect("the broker served again");
-    let recover = record
-        .first_ok_after_ready
-        .max(record.first_delivery_after_ready)
-        .map(|flowing| flowing.saturating_duration_since(ready_at));
+    let recover = record.ready_at.and_then(|ready_at| {
+        let flowing = record.first_ok_after_ready.max(record.first_delivery_after_ready)?;
+        Some(flowing.saturating_duration_since(ready_at))
+    });
     let distinct_ok = record.ok.iter().filter(|id| record.deliveries.contains_key(*id)).count();
     let deliveries: u64 = record.deliveries.values().sum();
     let figures = FaultFigures {
@@ -347,9 +414,12 @@ pub(crate) async fn broker_restart_mid_publish_and_mid_consume(ctx: Ctx, how: St
     let errors: Vec<&str> =
         record.failed.iter().map(|(_, e)| e.as_str()).collect::<BTreeSet<_>>().into_iter().collect();
     eprintln!(
-        "{fault} on the private {}: backlog of {backlog} at the stop; {} publishes failed ({arrived_anyway} of them \
-         arrived anyway), errors: {:?}; {} receive errors (first: {:?}); {} failed acks",
+        "{fault} on the private {}: backlog of {backlog} at the stop; {} publishes Ok, {} after the broker \
+         served again; {} failed ({arrived_anyway} of them arrived anyway), errors: {:?}; {} receive errors \
+         (first: {:?}); {} failed acks",
         broker.name(),
+        record.ok.len(),
+        record.ok_after_ready,
         record.failed.len(),
         &errors[..errors.len().min(3)],
         record.receive_errors.len(),
@@ -357,18 +427,19 @@ pub(crate) async fn broker_restart_mid_publish_and_mid_consume(ctx: Ctx, how: St
         ack_errors.load(Ordering::Relaxed),
     );
     report_fault(case, &figures);
+    if let Err(e) = outcome {
+        let [before, during, after] = record.missing_by_phase();
+        panic!(
+            "{e}; of the {} missing, {before} were published before the stop, {during} during the outage, \
+             {after} after the broker served again (first missing: {:?})",
+            record.missing().len(),
+            record.missing().first()
+        );
+    }
     let strangers: Vec<_> = record
         .deliveries
         .keys()
         .filter(|id| !record.ok.contains(*id) && !record.failed.iter().any(|(f, _)| f == *id))
         .collect();
     assert!(strangers.is_empty(), "messages no one published arrived: {strangers:?}");
-    if let Err(e) = settled {
-        let [before, during, after] = record.missing_by_phase();
-        panic!(
-            "{e}; of the missing, {before} were published before the stop, {during} during the outage, {after} \
-             after the broker served again (first missing: {:?})",
-            record.missing().first()
-        );
-    }
 }

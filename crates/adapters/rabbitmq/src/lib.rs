@@ -22,7 +22,7 @@ use polybus_core::{BrokerType, ConnectTarget, Connector, Result, Transport};
 
 pub use config::DEFAULT_EXCHANGE;
 pub use subscription::{RabbitmqSubscription, queue_name};
-pub use transport::{CAPABILITIES, DELAY_EXCHANGE, RabbitmqTransport, delay_queue};
+pub use transport::{CAPABILITIES, DELAY_EXCHANGE, PUBLISH_DEADLINE, RabbitmqTransport, delay_queue};
 
 /// Connects broker envs of type `rabbitmq`.
 #[derive(Debug, Clone, Copy, Default)]

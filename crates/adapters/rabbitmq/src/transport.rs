@@ -23,8 +23,10 @@ use crate::link::{Link, LinkError};
 
 /// Headers exchange that routes delayed copies into their delay queue.
 pub const DELAY_EXCHANGE: &str = "polybus.delay";
-/// How long a publish waits for its confirm before it counts as failed.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest a publish (or a batch) takes, retries included, before it fails: a broker that
+/// takes messages but confirms none (a blocked connection, a queue without a leader) makes
+/// it fail in this time, not after every retry waited as long.
+pub const PUBLISH_DEADLINE: Duration = Duration::from_secs(30);
 /// A delay queue is deleted by the broker after this long without being declared (or used).
 const DELAY_QUEUE_IDLE_MS: u64 = 10 * 60 * 1000;
 /// A delay queue is declared again after this long, which keeps it from expiring while in use.
@@ -160,10 +162,10 @@ impl Inner {
     }
 
     /// One attempt: publish on the current channel and wait for the broker's confirm.
-    async fn send(&self, out: &Outgoing) -> Result<(), Failure> {
+    async fn send(&self, out: &Outgoing, deadline: Instant) -> Result<(), Failure> {
         let channel = self.channel().await?;
         let confirm = self.start(&channel, out).await?;
-        self.settle(out, confirm).await
+        self.settle(out, confirm, deadline).await
     }
 
     /// Sends the message without waiting for its confirm.
@@ -183,10 +185,15 @@ impl Inner {
             .map_err(|e| Failure::Retry(self.settings.scrub(e)))
     }
 
-    /// Waits for the confirm of a message sent with [`start`](Inner::start).
-    async fn settle(&self, out: &Outgoing, confirm: PublisherConfirm) -> Result<(), Failure> {
-        match tokio::time::timeout(CONFIRM_TIMEOUT, confirm).await {
-            Err(_) => Err(Failure::Retry(format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))),
+    /// Waits until `deadline` for the confirm of a message sent with [`start`](Inner::start).
+    async fn settle(
+        &self,
+        out: &Outgoing,
+        confirm: PublisherConfirm,
+        deadline: Instant,
+    ) -> Result<(), Failure> {
+        match tokio::time::timeout_at(deadline.into(), confirm).await {
+            Err(_) => Err(Failure::Fatal(unconfirmed(&out.target))),
             Ok(Err(e)) => Err(Failure::Retry(self.settings.scrub(e))),
             Ok(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)) => Ok(()),
             Ok(Ok(Confirmation::Ack(Some(returned)))) => {
@@ -205,19 +212,22 @@ impl Inner {
         Failure::Fatal(Error::transport(Op::Publish, &out.target, message))
     }
 
-    /// Publishes and waits for the confirm, retrying on a fresh channel while that may help.
+    /// Publishes and waits for the confirm, retrying on a fresh channel while that may help,
+    /// for at most [`PUBLISH_DEADLINE`].
     pub async fn deliver(&self, out: &Outgoing) -> Result<()> {
         let _open = self.open().await?;
-        self.deliver_open(out).await
+        self.deliver_until(out, Instant::now() + PUBLISH_DEADLINE).await
     }
 
-    async fn deliver_open(&self, out: &Outgoing) -> Result<()> {
-        (|| self.send(out))
+    async fn deliver_until(&self, out: &Outgoing, deadline: Instant) -> Result<()> {
+        let attempts = (|| self.send(out, deadline))
             .retry(retry_backoff())
             .when(|f| matches!(f, Failure::Retry(_)))
-            .notify(|f, wait| tracing::debug!(target = %out.target, failure = ?f, ?wait, "publish retry"))
-            .await
-            .map_err(|f| f.into_error(&out.target))
+            .notify(|f, wait| tracing::debug!(target = %out.target, failure = ?f, ?wait, "publish retry"));
+        match tokio::time::timeout_at(deadline.into(), attempts).await {
+            Ok(result) => result.map_err(|f| f.into_error(&out.target)),
+            Err(_) => Err(unconfirmed(&out.target)),
+        }
     }
 
     /// Declares the delay queue (and the delay exchange) unless declared recently.
@@ -300,6 +310,18 @@ impl Inner {
             target,
         })
     }
+}
+
+/// A publish that was not confirmed by its deadline; the broker may still have the message.
+fn unconfirmed(target: &str) -> Error {
+    Error::transport(
+        Op::Publish,
+        target,
+        format!(
+            "no publisher confirm within {PUBLISH_DEADLINE:?}, retries included: the broker may or may not \
+             have the message (publishing it again may duplicate it)"
+        ),
+    )
 }
 
 /// Retries of one connect, publish or subscribe: 50 ms doubling to 1 s, 6 times; 2.5 to 5 s in
@@ -393,6 +415,7 @@ impl Transport for RabbitmqTransport {
 
     async fn publish_batch(&self, topic: &TopicSpec, messages: Vec<Message>) -> Result<()> {
         let _open = self.inner.open().await?;
+        let deadline = Instant::now() + PUBLISH_DEADLINE;
         let outs = messages.iter().map(|m| self.inner.outgoing(topic, m)).collect::<Result<Vec<_>>>()?;
         // Pipelined: send all on one channel, then collect the confirms in order. Whatever
         // failed is sent again one by one, with retries.
@@ -405,7 +428,7 @@ impl Transport for RabbitmqTransport {
                 }
                 for (out, confirm) in outs.iter().zip(confirms) {
                     let settled = match confirm {
-                        Ok(confirm) => self.inner.settle(out, confirm).await,
+                        Ok(confirm) => self.inner.settle(out, confirm, deadline).await,
                         Err(failure) => Err(failure),
                     };
                     match settled {
@@ -419,7 +442,7 @@ impl Transport for RabbitmqTransport {
             Err(Failure::Retry(_)) => retry.extend(outs.iter()),
         }
         for out in retry {
-            self.inner.deliver_open(out).await?;
+            self.inner.deliver_until(out, deadline).await?;
         }
         Ok(())
     }

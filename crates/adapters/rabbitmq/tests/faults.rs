@@ -279,3 +279,31 @@ async fn wrong_credentials_are_refused_at_once_without_showing_the_password() {
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}: {shown}", started.elapsed());
     eprintln!("{shown}");
 }
+
+/// A publish the broker never confirms fails with an error that says so within the adapter's
+/// publish deadline (30 s), instead of retrying for minutes (it took 7 × 30 s). The broker: a
+/// node of this test's own whose memory alarm is always on, so it blocks every publisher.
+#[tokio::test]
+async fn a_publish_the_broker_never_confirms_fails_within_its_deadline() {
+    let node = common::private_node("vm_memory_high_watermark.absolute = 1MB\n");
+    let (node, config) = tokio::task::spawn_blocking(move || {
+        let config = node.config().unwrap_or_else(|e| panic!("starting a private RabbitMQ node: {e}"));
+        (node, config)
+    })
+    .await
+    .expect("starting a private RabbitMQ node");
+    let url = config["url"].as_str().expect("the private node's URL").to_owned();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let bus = bus_at(dir.path(), &url).await;
+    let started = std::time::Instant::now();
+    let publish = bus.publish(common::ENV, "nowhere:orders", Message::text("x"));
+    let err = common::within(Duration::from_secs(40), "the publish to fail", publish)
+        .await
+        .expect_err("a blocked publisher gets no confirm");
+    let shown = format!("{err}");
+    assert_eq!(err.code(), "PUBLISH_FAILED", "{shown}");
+    assert!(shown.contains("confirm"), "the error does not say what is missing: {shown}");
+    eprintln!("failed after {:?}: {shown}", started.elapsed());
+    let _ = tokio::time::timeout(Duration::from_secs(5), bus.close()).await;
+    drop(node);
+}

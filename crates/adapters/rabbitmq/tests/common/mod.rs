@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +14,8 @@ use std::time::Duration;
 use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::{Channel, Connection, ConnectionProperties};
 use polybus::{Broker, Bus, Registry, SqliteStore, Topic};
+use polybus_conformance::PrivateBroker;
+use polybus_conformance::private::{Launch, find_program};
 use polybus_rabbitmq::RabbitmqConnector;
 use serde_json::json;
 
@@ -128,4 +132,65 @@ pub async fn within<F: Future>(limit: Duration, what: &str, fut: F) -> F::Output
     tokio::time::timeout(limit, fut)
         .await
         .unwrap_or_else(|_| panic!("timed out after {limit:?} waiting for {what}"))
+}
+
+/// A RabbitMQ node of this test binary's own, beside the shared one: its own node name, AMQP
+/// and distribution ports and data directory, loopback only, no plugins; `extra_conf` is added
+/// to its `rabbitmq.conf`.
+pub fn private_node(extra_conf: &'static str) -> PrivateBroker {
+    PrivateBroker::new("RabbitMQ node", move |dir, port| {
+        // The script itself: Debian's wrapper in /usr/sbin switches to the rabbitmq user and
+        // its own data directory.
+        let program = [Path::new("/usr/lib/rabbitmq/bin/rabbitmq-server")]
+            .into_iter()
+            .find(|p| p.is_file())
+            .map(Path::to_path_buf)
+            .or_else(|| find_program("rabbitmq-server"))
+            .ok_or("no rabbitmq-server (Debian: rabbitmq-server)")?;
+        let dist_port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map_err(|e| format!("a free port for Erlang distribution: {e}"))?
+            .port();
+        let write = |name: &str, text: String| {
+            std::fs::write(dir.join(name), text).map_err(|e| format!("writing {name}: {e}"))
+        };
+        write("rabbitmq.conf", format!("listeners.tcp.default = 127.0.0.1:{port}\n{extra_conf}"))?;
+        write("enabled_plugins", "[].\n".to_owned())?;
+        let path = |name: &str| dir.join(name).display().to_string();
+        let launch = Launch::new(
+            program,
+            &[],
+            serde_json::json!({
+                "url": format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+                "exchange": "polybus.private",
+            }),
+        )
+        // Not the machine's rabbitmq-env.conf: it names the shared node.
+        .env("RABBITMQ_CONF_ENV_FILE", "/dev/null")
+        .env("RABBITMQ_NODENAME", format!("polybus-{}-{port}@localhost", std::process::id()))
+        .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+        .env("RABBITMQ_NODE_PORT", port.to_string())
+        .env("RABBITMQ_DIST_PORT", dist_port.to_string())
+        .env("RABBITMQ_MNESIA_BASE", path("mnesia"))
+        .env("RABBITMQ_LOG_BASE", path("log"))
+        .env("RABBITMQ_CONFIG_FILE", path("rabbitmq.conf"))
+        .env("RABBITMQ_ENABLED_PLUGINS_FILE", path("enabled_plugins"))
+        .env("RABBITMQ_PID_FILE", path("rabbitmq.pid"))
+        .env("ERL_EPMD_ADDRESS", "127.0.0.1")
+        .env("ERL_FLAGS", "-kernel inet_dist_use_interface {127,0,0,1}")
+        // The Erlang cookie goes here, not into the shared node's home.
+        .env("HOME", dir.display().to_string())
+        .ready(speaks_amqp);
+        Ok(launch)
+    })
+}
+
+/// Whether the node answers an AMQP 0-9-1 protocol header with a method frame (Connection.Start).
+fn speaks_amqp(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else { return false };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    let mut frame_type = [0u8; 1];
+    stream.write_all(b"AMQP\x00\x00\x09\x01").is_ok()
+        && stream.read_exact(&mut frame_type).is_ok()
+        && frame_type[0] == 1
 }
