@@ -28,7 +28,8 @@ pub fn redact(value: &mut Value) {
     match value {
         Value::Object(map) => {
             for (key, v) in map.iter_mut() {
-                if SECRET_KEYS.contains(&key.to_ascii_lowercase().as_str()) {
+                // `sasl.password` (a librdkafka property) is a password too.
+                if is_secret_field(key) {
                     match v {
                         Value::String(s) if is_reference(s) => {}
                         Value::Null => {}
@@ -290,6 +291,18 @@ mod tests {
         let mut v = json!({"url": "redis://:pw@h:6379", "sasl": {"password": "x"}, "token": "${T}"});
         redact(&mut v);
         assert_eq!(v, json!({"url": "redis://:****@h:6379", "sasl": {"password": "****"}, "token": "${T}"}));
+    }
+
+    #[test]
+    fn dotted_secret_keys_are_redacted() {
+        // Found by fuzzing: Kafka `properties` hold librdkafka names such as `sasl.password`.
+        let mut v =
+            json!({"properties": {"sasl.password": "hunter2", "ssl.key.password": "k", "linger.ms": "5"}});
+        redact(&mut v);
+        assert_eq!(
+            v,
+            json!({"properties": {"sasl.password": "****", "ssl.key.password": "****", "linger.ms": "5"}})
+        );
     }
 
     #[test]
