@@ -53,14 +53,18 @@ pub fn redact(value: &mut Value) {
 /// `scheme://user:secret@host` → `scheme://user:****@host`; `None` when there is nothing to hide.
 pub fn redact_url(url: &str) -> Option<String> {
     let (scheme, rest) = url.split_once("://")?;
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    let (userinfo, host) = authority.rsplit_once('@')?;
-    let user = match userinfo.split_once(':') {
+    let slash = rest.find('/').unwrap_or(rest.len());
+    let at = match rest[..slash].rfind('@') {
+        Some(at) => at,
+        // `user:pa/ss@host`: an unescaped `/` in the password; hide up to the last `@`.
+        None if rest[..slash].contains(':') => rest.rfind('@')?,
+        None => return None,
+    };
+    let user = match rest[..at].split_once(':') {
         Some((user, password)) if !is_reference(password) => user,
         _ => return None,
     };
-    Some(format!("{scheme}://{user}:{REDACTED}@{host}{}", &rest[authority_end..]))
+    Some(format!("{scheme}://{user}:{REDACTED}@{}", &rest[at + 1..]))
 }
 
 /// Longest `$Secret{name}` name.
@@ -291,6 +295,15 @@ mod tests {
         let mut v = json!({"url": "redis://:pw@h:6379", "sasl": {"password": "x"}, "token": "${T}"});
         redact(&mut v);
         assert_eq!(v, json!({"url": "redis://:****@h:6379", "sasl": {"password": "****"}, "token": "${T}"}));
+    }
+
+    #[test]
+    fn a_password_with_a_slash_is_hidden_too() {
+        // Found by fuzzing: the authority ended at the password's `/`, so nothing was hidden.
+        assert_eq!(redact_url("redis://:pa/ss@h:6379/0").unwrap(), "redis://:****@h:6379/0");
+        assert_eq!(redact_url("amqp://u:p/a/ss@h/vh").unwrap(), "amqp://u:****@h/vh");
+        assert_eq!(redact_url("amqp://h:5672/vh"), None);
+        assert_eq!(redact_url("amqp://u:${P}@h/a@b"), None);
     }
 
     #[test]
