@@ -45,7 +45,7 @@ fn check_answer(status: StatusCode, body: &Value, allowed: &[&str]) -> Result<()
     check(!error["message"].as_str().unwrap_or_default().is_empty(), || format!("no message: {body}"))?;
     if code == "VALIDATION_FAILED" {
         let field = error["field"].as_str().unwrap_or_default();
-        check(!field.trim().is_empty(), || format!("no field: {body}"))?;
+        check(!field.is_empty(), || format!("no field: {body}"))?;
         check(!field.starts_with("config") || error["env"].is_string(), || format!("no env: {body}"))?;
     }
     Ok(())
