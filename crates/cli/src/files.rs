@@ -19,12 +19,17 @@ pub struct Document {
 /// Reads and parses a YAML or JSON document; `-` reads stdin.
 pub fn read_document(path: &Path) -> CliResult<Document> {
     let (name, bytes) = read_source(path)?;
+    let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    parse_document(name, bytes, is_json)
+}
+
+/// Parses a file's bytes as JSON or YAML; `name` is the file's, for messages.
+fn parse_document(name: String, bytes: Vec<u8>, is_json: bool) -> CliResult<Document> {
     let text = String::from_utf8(bytes)
         .map_err(|e| invalid(&name, format!("not UTF-8 text (byte {})", e.utf8_error().valid_up_to())))?;
     if text.trim().is_empty() {
         return Err(invalid(&name, "the document is empty"));
     }
-    let is_json = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json"));
     let value = if is_json { parse_json(&name, &text)? } else { parse_yaml(&name, &text)? };
     Ok(Document { name, value })
 }
@@ -86,6 +91,9 @@ fn parse_yaml(name: &str, text: &str) -> CliResult<Value> {
 fn invalid(name: &str, reason: impl std::fmt::Display) -> Failure {
     Failure::new("INVALID_DOCUMENT", format!("{name}: {reason}"))
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

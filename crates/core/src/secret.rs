@@ -244,6 +244,27 @@ mod tests {
     }
 
     #[test]
+    fn a_password_with_a_slash_is_hidden_too() {
+        // Found by fuzzing: the authority ended at the password's `/`, so nothing was hidden.
+        assert_eq!(redact_url("redis://:pa/ss@h:6379/0").unwrap(), "redis://:****@h:6379/0");
+        assert_eq!(redact_url("amqp://u:p/a/ss@h/vh").unwrap(), "amqp://u:****@h/vh");
+        assert_eq!(redact_url("amqp://h:5672/vh"), None);
+        assert_eq!(redact_url("amqp://u:${P}@h/a@b"), None);
+    }
+
+    #[test]
+    fn dotted_secret_keys_are_redacted() {
+        // Found by fuzzing: Kafka `properties` hold librdkafka names such as `sasl.password`.
+        let mut v =
+            json!({"properties": {"sasl.password": "hunter2", "ssl.key.password": "k", "linger.ms": "5"}});
+        redact(&mut v);
+        assert_eq!(
+            v,
+            json!({"properties": {"sasl.password": "****", "ssl.key.password": "****", "linger.ms": "5"}})
+        );
+    }
+
+    #[test]
     fn missing_variables_are_named_without_values() {
         let err = resolve(&json!({"password": "${POLYBUS_TEST_SURELY_UNSET}"}), &mut env_lookup).unwrap_err();
         assert_eq!(err.code(), "SECRET_MISSING");

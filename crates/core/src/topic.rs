@@ -270,7 +270,8 @@ impl TopicPatch {
         }
         let mut next = current.clone();
         if let Some(v) = &self.name {
-            next.name = v.clone();
+            // Blank is the default name, as when the topic is created.
+            next.name = if v.trim().is_empty() { current.event()?.topic } else { v.clone() };
         }
         if let Some(v) = &self.description {
             next.description = Some(v.clone());
@@ -366,6 +367,15 @@ mod tests {
         assert_eq!(t.spec("prd").unwrap().queue_url.as_deref(), Some("http://q/orders"));
         let dev = t.spec("dev").unwrap();
         assert_eq!((dev.native_name.as_str(), dev.dead_letter.as_str()), ("orders", "orders-dlq"));
+    }
+
+    #[test]
+    fn a_blank_name_in_a_patch_is_the_default_name_as_on_creation() {
+        // Found by fuzzing: the patched topic kept `""`, and read back it was `orders`.
+        let t = Topic::from_value(json!({"tag": "message-bus:orders", "name": "Orders"})).unwrap();
+        let patched = TopicPatch::from_value(json!({"name": " "})).unwrap().apply(&t, &broker()).unwrap();
+        assert_eq!(patched.name, "orders");
+        assert_eq!(Topic::from_value(serde_json::to_value(&patched).unwrap()).unwrap(), patched);
     }
 
     #[test]

@@ -211,8 +211,9 @@ pub fn from_value<T: DeserializeOwned>(value: serde_json::Value) -> ApiResult<T>
 fn field_of(path: &str, reason: &str) -> String {
     let missing = reason.strip_prefix("missing field `").and_then(|rest| rest.split('`').next());
     match (path, missing) {
-        (".", Some(field)) => field.to_owned(),
-        (".", None) => "body".to_owned(),
+        // `""`: the body's own unknown field without a name.
+        ("." | "", Some(field)) => field.to_owned(),
+        ("." | "", None) => "body".to_owned(),
         (path, Some(field)) => format!("{path}.{field}"),
         (path, None) => path.to_owned(),
     }
@@ -305,6 +306,15 @@ mod tests {
         assert_eq!(error.detail().code, "INVALID_JSON");
         let error = parse_json::<Shape>(b"[10]").expect_err("fields by position");
         assert_eq!(error.detail().code, "VALIDATION_FAILED");
+        assert_eq!(error.detail().field.as_deref(), Some("body"));
+    }
+
+    #[test]
+    fn a_nameless_unknown_field_is_named_by_the_body() {
+        // Found by fuzzing: `{"": null}` gave `"field": ""`.
+        let error = parse_json::<Shape>(br#"{"": null}"#).expect_err("unknown field");
+        assert_eq!(error.detail().field.as_deref(), Some("body"));
+        let error = from_value::<Shape>(serde_json::json!({"": 1})).expect_err("unknown field");
         assert_eq!(error.detail().field.as_deref(), Some("body"));
     }
 

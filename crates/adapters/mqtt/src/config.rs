@@ -215,6 +215,9 @@ fn percent_decode(s: &str) -> Result<String, String> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;

@@ -16,9 +16,10 @@ impl Secrets {
     fn of(config: &NatsConfig) -> Self {
         let mut secrets: Vec<String> = config.pass.iter().chain(&config.token).cloned().collect();
         for url in config.servers.to_vec() {
-            if let Some(userinfo) =
-                url.split_once("://").map_or(url.as_str(), |(_, rest)| rest).split('/').next()
-                && let Some((userinfo, _host)) = userinfo.rsplit_once('@')
+            // Up to the last `@`: a password or token may hold an unescaped `/` (a NATS URL
+            // has no path that could hold an `@`).
+            if let Some((userinfo, _host)) =
+                url.split_once("://").map_or(url.as_str(), |(_, rest)| rest).rsplit_once('@')
             {
                 // `user:password@` or a bare `token@`.
                 secrets.push(userinfo.split_once(':').map_or(userinfo, |(_, pass)| pass).to_owned());
@@ -111,6 +112,9 @@ pub async fn connect(config: &NatsConfig, env: &str) -> Result<Connection> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use polybus_core::config::OneOrMany;
@@ -133,6 +137,16 @@ mod tests {
         assert_eq!(
             secrets.scrub("auth failed for s3cret, urlpass and tok"),
             "auth failed for ****, **** and ****"
+        );
+    }
+
+    #[test]
+    fn a_url_password_with_a_slash_is_blanked_out_too() {
+        // Found by fuzzing: the user info was taken to end at the password's `/`.
+        let secrets = Secrets::of(&config("nats://u:pa/ss@h:4222, tok/en@h2"));
+        assert_eq!(
+            secrets.scrub("refused: nats://u:pa/ss@h:4222 tok/en"),
+            "refused: nats://u:****@h:4222 ****"
         );
     }
 

@@ -176,6 +176,9 @@ fn invalid(env: &str, field: &str, message: impl Into<String>) -> Error {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

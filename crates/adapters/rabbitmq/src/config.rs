@@ -122,6 +122,9 @@ fn url_host(url: &str) -> Option<String> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use polybus_core::BrokerType;

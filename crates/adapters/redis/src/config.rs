@@ -78,6 +78,9 @@ pub(crate) fn connect_error(address: &str, e: impl std::fmt::Display) -> Error {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -337,6 +337,15 @@ mod tests {
     use super::*;
 
     #[test]
+    fn json_payload_numbers_come_back_unchanged() {
+        // Found by fuzzing: serde_json's default float parsing may be one unit in the last place
+        // off, so 2.3209090866391642e+148 was delivered as 2.320909086639164e+148.
+        let body: Value = crate::error::parse_json(br#"{"payload": 2.3209090866391642e+148}"#).expect("json");
+        let message = from_value::<MessageIn>(body).expect("message").into_message("", &[]).expect("valid");
+        assert_eq!(message.payload.as_ref(), b"2.3209090866391642e+148");
+    }
+
+    #[test]
     fn traceparent_must_be_well_formed() {
         assert!(valid_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
         assert!(!valid_traceparent("00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01"));
