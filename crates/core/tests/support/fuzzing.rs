@@ -395,8 +395,9 @@ pub fn broker_doc() -> BoxedStrategy<Value> {
 pub fn topic_doc(broker: String, slugs: Vec<String>) -> BoxedStrategy<Value> {
     let env = |slug: String| {
         (
-            prop::option::of("[A-Za-z0-9._-]{1,40}"),
-            prop::option::of(text()),
+            // Legal on every broker type (Pub/Sub's start-with-a-letter, 3+ and no `goog` included).
+            prop::option::of("[a-fh-z][a-z0-9_-]{2,39}"),
+            prop::option::of("https?://[a-z]{1,10}(:[0-9]{2,4})?/[A-Za-z0-9_-]{1,30}"),
             prop::option::of(any::<bool>()),
             prop::option::of(1i32..64),
         )
@@ -413,10 +414,11 @@ pub fn topic_doc(broker: String, slugs: Vec<String>) -> BoxedStrategy<Value> {
     let envs = prop::sample::subsequence(slugs.clone(), 0..=slugs.len())
         .prop_flat_map(move |chosen| chosen.into_iter().map(env).collect::<Vec<_>>());
     (
-        tag(),
+        // The tag is every env's default native name, so it is legal on every broker type too.
+        "[a-fh-z][a-z0-9_-]{2,40}",
         prop::option::of(display_text()),
         prop::option::of(1u32..50),
-        prop::option::of("[a-z0-9.-]{1,30}"),
+        prop::option::of("[a-fh-z][a-z0-9-]{2,29}"),
         envs,
         prop::option::of(json_value()),
     )
