@@ -165,7 +165,7 @@ fn bad_broker_files_fail_with_one_line_and_store_nothing() {
             "unknown-type.yaml",
             "name: Orders\ntag: orders\nenvs:\n  - slug: dev\n    type: carrier-pigeon\n".into(),
             "error: VALIDATION_FAILED: unknown-type.yaml: env `dev`: field `type`: unknown broker type `carrier-pigeon`, \
-             expected one of kafka, redis, rabbitmq, google_pubsub, aws_sqs, nats, mqtt, embedded",
+             expected one of aws_sqs, embedded, google_pubsub, kafka, mqtt, nats, rabbitmq, redis",
         ),
         (
             "duplicate-slug.yaml",

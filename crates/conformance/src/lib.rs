@@ -3,10 +3,9 @@
 //! with `harness = false`.
 //!
 //! ```no_run
-//! use polybus::BrokerType;
 //! use polybus_conformance::Target;
 //! fn main() -> std::process::ExitCode {
-//!     let target = Target::new("embedded", BrokerType::Embedded, serde_json::json!({"path": "/tmp/b.db"}));
+//!     let target = Target::new("embedded", polybus_embedded::BROKER_TYPE, serde_json::json!({"path": "/tmp/b.db"}));
 //!     polybus_conformance::run(target)
 //! }
 //! ```

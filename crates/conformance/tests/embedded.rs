@@ -3,7 +3,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use polybus::BrokerType;
 use polybus_conformance::Target;
 use polybus_embedded::EmbeddedConnector;
 
@@ -14,7 +13,7 @@ fn main() -> ExitCode {
     let dir = tempfile::tempdir().expect("a temporary directory for the embedded broker's file");
     let path = dir.path().join("broker.db");
     let config = serde_json::json!({ "path": path.to_string_lossy() });
-    let target = Target::new("embedded", BrokerType::Embedded, config)
+    let target = Target::new("embedded", polybus_embedded::BROKER_TYPE, config)
         .connector(Arc::new(EmbeddedConnector))
         .no_private(
             "the embedded broker is a SQLite file inside the application, with no process of its own to \

@@ -1,5 +1,6 @@
 //! Broker definitions: a tag, and one typed config per env.
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
@@ -7,57 +8,30 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
-use crate::config;
 use crate::error::ValidationError;
+use crate::kind::Kinds;
 use crate::tag::check_tag;
 use crate::{limits, secret};
 
-/// The kind of broker an env runs on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum BrokerType {
-    /// Apache Kafka (or a protocol-compatible server).
-    Kafka,
-    /// Redis Streams.
-    Redis,
-    /// RabbitMQ (AMQP 0-9-1).
-    Rabbitmq,
-    /// Google Cloud Pub/Sub.
-    GooglePubsub,
-    /// AWS SQS.
-    AwsSqs,
-    /// NATS JetStream.
-    Nats,
-    /// MQTT 3.1.1 / 5.
-    Mqtt,
-    /// polybus's own broker in a local SQLite file.
-    Embedded,
-}
+/// The kind of broker an env runs on: a name its connector declares (`redis`, `aws_sqs`).
+///
+/// Written in any case, stored in lower case.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BrokerType(Cow<'static, str>);
+
+/// Longest broker type name.
+const MAX_TYPE_CHARS: usize = 64;
 
 impl BrokerType {
-    /// Every broker type, in documentation order.
-    pub const ALL: [BrokerType; 8] = [
-        BrokerType::Kafka,
-        BrokerType::Redis,
-        BrokerType::Rabbitmq,
-        BrokerType::GooglePubsub,
-        BrokerType::AwsSqs,
-        BrokerType::Nats,
-        BrokerType::Mqtt,
-        BrokerType::Embedded,
-    ];
+    /// A broker type named by a constant, for connectors: `BrokerType::from_static("redis")`.
+    /// The name must already be a valid, lower-case type name.
+    pub const fn from_static(name: &'static str) -> Self {
+        BrokerType(Cow::Borrowed(name))
+    }
 
     /// The stored (lower snake case) name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BrokerType::Kafka => "kafka",
-            BrokerType::Redis => "redis",
-            BrokerType::Rabbitmq => "rabbitmq",
-            BrokerType::GooglePubsub => "google_pubsub",
-            BrokerType::AwsSqs => "aws_sqs",
-            BrokerType::Nats => "nats",
-            BrokerType::Mqtt => "mqtt",
-            BrokerType::Embedded => "embedded",
-        }
+    pub fn as_str(&self) -> &str {
+        &self.0
     }
 }
 
@@ -72,10 +46,14 @@ impl FromStr for BrokerType {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.to_ascii_lowercase();
-        BrokerType::ALL.into_iter().find(|t| t.as_str() == lower).ok_or_else(|| {
-            let names: Vec<_> = BrokerType::ALL.iter().map(|t| t.as_str()).collect();
-            format!("unknown broker type `{s}`, expected one of {}", names.join(", "))
-        })
+        let plain = !lower.is_empty() && !lower.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !plain || lower.len() > MAX_TYPE_CHARS {
+            return Err(format!(
+                "{} is not a broker type name: 1 to {MAX_TYPE_CHARS} bytes, no spaces or control characters",
+                limits::quote(s)
+            ));
+        }
+        Ok(BrokerType(Cow::Owned(lower)))
     }
 }
 
@@ -129,15 +107,16 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Deserializes and validates a broker from a parsed YAML/JSON document.
+    /// Deserializes a broker from a parsed YAML/JSON document and checks its envelope (tag,
+    /// names, env slugs); each env's config is checked by [`Broker::validate`].
     pub fn from_value(value: Value) -> Result<Self, ValidationError> {
         let broker: Broker = from_value_at(value, "")?;
-        broker.validate()?;
+        broker.validate(&Kinds::unchecked())?;
         Ok(broker)
     }
 
-    /// Checks tag, names, env slugs and each env's config.
-    pub fn validate(&self) -> Result<(), ValidationError> {
+    /// Checks tag, names, env slugs, and each env's type and config through `kinds`.
+    pub fn validate(&self, kinds: &Kinds) -> Result<(), ValidationError> {
         limits::check_name("name", &self.name)?;
         if let Some(description) = &self.description {
             limits::check_description("description", description)?;
@@ -155,8 +134,16 @@ impl Broker {
                     format!("env slug `{}` appears more than once", env.slug),
                 ));
             }
-            config::validate(env.broker_type, &env.config)
-                .map_err(|(field, message)| ValidationError::in_env(&env.slug, field, message))?;
+            if !env.config.is_object() {
+                return Err(ValidationError::in_env(&env.slug, "config", "expected an object"));
+            }
+            let kind = kinds
+                .get(&env.broker_type)
+                .map_err(|message| ValidationError::in_env(&env.slug, "type", message))?;
+            if let Some(kind) = kind {
+                kind.validate_config(&env.config)
+                    .map_err(|(field, message)| ValidationError::in_env(&env.slug, field, message))?;
+            }
         }
         Ok(())
     }
@@ -211,8 +198,9 @@ impl BrokerPatch {
         from_value_at(value, "")
     }
 
-    /// Applies the patch to `current`, returning the validated result (version unchanged).
-    pub fn apply(&self, current: &Broker) -> Result<Broker, ValidationError> {
+    /// Applies the patch to `current`, returning the result validated through `kinds`
+    /// (version unchanged).
+    pub fn apply(&self, current: &Broker, kinds: &Kinds) -> Result<Broker, ValidationError> {
         if let Some(tag) = &self.tag
             && tag != &current.tag
         {
@@ -252,7 +240,7 @@ impl BrokerPatch {
                 ));
             }
         }
-        next.validate()?;
+        next.validate(kinds)?;
         Ok(next)
     }
 }
@@ -299,7 +287,14 @@ fn split_env(path: &str, envs: Option<&Value>) -> (Option<String>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::builtin_kinds;
     use serde_json::json;
+
+    fn checked(value: Value) -> Result<Broker, ValidationError> {
+        let broker = Broker::from_value(value)?;
+        broker.validate(&builtin_kinds())?;
+        Ok(broker)
+    }
 
     fn two_envs() -> Value {
         json!({
@@ -314,17 +309,17 @@ mod tests {
 
     #[test]
     fn accepts_upper_case_types_and_stores_lower_case() {
-        let b = Broker::from_value(two_envs()).unwrap();
-        assert_eq!(b.envs[0].broker_type, BrokerType::Rabbitmq);
+        let b = checked(two_envs()).unwrap();
+        assert_eq!(b.envs[0].broker_type, BrokerType::from_static("rabbitmq"));
         assert_eq!(serde_json::to_value(&b).unwrap()["envs"][0]["type"], "rabbitmq");
-        assert_eq!("GOOGLE_PUBSUB".parse::<BrokerType>().unwrap(), BrokerType::GooglePubsub);
+        assert_eq!("GOOGLE_PUBSUB".parse::<BrokerType>().unwrap(), BrokerType::from_static("google_pubsub"));
     }
 
     #[test]
     fn wrong_type_names_env_and_field() {
         let mut v = two_envs();
         v["envs"][1]["config"]["port"] = json!("six");
-        let err = Broker::from_value(v).unwrap_err();
+        let err = checked(v).unwrap_err();
         assert_eq!(err.env.as_deref(), Some("dev"));
         assert_eq!(err.field, "config.port");
         assert!(err.message.contains("expected"), "{err}");
@@ -334,7 +329,7 @@ mod tests {
     fn missing_required_field_names_it() {
         let mut v = two_envs();
         v["envs"][0]["config"] = json!({"exchange": "events"});
-        let err = Broker::from_value(v).unwrap_err();
+        let err = checked(v).unwrap_err();
         assert_eq!(err.env.as_deref(), Some("prd"));
         assert!(err.field.contains("url") || err.message.contains("url"), "{err}");
     }
@@ -343,7 +338,7 @@ mod tests {
     fn unknown_type_is_rejected() {
         let mut v = two_envs();
         v["envs"][0]["type"] = json!("carrier-pigeon");
-        let err = Broker::from_value(v).unwrap_err();
+        let err = checked(v).unwrap_err();
         assert_eq!(err.env.as_deref(), Some("prd"));
         assert_eq!(err.field, "type");
         assert!(err.message.contains("unknown broker type"), "{err}");
@@ -353,27 +348,27 @@ mod tests {
     fn duplicate_env_slugs_are_rejected() {
         let mut v = two_envs();
         v["envs"][1]["slug"] = json!("prd");
-        let err = Broker::from_value(v).unwrap_err();
+        let err = checked(v).unwrap_err();
         assert!(err.message.contains("more than once"), "{err}");
     }
 
     #[test]
     fn patch_replaces_adds_and_removes_envs() {
-        let b = Broker::from_value(two_envs()).unwrap();
+        let b = checked(two_envs()).unwrap();
         let patch = BrokerPatch::from_value(json!({
             "envs": [{"slug": "prd", "type": "KAFKA", "config": {"brokers": ["127.0.0.1:9092"]}},
                      {"slug": "local", "type": "embedded"}],
             "removeEnvs": ["dev"]
         }))
         .unwrap();
-        let next = patch.apply(&b).unwrap();
-        let slugs: Vec<_> = next.envs.iter().map(|e| (e.slug.as_str(), e.broker_type)).collect();
-        assert_eq!(slugs, vec![("prd", BrokerType::Kafka), ("local", BrokerType::Embedded)]);
+        let next = patch.apply(&b, &builtin_kinds()).unwrap();
+        let slugs: Vec<_> = next.envs.iter().map(|e| (e.slug.as_str(), e.broker_type.as_str())).collect();
+        assert_eq!(slugs, vec![("prd", "kafka"), ("local", "embedded")]);
     }
 
     #[test]
     fn redaction_hides_literal_secrets_only() {
-        let b = Broker::from_value(two_envs()).unwrap().redacted();
+        let b = checked(two_envs()).unwrap().redacted();
         assert_eq!(b.envs[1].config["password"], "****");
         assert_eq!(b.envs[0].config["url"], "${RABBITMQ_URL}");
     }
@@ -382,32 +377,32 @@ mod tests {
     fn huge_or_control_character_names_are_refused() {
         let mut v = two_envs();
         v["name"] = json!("n".repeat(65_536));
-        assert_eq!(Broker::from_value(v).unwrap_err().field, "name");
+        assert_eq!(checked(v).unwrap_err().field, "name");
         let mut v = two_envs();
         v["name"] = json!("red\u{1b}[31m");
-        assert_eq!(Broker::from_value(v).unwrap_err().field, "name");
+        assert_eq!(checked(v).unwrap_err().field, "name");
         let mut v = two_envs();
         v["description"] = json!("d".repeat(1 << 20));
-        assert_eq!(Broker::from_value(v).unwrap_err().field, "description");
+        assert_eq!(checked(v).unwrap_err().field, "description");
     }
 
     #[test]
     fn arrays_in_place_of_objects_are_refused_with_the_field_named() {
-        let err = Broker::from_value(json!(["Bus", "bus", null, [["dev", "embedded", {}]]])).unwrap_err();
+        let err = checked(json!(["Bus", "bus", null, [["dev", "embedded", {}]]])).unwrap_err();
         assert!(err.message.contains("named fields"), "{err}");
         let mut v = two_envs();
         v["envs"][1] = json!(["dev", "redis", {"host": "h"}]);
-        let err = Broker::from_value(v).unwrap_err();
+        let err = checked(v).unwrap_err();
         assert_eq!(err.field, "envs[1]", "{err}");
         let mut v = two_envs();
         v["envs"][0] = json!({"slug": "k", "type": "kafka", "config": {"brokers": ["h:1"], "sasl": ["plain", "u", "p"]}});
-        let err = Broker::from_value(v).unwrap_err();
+        let err = checked(v).unwrap_err();
         assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("k"), "config.sasl"), "{err}");
     }
 
     #[test]
     fn kafka_properties_and_odd_url_passwords_are_redacted() {
-        let b = Broker::from_value(json!({"name": "B", "tag": "b", "envs": [
+        let b = checked(json!({"name": "B", "tag": "b", "envs": [
             {"slug": "k", "type": "kafka", "config": {"brokers": ["h:9092"], "properties": {
                 "sasl.password": "pw-1", "ssl.key.password": "pw-2", "sasl.jaas.config": "x password=\"pw-3\";"}}},
             {"slug": "r", "type": "rabbitmq", "config": {"url": "amqp://app:pw/4@rabbit:5672/"}}]}))

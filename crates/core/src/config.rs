@@ -272,41 +272,41 @@ fn require_one(present: &[(bool, &str)]) -> Result<(), (String, String)> {
 }
 
 /// Validates `config` for `broker_type`: required fields, value types, unknown fields.
-pub fn validate(broker_type: BrokerType, config: &Value) -> Result<(), (String, String)> {
+pub fn validate(broker_type: &BrokerType, config: &Value) -> Result<(), (String, String)> {
     if !config.is_object() {
         return Err(("config".into(), "expected an object".into()));
     }
-    match broker_type {
-        BrokerType::Kafka => {
+    match broker_type.as_str() {
+        "kafka" => {
             let c: KafkaConfig = parse(config)?;
             if c.brokers.is_empty() {
                 return Err(("config.brokers".into(), "at least one `host:port` is required".into()));
             }
         }
-        BrokerType::Redis => {
+        "redis" => {
             let c: RedisConfig = parse(config)?;
             require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
         }
-        BrokerType::Rabbitmq => {
+        "rabbitmq" => {
             let c: RabbitmqConfig = parse(config)?;
             require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
         }
-        BrokerType::GooglePubsub => {
+        "google_pubsub" => {
             let c: PubsubConfig = parse(config)?;
             if c.project_id.len() < 3 && !secret::is_reference(&c.project_id) {
                 return Err(("config.projectId".into(), "a project id has at least 3 characters".into()));
             }
         }
-        BrokerType::AwsSqs => {
+        "aws_sqs" => {
             parse::<SqsConfig>(config)?;
         }
-        BrokerType::Nats => {
+        "nats" => {
             let c: NatsConfig = parse(config)?;
             if c.servers.to_vec().is_empty() {
                 return Err(("config.servers".into(), "at least one server URL is required".into()));
             }
         }
-        BrokerType::Mqtt => {
+        "mqtt" => {
             let c: MqttConfig = parse(config)?;
             require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
             if let Some(v) = c.version
@@ -316,11 +316,44 @@ pub fn validate(broker_type: BrokerType, config: &Value) -> Result<(), (String, 
                 return Err(("config.version".into(), format!("expected 3 or 5, got {v}")));
             }
         }
-        BrokerType::Embedded => {
+        "embedded" => {
             parse::<EmbeddedConfig>(config)?;
         }
+        other => return Err(("type".into(), format!("no built-in config for `{other}`"))),
     }
     Ok(())
+}
+
+/// A broker type whose config and native names are checked by this module, for the
+/// connectors that have not taken their rules over yet.
+#[derive(Debug, Clone)]
+pub struct Builtin(pub BrokerType);
+
+impl crate::kind::BrokerKind for Builtin {
+    fn broker_type(&self) -> BrokerType {
+        self.0.clone()
+    }
+
+    fn validate_config(&self, config: &Value) -> Result<(), (String, String)> {
+        validate(&self.0, config)
+    }
+
+    fn check_native(&self, name: &str) -> Result<(), String> {
+        crate::names::check_native(&self.0, name)
+    }
+
+    fn check_group(&self, native: &str, group: &str) -> Result<(), String> {
+        crate::names::check_group(&self.0, native, group)
+    }
+}
+
+/// The built-in kinds.
+pub fn builtin_kinds() -> crate::kind::Kinds {
+    let names = ["kafka", "redis", "rabbitmq", "google_pubsub", "aws_sqs", "nats", "mqtt", "embedded"];
+    crate::kind::Kinds::new(names.map(|n| {
+        std::sync::Arc::new(Builtin(BrokerType::from_static(n)))
+            as std::sync::Arc<dyn crate::kind::BrokerKind>
+    }))
 }
 
 #[cfg(test)]
@@ -332,50 +365,58 @@ mod tests {
     fn each_type_accepts_its_seed_fields() {
         let cases = [
             (
-                BrokerType::Kafka,
+                BrokerType::from_static("kafka"),
                 json!({"brokers": ["a:9092"], "clientId": "c", "groupId": "g", "ssl": false,
                 "sasl": {"mechanism": "scram-sha-256", "username": "u", "password": "${P}"}}),
             ),
-            (BrokerType::Redis, json!({"host": "h", "port": 6379, "channel": "c", "password": "${P}"})),
             (
-                BrokerType::Rabbitmq,
+                BrokerType::from_static("redis"),
+                json!({"host": "h", "port": 6379, "channel": "c", "password": "${P}"}),
+            ),
+            (
+                BrokerType::from_static("rabbitmq"),
                 json!({"host": "h", "port": 5672, "username": "u", "password": "p",
                 "exchange": "e", "queue": "q", "routingKey": "r"}),
             ),
             (
-                BrokerType::GooglePubsub,
+                BrokerType::from_static("google_pubsub"),
                 json!({"projectId": "proj", "topicName": "t", "keyFilename": "k.json"}),
             ),
             (
-                BrokerType::AwsSqs,
+                BrokerType::from_static("aws_sqs"),
                 json!({"region": "eu-west-1", "queueUrl": "http://q", "accessKeyId": "a",
                 "secretAccessKey": "s"}),
             ),
-            (BrokerType::Nats, json!({"servers": ["nats://127.0.0.1:4222"], "maxReconnectAttempts": 3})),
-            (BrokerType::Mqtt, json!({"host": "127.0.0.1", "version": 5})),
-            (BrokerType::Embedded, json!({})),
+            (
+                BrokerType::from_static("nats"),
+                json!({"servers": ["nats://127.0.0.1:4222"], "maxReconnectAttempts": 3}),
+            ),
+            (BrokerType::from_static("mqtt"), json!({"host": "127.0.0.1", "version": 5})),
+            (BrokerType::from_static("embedded"), json!({})),
         ];
         for (t, c) in cases {
-            validate(t, &c).unwrap_or_else(|e| panic!("{t}: {e:?}"));
+            validate(&t, &c).unwrap_or_else(|e| panic!("{t}: {e:?}"));
         }
     }
 
     #[test]
     fn unknown_and_missing_fields_are_named() {
-        let (field, msg) = validate(BrokerType::Redis, &json!({"hots": "x"})).unwrap_err();
+        let (field, msg) = validate(&BrokerType::from_static("redis"), &json!({"hots": "x"})).unwrap_err();
         assert_eq!(field, "config.hots");
         assert!(msg.contains("unknown field `hots`"), "{msg}");
-        let (field, msg) = validate(BrokerType::AwsSqs, &json!({})).unwrap_err();
+        let (field, msg) = validate(&BrokerType::from_static("aws_sqs"), &json!({})).unwrap_err();
         assert_eq!(field, "config.region");
         assert!(msg.contains("region"), "{msg}");
-        let (field, _) = validate(BrokerType::Kafka, &json!({"brokers": "a:9092"})).unwrap_err();
+        let (field, _) =
+            validate(&BrokerType::from_static("kafka"), &json!({"brokers": "a:9092"})).unwrap_err();
         assert_eq!(field, "config.brokers");
     }
 
     #[test]
     fn secret_values_never_appear_in_type_errors() {
         let (field, msg) =
-            validate(BrokerType::Redis, &json!({"host": "h", "password": 1234567})).unwrap_err();
+            validate(&BrokerType::from_static("redis"), &json!({"host": "h", "password": 1234567}))
+                .unwrap_err();
         assert_eq!(field, "config.password");
         assert!(!msg.contains("1234567"));
     }

@@ -5,6 +5,7 @@ pub mod broker;
 pub mod config;
 pub mod error;
 pub mod headers;
+pub mod kind;
 pub mod limits;
 pub mod message;
 pub mod names;
@@ -19,6 +20,7 @@ pub mod wire;
 
 pub use broker::{Broker, BrokerEnv, BrokerPatch, BrokerType};
 pub use error::{Error, Op, Result, ValidationError};
+pub use kind::{BrokerKind, Kinds};
 pub use message::Message;
 pub use tag::EventRef;
 pub use topic::{Topic, TopicEnv, TopicPatch, TopicSpec};

@@ -35,46 +35,42 @@ const MQTT_RESERVED_LEVELS: [&str; 3] = ["polybus-retry", "polybus-parked", "pol
 
 /// Checks `name` as a topic's native name or dead-letter destination on `broker_type`; the error
 /// names the rule broken.
-pub fn check_native(broker_type: BrokerType, name: &str) -> Result<(), String> {
-    check_common(name)?;
-    match broker_type {
-        BrokerType::Kafka => check_kafka(name),
-        BrokerType::Rabbitmq => check_rabbitmq(name),
-        BrokerType::Nats => check_nats(name),
-        BrokerType::Mqtt => check_mqtt(name),
-        BrokerType::AwsSqs => check_sqs(name),
-        BrokerType::GooglePubsub => check_pubsub_topic(name),
-        BrokerType::Redis | BrokerType::Embedded => Ok(()),
+pub fn check_native(broker_type: &BrokerType, name: &str) -> Result<(), String> {
+    check_plain(name)?;
+    match broker_type.as_str() {
+        "kafka" => check_kafka(name),
+        "rabbitmq" => check_rabbitmq(name),
+        "nats" => check_nats(name),
+        "mqtt" => check_mqtt(name),
+        "aws_sqs" => check_sqs(name),
+        "google_pubsub" => check_pubsub_topic(name),
+        _ => Ok(()),
     }
 }
 
 /// Checks the names group `group` derives on the topic `native` (already a legal native name).
-pub fn check_group(broker_type: BrokerType, native: &str, group: &str) -> Result<(), String> {
-    match broker_type {
-        BrokerType::Kafka => {
+pub fn check_group(broker_type: &BrokerType, native: &str, group: &str) -> Result<(), String> {
+    match broker_type.as_str() {
+        "kafka" => {
             let retry = format!("{native}{GROUP_SEPARATOR}{group}.retry");
             check_kafka(&retry).map_err(|e| format!("the group's retry topic: {e}"))
         }
-        BrokerType::Rabbitmq => {
+        "rabbitmq" => {
             let queue = format!("{native}{GROUP_SEPARATOR}{group}");
             within(&queue, MAX_NATIVE_BYTES).map_err(|e| format!("the group's queue: {e}"))
         }
-        BrokerType::GooglePubsub => {
+        "google_pubsub" => {
             let id = native.rsplit('/').next().unwrap_or(native);
             check_pubsub_id(&format!("{id}{GROUP_SEPARATOR}{group}"))
                 .map_err(|e| format!("the group's subscription: {e}"))
         }
-        BrokerType::Redis
-        | BrokerType::Embedded
-        | BrokerType::Nats
-        | BrokerType::Mqtt
-        | BrokerType::AwsSqs => Ok(()),
+        _ => Ok(()),
     }
 }
 
 /// Checks an SQS queue URL: `http(s)://host/…/<queue name>`, without credentials.
 pub fn check_queue_url(url: &str) -> Result<(), String> {
-    check_common(url)?;
+    check_plain(url)?;
     let rest = url
         .strip_prefix("https://")
         .or_else(|| url.strip_prefix("http://"))
@@ -90,7 +86,8 @@ pub fn check_queue_url(url: &str) -> Result<(), String> {
     check_sqs(name).map_err(|e| format!("its queue name: {e}"))
 }
 
-fn check_common(name: &str) -> Result<(), String> {
+/// Checks the rule every broker shares: 1 to 255 bytes, no spaces or control characters.
+pub fn check_plain(name: &str) -> Result<(), String> {
     if name.is_empty() {
         return Err("must not be empty".into());
     }
@@ -227,17 +224,25 @@ fn check_pubsub_id(id: &str) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use BrokerType::*;
+    const KAFKA: BrokerType = BrokerType::from_static("kafka");
+    const RABBITMQ: BrokerType = BrokerType::from_static("rabbitmq");
+    const NATS: BrokerType = BrokerType::from_static("nats");
+    const MQTT: BrokerType = BrokerType::from_static("mqtt");
+    const REDIS: BrokerType = BrokerType::from_static("redis");
+    const SQS: BrokerType = BrokerType::from_static("aws_sqs");
+    const PUBSUB: BrokerType = BrokerType::from_static("google_pubsub");
+    const ALL: [BrokerType; 8] =
+        [KAFKA, REDIS, RABBITMQ, PUBSUB, SQS, NATS, MQTT, BrokerType::from_static("embedded")];
 
     #[track_caller]
-    fn refused(broker_type: BrokerType, name: &str, says: &str) {
+    fn refused(broker_type: &BrokerType, name: &str, says: &str) {
         let err = check_native(broker_type, name).expect_err(name);
         assert!(err.contains(says), "{broker_type} {name:?}: {err}");
     }
 
     #[test]
     fn plain_names_are_legal_everywhere() {
-        for t in BrokerType::ALL {
+        for t in &ALL {
             for name in ["orders", "orders-v1", "orders_eu", "orders-dlq"] {
                 check_native(t, name).unwrap_or_else(|e| panic!("{t} {name}: {e}"));
             }
@@ -248,29 +253,29 @@ mod tests {
     #[test]
     fn wildcards_are_refused_where_they_are_wildcards() {
         for name in ["#", "*", "a.*", "a.#.b"] {
-            refused(Rabbitmq, name, "wildcard in RabbitMQ");
+            refused(&RABBITMQ, name, "wildcard in RabbitMQ");
         }
-        refused(Rabbitmq, "amq.orders", "reserves");
+        refused(&RABBITMQ, "amq.orders", "reserves");
         for name in ["*", ">", "a.*", "a.>"] {
-            refused(Nats, name, "wildcard in NATS");
+            refused(&NATS, name, "wildcard in NATS");
         }
         for name in [".a", "a.", "a..b"] {
-            refused(Nats, name, "empty subject token");
+            refused(&NATS, name, "empty subject token");
         }
         for name in ["#", "+", "a/+/b", "a/#"] {
-            refused(Mqtt, name, "wildcard in MQTT");
+            refused(&MQTT, name, "wildcard in MQTT");
         }
-        refused(Mqtt, "$SYS/broker", "reserves");
-        refused(Mqtt, "polybus-retry/x", "keeps for itself");
+        refused(&MQTT, "$SYS/broker", "reserves");
+        refused(&MQTT, "polybus-retry/x", "keeps for itself");
         // What is a wildcard on one broker is a plain character on another.
-        check_native(Redis, "a.*").unwrap();
-        check_native(Mqtt, "a.*").unwrap();
-        check_native(Rabbitmq, "a/+").unwrap();
+        check_native(&REDIS, "a.*").unwrap();
+        check_native(&MQTT, "a.*").unwrap();
+        check_native(&RABBITMQ, "a/+").unwrap();
     }
 
     #[test]
     fn spaces_control_characters_and_length_are_refused_everywhere() {
-        for t in BrokerType::ALL {
+        for t in &ALL {
             refused(t, "with space", "spaces or control");
             refused(t, "nul\0", "spaces or control");
             refused(t, "", "empty");
@@ -280,31 +285,31 @@ mod tests {
 
     #[test]
     fn kafka_sqs_and_pubsub_have_their_character_sets_and_lengths() {
-        check_native(Kafka, &"k".repeat(249)).unwrap();
-        refused(Kafka, &"k".repeat(250), "249");
-        refused(Kafka, "..", "not a Kafka topic name");
-        refused(Kafka, "a/b", "[A-Za-z0-9._-]");
-        check_native(AwsSqs, "orders.fifo").unwrap();
-        refused(AwsSqs, "orders.eu", "[A-Za-z0-9_-]");
-        refused(AwsSqs, &"q".repeat(81), "80");
-        refused(GooglePubsub, "1orders", "starts with a letter");
-        refused(GooglePubsub, "ab", "3 to 255");
-        refused(GooglePubsub, "google-orders", "goog");
-        refused(GooglePubsub, "a/b", "`/`");
-        check_native(GooglePubsub, "orders.v1~+%").unwrap();
-        check_native(GooglePubsub, "projects/other-project/topics/orders").unwrap();
-        refused(GooglePubsub, "projects/x/subscriptions/y", "neither");
+        check_native(&KAFKA, &"k".repeat(249)).unwrap();
+        refused(&KAFKA, &"k".repeat(250), "249");
+        refused(&KAFKA, "..", "not a Kafka topic name");
+        refused(&KAFKA, "a/b", "[A-Za-z0-9._-]");
+        check_native(&SQS, "orders.fifo").unwrap();
+        refused(&SQS, "orders.eu", "[A-Za-z0-9_-]");
+        refused(&SQS, &"q".repeat(81), "80");
+        refused(&PUBSUB, "1orders", "starts with a letter");
+        refused(&PUBSUB, "ab", "3 to 255");
+        refused(&PUBSUB, "google-orders", "goog");
+        refused(&PUBSUB, "a/b", "`/`");
+        check_native(&PUBSUB, "orders.v1~+%").unwrap();
+        check_native(&PUBSUB, "projects/other-project/topics/orders").unwrap();
+        refused(&PUBSUB, "projects/x/subscriptions/y", "neither");
     }
 
     #[test]
     fn derived_group_names_must_stay_legal() {
         let long = "k".repeat(240);
-        assert!(check_group(Kafka, &long, "billing").unwrap_err().contains("retry topic"));
+        assert!(check_group(&KAFKA, &long, "billing").unwrap_err().contains("retry topic"));
         let long = "r".repeat(250);
-        assert!(check_group(Rabbitmq, &long, "billing").unwrap_err().contains("queue"));
+        assert!(check_group(&RABBITMQ, &long, "billing").unwrap_err().contains("queue"));
         let long = "p".repeat(250);
-        assert!(check_group(GooglePubsub, &long, "billing").unwrap_err().contains("subscription"));
-        check_group(GooglePubsub, "projects/p/topics/orders", "billing").unwrap();
+        assert!(check_group(&PUBSUB, &long, "billing").unwrap_err().contains("subscription"));
+        check_group(&PUBSUB, "projects/p/topics/orders", "billing").unwrap();
     }
 
     #[test]

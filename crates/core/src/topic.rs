@@ -5,6 +5,7 @@ use serde_json::Value;
 
 use crate::broker::{Broker, BrokerType, from_value_at};
 use crate::error::ValidationError;
+use crate::kind::Kinds;
 use crate::tag::EventRef;
 use crate::{limits, names};
 
@@ -112,8 +113,9 @@ impl Topic {
         EventRef::parse_field(&self.tag, "tag")
     }
 
-    /// Checks the topic against its broker: tags, env slugs, settings.
-    pub fn validate(&self, broker: &Broker) -> Result<(), ValidationError> {
+    /// Checks the topic against its broker: tags, env slugs, settings, and native names through
+    /// the kinds of the broker's envs.
+    pub fn validate(&self, broker: &Broker, kinds: &Kinds) -> Result<(), ValidationError> {
         let event = self.event()?;
         if event.broker != broker.tag {
             return Err(ValidationError::field("tag", format!("broker part must be `{}`", broker.tag)));
@@ -161,13 +163,24 @@ impl Topic {
             }
         }
         for env in &broker.envs {
-            self.check_native_names(&env.slug, env.broker_type)?;
+            self.check_native_names(&env.slug, &env.broker_type, kinds)?;
         }
         Ok(())
     }
 
-    /// Checks every native name this topic uses in `env` against the rules of `broker_type`.
-    pub fn check_native_names(&self, env: &str, broker_type: BrokerType) -> Result<(), ValidationError> {
+    /// Checks every native name this topic uses in `env` against the rules every broker shares
+    /// and those of `broker_type`'s kind in `kinds`.
+    pub fn check_native_names(
+        &self,
+        env: &str,
+        broker_type: &BrokerType,
+        kinds: &Kinds,
+    ) -> Result<(), ValidationError> {
+        let kind = kinds.get(broker_type).map_err(|e| ValidationError::in_env(env, "type", e))?;
+        let check = |name: &str| {
+            names::check_plain(name)?;
+            kind.map_or(Ok(()), |k| k.check_native(name))
+        };
         let invalid = |field: &str, e: String| {
             ValidationError::in_env(env, field, format!("not a valid {broker_type} name: {e}"))
         };
@@ -176,7 +189,7 @@ impl Topic {
         if let Some(o) = overrides {
             for (field, name) in [("nativeName", &o.native_name), ("topicName", &o.topic_name)] {
                 if let Some(name) = name {
-                    names::check_native(broker_type, name).map_err(|e| invalid(field, e))?;
+                    check(name).map_err(|e| invalid(field, e))?;
                 }
             }
             if let Some(url) = &o.queue_url {
@@ -185,10 +198,10 @@ impl Topic {
         }
         let spec = self.spec(env)?;
         if named.is_none() {
-            names::check_native(broker_type, &spec.native_name)
+            check(&spec.native_name)
                 .map_err(|e| invalid("tag", format!("{e}; set `nativeName` for this env")))?;
         }
-        names::check_native(broker_type, &spec.dead_letter).map_err(|e| match &self.dead_letter {
+        check(&spec.dead_letter).map_err(|e| match &self.dead_letter {
             Some(_) => invalid("deadLetter", e),
             None => invalid("deadLetter", format!("the default `<native>-dlq`: {e}; set `deadLetter`")),
         })
@@ -258,8 +271,8 @@ impl TopicPatch {
         from_value_at(value, "")
     }
 
-    /// Applies the patch to `current` and validates the result against `broker`.
-    pub fn apply(&self, current: &Topic, broker: &Broker) -> Result<Topic, ValidationError> {
+    /// Applies the patch to `current` and validates the result against `broker` through `kinds`.
+    pub fn apply(&self, current: &Topic, broker: &Broker, kinds: &Kinds) -> Result<Topic, ValidationError> {
         if let Some(tag) = &self.tag
             && tag != &current.tag
         {
@@ -297,7 +310,7 @@ impl TopicPatch {
                 None => next.envs.push(env.clone()),
             }
         }
-        next.validate(broker)?;
+        next.validate(broker, kinds)?;
         Ok(next)
     }
 }
@@ -348,6 +361,7 @@ impl TopicSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::builtin_kinds;
     use serde_json::json;
 
     fn broker() -> Broker {
@@ -362,7 +376,7 @@ mod tests {
         let t = Topic::from_value(json!({"tag": "message-bus:orders",
             "queueUrl": [{"env_slug": "prd", "url": "http://q/orders"}]}))
         .unwrap();
-        t.validate(&broker()).unwrap();
+        t.validate(&broker(), &builtin_kinds()).unwrap();
         assert_eq!(t.name, "orders");
         assert_eq!(t.spec("prd").unwrap().queue_url.as_deref(), Some("http://q/orders"));
         let dev = t.spec("dev").unwrap();
@@ -373,7 +387,10 @@ mod tests {
     fn a_blank_name_in_a_patch_is_the_default_name_as_on_creation() {
         // Found by fuzzing: the patched topic kept `""`, and read back it was `orders`.
         let t = Topic::from_value(json!({"tag": "message-bus:orders", "name": "Orders"})).unwrap();
-        let patched = TopicPatch::from_value(json!({"name": " "})).unwrap().apply(&t, &broker()).unwrap();
+        let patched = TopicPatch::from_value(json!({"name": " "}))
+            .unwrap()
+            .apply(&t, &broker(), &builtin_kinds())
+            .unwrap();
         assert_eq!(patched.name, "orders");
         assert_eq!(Topic::from_value(serde_json::to_value(&patched).unwrap()).unwrap(), patched);
     }
@@ -381,9 +398,9 @@ mod tests {
     #[test]
     fn topic_of_another_broker_or_unknown_env_is_refused() {
         let t = Topic::from_value(json!({"tag": "other:orders"})).unwrap();
-        assert_eq!(t.validate(&broker()).unwrap_err().field, "tag");
+        assert_eq!(t.validate(&broker(), &builtin_kinds()).unwrap_err().field, "tag");
         let t = Topic::from_value(json!({"tag": "message-bus:orders", "envs": [{"slug": "stg"}]})).unwrap();
-        assert!(t.validate(&broker()).unwrap_err().message.contains("no env `stg`"));
+        assert!(t.validate(&broker(), &builtin_kinds()).unwrap_err().message.contains("no env `stg`"));
     }
 
     fn on(broker_type: &str) -> Broker {
@@ -418,7 +435,8 @@ mod tests {
             ("mqtt", "#"),
             ("mqtt", "a/+"),
         ] {
-            let err = in_prd(json!({"nativeName": name})).validate(&on(broker_type)).unwrap_err();
+            let err =
+                in_prd(json!({"nativeName": name})).validate(&on(broker_type), &builtin_kinds()).unwrap_err();
             assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "nativeName"), "{err}");
             assert!(err.message.contains("wildcard"), "{broker_type} {name}: {err}");
         }
@@ -426,23 +444,27 @@ mod tests {
         let t =
             Topic::from_value(json!({"tag": "bus:orders", "envs": [{"slug": "dev", "nativeName": "a.*"}]}))
                 .unwrap();
-        t.validate(&on("rabbitmq")).unwrap();
+        t.validate(&on("rabbitmq"), &builtin_kinds()).unwrap();
     }
 
     #[test]
     fn topic_name_queue_url_and_dead_letter_are_validated_per_broker() {
         for bad in ["with space", "nul\u{0}", "#"] {
-            let err = in_prd(json!({"topicName": bad})).validate(&on("google_pubsub")).unwrap_err();
+            let err = in_prd(json!({"topicName": bad}))
+                .validate(&on("google_pubsub"), &builtin_kinds())
+                .unwrap_err();
             assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "topicName"), "{err}");
         }
-        let err = in_prd(json!({"queueUrl": "file:///etc/passwd"})).validate(&on("aws_sqs")).unwrap_err();
+        let err = in_prd(json!({"queueUrl": "file:///etc/passwd"}))
+            .validate(&on("aws_sqs"), &builtin_kinds())
+            .unwrap_err();
         assert_eq!(err.field, "queueUrl");
         let mut t = in_prd(json!({}));
         t.dead_letter = Some("#".into());
-        let err = t.validate(&on("rabbitmq")).unwrap_err();
+        let err = t.validate(&on("rabbitmq"), &builtin_kinds()).unwrap_err();
         assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "deadLetter"), "{err}");
         let t = in_prd(json!({"nativeName": "k".repeat(249)}));
-        let err = t.validate(&on("kafka")).unwrap_err();
+        let err = t.validate(&on("kafka"), &builtin_kinds()).unwrap_err();
         assert!(err.field == "deadLetter" && err.message.contains("default"), "{err}");
     }
 
@@ -450,9 +472,9 @@ mod tests {
     fn names_and_descriptions_are_bounded() {
         let mut t = Topic::from_value(json!({"tag": "bus:orders"})).unwrap();
         t.name = "n".repeat(65_536);
-        assert_eq!(t.validate(&on("redis")).unwrap_err().field, "name");
+        assert_eq!(t.validate(&on("redis"), &builtin_kinds()).unwrap_err().field, "name");
         t.name = "Orders".into();
         t.description = Some("\u{1b}]0;owned\u{7}".into());
-        assert_eq!(t.validate(&on("redis")).unwrap_err().field, "description");
+        assert_eq!(t.validate(&on("redis"), &builtin_kinds()).unwrap_err().field, "description");
     }
 }

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use crate::broker::BrokerType;
 use crate::error::Result;
+use crate::kind::BrokerKind;
 use crate::message::Message;
 use crate::secret;
 use crate::topic::TopicSpec;
@@ -190,11 +191,10 @@ impl fmt::Debug for ConnectTarget {
     }
 }
 
-/// Makes transports for one broker type.
+/// Makes transports for one broker type; as a [`BrokerKind`] it declares the type's name and
+/// checks its definitions.
 #[async_trait]
-pub trait Connector: Send + Sync {
-    /// The broker type this connector serves.
-    fn broker_type(&self) -> BrokerType;
+pub trait Connector: BrokerKind {
     /// Connects to the broker env described by `target`.
     async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>>;
 }

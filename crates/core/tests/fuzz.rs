@@ -17,6 +17,13 @@ use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
 
 /// What every validation error must do, whatever the input.
+/// Parses and validates a broker through the built-in kinds.
+fn checked(doc: Value) -> Result<Broker, ValidationError> {
+    let broker = Broker::from_value(doc)?;
+    broker.validate(&config::builtin_kinds())?;
+    Ok(broker)
+}
+
 fn check_error(error: &ValidationError, doc: &Value) -> Result<(), TestCaseError> {
     let shown = format!("{error} {:?}", error.env);
     // A field may be named ` ` or `\n`: a key is whatever the document says.
@@ -69,7 +76,7 @@ fn documents(valid: BoxedStrategy<Value>) -> BoxedStrategy<Value> {
 #[test]
 fn valid_brokers_parse_round_trip_and_redact() {
     fuzz("valid broker documents", broker_doc(), |doc| {
-        let broker = Broker::from_value(doc.clone());
+        let broker = checked(doc.clone());
         check(broker.is_ok(), || format!("a valid broker is refused: {broker:?}\n{doc:#}"))?;
         let broker = broker.expect("checked");
         round_trips(&broker)?;
@@ -79,7 +86,7 @@ fn valid_brokers_parse_round_trip_and_redact() {
 
 #[test]
 fn broker_documents_never_panic_and_name_the_field() {
-    fuzz("broker documents", documents(broker_doc()), |doc| match Broker::from_value(doc.clone()) {
+    fuzz("broker documents", documents(broker_doc()), |doc| match checked(doc.clone()) {
         Ok(broker) => {
             round_trips(&broker)?;
             check_redacted(&broker)
@@ -125,7 +132,7 @@ fn broker_patches_never_panic_and_name_the_field() {
             Ok(parsed) => parsed,
             Err(error) => return check_error(&error, &patch),
         };
-        match parsed.apply(&base) {
+        match parsed.apply(&base, &config::builtin_kinds()) {
             Ok(next) => {
                 round_trips(&next)?;
                 check(next.tag == base.tag && next.version == base.version, || {
@@ -166,7 +173,7 @@ fn valid_topics_validate_and_round_trip() {
         let topic = Topic::from_value(doc.clone());
         check(topic.is_ok(), || format!("a valid topic is refused: {topic:?}\n{doc:#}"))?;
         let topic = topic.expect("checked");
-        let valid = topic.validate(&broker);
+        let valid = topic.validate(&broker, &config::builtin_kinds());
         check(valid.is_ok(), || format!("a valid topic is refused: {valid:?}\n{doc:#}"))?;
         check_topic(&topic, &broker)
     });
@@ -181,7 +188,7 @@ fn topic_documents_never_panic_and_name_the_field() {
             Ok(topic) => topic,
             Err(error) => return check_error(&error, &doc),
         };
-        match topic.validate(&broker) {
+        match topic.validate(&broker, &config::builtin_kinds()) {
             Ok(()) => check_topic(&topic, &broker),
             Err(error) => check_error(&error, &doc),
         }
@@ -207,7 +214,7 @@ fn topic_patches_never_panic_and_name_the_field() {
             Ok(parsed) => parsed,
             Err(error) => return check_error(&error, &patch),
         };
-        match parsed.apply(&topic, &broker) {
+        match parsed.apply(&topic, &broker, &config::builtin_kinds()) {
             Ok(next) => check_topic(&next, &broker),
             Err(error) => check_error(&error, &patch),
         }
@@ -221,7 +228,7 @@ fn each_broker_types_config_names_the_field() {
     });
     fuzz("configs", cases, |(broker_type, config)| {
         let broker_type: BrokerType = broker_type.parse().expect("a known type");
-        if let Err((field, message)) = config::validate(broker_type, &config) {
+        if let Err((field, message)) = config::validate(&broker_type, &config) {
             check(field == "config" || field.starts_with("config."), || format!("field `{field}`"))?;
             check(!message.is_empty(), || format!("no message for `{field}`"))?;
             let secrets = secrets_in(&config);

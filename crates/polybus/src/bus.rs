@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use polybus_core::{
-    BrokerType, Capabilities, ConnectTarget, Connector, Error, Message, Result, SubscribeOptions, TopicSpec,
-    Transport, ValidationError, names,
+    BrokerKind, BrokerType, Capabilities, ConnectTarget, Connector, Error, Kinds, Message, Result,
+    SubscribeOptions, TopicSpec, Transport, ValidationError,
 };
 use polybus_registry::Registry;
 use tokio::sync::Mutex;
@@ -79,11 +79,19 @@ impl BusBuilder {
         self
     }
 
-    /// Builds the bus; connections are made lazily, on first use of an env.
+    /// Builds the bus; connections are made lazily, on first use of an env. A registry given
+    /// without kinds ([`Registry::with_kinds`]) validates what is written through the bus's
+    /// [`Bus::registry`] with the bus's connectors.
     pub fn build(self) -> Bus {
+        let kinds = kinds_of(self.connectors.values());
+        let registry = match self.registry.kinds().is_unchecked() {
+            true => self.registry.with_kinds(kinds.clone()),
+            false => self.registry,
+        };
         Bus {
             inner: Arc::new(Inner {
-                registry: self.registry,
+                registry,
+                kinds,
                 connectors: self.connectors,
                 secrets: self.secrets,
                 files: self.files,
@@ -100,6 +108,8 @@ type Gate = Arc<Mutex<()>>;
 
 struct Inner {
     registry: Registry,
+    /// The connectors' broker types, to check native names with.
+    kinds: Kinds,
     connectors: HashMap<BrokerType, Arc<dyn Connector>>,
     secrets: SecretPolicy,
     files: FilePolicy,
@@ -125,6 +135,12 @@ impl Bus {
     pub fn builder(registry: Registry) -> BusBuilder {
         let connectors = crate::default_connectors().into_iter().map(|c| (c.broker_type(), c)).collect();
         BusBuilder { registry, connectors, secrets: SecretPolicy::any_env(), files: FilePolicy::default() }
+    }
+
+    /// The broker types of this bus's connectors: give them to a registry to validate
+    /// definitions the way this bus will use them.
+    pub fn kinds(&self) -> &Kinds {
+        &self.inner.kinds
     }
 
     /// The registry this bus resolves through.
@@ -176,7 +192,7 @@ impl Bus {
         polybus_core::tag::check_tag(&options.group)
             .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
-        check_group(&options.group, route.broker_type, &route.spec)?;
+        self.check_group(&options.group, &route.broker_type, &route.spec)?;
         let inner = route.transport.subscribe(&route.spec, &options).await?;
         let dead_letter = DeadLetterTarget {
             transport: route.transport.clone(),
@@ -200,7 +216,7 @@ impl Bus {
             .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
         let spec = route.spec.dead_letter_spec();
-        check_group(&options.group, route.broker_type, &spec)?;
+        self.check_group(&options.group, &route.broker_type, &spec)?;
         route.transport.ensure_topic(&spec).await?;
         let inner = route.transport.subscribe(&spec, &options).await?;
         let nowhere = DeadLetterTarget {
@@ -265,8 +281,11 @@ impl Bus {
                         available: broker.env_slugs(),
                     });
                 };
+                if !self.inner.connectors.contains_key(&broker_env.broker_type) {
+                    return Err(Error::NoAdapter(broker_env.broker_type.to_string()));
+                }
                 // Topics stored before their names were checked, or whose broker changed type.
-                topic.check_native_names(env, broker_env.broker_type)?;
+                topic.check_native_names(env, &broker_env.broker_type, &self.inner.kinds)?;
                 let spec = topic.spec(env)?;
                 if let Some(previous) = previous
                     && previous.topic_version != topic.version
@@ -295,7 +314,7 @@ impl Bus {
                 && conn.checked.elapsed() < REFRESH_AFTER
             {
                 let transport = conn.transport.clone();
-                let broker_type = conn.broker_type;
+                let broker_type = conn.broker_type.clone();
                 let ensure = conn.ensured.insert(spec.native_name.clone());
                 drop(connections);
                 if ensure {
@@ -314,7 +333,7 @@ impl Bus {
             {
                 conn.checked = Instant::now();
                 let transport = conn.transport.clone();
-                let broker_type = conn.broker_type;
+                let broker_type = conn.broker_type.clone();
                 let ensure = conn.ensured.insert(spec.native_name.clone());
                 drop(connections);
                 if ensure {
@@ -329,7 +348,7 @@ impl Bus {
             key,
             Connection {
                 broker_version: version,
-                broker_type,
+                broker_type: broker_type.clone(),
                 transport: transport.clone(),
                 checked: Instant::now(),
                 ensured: [spec.native_name.clone()].into_iter().collect(),
@@ -380,7 +399,7 @@ impl Bus {
         let target = ConnectTarget {
             broker: broker.to_owned(),
             env: env.to_owned(),
-            broker_type: broker_env.broker_type,
+            broker_type: broker_env.broker_type.clone(),
             config: resolved.config,
         };
         let target = ConnectTarget {
@@ -393,7 +412,11 @@ impl Bus {
             .connect(&target)
             .await
             .map_err(|e| self.inner.files.conceal(broker_env, resolved.scrubber.scrub(e)))?;
-        Ok((secrets::scrubbed(transport, resolved.scrubber), broker_env.broker_type, definition.version))
+        Ok((
+            secrets::scrubbed(transport, resolved.scrubber),
+            broker_env.broker_type.clone(),
+            definition.version,
+        ))
     }
 }
 
@@ -424,11 +447,22 @@ fn in_batch(error: Error, index: usize) -> Error {
     }
 }
 
-/// Checks that the names a group derives on `spec`'s broker are legal there.
-fn check_group(group: &str, broker_type: BrokerType, spec: &TopicSpec) -> Result<()> {
-    names::check_group(broker_type, &spec.native_name, group)
-        .map_err(|e| ValidationError::field("group", format!("not a valid {broker_type} name: {e}")))?;
-    Ok(())
+impl Bus {
+    /// Checks that the names a group derives on `spec`'s broker are legal there.
+    fn check_group(&self, group: &str, broker_type: &BrokerType, spec: &TopicSpec) -> Result<()> {
+        let Some(connector) = self.inner.connectors.get(broker_type) else {
+            return Err(Error::NoAdapter(broker_type.to_string()));
+        };
+        connector
+            .check_group(&spec.native_name, group)
+            .map_err(|e| ValidationError::field("group", format!("not a valid {broker_type} name: {e}")))?;
+        Ok(())
+    }
+}
+
+/// The broker types of `connectors`.
+pub(crate) fn kinds_of<'a>(connectors: impl IntoIterator<Item = &'a Arc<dyn Connector>>) -> Kinds {
+    Kinds::new(connectors.into_iter().map(|c| c.clone() as Arc<dyn BrokerKind>))
 }
 
 fn chrono_now() -> polybus_core::message::Timestamp {

@@ -8,7 +8,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use polybus_core::{Broker, BrokerEnv, BrokerType, Error, Result, ValidationError};
+use polybus_core::{Broker, BrokerEnv, Error, Result, ValidationError};
 use serde_json::Value;
 
 /// Name of the data folder placed beside a SQLite registry (or in the working directory for
@@ -22,6 +22,12 @@ use polybus_embedded::DEFAULT_PATH as DEFAULT_BROKER_FILE;
 const DEFAULT_BROKER_FILE: &str = "polybus-broker.db";
 
 /// Endings a confined broker file may have, so that `path` cannot probe or clobber other files.
+// The broker types whose config names files (the names definitions use; their adapters may not
+// be compiled in).
+const EMBEDDED: &str = "embedded";
+const GOOGLE_PUBSUB: &str = "google_pubsub";
+const KAFKA: &str = "kafka";
+
 const BROKER_FILE_EXTENSIONS: [&str; 3] = ["db", "sqlite", "sqlite3"];
 
 /// Kafka (librdkafka) properties that load a library or run a command.
@@ -130,7 +136,7 @@ impl FilePolicy {
         match error {
             Error::Validation(invalid)
                 if self.confined
-                    && env.broker_type == BrokerType::GooglePubsub
+                    && env.broker_type.as_str() == GOOGLE_PUBSUB
                     && invalid.field == "config.keyFilename" =>
             {
                 let written = env.config.get("keyFilename").and_then(Value::as_str).unwrap_or_default();
@@ -141,8 +147,8 @@ impl FilePolicy {
     }
 
     fn place_all(&self, env: &BrokerEnv, mut config: Value, stage: Stage) -> Result<Value> {
-        match env.broker_type {
-            BrokerType::Embedded => {
+        match env.broker_type.as_str() {
+            EMBEDDED => {
                 if !config.is_object() {
                     config = Value::Object(Default::default());
                 }
@@ -155,7 +161,7 @@ impl FilePolicy {
                 let placed = self.place(&env.slug, "path", written, value, Use::BrokerFile, stage)?;
                 config["path"] = Value::String(placed.to_string_lossy().into_owned());
             }
-            BrokerType::GooglePubsub => {
+            GOOGLE_PUBSUB => {
                 let written = env.config.get("keyFilename").and_then(Value::as_str);
                 if let Some(value) = config.get("keyFilename").and_then(Value::as_str) {
                     let written = written.unwrap_or(value);
@@ -163,7 +169,7 @@ impl FilePolicy {
                     config["keyFilename"] = Value::String(placed.to_string_lossy().into_owned());
                 }
             }
-            BrokerType::Kafka => self.place_kafka_properties(&env.slug, &mut config)?,
+            KAFKA => self.place_kafka_properties(&env.slug, &mut config)?,
             _ => {}
         }
         Ok(config)
@@ -387,6 +393,7 @@ async fn blocking<T: Send + 'static>(work: impl FnOnce() -> Result<T> + Send + '
 #[cfg(test)]
 mod tests {
     use super::*;
+    use polybus_core::BrokerType;
 
     #[test]
     fn the_data_folder_sits_beside_a_sqlite_registry() {
@@ -412,7 +419,7 @@ mod tests {
     #[tokio::test]
     async fn locally_relative_paths_and_the_default_file_land_in_the_base() {
         let policy = FilePolicy::local("/srv/app/polybus-data");
-        let embedded = env(BrokerType::Embedded, serde_json::json!({}));
+        let embedded = env(BrokerType::from_static(EMBEDDED), serde_json::json!({}));
         let config = policy.connect_config(&embedded, serde_json::json!({})).await.expect("config");
         assert_eq!(config["path"], "/srv/app/polybus-data/polybus-broker.db");
         let elsewhere = serde_json::json!({"path": "/var/lib/b.db"});
@@ -422,7 +429,7 @@ mod tests {
         let properties = serde_json::json!({"brokers": ["k:9092"], "properties":
             {"ssl.ca.location": "certs/ca.pem", "ssl.key.location": "/etc/k.pem", "https.ca.location": "probe",
              "linger.ms": "5"}});
-        let kafka = env(BrokerType::Kafka, properties.clone());
+        let kafka = env(BrokerType::from_static(KAFKA), properties.clone());
         let config = policy.connect_config(&kafka, properties).await.expect("config");
         let placed = &config["properties"];
         assert_eq!(placed["ssl.ca.location"], "/srv/app/polybus-data/certs/ca.pem");
@@ -433,8 +440,10 @@ mod tests {
 
     #[test]
     fn through_a_server_every_key_file_problem_reads_the_same() {
-        let pubsub =
-            env(BrokerType::GooglePubsub, serde_json::json!({"projectId": "p", "keyFilename": "k.json"}));
+        let pubsub = env(
+            BrokerType::from_static(GOOGLE_PUBSUB),
+            serde_json::json!({"projectId": "p", "keyFilename": "k.json"}),
+        );
         let not_found =
             Error::from(ValidationError::in_env("dev", "config.keyFilename", "cannot read: not found"));
         let confined = FilePolicy::confined("/srv/data").conceal(&pubsub, not_found);

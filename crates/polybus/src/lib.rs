@@ -28,8 +28,9 @@ pub use files::FilePolicy;
 pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
 
 pub use polybus_core::{
-    self as core, Broker, BrokerEnv, BrokerPatch, BrokerType, Capabilities, Connector, Error, EventRef,
-    Message, Result, SubscribeOptions, Support, Topic, TopicPatch, TopicSpec, Transport, wire,
+    self as core, Broker, BrokerEnv, BrokerKind, BrokerPatch, BrokerType, Capabilities, Connector, Error,
+    EventRef, Kinds, Message, Result, SubscribeOptions, Support, Topic, TopicPatch, TopicSpec, Transport,
+    wire,
 };
 pub use polybus_registry::{
     Registry, SecretInfo, Secrets, SecretsKey, SqliteStore, Store, find_key as find_secrets_key,
@@ -61,4 +62,10 @@ pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
     #[cfg(feature = "sqs")]
     connectors.push(std::sync::Arc::new(polybus_sqs::SqsConnector));
     connectors
+}
+
+/// The broker types of [`default_connectors`], to validate definitions with
+/// ([`Registry::with_kinds`]).
+pub fn default_kinds() -> Kinds {
+    bus::kinds_of(&default_connectors())
 }

@@ -9,7 +9,7 @@ mod sqlite;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use polybus_core::{Broker, BrokerPatch, Error, EventRef, Result, Topic, TopicPatch};
+use polybus_core::{Broker, BrokerPatch, Error, EventRef, Kinds, Result, Topic, TopicPatch};
 use serde_json::Value;
 
 pub use postgres::PostgresStore;
@@ -93,12 +93,26 @@ pub fn is_postgres_url(url: &str) -> bool {
 #[derive(Clone)]
 pub struct Registry {
     store: Arc<dyn Store>,
+    kinds: Kinds,
 }
 
 impl Registry {
-    /// A registry over `store`.
+    /// A registry over `store` that checks the envelope of definitions only; give it the
+    /// broker types it serves with [`Registry::with_kinds`] to check each env's config too.
     pub fn new(store: Arc<dyn Store>) -> Self {
-        Registry { store }
+        Registry { store, kinds: Kinds::unchecked() }
+    }
+
+    /// This registry, validating definitions through `kinds` (usually those of the connectors
+    /// the program was built with): an env of another type is refused.
+    pub fn with_kinds(mut self, kinds: Kinds) -> Self {
+        self.kinds = kinds;
+        self
+    }
+
+    /// The broker types definitions are validated through.
+    pub fn kinds(&self) -> &Kinds {
+        &self.kinds
     }
 
     /// Opens the registry a URL names (see [`open_store`]).
@@ -113,7 +127,7 @@ impl Registry {
 
     /// Validates and stores a new broker; returns it at version 1.
     pub async fn create_broker(&self, mut broker: Broker) -> Result<Broker> {
-        broker.validate()?;
+        broker.validate(&self.kinds)?;
         broker.version = 1;
         self.store.insert(Kind::Broker, &broker.tag, None, &to_doc(&broker)?).await?;
         tracing::info!(broker = %broker.tag, envs = %broker.env_slugs(), "broker created");
@@ -125,7 +139,7 @@ impl Registry {
         for _ in 0..UNVERSIONED_RETRIES {
             let current = self.fetch_broker(tag).await?;
             check_version("broker", tag, patch.version, current.version)?;
-            let mut next = patch.apply(&current)?;
+            let mut next = patch.apply(&current, &self.kinds)?;
             self.check_topics_against(&next).await?;
             next.version = current.version + 1;
             if self.store.replace(Kind::Broker, tag, current.version, &to_doc(&next)?).await? {
@@ -147,7 +161,7 @@ impl Registry {
             let key = record.key.clone();
             let topic: Topic = from_record(record)?;
             for env in &broker.envs {
-                topic.check_native_names(&env.slug, env.broker_type).map_err(|mut e| {
+                topic.check_native_names(&env.slug, &env.broker_type, &self.kinds).map_err(|mut e| {
                     e.message = format!("topic `{key}` would break: {}", e.message);
                     e
                 })?;
@@ -190,7 +204,7 @@ impl Registry {
     pub async fn create_topic(&self, mut topic: Topic) -> Result<Topic> {
         let event = topic.event()?;
         let broker = self.fetch_broker(&event.broker).await?;
-        topic.validate(&broker)?;
+        topic.validate(&broker, &self.kinds)?;
         topic.version = 1;
         self.store.insert(Kind::Topic, &topic.tag, Some(&event.broker), &to_doc(&topic)?).await?;
         tracing::info!(event = %topic.tag, "topic created");
@@ -203,7 +217,7 @@ impl Registry {
             let current = self.fetch_topic(event).await?;
             check_version("topic", event, patch.version, current.version)?;
             let broker = self.fetch_broker(&current.event()?.broker).await?;
-            let mut next = patch.apply(&current, &broker)?;
+            let mut next = patch.apply(&current, &broker, &self.kinds)?;
             next.version = current.version + 1;
             if self.store.replace(Kind::Topic, event, current.version, &to_doc(&next)?).await? {
                 return Ok(next);

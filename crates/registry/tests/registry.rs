@@ -27,13 +27,19 @@ impl Fixture {
     async fn sqlite() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let store = SqliteStore::open(dir.path().join("registry.db")).await.unwrap();
-        Fixture { registry: Registry::new(Arc::new(store)), storage: Storage::Sqlite(dir) }
+        Fixture {
+            registry: Registry::new(Arc::new(store)).with_kinds(kinds()),
+            storage: Storage::Sqlite(dir),
+        }
     }
 
     async fn postgres() -> Self {
         let schema = TestSchema::new();
         let store = schema.open().await;
-        Fixture { registry: Registry::new(Arc::new(store)), storage: Storage::Postgres(schema) }
+        Fixture {
+            registry: Registry::new(Arc::new(store)).with_kinds(kinds()),
+            storage: Storage::Postgres(schema),
+        }
     }
 
     /// Another handle on the same storage, as a second process or server replica would have.
@@ -41,11 +47,16 @@ impl Fixture {
         match &self.storage {
             Storage::Sqlite(dir) => {
                 let url = format!("sqlite://{}", dir.path().join("registry.db").display());
-                Registry::open(&url).await.unwrap()
+                Registry::open(&url).await.unwrap().with_kinds(kinds())
             }
-            Storage::Postgres(schema) => Registry::new(Arc::new(schema.open().await)),
+            Storage::Postgres(schema) => Registry::new(Arc::new(schema.open().await)).with_kinds(kinds()),
         }
     }
+}
+
+/// The broker types the tests' definitions use.
+fn kinds() -> polybus_core::Kinds {
+    polybus_core::config::builtin_kinds()
 }
 
 fn postgres_url() -> String {

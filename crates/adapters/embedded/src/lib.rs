@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use polybus_core::config::EmbeddedConfig;
+use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
 
 pub use ownership::APPLICATION_ID;
@@ -27,12 +28,29 @@ pub use transport::{DEFAULT_PATH, EmbeddedTransport};
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EmbeddedConnector;
 
-#[async_trait]
-impl Connector for EmbeddedConnector {
+/// The broker type this crate serves, as definitions write it.
+pub const BROKER_TYPE: BrokerType = BrokerType::from_static("embedded");
+
+impl BrokerKind for EmbeddedConnector {
     fn broker_type(&self) -> BrokerType {
-        BrokerType::Embedded
+        BROKER_TYPE
     }
 
+    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
+        polybus_core::config::validate(&BROKER_TYPE, config)
+    }
+
+    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
+        polybus_core::names::check_native(&BROKER_TYPE, name)
+    }
+
+    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
+        polybus_core::names::check_group(&BROKER_TYPE, native, group)
+    }
+}
+
+#[async_trait]
+impl Connector for EmbeddedConnector {
     async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>> {
         let config = if target.config.is_null() {
             EmbeddedConfig::default()

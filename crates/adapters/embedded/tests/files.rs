@@ -7,7 +7,7 @@ use std::path::Path;
 
 use common::{next, options, text, topic};
 use polybus_core::config::EmbeddedConfig;
-use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Message, Transport};
+use polybus_core::{ConnectTarget, Connector, Error, Message, Transport};
 use polybus_embedded::{APPLICATION_ID, EmbeddedConnector, EmbeddedTransport};
 use serde_json::json;
 
@@ -125,7 +125,7 @@ async fn the_connector_names_the_env_of_a_refused_file() {
     let target = ConnectTarget {
         broker: "bus".into(),
         env: "dev".into(),
-        broker_type: BrokerType::Embedded,
+        broker_type: polybus_embedded::BROKER_TYPE,
         config: json!({"path": path}),
     };
     let error = EmbeddedConnector.connect(&target).await.err().expect("refused");

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use common::{PATIENCE, broker, config, next, options, text, topic};
 use polybus_core::config::RetentionConfig;
-use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Message, Transport};
+use polybus_core::{BrokerKind, ConnectTarget, Connector, Error, Message, Transport};
 use polybus_embedded::{EmbeddedConnector, EmbeddedTransport};
 use serde_json::json;
 
@@ -100,7 +100,12 @@ async fn two_processes_share_one_file() {
 }
 
 fn target(config: serde_json::Value) -> ConnectTarget {
-    ConnectTarget { broker: "bus".into(), env: "dev".into(), broker_type: BrokerType::Embedded, config }
+    ConnectTarget {
+        broker: "bus".into(),
+        env: "dev".into(),
+        broker_type: polybus_embedded::BROKER_TYPE,
+        config,
+    }
 }
 
 #[tokio::test]
@@ -108,7 +113,7 @@ async fn connector_shares_one_store_per_file_and_names_bad_fields() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("nested").join("broker.db");
     let connector = EmbeddedConnector;
-    assert_eq!(connector.broker_type(), BrokerType::Embedded);
+    assert_eq!(connector.broker_type(), polybus_embedded::BROKER_TYPE);
 
     let first: Arc<dyn Transport> = connector.connect(&target(json!({"path": path}))).await.expect("connect");
     let spelled_differently = dir.path().join("nested").join(".").join("broker.db");

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use polybus_core::config::KafkaConfig;
+use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Result, Transport, ValidationError};
 
 pub use codec::NOT_BEFORE;
@@ -31,12 +32,29 @@ pub use transport::KafkaTransport;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KafkaConnector;
 
-#[async_trait]
-impl Connector for KafkaConnector {
+/// The broker type this crate serves, as definitions write it.
+pub const BROKER_TYPE: BrokerType = BrokerType::from_static("kafka");
+
+impl BrokerKind for KafkaConnector {
     fn broker_type(&self) -> BrokerType {
-        BrokerType::Kafka
+        BROKER_TYPE
     }
 
+    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
+        polybus_core::config::validate(&BROKER_TYPE, config)
+    }
+
+    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
+        polybus_core::names::check_native(&BROKER_TYPE, name)
+    }
+
+    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
+        polybus_core::names::check_group(&BROKER_TYPE, native, group)
+    }
+}
+
+#[async_trait]
+impl Connector for KafkaConnector {
     async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>> {
         let parsed: KafkaConfig = polybus_core::config::parse(&target.config)
             .map_err(|(field, message)| ValidationError::in_env(&target.env, field, message))?;

@@ -12,7 +12,6 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use polybus::BrokerType;
 use polybus_conformance::private::Launch;
 use polybus_conformance::{PrivateBroker, ProcessFaults, Target};
 use polybus_kafka::KafkaConnector;
@@ -29,10 +28,13 @@ fn main() -> ExitCode {
         return code;
     }
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| ADDRESS.to_owned());
-    let mut target =
-        Target::new("kafka", BrokerType::Kafka, json!({"brokers": [brokers], "clientId": "conformance"}))
-            .connector(Arc::new(KafkaConnector))
-            .private(Arc::new(private_noida()));
+    let mut target = Target::new(
+        "kafka",
+        polybus_kafka::BROKER_TYPE,
+        json!({"brokers": [brokers], "clientId": "conformance"}),
+    )
+    .connector(Arc::new(KafkaConnector))
+    .private(Arc::new(private_noida()));
     if brokers == ADDRESS && started_by_services().is_some() {
         target = target.restart(|| {
             Box::pin(async {
@@ -53,7 +55,7 @@ fn main() -> ExitCode {
     let tansu = std::env::var("KAFKA_TANSU_BROKERS").unwrap_or_else(|_| TANSU_ADDRESS.to_owned());
     let on_tansu = Target::new(
         "kafka (tansu)",
-        BrokerType::Kafka,
+        polybus_kafka::BROKER_TYPE,
         // tansu takes about half the session timeout to let a member join.
         json!({"brokers": [tansu], "clientId": "conformance", "properties": {"session.timeout.ms": "6000"}}),
     )

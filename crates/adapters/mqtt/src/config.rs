@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polybus_core::config::MqttConfig;
-use polybus_core::{BrokerType, ConnectTarget, Error, Op, Result, ValidationError};
+use polybus_core::{ConnectTarget, Error, Op, Result, ValidationError};
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport as Wire};
 use rustls::ClientConfig;
@@ -54,7 +54,7 @@ impl Settings {
             None | Some(5) => {}
             Some(3) => {
                 return Err(Error::Unsupported {
-                    broker_type: BrokerType::Mqtt.to_string(),
+                    broker_type: crate::BROKER_TYPE.to_string(),
                     what: "MQTT 3.1.1 (`version: 3`): headers, flow control and session expiry need \
                            MQTT 5; set `version: 5` (Mosquitto 1.6+ and every current broker speak it)"
                         .into(),
@@ -223,7 +223,7 @@ mod tests {
     use serde_json::json;
 
     fn target(config: serde_json::Value) -> ConnectTarget {
-        ConnectTarget { broker: "b".into(), env: "dev".into(), broker_type: BrokerType::Mqtt, config }
+        ConnectTarget { broker: "b".into(), env: "dev".into(), broker_type: crate::BROKER_TYPE, config }
     }
 
     #[test]

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use polybus_core::{
-    BrokerType, Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec,
-    Transport,
+    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
 };
 use tokio::time::Instant;
 
@@ -57,7 +56,7 @@ impl MqttTransport {
         self.check_open(Op::Publish, topic)?;
         if message.delay.is_some() {
             return Err(Error::Unsupported {
-                broker_type: BrokerType::Mqtt.to_string(),
+                broker_type: crate::BROKER_TYPE.to_string(),
                 what: "delayed delivery".into(),
             });
         }

@@ -13,7 +13,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use polybus::BrokerType;
 use polybus_conformance::private::{Launch, Stop, find_program};
 use polybus_conformance::{PrivateBroker, Target};
 use polybus_mqtt::MqttConnector;
@@ -28,7 +27,7 @@ fn main() -> ExitCode {
     let target = match started {
         Some(Ok((broker, config))) => {
             let restarting = broker.clone();
-            Target::new("mqtt (private mosquitto)", BrokerType::Mqtt, config)
+            Target::new("mqtt (private mosquitto)", polybus_mqtt::BROKER_TYPE, config)
                 .restart(move || {
                     let broker = restarting.clone();
                     Box::pin(async move {
@@ -48,7 +47,8 @@ fn main() -> ExitCode {
             eprintln!("conformance[mqtt]: {why}; using a shared broker without restarts");
             let host = std::env::var("MQTT_HOST").unwrap_or_else(|_| "127.0.0.1".into());
             let port = std::env::var("MQTT_PORT").ok().and_then(|p| p.parse().ok()).unwrap_or(1883);
-            Target::new("mqtt (shared broker)", BrokerType::Mqtt, config(&host, port)).no_private(why)
+            Target::new("mqtt (shared broker)", polybus_mqtt::BROKER_TYPE, config(&host, port))
+                .no_private(why)
         }
     };
     polybus_conformance::run(target.connector(Arc::new(MqttConnector)))

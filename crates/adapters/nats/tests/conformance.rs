@@ -12,7 +12,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use futures::{FutureExt, StreamExt};
-use polybus::BrokerType;
 use polybus_conformance::private::{Launch, Stop, find_program};
 use polybus_conformance::{PrivateBroker, Target};
 use polybus_nats::NatsConnector;
@@ -22,7 +21,7 @@ fn main() -> ExitCode {
     if let Some(code) = polybus_conformance::member_process(&[Arc::new(NatsConnector)]) {
         return code;
     }
-    let target = Target::new("nats", BrokerType::Nats, json!({})).connector(Arc::new(NatsConnector));
+    let target = Target::new("nats", polybus_nats::BROKER_TYPE, json!({})).connector(Arc::new(NatsConnector));
     if let Ok(url) = std::env::var("POLYBUS_NATS_URL") {
         return run_on_shared_server(target.no_private("POLYBUS_NATS_URL names a shared server"), &url);
     }

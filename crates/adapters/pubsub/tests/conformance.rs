@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use google_cloud_auth::credentials::anonymous;
 use google_cloud_pubsub::client::{SubscriptionAdmin, TopicAdmin};
-use polybus::BrokerType;
 use polybus_conformance::Target;
 use polybus_pubsub::PubsubConnector;
 use serde_json::json;
@@ -27,7 +26,7 @@ fn main() -> ExitCode {
     let endpoint = format!("http://{host}");
     let target = Target::new(
         "pubsub",
-        BrokerType::GooglePubsub,
+        polybus_pubsub::BROKER_TYPE,
         json!({ "projectId": PROJECT, "endpoint": endpoint }),
     )
     .connector(Arc::new(PubsubConnector))

@@ -127,14 +127,13 @@ mod fuzz;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use polybus_core::BrokerType;
     use serde_json::{Value, json};
 
     fn settings(config: Value) -> Result<Settings> {
         Settings::from_target(&ConnectTarget {
             broker: "bus".into(),
             env: "dev".into(),
-            broker_type: BrokerType::Rabbitmq,
+            broker_type: crate::BROKER_TYPE,
             config,
         })
     }

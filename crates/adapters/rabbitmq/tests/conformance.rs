@@ -16,7 +16,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use polybus::BrokerType;
 use polybus_conformance::Target;
 use polybus_rabbitmq::{DELAY_EXCHANGE, RabbitmqConnector};
 
@@ -38,7 +37,7 @@ fn main() -> ExitCode {
     let before: HashSet<String> = common::list_queues().into_iter().collect();
     let target = Target::new(
         "rabbitmq",
-        BrokerType::Rabbitmq,
+        polybus_rabbitmq::BROKER_TYPE,
         serde_json::json!({ "url": common::url(), "exchange": exchange }),
     )
     .connector(Arc::new(RabbitmqConnector))

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use polybus_core::config::RedisMode;
+use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
 
 pub use fields::{CONTENT_TYPE, HEADER_PREFIX, ID, KEY, PAYLOAD, PUBLISHED_AT};
@@ -29,18 +30,40 @@ pub use transport::RedisTransport;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RedisConnector;
 
-#[async_trait]
-impl Connector for RedisConnector {
+/// The broker type this crate serves, as definitions write it.
+pub const BROKER_TYPE: BrokerType = BrokerType::from_static("redis");
+
+impl BrokerKind for RedisConnector {
     fn broker_type(&self) -> BrokerType {
-        BrokerType::Redis
+        BROKER_TYPE
     }
 
+    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
+        polybus_core::config::validate(&BROKER_TYPE, config)
+    }
+
+    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
+        polybus_core::names::check_native(&BROKER_TYPE, name)
+    }
+
+    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
+        polybus_core::names::check_group(&BROKER_TYPE, native, group)
+    }
+
+    fn describe(&self, config: &serde_json::Value, spec: &polybus_core::TopicSpec) -> Option<String> {
+        let _ = config;
+        Some(format!("stream `{}`", spec.native_name))
+    }
+}
+
+#[async_trait]
+impl Connector for RedisConnector {
     async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>> {
         let parsed: polybus_core::config::RedisConfig = polybus_core::config::parse(&target.config)
             .map_err(|(field, message)| ValidationError::in_env(&target.env, field, message))?;
         if parsed.mode == Some(RedisMode::Pubsub) {
             return Err(Error::Unsupported {
-                broker_type: BrokerType::Redis.to_string(),
+                broker_type: BROKER_TYPE.to_string(),
                 what: "`mode: pubsub` (this adapter implements `mode: streams`, the default)".into(),
             });
         }

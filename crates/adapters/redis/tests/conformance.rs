@@ -8,7 +8,6 @@
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use polybus::BrokerType;
 use polybus_conformance::private::{Launch, find_program};
 use polybus_conformance::{PrivateBroker, Target};
 use polybus_redis::RedisConnector;
@@ -39,7 +38,7 @@ fn main() -> ExitCode {
         return code;
     }
     let url = redis_url();
-    let target = Target::new("redis", BrokerType::Redis, serde_json::json!({ "url": url }))
+    let target = Target::new("redis", polybus_redis::BROKER_TYPE, serde_json::json!({ "url": url }))
         .connector(Arc::new(RedisConnector))
         .restart(move || Box::pin(kill_client_connections(url.clone())))
         .private(Arc::new(private_redis()));

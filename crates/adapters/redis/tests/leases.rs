@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polybus::core::{ConnectTarget, Delivery, Subscription};
-use polybus::{BrokerType, Connector, Message, SubscribeOptions, TopicSpec, Transport};
+use polybus::{Connector, Message, SubscribeOptions, TopicSpec, Transport};
 use polybus_redis::RedisConnector;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -19,7 +19,7 @@ async fn transport() -> Arc<dyn Transport> {
     let target = ConnectTarget {
         broker: "leases".into(),
         env: "dev".into(),
-        broker_type: BrokerType::Redis,
+        broker_type: polybus_redis::BROKER_TYPE,
         config: serde_json::json!({ "url": redis_url() }),
     };
     RedisConnector.connect(&target).await.expect("connecting")

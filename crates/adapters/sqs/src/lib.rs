@@ -24,6 +24,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use polybus_core::config::SqsConfig;
+use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
 
 pub use codec::{ENCODING, HEADERS, MAX_PAYLOAD_BYTES};
@@ -34,12 +35,37 @@ pub use transport::SqsTransport;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SqsConnector;
 
-#[async_trait]
-impl Connector for SqsConnector {
+/// The broker type this crate serves, as definitions write it.
+pub const BROKER_TYPE: BrokerType = BrokerType::from_static("aws_sqs");
+
+impl BrokerKind for SqsConnector {
     fn broker_type(&self) -> BrokerType {
-        BrokerType::AwsSqs
+        BROKER_TYPE
     }
 
+    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
+        polybus_core::config::validate(&BROKER_TYPE, config)
+    }
+
+    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
+        polybus_core::names::check_native(&BROKER_TYPE, name)
+    }
+
+    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
+        polybus_core::names::check_group(&BROKER_TYPE, native, group)
+    }
+
+    fn describe(&self, config: &serde_json::Value, spec: &polybus_core::TopicSpec) -> Option<String> {
+        let _ = config;
+        Some(match &spec.queue_url {
+            Some(url) => format!("queue URL {url}"),
+            None => format!("queue `{}--<group>` per group", spec.native_name),
+        })
+    }
+}
+
+#[async_trait]
+impl Connector for SqsConnector {
     async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>> {
         let config: SqsConfig = polybus_core::config::parse(&target.config).map_err(|(field, message)| {
             Error::Validation(ValidationError::in_env(&target.env, field, message))

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use polybus::BrokerType;
 use polybus_conformance::private::Launch;
 use polybus_conformance::{PrivateBroker, Target};
 use polybus_sqs::SqsConnector;
@@ -72,10 +71,11 @@ fn main() -> ExitCode {
         }
     };
     let config = config(&endpoint);
-    let target = Target::new("sqs", BrokerType::AwsSqs, config).connector(Arc::new(SqsConnector)).no_private(
-        "moto keeps its queues and messages in memory only: a restart loses all of them, so there is no \
+    let target =
+        Target::new("sqs", polybus_sqs::BROKER_TYPE, config).connector(Arc::new(SqsConnector)).no_private(
+            "moto keeps its queues and messages in memory only: a restart loses all of them, so there is no \
          restart to survive",
-    );
+        );
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {

@@ -93,7 +93,7 @@ async fn test_locally(ctx: &Context, tag: &str, env: &str) -> CliResult<(BrokerT
     let bus = ctx.bus().await?;
     let broker = bus.registry().fetch_broker(tag).await?;
     let broker_type =
-        broker.env(env).map(|e| e.broker_type).ok_or_else(|| polybus::Error::BrokerEnvNotFound {
+        broker.env(env).map(|e| e.broker_type.clone()).ok_or_else(|| polybus::Error::BrokerEnvNotFound {
             tag: tag.to_owned(),
             env: env.to_owned(),
             available: broker.env_slugs(),

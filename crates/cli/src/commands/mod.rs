@@ -54,9 +54,9 @@ impl Context {
         }
     }
 
-    /// Opens the registry.
+    /// Opens the registry, validating definitions through the connectors of this build.
     pub async fn registry(&self) -> CliResult<Registry> {
-        Ok(Registry::open(&self.registry_url).await?)
+        Ok(Registry::open(&self.registry_url).await?.with_kinds(polybus::default_kinds()))
     }
 
     /// Opens the registry and a bus over it: every `${VAR}` of this process resolves, and

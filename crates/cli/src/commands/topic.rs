@@ -1,6 +1,6 @@
 //! `polybus topic create|get|list|update|delete`.
 
-use polybus::{BrokerEnv, BrokerType, Topic, TopicPatch};
+use polybus::{BrokerEnv, BrokerType, Kinds, Topic, TopicPatch};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -47,10 +47,11 @@ pub async fn run(ctx: &Context, command: TopicCommand) -> CliResult {
                     (topic, broker)
                 }
             };
+            let kinds = polybus::default_kinds();
             let mappings = broker
                 .envs
                 .iter()
-                .map(|env| Mapping::of(&topic, env))
+                .map(|env| Mapping::of(&topic, env, &kinds))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(polybus::Error::from)?;
             if ctx.json() {
@@ -113,27 +114,14 @@ struct Mapping {
 }
 
 impl Mapping {
-    fn of(topic: &Topic, env: &BrokerEnv) -> Result<Mapping, polybus::core::ValidationError> {
+    fn of(topic: &Topic, env: &BrokerEnv, kinds: &Kinds) -> Result<Mapping, polybus::core::ValidationError> {
         let spec = topic.spec(&env.slug)?;
+        let kind = kinds.get(&env.broker_type).ok().flatten();
+        let note = kind.and_then(|k| k.describe(&env.config, &spec));
         let native = &spec.native_name;
-        let note = match env.broker_type {
-            BrokerType::Rabbitmq => {
-                let exchange = env.config.get("exchange").and_then(Value::as_str).unwrap_or("polybus");
-                Some(format!(
-                    "exchange `{exchange}`, routing key `{native}`; queue `{native}--<group>` per group"
-                ))
-            }
-            BrokerType::Redis => Some(format!("stream `{native}`")),
-            BrokerType::GooglePubsub => Some(format!("subscription `{native}--<group>` per group")),
-            BrokerType::AwsSqs => match &spec.queue_url {
-                Some(url) => Some(format!("queue URL {url}")),
-                None => Some(format!("queue `{native}--<group>` per group")),
-            },
-            _ => None,
-        };
         Ok(Mapping {
             env: env.slug.clone(),
-            broker_type: env.broker_type,
+            broker_type: env.broker_type.clone(),
             native_name: native.clone(),
             dead_letter: spec.dead_letter,
             note,

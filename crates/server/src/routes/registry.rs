@@ -160,7 +160,7 @@ async fn test_broker(
 ) -> ApiResult<Json<TestResult>> {
     let broker = state.registry().fetch_broker(&tag).await?;
     let broker_type =
-        broker.env(&env).map(|e| e.broker_type).ok_or_else(|| polybus::Error::BrokerEnvNotFound {
+        broker.env(&env).map(|e| e.broker_type.clone()).ok_or_else(|| polybus::Error::BrokerEnvNotFound {
             tag: tag.clone(),
             env: env.clone(),
             available: broker.env_slugs(),

@@ -5,7 +5,7 @@
 mod fuzzing;
 
 use fuzzing::*;
-use polybus_core::{BrokerType, ConnectTarget, Error};
+use polybus_core::{ConnectTarget, Error};
 use proptest::prelude::*;
 
 use super::Settings;
@@ -16,7 +16,7 @@ fn mqtt_configs_and_urls_never_panic_nor_show_a_secret() {
     fuzz("mqtt configs", configs, |config| {
         let secrets = secrets_in(&config);
         let target =
-            ConnectTarget { broker: "b".into(), env: "dev".into(), broker_type: BrokerType::Mqtt, config };
+            ConnectTarget { broker: "b".into(), env: "dev".into(), broker_type: crate::BROKER_TYPE, config };
         let shown = match Settings::from_target(&target) {
             Ok(settings) => format!("{} {settings:?}", settings.endpoint()),
             Err(Error::Validation(e)) => {

@@ -6,7 +6,7 @@
 mod fuzzing;
 
 use fuzzing::*;
-use polybus_core::{BrokerType, ConnectTarget, Error};
+use polybus_core::{ConnectTarget, Error};
 use proptest::prelude::*;
 
 use super::Settings;
@@ -17,12 +17,8 @@ fn rabbitmq_configs_and_urls_never_panic_nor_show_a_secret() {
         prop_oneof![3 => config_for("rabbitmq"), 2 => mutated(config_for("rabbitmq")).prop_map(|(c, _)| c)];
     fuzz("rabbitmq configs", configs, |config| {
         let secrets = secrets_in(&config);
-        let target = ConnectTarget {
-            broker: "b".into(),
-            env: "dev".into(),
-            broker_type: BrokerType::Rabbitmq,
-            config,
-        };
+        let target =
+            ConnectTarget { broker: "b".into(), env: "dev".into(), broker_type: crate::BROKER_TYPE, config };
         match Settings::from_target(&target) {
             Ok(settings) => {
                 let shown = format!("{} {settings:?}", settings.endpoint);
