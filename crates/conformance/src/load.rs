@@ -10,7 +10,7 @@ use polybus::{Message, SubscribeOptions, Topic};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::fixture::{Ctx, ENV, OrFail, WAIT};
+use crate::fixture::{BROKER, Ctx, ENV, OrFail, WAIT};
 use crate::reliability::{FaultFigures, report_fault};
 use crate::restart::{Event, spawn_members};
 
@@ -25,10 +25,18 @@ const LINGER: Duration = Duration::from_millis(500);
 
 pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
     let started = Instant::now();
-    // A partition per consumer where the broker has partitions (Kafka), as a deployment of ten
-    // competing consumers would have: more members than partitions leaves some idle.
+    // A partition per consumer where the broker type takes a `partitions` option (Kafka), as a
+    // deployment of ten competing consumers would have: more members than partitions leaves
+    // some idle.
     let event = format!("{}-load", ctx.event);
-    let topic = serde_json::json!({"tag": event, "envs": [{"slug": ENV, "partitions": CONSUMERS}]});
+    let mut options = serde_json::Map::new();
+    options.insert("partitions".into(), CONSUMERS.into());
+    let broker = ctx.registry.fetch_broker(BROKER).await.or_fail("the suite's broker");
+    let kind = broker.env(ENV).and_then(|env| ctx.registry.kinds().get(&env.broker_type).ok().flatten());
+    if kind.is_none_or(|kind| kind.validate_options(&options).is_err()) {
+        options.clear();
+    }
+    let topic = serde_json::json!({"tag": event, "envs": [{"slug": ENV, "options": options}]});
     ctx.registry
         .create_topic(Topic::from_value(topic).or_fail("the load topic's definition"))
         .await

@@ -287,12 +287,12 @@ fn split_env(path: &str, envs: Option<&Value>) -> (Option<String>, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::builtin_kinds;
+    use crate::kind::testing::kinds as test_kinds;
     use serde_json::json;
 
     fn checked(value: Value) -> Result<Broker, ValidationError> {
         let broker = Broker::from_value(value)?;
-        broker.validate(&builtin_kinds())?;
+        broker.validate(&test_kinds())?;
         Ok(broker)
     }
 
@@ -361,7 +361,7 @@ mod tests {
             "removeEnvs": ["dev"]
         }))
         .unwrap();
-        let next = patch.apply(&b, &builtin_kinds()).unwrap();
+        let next = patch.apply(&b, &test_kinds()).unwrap();
         let slugs: Vec<_> = next.envs.iter().map(|e| (e.slug.as_str(), e.broker_type.as_str())).collect();
         assert_eq!(slugs, vec![("prd", "kafka"), ("local", "embedded")]);
     }

@@ -263,7 +263,8 @@ pub(crate) fn missing_field(message: &str) -> Option<&str> {
     message.strip_prefix("missing field `")?.split('`').next()
 }
 
-fn require_one(present: &[(bool, &str)]) -> Result<(), (String, String)> {
+/// Refuses a config that has none of `present` (`(given, field name)`).
+pub fn require_one(present: &[(bool, &str)]) -> Result<(), (String, String)> {
     if present.iter().any(|(p, _)| *p) {
         return Ok(());
     }

@@ -36,6 +36,12 @@ pub trait BrokerKind: Send + Sync {
         }
     }
 
+    /// The options of a topic its dead-letter destination takes too (by default none).
+    fn dead_letter_options(&self, options: &Map<String, Value>) -> Map<String, Value> {
+        let _ = options;
+        Map::new()
+    }
+
     /// Checks a topic's native name or dead-letter destination beyond the rule every broker
     /// shares (checked by core); the error names the rule broken.
     fn check_native(&self, name: &str) -> Result<(), String> {
@@ -115,5 +121,94 @@ impl Kinds {
 impl std::fmt::Debug for Kinds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Kinds").field("types", &self.names()).field("unchecked", &self.unchecked).finish()
+    }
+}
+
+/// Broker types for core's own tests, with rules in the style of real ones.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use serde::Deserialize;
+    use serde_json::{Map, Value};
+
+    use super::{BrokerKind, FieldError, Kinds};
+    use crate::broker::BrokerType;
+    use crate::config::{parse, require_one};
+
+    /// Any config with these fields (others are accepted).
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    #[allow(dead_code)]
+    struct Config {
+        url: Option<String>,
+        host: Option<String>,
+        port: Option<u16>,
+        password: Option<String>,
+        sasl: Option<Sasl>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Sasl {
+        mechanism: String,
+        username: String,
+        password: String,
+    }
+
+    /// A test broker type: `address` requires `url` or `host`; `wildcards` refuses `#*>+` and
+    /// names over 249 characters; `options` are the option names it takes.
+    struct Test {
+        name: &'static str,
+        address: bool,
+        wildcards: bool,
+        options: &'static [&'static str],
+    }
+
+    impl BrokerKind for Test {
+        fn broker_type(&self) -> BrokerType {
+            BrokerType::from_static(self.name)
+        }
+
+        fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
+            let c: Config = parse(config)?;
+            if self.address {
+                require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
+            }
+            Ok(())
+        }
+
+        fn validate_options(&self, options: &Map<String, Value>) -> Result<(), FieldError> {
+            match options.keys().find(|k| !self.options.contains(&k.as_str())) {
+                Some(key) => Err((format!("options.{key}"), format!("unknown option `{key}`"))),
+                None => Ok(()),
+            }
+        }
+
+        fn check_native(&self, name: &str) -> Result<(), String> {
+            if self.wildcards && name.contains(['#', '*', '>', '+']) {
+                return Err(format!("`{name}` has a wildcard"));
+            }
+            if self.wildcards && name.chars().count() > 249 {
+                return Err(format!("`{name}` is longer than 249 characters"));
+            }
+            Ok(())
+        }
+    }
+
+    /// Test kinds named like the real broker types.
+    pub(crate) fn kinds() -> Kinds {
+        let kind = |name, address, wildcards, options| -> Arc<dyn BrokerKind> {
+            Arc::new(Test { name, address, wildcards, options })
+        };
+        Kinds::new([
+            kind("kafka", false, true, &["partitions"][..]),
+            kind("redis", true, false, &[]),
+            kind("rabbitmq", true, true, &[]),
+            kind("google_pubsub", false, true, &[]),
+            kind("aws_sqs", false, true, &["queueUrl", "fifo"]),
+            kind("embedded", false, false, &[]),
+        ])
     }
 }

@@ -1,7 +1,7 @@
 //! Topics: `broker-tag:topic-tag`, with optional per-env native names and settings.
 
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::broker::{Broker, BrokerType, from_value_at};
 use crate::error::ValidationError;
@@ -14,25 +14,72 @@ pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 /// Per-env settings of a topic.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[serde(rename_all = "camelCase", try_from = "TopicEnvDoc")]
 pub struct TopicEnv {
     /// Env slug of the topic's broker.
     pub slug: String,
     /// Name on the broker (default: the topic tag).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub native_name: Option<String>,
-    /// SQS queue URL for this env.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub queue_url: Option<String>,
-    /// Pub/Sub topic name for this env.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub topic_name: Option<String>,
-    /// FIFO queue (SQS): key becomes the message group.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fifo: Option<bool>,
-    /// Partitions when the topic is created on demand (Kafka).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub partitions: Option<i32>,
+    /// Settings of the env's broker type (`fifo` on SQS, `partitions` on Kafka…), checked by
+    /// its connector.
+    #[serde(default, skip_serializing_if = "Map::is_empty")]
+    pub options: Map<String, Value>,
+}
+
+/// A topic env as written: the per-broker fields of earlier versions are still read, into
+/// `nativeName` and `options`.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct TopicEnvDoc {
+    slug: String,
+    #[serde(default)]
+    native_name: Option<String>,
+    #[serde(default)]
+    options: Map<String, Value>,
+    /// Pub/Sub's name for the native name.
+    #[serde(default)]
+    topic_name: Option<String>,
+    /// SQS: now `options.queueUrl`.
+    #[serde(default)]
+    queue_url: Option<String>,
+    /// SQS: now `options.fifo`.
+    #[serde(default)]
+    fifo: Option<bool>,
+    /// Kafka: now `options.partitions`.
+    #[serde(default)]
+    partitions: Option<i64>,
+}
+
+impl TryFrom<TopicEnvDoc> for TopicEnv {
+    type Error = String;
+
+    fn try_from(doc: TopicEnvDoc) -> Result<Self, String> {
+        let native_name = match (doc.native_name, doc.topic_name) {
+            (Some(native), Some(topic)) if native != topic => {
+                return Err(format!(
+                    "`topicName` ({}) and `nativeName` ({}) differ: write `nativeName` only",
+                    limits::quote(&topic),
+                    limits::quote(&native)
+                ));
+            }
+            (native, topic) => native.or(topic),
+        };
+        let mut options = doc.options;
+        let legacy = [
+            ("queueUrl", doc.queue_url.map(Value::from)),
+            ("fifo", doc.fifo.map(Value::from)),
+            ("partitions", doc.partitions.map(Value::from)),
+        ];
+        for (key, value) in legacy {
+            let Some(value) = value else { continue };
+            if options.get(key).is_some_and(|v| v != &value) {
+                return Err(format!("`{key}` and `options.{key}` differ: write `options.{key}` only"));
+            }
+            options.insert(key.to_owned(), value);
+        }
+        Ok(TopicEnv { slug: doc.slug, native_name, options })
+    }
 }
 
 /// The seed's SQS form: `queueUrl: [{ env_slug, url }]`.
@@ -69,7 +116,7 @@ pub struct Topic {
     /// Per-env overrides.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub envs: Vec<TopicEnv>,
-    /// The seed's per-env SQS queue URLs (merged into `envs`).
+    /// The seed's per-env SQS queue URLs (merged into `envs` as `options.queueUrl`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue_url: Option<Vec<QueueUrl>>,
     /// An example payload.
@@ -95,14 +142,14 @@ impl Topic {
         }
         if let Some(urls) = self.queue_url.take() {
             for QueueUrl { env_slug, url } in urls {
-                match self.envs.iter_mut().find(|e| e.slug == env_slug) {
-                    Some(env) => env.queue_url = Some(url),
-                    None => self.envs.push(TopicEnv {
-                        slug: env_slug,
-                        queue_url: Some(url),
-                        ..Default::default()
-                    }),
-                }
+                let env = match self.envs.iter().position(|e| e.slug == env_slug) {
+                    Some(i) => &mut self.envs[i],
+                    None => {
+                        self.envs.push(TopicEnv { slug: env_slug, ..Default::default() });
+                        self.envs.last_mut().expect("just pushed")
+                    }
+                };
+                env.options.insert("queueUrl".into(), Value::String(url));
             }
         }
         Ok(())
@@ -156,10 +203,14 @@ impl Topic {
                     format!("env slug `{}` appears more than once", env.slug),
                 ));
             }
-            if let Some(p) = env.partitions
-                && p < 1
-            {
-                return Err(ValidationError::in_env(&env.slug, "partitions", "must be at least 1"));
+            let broker_type = broker.env(&env.slug).map(|e| &e.broker_type);
+            let kind = match broker_type {
+                Some(t) => kinds.get(t).map_err(|e| ValidationError::in_env(&env.slug, "type", e))?,
+                None => None,
+            };
+            if let Some(kind) = kind {
+                kind.validate_options(&env.options)
+                    .map_err(|(field, message)| ValidationError::in_env(&env.slug, field, message))?;
             }
         }
         for env in &broker.envs {
@@ -184,17 +235,9 @@ impl Topic {
         let invalid = |field: &str, e: String| {
             ValidationError::in_env(env, field, format!("not a valid {broker_type} name: {e}"))
         };
-        let overrides = self.envs.iter().find(|e| e.slug == env);
-        let named = overrides.and_then(|o| o.native_name.as_ref().or(o.topic_name.as_ref()));
-        if let Some(o) = overrides {
-            for (field, name) in [("nativeName", &o.native_name), ("topicName", &o.topic_name)] {
-                if let Some(name) = name {
-                    check(name).map_err(|e| invalid(field, e))?;
-                }
-            }
-            if let Some(url) = &o.queue_url {
-                names::check_queue_url(url).map_err(|e| invalid("queueUrl", e))?;
-            }
+        let named = self.envs.iter().find(|e| e.slug == env).and_then(|o| o.native_name.as_ref());
+        if let Some(name) = named {
+            check(name).map_err(|e| invalid("nativeName", e))?;
         }
         let spec = self.spec(env)?;
         if named.is_none() {
@@ -211,20 +254,14 @@ impl Topic {
     pub fn spec(&self, env: &str) -> Result<TopicSpec, ValidationError> {
         let event = self.event()?;
         let overrides = self.envs.iter().find(|e| e.slug == env).cloned().unwrap_or_default();
-        let native_name = overrides
-            .native_name
-            .clone()
-            .or_else(|| overrides.topic_name.clone())
-            .unwrap_or_else(|| event.topic.clone());
+        let native_name = overrides.native_name.clone().unwrap_or_else(|| event.topic.clone());
         let dead_letter = self.dead_letter.clone().unwrap_or_else(|| format!("{native_name}-dlq"));
         Ok(TopicSpec {
             event: self.tag.clone(),
             native_name,
             dead_letter,
             max_attempts: self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
-            fifo: overrides.fifo.unwrap_or(false),
-            partitions: overrides.partitions,
-            queue_url: overrides.queue_url,
+            options: overrides.options,
         })
     }
 }
@@ -316,7 +353,7 @@ impl TopicPatch {
 }
 
 /// A topic as resolved for one env: what an adapter publishes to and consumes from.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TopicSpec {
     /// The event, `broker:topic`.
     pub event: String,
@@ -326,12 +363,8 @@ pub struct TopicSpec {
     pub dead_letter: String,
     /// Deliveries before dead-lettering.
     pub max_attempts: u32,
-    /// FIFO semantics requested (SQS).
-    pub fifo: bool,
-    /// Partitions when created on demand.
-    pub partitions: Option<i32>,
-    /// SQS queue URL, when given.
-    pub queue_url: Option<String>,
+    /// The topic's options in this env, as its connector validated them.
+    pub options: Map<String, Value>,
 }
 
 impl TopicSpec {
@@ -343,17 +376,16 @@ impl TopicSpec {
             dead_letter: format!("{native_name}-dlq"),
             native_name,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
-            fifo: false,
-            partitions: None,
-            queue_url: None,
+            options: Map::new(),
         }
     }
 
-    /// The spec of this topic's dead-letter destination.
-    pub fn dead_letter_spec(&self) -> TopicSpec {
+    /// The spec of this topic's dead-letter destination, with `options` (those of the topic
+    /// its connector carries over, [`crate::BrokerKind::dead_letter_options`]).
+    pub fn dead_letter_spec(&self, options: Map<String, Value>) -> TopicSpec {
         let mut spec = TopicSpec::named(self.dead_letter.clone());
         spec.event = format!("{} (dead letters)", self.event);
-        spec.partitions = self.partitions;
+        spec.options = options;
         spec
     }
 }
@@ -361,7 +393,7 @@ impl TopicSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::builtin_kinds;
+    use crate::kind::testing::kinds as test_kinds;
     use serde_json::json;
 
     fn broker() -> Broker {
@@ -376,11 +408,31 @@ mod tests {
         let t = Topic::from_value(json!({"tag": "message-bus:orders",
             "queueUrl": [{"env_slug": "prd", "url": "http://q/orders"}]}))
         .unwrap();
-        t.validate(&broker(), &builtin_kinds()).unwrap();
+        t.validate(&broker(), &test_kinds()).unwrap();
         assert_eq!(t.name, "orders");
-        assert_eq!(t.spec("prd").unwrap().queue_url.as_deref(), Some("http://q/orders"));
+        assert_eq!(t.spec("prd").unwrap().options["queueUrl"], "http://q/orders");
         let dev = t.spec("dev").unwrap();
         assert_eq!((dev.native_name.as_str(), dev.dead_letter.as_str()), ("orders", "orders-dlq"));
+    }
+
+    #[test]
+    fn per_broker_fields_of_earlier_versions_are_read_into_options() {
+        let t = Topic::from_value(json!({"tag": "message-bus:orders", "envs": [
+            {"slug": "prd", "fifo": true, "partitions": 3, "queueUrl": "http://q/1/orders"},
+            {"slug": "dev", "topicName": "orders-v2"}]}))
+        .unwrap();
+        let prd = t.spec("prd").unwrap();
+        assert_eq!(
+            serde_json::Value::Object(prd.options),
+            json!({"fifo": true, "partitions": 3, "queueUrl": "http://q/1/orders"})
+        );
+        assert_eq!(t.spec("dev").unwrap().native_name, "orders-v2");
+        let stored = serde_json::to_value(&t).unwrap();
+        assert_eq!(stored["envs"][1], json!({"slug": "dev", "nativeName": "orders-v2"}));
+        let err = Topic::from_value(json!({"tag": "message-bus:orders", "envs": [
+            {"slug": "prd", "fifo": true, "options": {"fifo": false}}]}))
+        .unwrap_err();
+        assert!(err.message.contains("write `options.fifo` only"), "{err}");
     }
 
     #[test]
@@ -389,7 +441,7 @@ mod tests {
         let t = Topic::from_value(json!({"tag": "message-bus:orders", "name": "Orders"})).unwrap();
         let patched = TopicPatch::from_value(json!({"name": " "}))
             .unwrap()
-            .apply(&t, &broker(), &builtin_kinds())
+            .apply(&t, &broker(), &test_kinds())
             .unwrap();
         assert_eq!(patched.name, "orders");
         assert_eq!(Topic::from_value(serde_json::to_value(&patched).unwrap()).unwrap(), patched);
@@ -398,9 +450,9 @@ mod tests {
     #[test]
     fn topic_of_another_broker_or_unknown_env_is_refused() {
         let t = Topic::from_value(json!({"tag": "other:orders"})).unwrap();
-        assert_eq!(t.validate(&broker(), &builtin_kinds()).unwrap_err().field, "tag");
+        assert_eq!(t.validate(&broker(), &test_kinds()).unwrap_err().field, "tag");
         let t = Topic::from_value(json!({"tag": "message-bus:orders", "envs": [{"slug": "stg"}]})).unwrap();
-        assert!(t.validate(&broker(), &builtin_kinds()).unwrap_err().message.contains("no env `stg`"));
+        assert!(t.validate(&broker(), &test_kinds()).unwrap_err().message.contains("no env `stg`"));
     }
 
     fn on(broker_type: &str) -> Broker {
@@ -426,17 +478,11 @@ mod tests {
 
     #[test]
     fn wildcard_native_names_are_refused_naming_env_field_and_rule() {
-        for (broker_type, name) in [
-            ("rabbitmq", "#"),
-            ("rabbitmq", "*"),
-            ("rabbitmq", "a.*"),
-            ("nats", ">"),
-            ("nats", "a.*"),
-            ("mqtt", "#"),
-            ("mqtt", "a/+"),
-        ] {
+        for (broker_type, name) in
+            [("rabbitmq", "#"), ("rabbitmq", "a.*"), ("kafka", ">"), ("aws_sqs", "a/+")]
+        {
             let err =
-                in_prd(json!({"nativeName": name})).validate(&on(broker_type), &builtin_kinds()).unwrap_err();
+                in_prd(json!({"nativeName": name})).validate(&on(broker_type), &test_kinds()).unwrap_err();
             assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "nativeName"), "{err}");
             assert!(err.message.contains("wildcard"), "{broker_type} {name}: {err}");
         }
@@ -444,27 +490,22 @@ mod tests {
         let t =
             Topic::from_value(json!({"tag": "bus:orders", "envs": [{"slug": "dev", "nativeName": "a.*"}]}))
                 .unwrap();
-        t.validate(&on("rabbitmq"), &builtin_kinds()).unwrap();
+        t.validate(&on("rabbitmq"), &test_kinds()).unwrap();
     }
 
     #[test]
-    fn topic_name_queue_url_and_dead_letter_are_validated_per_broker() {
+    fn topic_name_and_dead_letter_are_validated_per_broker() {
         for bad in ["with space", "nul\u{0}", "#"] {
-            let err = in_prd(json!({"topicName": bad}))
-                .validate(&on("google_pubsub"), &builtin_kinds())
-                .unwrap_err();
-            assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "topicName"), "{err}");
+            let err =
+                in_prd(json!({"topicName": bad})).validate(&on("google_pubsub"), &test_kinds()).unwrap_err();
+            assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "nativeName"), "{err}");
         }
-        let err = in_prd(json!({"queueUrl": "file:///etc/passwd"}))
-            .validate(&on("aws_sqs"), &builtin_kinds())
-            .unwrap_err();
-        assert_eq!(err.field, "queueUrl");
         let mut t = in_prd(json!({}));
         t.dead_letter = Some("#".into());
-        let err = t.validate(&on("rabbitmq"), &builtin_kinds()).unwrap_err();
+        let err = t.validate(&on("rabbitmq"), &test_kinds()).unwrap_err();
         assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prd"), "deadLetter"), "{err}");
         let t = in_prd(json!({"nativeName": "k".repeat(249)}));
-        let err = t.validate(&on("kafka"), &builtin_kinds()).unwrap_err();
+        let err = t.validate(&on("kafka"), &test_kinds()).unwrap_err();
         assert!(err.field == "deadLetter" && err.message.contains("default"), "{err}");
     }
 
@@ -472,9 +513,9 @@ mod tests {
     fn names_and_descriptions_are_bounded() {
         let mut t = Topic::from_value(json!({"tag": "bus:orders"})).unwrap();
         t.name = "n".repeat(65_536);
-        assert_eq!(t.validate(&on("redis"), &builtin_kinds()).unwrap_err().field, "name");
+        assert_eq!(t.validate(&on("redis"), &test_kinds()).unwrap_err().field, "name");
         t.name = "Orders".into();
         t.description = Some("\u{1b}]0;owned\u{7}".into());
-        assert_eq!(t.validate(&on("redis"), &builtin_kinds()).unwrap_err().field, "description");
+        assert_eq!(t.validate(&on("redis"), &test_kinds()).unwrap_err().field, "description");
     }
 }

@@ -9,9 +9,8 @@
 mod fuzzing;
 
 use fuzzing::*;
-use polybus_core::config;
 use polybus_core::secret::{self, Reference, Scrubber};
-use polybus_core::{Broker, BrokerPatch, BrokerType, Topic, TopicPatch, ValidationError};
+use polybus_core::{Broker, BrokerPatch, Kinds, Topic, TopicPatch, ValidationError};
 use proptest::prelude::*;
 use proptest::test_runner::TestCaseError;
 use serde_json::{Value, json};
@@ -20,7 +19,7 @@ use serde_json::{Value, json};
 /// Parses and validates a broker through the built-in kinds.
 fn checked(doc: Value) -> Result<Broker, ValidationError> {
     let broker = Broker::from_value(doc)?;
-    broker.validate(&config::builtin_kinds())?;
+    broker.validate(&Kinds::unchecked())?;
     Ok(broker)
 }
 
@@ -132,7 +131,7 @@ fn broker_patches_never_panic_and_name_the_field() {
             Ok(parsed) => parsed,
             Err(error) => return check_error(&error, &patch),
         };
-        match parsed.apply(&base, &config::builtin_kinds()) {
+        match parsed.apply(&base, &Kinds::unchecked()) {
             Ok(next) => {
                 round_trips(&next)?;
                 check(next.tag == base.tag && next.version == base.version, || {
@@ -173,7 +172,7 @@ fn valid_topics_validate_and_round_trip() {
         let topic = Topic::from_value(doc.clone());
         check(topic.is_ok(), || format!("a valid topic is refused: {topic:?}\n{doc:#}"))?;
         let topic = topic.expect("checked");
-        let valid = topic.validate(&broker, &config::builtin_kinds());
+        let valid = topic.validate(&broker, &Kinds::unchecked());
         check(valid.is_ok(), || format!("a valid topic is refused: {valid:?}\n{doc:#}"))?;
         check_topic(&topic, &broker)
     });
@@ -188,7 +187,7 @@ fn topic_documents_never_panic_and_name_the_field() {
             Ok(topic) => topic,
             Err(error) => return check_error(&error, &doc),
         };
-        match topic.validate(&broker, &config::builtin_kinds()) {
+        match topic.validate(&broker, &Kinds::unchecked()) {
             Ok(()) => check_topic(&topic, &broker),
             Err(error) => check_error(&error, &doc),
         }
@@ -214,27 +213,10 @@ fn topic_patches_never_panic_and_name_the_field() {
             Ok(parsed) => parsed,
             Err(error) => return check_error(&error, &patch),
         };
-        match parsed.apply(&topic, &broker, &config::builtin_kinds()) {
+        match parsed.apply(&topic, &broker, &Kinds::unchecked()) {
             Ok(next) => check_topic(&next, &broker),
             Err(error) => check_error(&error, &patch),
         }
-    });
-}
-
-#[test]
-fn each_broker_types_config_names_the_field() {
-    let cases = prop::sample::select(BROKER_TYPES.to_vec()).prop_flat_map(|t| {
-        (Just(t), prop_oneof![3 => mutated(config_for(t)).prop_map(|(c, _)| c), 1 => json_value()])
-    });
-    fuzz("configs", cases, |(broker_type, config)| {
-        let broker_type: BrokerType = broker_type.parse().expect("a known type");
-        if let Err((field, message)) = config::validate(&broker_type, &config) {
-            check(field == "config" || field.starts_with("config."), || format!("field `{field}`"))?;
-            check(!message.is_empty(), || format!("no message for `{field}`"))?;
-            let secrets = secrets_in(&config);
-            check(leaked(&message, &secrets).is_none(), || format!("`{field}`: {message} quotes a secret"))?;
-        }
-        Ok(())
     });
 }
 

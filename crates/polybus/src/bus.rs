@@ -196,7 +196,7 @@ impl Bus {
         let inner = route.transport.subscribe(&route.spec, &options).await?;
         let dead_letter = DeadLetterTarget {
             transport: route.transport.clone(),
-            spec: route.spec.dead_letter_spec(),
+            spec: self.dead_letter_spec(&route)?,
             event: route.spec.event.clone(),
             group: options.group.clone(),
             ensured: tokio::sync::OnceCell::new(),
@@ -215,7 +215,7 @@ impl Bus {
         polybus_core::tag::check_tag(&options.group)
             .map_err(|e| polybus_core::ValidationError::field("group", e))?;
         let route = self.resolve(env, event).await?;
-        let spec = route.spec.dead_letter_spec();
+        let spec = self.dead_letter_spec(&route)?;
         self.check_group(&options.group, &route.broker_type, &spec)?;
         route.transport.ensure_topic(&spec).await?;
         let inner = route.transport.subscribe(&spec, &options).await?;
@@ -448,6 +448,15 @@ fn in_batch(error: Error, index: usize) -> Error {
 }
 
 impl Bus {
+    /// The spec of the dead-letter destination of `route`'s topic, with the options its
+    /// connector carries over.
+    fn dead_letter_spec(&self, route: &Resolved) -> Result<TopicSpec> {
+        let Some(connector) = self.inner.connectors.get(&route.broker_type) else {
+            return Err(Error::NoAdapter(route.broker_type.to_string()));
+        };
+        Ok(route.spec.dead_letter_spec(connector.dead_letter_options(&route.spec.options)))
+    }
+
     /// Checks that the names a group derives on `spec`'s broker are legal there.
     fn check_group(&self, group: &str, broker_type: &BrokerType, spec: &TopicSpec) -> Result<()> {
         let Some(connector) = self.inner.connectors.get(broker_type) else {

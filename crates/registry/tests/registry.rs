@@ -56,7 +56,12 @@ impl Fixture {
 
 /// The broker types the tests' definitions use.
 fn kinds() -> polybus_core::Kinds {
-    polybus_core::config::builtin_kinds()
+    polybus_core::Kinds::new([
+        Arc::new(polybus_embedded::EmbeddedConnector) as Arc<dyn polybus_core::BrokerKind>,
+        Arc::new(polybus_kafka::KafkaConnector),
+        Arc::new(polybus_rabbitmq::RabbitmqConnector),
+        Arc::new(polybus_redis::RedisConnector),
+    ])
 }
 
 fn postgres_url() -> String {

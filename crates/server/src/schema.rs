@@ -67,16 +67,12 @@ pub struct BrokerPatch {
 pub struct TopicEnv {
     /// Env slug of the topic's broker.
     slug: String,
-    /// Name on the broker (default: the topic tag).
+    /// Name on the broker (default: the topic tag); `topicName` is read as this too.
     native_name: Option<String>,
-    /// SQS queue URL.
-    queue_url: Option<String>,
-    /// Pub/Sub topic name.
-    topic_name: Option<String>,
-    /// FIFO queue (SQS).
-    fifo: Option<bool>,
-    /// Partitions when created on demand (Kafka).
-    partitions: Option<i32>,
+    /// Settings of the env's broker type, checked by its connector: `queueUrl` and `fifo` on
+    /// SQS, `partitions` on Kafka (the same fields beside `slug` are read into here).
+    #[schema(value_type = Object)]
+    options: Option<Value>,
 }
 
 /// A topic.

@@ -335,3 +335,23 @@ fn valid_messages_come_back_exactly() {
         })
     });
 }
+
+/// Each connector's config validation names the field and never quotes a secret.
+#[test]
+fn each_broker_types_config_names_the_field() {
+    let cases = prop::sample::select(BROKER_TYPES.to_vec()).prop_flat_map(|t| {
+        (Just(t), prop_oneof![3 => mutated(config_for(t)).prop_map(|(c, _)| c), 1 => json_value()])
+    });
+    let kinds = polybus::default_kinds();
+    fuzz("configs", cases, |(broker_type, config)| {
+        let broker_type: polybus::BrokerType = broker_type.parse().expect("a known type");
+        let kind = kinds.get(&broker_type).ok().flatten().expect("a connector of this build");
+        if let Err((field, message)) = kind.validate_config(&config) {
+            check(field == "config" || field.starts_with("config."), || format!("field `{field}`"))?;
+            check(!message.is_empty(), || format!("no message for `{field}`"))?;
+            let secrets = secrets_in(&config);
+            check(leaked(&message, &secrets).is_none(), || format!("`{field}`: {message} quotes a secret"))?;
+        }
+        Ok(())
+    });
+}

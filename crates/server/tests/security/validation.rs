@@ -76,15 +76,15 @@ async fn topic_names_are_checked_against_the_env_broker() {
             api.fails("POST", "/v1/topics", Some(topic), StatusCode::BAD_REQUEST, "VALIDATION_FAILED").await;
         assert_eq!(
             (error["env"].as_str(), error["field"].as_str()),
-            (Some("gcp"), Some("topicName")),
-            "{name:?}"
+            (Some("gcp"), Some("nativeName")),
+            "{name:?}: `topicName` is read as `nativeName`"
         );
         assert!(!error["message"].as_str().unwrap_or_default().contains('\0'), "{error}");
     }
     let topic = json!({"tag": "bus:orders", "envs": [{"slug": "aws", "queueUrl": "file:///etc/passwd"}]});
     let error =
         api.fails("POST", "/v1/topics", Some(topic), StatusCode::BAD_REQUEST, "VALIDATION_FAILED").await;
-    assert_eq!(error["field"], "queueUrl");
+    assert_eq!(error["field"], "options.queueUrl");
 }
 
 #[tokio::test]
