@@ -6,6 +6,7 @@
 //! [`EmbeddedTransport::open`].
 
 mod checkpoint;
+mod kind;
 mod log;
 mod ownership;
 mod settle;
@@ -16,10 +17,9 @@ mod transport;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use polybus_core::config::EmbeddedConfig;
-use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
 
+pub use kind::{EmbeddedConfig, RetentionConfig};
 pub use ownership::APPLICATION_ID;
 pub use store::check_file;
 pub use transport::{DEFAULT_PATH, EmbeddedTransport};
@@ -30,24 +30,6 @@ pub struct EmbeddedConnector;
 
 /// The broker type this crate serves, as definitions write it.
 pub const BROKER_TYPE: BrokerType = BrokerType::from_static("embedded");
-
-impl BrokerKind for EmbeddedConnector {
-    fn broker_type(&self) -> BrokerType {
-        BROKER_TYPE
-    }
-
-    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
-        polybus_core::config::validate(&BROKER_TYPE, config)
-    }
-
-    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_native(&BROKER_TYPE, name)
-    }
-
-    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_group(&BROKER_TYPE, native, group)
-    }
-}
 
 #[async_trait]
 impl Connector for EmbeddedConnector {

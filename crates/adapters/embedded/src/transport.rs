@@ -5,8 +5,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use crate::kind::{EmbeddedConfig, RetentionConfig};
 use async_trait::async_trait;
-use polybus_core::config::{EmbeddedConfig, RetentionConfig};
 use polybus_core::{
     Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
 };

@@ -6,8 +6,8 @@ mod common;
 use std::path::Path;
 
 use common::{next, options, text, topic};
-use polybus_core::config::EmbeddedConfig;
 use polybus_core::{ConnectTarget, Connector, Error, Message, Transport};
+use polybus_embedded::EmbeddedConfig;
 use polybus_embedded::{APPLICATION_ID, EmbeddedConnector, EmbeddedTransport};
 use serde_json::json;
 

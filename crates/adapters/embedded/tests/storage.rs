@@ -6,8 +6,8 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use common::{PATIENCE, broker, config, next, options, text, topic};
-use polybus_core::config::RetentionConfig;
 use polybus_core::{BrokerKind, ConnectTarget, Connector, Error, Message, Transport};
+use polybus_embedded::RetentionConfig;
 use polybus_embedded::{EmbeddedConnector, EmbeddedTransport};
 use serde_json::json;
 
@@ -145,10 +145,8 @@ async fn a_file_that_is_not_a_broker_is_refused_with_a_hint() {
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("broker.db");
     std::fs::write(&path, vec![b'x'; 4096]).expect("write");
-    let config = polybus_core::config::EmbeddedConfig {
-        path: Some(path.to_string_lossy().into_owned()),
-        retention: None,
-    };
+    let config =
+        polybus_embedded::EmbeddedConfig { path: Some(path.to_string_lossy().into_owned()), retention: None };
     let err = EmbeddedTransport::open(&config).await.expect_err("not a database");
     assert!(err.to_string().contains("not a SQLite database"), "{err}");
 }

@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 
-use polybus_core::config::{KafkaConfig, SaslMechanism};
+use crate::kind::{KafkaConfig, SaslMechanism};
 use polybus_core::{Error, Op, ValidationError};
 use rdkafka::ClientConfig;
 

@@ -13,6 +13,7 @@
 
 mod codec;
 mod config;
+mod kind;
 mod offsets;
 mod subscription;
 mod transport;
@@ -20,83 +21,19 @@ mod transport;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use polybus_core::config::KafkaConfig;
-use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Result, Transport, ValidationError};
 
 pub use codec::NOT_BEFORE;
 pub use config::{DEFAULT_PARTITIONS, DEFAULT_REPLICATION_FACTOR};
+pub use kind::{KafkaConfig, SaslConfig, SaslMechanism};
 pub use transport::KafkaTransport;
 
 /// Connects broker envs of type `kafka`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KafkaConnector;
 
-/// The topic option naming how many partitions a topic is created with.
-const PARTITIONS: &str = "partitions";
-
-/// Partitions `topic` asks for in its options, if any.
-pub(crate) fn partitions_of(topic: &polybus_core::TopicSpec) -> Option<i32> {
-    topic.options.get(PARTITIONS).and_then(serde_json::Value::as_i64).and_then(|p| i32::try_from(p).ok())
-}
-
 /// The broker type this crate serves, as definitions write it.
 pub const BROKER_TYPE: BrokerType = BrokerType::from_static("kafka");
-
-impl BrokerKind for KafkaConnector {
-    fn broker_type(&self) -> BrokerType {
-        BROKER_TYPE
-    }
-
-    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
-        polybus_core::config::validate(&BROKER_TYPE, config)
-    }
-
-    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_native(&BROKER_TYPE, name)
-    }
-
-    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_group(&BROKER_TYPE, native, group)
-    }
-
-    fn validate_options(
-        &self,
-        options: &serde_json::Map<String, serde_json::Value>,
-    ) -> std::result::Result<(), FieldError> {
-        for (key, value) in options {
-            match key.as_str() {
-                PARTITIONS => {
-                    let valid = value.as_i64().is_some_and(|p| p >= 1 && i32::try_from(p).is_ok());
-                    if !valid {
-                        return Err((
-                            format!("options.{key}"),
-                            format!("expected a whole number from 1 to {}", i32::MAX),
-                        ));
-                    }
-                }
-                _ => {
-                    return Err((
-                        format!("options.{key}"),
-                        format!("unknown option `{key}`; Kafka takes `{PARTITIONS}`"),
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn dead_letter_options(
-        &self,
-        options: &serde_json::Map<String, serde_json::Value>,
-    ) -> serde_json::Map<String, serde_json::Value> {
-        options
-            .iter()
-            .filter(|(key, _)| key.as_str() == PARTITIONS)
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect()
-    }
-}
 
 #[async_trait]
 impl Connector for KafkaConnector {

@@ -330,7 +330,7 @@ impl KafkaTransport {
     }
 
     fn partitions(&self, topic: &TopicSpec) -> i32 {
-        crate::partitions_of(topic).unwrap_or(self.client.settings.partitions)
+        crate::kind::partitions_of(topic).unwrap_or(self.client.settings.partitions)
     }
 }
 

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use polybus_core::config::MqttConfig;
+use crate::kind::MqttConfig;
 use polybus_core::{ConnectTarget, Error, Op, Result, ValidationError};
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport as Wire};

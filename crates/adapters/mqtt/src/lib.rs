@@ -9,6 +9,7 @@
 
 mod codec;
 mod config;
+mod kind;
 mod orphan;
 mod publisher;
 mod subscription;
@@ -17,8 +18,9 @@ mod transport;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Result, Transport};
+
+pub use kind::MqttConfig;
 
 /// Connects polybus to MQTT brokers (broker type `mqtt`).
 #[derive(Debug, Clone, Copy, Default)]
@@ -26,24 +28,6 @@ pub struct MqttConnector;
 
 /// The broker type this crate serves, as definitions write it.
 pub const BROKER_TYPE: BrokerType = BrokerType::from_static("mqtt");
-
-impl BrokerKind for MqttConnector {
-    fn broker_type(&self) -> BrokerType {
-        BROKER_TYPE
-    }
-
-    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
-        polybus_core::config::validate(&BROKER_TYPE, config)
-    }
-
-    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_native(&BROKER_TYPE, name)
-    }
-
-    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_group(&BROKER_TYPE, native, group)
-    }
-}
 
 #[async_trait]
 impl Connector for MqttConnector {

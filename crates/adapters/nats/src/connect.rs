@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::kind::NatsConfig;
 use async_nats::{Client, ConnectOptions, Event};
-use polybus_core::config::NatsConfig;
 use polybus_core::{Error, Op, Result, ValidationError, secret};
 use tokio::sync::watch;
 
@@ -117,7 +117,7 @@ mod fuzz;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use polybus_core::config::OneOrMany;
+    use crate::kind::OneOrMany;
 
     fn config(servers: &str) -> NatsConfig {
         NatsConfig {

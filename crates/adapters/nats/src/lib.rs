@@ -11,6 +11,7 @@
 
 mod codec;
 mod connect;
+mod kind;
 mod mover;
 pub mod names;
 mod puller;
@@ -20,11 +21,10 @@ mod transport;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use polybus_core::config::NatsConfig;
-use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
 
 pub use codec::DELIVER_AT;
+pub use kind::{NatsConfig, OneOrMany};
 pub use transport::NatsTransport;
 
 /// Connects broker envs of type `nats`.
@@ -33,24 +33,6 @@ pub struct NatsConnector;
 
 /// The broker type this crate serves, as definitions write it.
 pub const BROKER_TYPE: BrokerType = BrokerType::from_static("nats");
-
-impl BrokerKind for NatsConnector {
-    fn broker_type(&self) -> BrokerType {
-        BROKER_TYPE
-    }
-
-    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
-        polybus_core::config::validate(&BROKER_TYPE, config)
-    }
-
-    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_native(&BROKER_TYPE, name)
-    }
-
-    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_group(&BROKER_TYPE, native, group)
-    }
-}
 
 #[async_trait]
 impl Connector for NatsConnector {

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
+use crate::kind::PubsubConfig;
 use async_trait::async_trait;
 use gcloud_gax::conn::Environment;
 use gcloud_pubsub::client::ClientConfig;
 use google_cloud_auth::credentials::{self, CacheableResource, Credentials, anonymous, service_account};
-use polybus_core::config::PubsubConfig;
 use polybus_core::{Error, Op, Result, ValidationError};
 use token_source::{TokenSource, TokenSourceProvider};
 use tokio::io::AsyncReadExt;

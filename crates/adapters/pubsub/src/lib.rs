@@ -12,6 +12,7 @@
 mod acks;
 mod codec;
 mod connect;
+mod kind;
 pub mod names;
 mod subscription;
 mod transport;
@@ -19,10 +20,9 @@ mod transport;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use polybus_core::config::PubsubConfig;
-use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
 
+pub use kind::PubsubConfig;
 pub use transport::PubsubTransport;
 
 /// Connects broker envs of type `google_pubsub`.
@@ -31,29 +31,6 @@ pub struct PubsubConnector;
 
 /// The broker type this crate serves, as definitions write it.
 pub const BROKER_TYPE: BrokerType = BrokerType::from_static("google_pubsub");
-
-impl BrokerKind for PubsubConnector {
-    fn broker_type(&self) -> BrokerType {
-        BROKER_TYPE
-    }
-
-    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
-        polybus_core::config::validate(&BROKER_TYPE, config)
-    }
-
-    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_native(&BROKER_TYPE, name)
-    }
-
-    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_group(&BROKER_TYPE, native, group)
-    }
-
-    fn describe(&self, config: &serde_json::Value, spec: &polybus_core::TopicSpec) -> Option<String> {
-        let _ = config;
-        Some(format!("subscription `{}--<group>` per group", spec.native_name))
-    }
-}
 
 #[async_trait]
 impl Connector for PubsubConnector {

@@ -1,7 +1,7 @@
 //! From a broker env's config to an AMQP URI and the exchange to publish to.
 
+use crate::kind::RabbitmqConfig;
 use lapin::uri::{AMQPScheme, AMQPUri};
-use polybus_core::config::RabbitmqConfig;
 use polybus_core::{ConnectTarget, Error, Result, ValidationError, secret};
 
 /// The exchange used when the config names none.

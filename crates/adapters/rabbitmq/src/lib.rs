@@ -11,6 +11,7 @@
 
 mod codec;
 mod config;
+mod kind;
 mod link;
 mod subscription;
 mod transport;
@@ -18,10 +19,10 @@ mod transport;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Result, Transport};
 
 pub use config::DEFAULT_EXCHANGE;
+pub use kind::RabbitmqConfig;
 pub use subscription::{RabbitmqSubscription, queue_name};
 pub use transport::{CAPABILITIES, DELAY_EXCHANGE, PUBLISH_DEADLINE, RabbitmqTransport, delay_queue};
 
@@ -31,30 +32,6 @@ pub struct RabbitmqConnector;
 
 /// The broker type this crate serves, as definitions write it.
 pub const BROKER_TYPE: BrokerType = BrokerType::from_static("rabbitmq");
-
-impl BrokerKind for RabbitmqConnector {
-    fn broker_type(&self) -> BrokerType {
-        BROKER_TYPE
-    }
-
-    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
-        polybus_core::config::validate(&BROKER_TYPE, config)
-    }
-
-    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_native(&BROKER_TYPE, name)
-    }
-
-    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_group(&BROKER_TYPE, native, group)
-    }
-
-    fn describe(&self, config: &serde_json::Value, spec: &polybus_core::TopicSpec) -> Option<String> {
-        let exchange = config.get("exchange").and_then(serde_json::Value::as_str).unwrap_or("polybus");
-        let native = &spec.native_name;
-        Some(format!("exchange `{exchange}`, routing key `{native}`; queue `{native}--<group>` per group"))
-    }
-}
 
 #[async_trait]
 impl Connector for RabbitmqConnector {

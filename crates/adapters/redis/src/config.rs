@@ -1,6 +1,6 @@
 //! From a `redis` env config to what the client needs, without ever showing the password.
 
-use polybus_core::config::RedisConfig;
+use crate::kind::RedisConfig;
 use polybus_core::{Error, Result, ValidationError, secret};
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
 

@@ -11,6 +11,7 @@
 
 mod config;
 mod fields;
+mod kind;
 mod scripts;
 mod settle;
 mod subscription;
@@ -19,11 +20,10 @@ mod transport;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use polybus_core::config::RedisMode;
-use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, ConnectTarget, Connector, Error, Result, Transport, ValidationError};
 
 pub use fields::{CONTENT_TYPE, HEADER_PREFIX, ID, KEY, PAYLOAD, PUBLISHED_AT};
+pub use kind::{RedisConfig, RedisMode};
 pub use transport::RedisTransport;
 
 /// Connects `redis` broker envs: Redis Streams with consumer groups.
@@ -33,33 +33,10 @@ pub struct RedisConnector;
 /// The broker type this crate serves, as definitions write it.
 pub const BROKER_TYPE: BrokerType = BrokerType::from_static("redis");
 
-impl BrokerKind for RedisConnector {
-    fn broker_type(&self) -> BrokerType {
-        BROKER_TYPE
-    }
-
-    fn validate_config(&self, config: &serde_json::Value) -> std::result::Result<(), FieldError> {
-        polybus_core::config::validate(&BROKER_TYPE, config)
-    }
-
-    fn check_native(&self, name: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_native(&BROKER_TYPE, name)
-    }
-
-    fn check_group(&self, native: &str, group: &str) -> std::result::Result<(), String> {
-        polybus_core::names::check_group(&BROKER_TYPE, native, group)
-    }
-
-    fn describe(&self, config: &serde_json::Value, spec: &polybus_core::TopicSpec) -> Option<String> {
-        let _ = config;
-        Some(format!("stream `{}`", spec.native_name))
-    }
-}
-
 #[async_trait]
 impl Connector for RedisConnector {
     async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>> {
-        let parsed: polybus_core::config::RedisConfig = polybus_core::config::parse(&target.config)
+        let parsed: crate::kind::RedisConfig = polybus_core::config::parse(&target.config)
             .map_err(|(field, message)| ValidationError::in_env(&target.env, field, message))?;
         if parsed.mode == Some(RedisMode::Pubsub) {
             return Err(Error::Unsupported {

@@ -1,8 +1,8 @@
 //! An SQS client from a broker env's config.
 
+use crate::kind::SqsConfig;
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::config::{Credentials, Region};
-use polybus_core::config::SqsConfig;
 use polybus_core::{Error, Result, ValidationError};
 
 /// Builds a client: static credentials when the config has them, else the default AWS chain

@@ -88,10 +88,10 @@ impl SqsTransport {
     }
 
     fn route(&self, spec: &TopicSpec) -> Route {
-        if let Some(url) = crate::queue_url_of(spec) {
+        if let Some(url) = crate::kind::queue_url_of(spec) {
             return Route::Single(url.to_owned());
         }
-        let queues = TopicQueues::new(&spec.native_name, crate::fifo_of(spec));
+        let queues = TopicQueues::new(&spec.native_name, crate::kind::fifo_of(spec));
         match &self.broker_queue {
             Some(url) if queue_name(url) == queues.base() => Route::Single(url.clone()),
             _ => Route::Groups(queues),

@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use polybus_core::config::{EmbeddedConfig, RetentionConfig};
 use polybus_core::{Delivery, SubscribeOptions, Subscription, TopicSpec};
 use polybus_embedded::EmbeddedTransport;
+use polybus_embedded::{EmbeddedConfig, RetentionConfig};
 use tempfile::TempDir;
 
 /// Longest wait for something that should happen.

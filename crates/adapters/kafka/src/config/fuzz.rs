@@ -4,8 +4,8 @@
 #[path = "../../../../core/tests/support/fuzzing.rs"]
 mod fuzzing;
 
+use crate::kind::KafkaConfig;
 use fuzzing::*;
-use polybus_core::config::KafkaConfig;
 use polybus_core::{Error, Op};
 use proptest::prelude::*;
 

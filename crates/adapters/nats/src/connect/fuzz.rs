@@ -4,8 +4,8 @@
 #[path = "../../../../core/tests/support/fuzzing.rs"]
 mod fuzzing;
 
+use crate::kind::NatsConfig;
 use fuzzing::*;
-use polybus_core::config::NatsConfig;
 use proptest::prelude::*;
 
 use super::Secrets;

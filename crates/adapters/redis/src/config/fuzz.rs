@@ -4,9 +4,9 @@
 #[path = "../../../../core/tests/support/fuzzing.rs"]
 mod fuzzing;
 
+use crate::kind::RedisConfig;
 use fuzzing::*;
 use polybus_core::Error;
-use polybus_core::config::RedisConfig;
 use proptest::prelude::*;
 
 use super::Settings;

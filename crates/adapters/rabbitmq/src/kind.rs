@@ -1,0 +1,118 @@
+//! What a `rabbitmq` env is: its config and the rules for names used as routing keys.
+
+use polybus_core::config::{parse, require_one};
+use polybus_core::kind::{BrokerKind, FieldError};
+use polybus_core::limits::quote;
+use polybus_core::names::{GROUP_SEPARATOR, MAX_NATIVE_BYTES};
+use polybus_core::{BrokerType, TopicSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{BROKER_TYPE, RabbitmqConnector};
+
+/// RabbitMQ config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RabbitmqConfig {
+    /// `amqp://` or `amqps://` URL; alternative to host/port/username/password.
+    pub url: Option<String>,
+    /// Host name.
+    pub host: Option<String>,
+    /// Port (default 5672).
+    pub port: Option<u16>,
+    /// User name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// Virtual host.
+    pub vhost: Option<String>,
+    /// Topic exchange messages are published to (default `polybus`).
+    pub exchange: Option<String>,
+    /// The seed's queue field (accepted; queues are per group).
+    pub queue: Option<String>,
+    /// The seed's routing key field (accepted; the topic is the routing key).
+    pub routing_key: Option<String>,
+    /// Use TLS.
+    pub tls: Option<bool>,
+}
+
+impl BrokerKind for RabbitmqConnector {
+    fn broker_type(&self) -> BrokerType {
+        BROKER_TYPE
+    }
+
+    fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
+        let c: RabbitmqConfig = parse(config)?;
+        require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])
+    }
+
+    fn check_native(&self, name: &str) -> Result<(), String> {
+        check_rabbitmq(name)
+    }
+
+    fn check_group(&self, native: &str, group: &str) -> Result<(), String> {
+        let queue = format!("{native}{GROUP_SEPARATOR}{group}");
+        if queue.len() > MAX_NATIVE_BYTES {
+            return Err(format!(
+                "the group's queue: {} is {} bytes long; at most {MAX_NATIVE_BYTES} are allowed",
+                quote(&queue),
+                queue.len()
+            ));
+        }
+        Ok(())
+    }
+
+    fn describe(&self, config: &Value, spec: &TopicSpec) -> Option<String> {
+        let exchange = config.get("exchange").and_then(Value::as_str).unwrap_or("polybus");
+        let native = &spec.native_name;
+        Some(format!("exchange `{exchange}`, routing key `{native}`; queue `{native}--<group>` per group"))
+    }
+}
+
+/// RabbitMQ's rule for routing keys used as topic names.
+fn check_rabbitmq(name: &str) -> Result<(), String> {
+    if let Some(c) = name.chars().find(|c| matches!(c, '#' | '*')) {
+        return Err(format!(
+            "{} contains `{c}`, a wildcard in RabbitMQ binding keys: the topic would receive other topics' messages",
+            quote(name)
+        ));
+    }
+    if name.starts_with("amq.") {
+        return Err(format!("{} starts with `amq.`, which RabbitMQ reserves", quote(name)));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_seeds_fields_are_accepted_and_an_address_is_required() {
+        let seed = json!({"host": "h", "port": 5672, "username": "u", "password": "p",
+            "exchange": "e", "queue": "q", "routingKey": "r"});
+        RabbitmqConnector.validate_config(&seed).unwrap();
+        let (field, message) = RabbitmqConnector.validate_config(&json!({"exchange": "events"})).unwrap_err();
+        assert_eq!(field, "config");
+        assert!(message.contains("`url`"), "{message}");
+    }
+
+    #[test]
+    fn wildcards_and_reserved_names_are_refused() {
+        for name in ["#", "*", "a.*", "a.#.b"] {
+            assert!(
+                RabbitmqConnector.check_native(name).unwrap_err().contains("wildcard in RabbitMQ"),
+                "{name}"
+            );
+        }
+        assert!(RabbitmqConnector.check_native("amq.orders").unwrap_err().contains("reserves"));
+        RabbitmqConnector.check_native("a/+").unwrap();
+    }
+
+    #[test]
+    fn a_groups_queue_must_stay_within_255_bytes() {
+        RabbitmqConnector.check_group("orders", "billing").unwrap();
+        assert!(RabbitmqConnector.check_group(&"r".repeat(250), "billing").unwrap_err().contains("queue"));
+    }
+}

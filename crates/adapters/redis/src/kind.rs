@@ -1,0 +1,89 @@
+//! What a `redis` env is: its config (Redis has no rules for stream names beyond the common
+//! one).
+
+use polybus_core::config::{parse, require_one};
+use polybus_core::kind::{BrokerKind, FieldError};
+use polybus_core::{BrokerType, TopicSpec};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{BROKER_TYPE, RedisConnector};
+
+/// How the Redis adapter uses Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// Streams with consumer groups (at-least-once, the default).
+    Streams,
+    /// Plain PUBLISH/SUBSCRIBE (at-most-once).
+    Pubsub,
+}
+
+/// Redis config.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RedisConfig {
+    /// `redis://` or `rediss://` URL; alternative to host/port.
+    pub url: Option<String>,
+    /// Host name.
+    pub host: Option<String>,
+    /// Port (default 6379).
+    pub port: Option<u16>,
+    /// ACL user name.
+    pub username: Option<String>,
+    /// Password.
+    pub password: Option<String>,
+    /// Database number.
+    pub db: Option<i64>,
+    /// Use TLS.
+    pub tls: Option<bool>,
+    /// The seed's channel field (accepted; topics come from topic definitions).
+    pub channel: Option<String>,
+    /// Streams (default) or plain Pub/Sub.
+    pub mode: Option<RedisMode>,
+    /// Approximate maximum stream length (`MAXLEN ~`).
+    pub max_len: Option<u64>,
+}
+
+impl BrokerKind for RedisConnector {
+    fn broker_type(&self) -> BrokerType {
+        BROKER_TYPE
+    }
+
+    fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
+        let c: RedisConfig = parse(config)?;
+        require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])
+    }
+
+    fn describe(&self, _config: &Value, spec: &TopicSpec) -> Option<String> {
+        Some(format!("stream `{}`", spec.native_name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn an_address_is_required_and_fields_are_named() {
+        RedisConnector
+            .validate_config(&json!({"host": "h", "port": 6379, "channel": "c", "password": "${P}"}))
+            .unwrap();
+        let (field, message) = RedisConnector.validate_config(&json!({"port": 6379})).unwrap_err();
+        assert_eq!((field.as_str(), message.as_str()), ("config", "one of `url` or `host` is required"));
+        let (field, message) = RedisConnector.validate_config(&json!({"hots": "x"})).unwrap_err();
+        assert_eq!(field, "config.hots");
+        assert!(message.contains("unknown field `hots`"), "{message}");
+        let (field, message) =
+            RedisConnector.validate_config(&json!({"host": "h", "password": 1234567})).unwrap_err();
+        assert_eq!(field, "config.password");
+        assert!(!message.contains("1234567"), "{message}");
+    }
+
+    #[test]
+    fn stream_names_follow_the_common_rule_only() {
+        RedisConnector.check_native("a.*").unwrap();
+        RedisConnector.check_native("a/+#").unwrap();
+    }
+}
