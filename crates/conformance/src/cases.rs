@@ -1,4 +1,4 @@
-//! The cases: each proves one behaviour of the transport contract (DESIGN.md, "The transport
+//! The cases: each proves one behaviour of the transport contract (docs/ARCHITECTURE.md, "The transport
 //! contract") through the public `polybus` API, and fails with what it saw.
 
 use std::collections::{BTreeMap, HashSet};
