@@ -78,6 +78,22 @@ pub enum Command {
     Secret(SecretCommand),
     /// Measure publish and consume+ack throughput and publish→deliver latency on a topic.
     Bench(crate::commands::bench::BenchArgs),
+    /// Print the JSON Schema of broker or topic definitions, for editors that validate YAML
+    /// (each env's `config` as its broker type's connector describes it).
+    Schema {
+        /// Which definitions.
+        #[arg(value_enum)]
+        of: SchemaOf,
+    },
+}
+
+/// The definitions `polybus schema` describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SchemaOf {
+    /// Broker definitions (`broker.yaml`).
+    Broker,
+    /// Topic definitions (`topic.yaml`).
+    Topic,
 }
 
 impl Command {
@@ -93,6 +109,7 @@ impl Command {
             Command::Key(_) => "key",
             Command::Secret(_) => "secret",
             Command::Bench(_) => "bench",
+            Command::Schema { .. } => "schema",
         }
     }
 

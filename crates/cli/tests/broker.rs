@@ -311,3 +311,19 @@ fn broker_get_hides_kafka_properties_and_url_passwords_holding_slashes() {
     assert_eq!(json["envs"][0]["config"]["properties"]["sasl.password"], "****");
     assert_eq!(json["envs"][1]["config"]["url"], "amqp://app:****@rabbit:5672/");
 }
+
+#[test]
+fn schema_broker_names_every_type_and_its_config() {
+    let sandbox = Sandbox::new();
+    let run = sandbox.run(&["schema", "broker"]);
+    let schema: serde_json::Value = serde_json::from_str(run.ok()).expect("JSON");
+    let types = &schema["$defs"]["BrokerEnv"]["properties"]["type"]["enum"];
+    assert_eq!(
+        types,
+        &json!(["aws_sqs", "embedded", "google_pubsub", "kafka", "mqtt", "nats", "rabbitmq", "redis"])
+    );
+    assert_eq!(schema["$defs"]["KafkaConfig"]["required"], json!(["brokers"]));
+    let run = sandbox.run(&["schema", "topic"]);
+    let schema: serde_json::Value = serde_json::from_str(run.ok()).expect("JSON");
+    assert_eq!(schema["title"], "Topic");
+}

@@ -5,6 +5,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::str::FromStr;
 
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::Value;
 
@@ -57,6 +58,16 @@ impl FromStr for BrokerType {
     }
 }
 
+impl JsonSchema for BrokerType {
+    fn schema_name() -> Cow<'static, str> {
+        "BrokerType".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "string", "description": "A broker type a connector declares, e.g. `redis`."})
+    }
+}
+
 impl Serialize for BrokerType {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(self.as_str())
@@ -71,7 +82,7 @@ impl<'de> Deserialize<'de> for BrokerType {
 }
 
 /// One environment of a broker: which broker type and how to reach it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BrokerEnv {
     /// Env slug, e.g. `prd`.
@@ -89,7 +100,7 @@ fn empty_object() -> Value {
 }
 
 /// A broker definition: one name for the product, one config per env.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Broker {
     /// Display name.

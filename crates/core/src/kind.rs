@@ -24,6 +24,13 @@ pub trait BrokerKind: Send + Sync {
     /// error starts with `config`.
     fn validate_config(&self, config: &Value) -> Result<(), FieldError>;
 
+    /// The JSON Schema of this type's `config`, as a subschema of `generator` (usually
+    /// `generator.subschema_for::<MyConfig>()`). By default any object.
+    fn config_schema(&self, generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let _ = generator;
+        crate::schema::any_object()
+    }
+
     /// Checks a topic's `options` for an env of this type. The field of the error starts with
     /// `options`. By default a broker type takes no options.
     fn validate_options(&self, options: &Map<String, Value>) -> Result<(), FieldError> {

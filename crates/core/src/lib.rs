@@ -10,6 +10,7 @@ pub mod limits;
 pub mod message;
 pub mod names;
 pub mod redact;
+pub mod schema;
 pub mod scrub;
 pub mod secret;
 pub mod strict;
@@ -22,6 +23,7 @@ pub use broker::{Broker, BrokerEnv, BrokerPatch, BrokerType};
 pub use error::{Error, Op, Result, ValidationError};
 pub use kind::{BrokerKind, Kinds};
 pub use message::Message;
+pub use schemars;
 pub use tag::EventRef;
 pub use topic::{Topic, TopicEnv, TopicPatch, TopicSpec};
 pub use transport::{

@@ -1,5 +1,6 @@
 //! Topics: `broker-tag:topic-tag`, with optional per-env native names and settings.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -13,7 +14,7 @@ use crate::{limits, names};
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
 
 /// Per-env settings of a topic.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", try_from = "TopicEnvDoc")]
 pub struct TopicEnv {
     /// Env slug of the topic's broker.
@@ -29,12 +30,15 @@ pub struct TopicEnv {
 
 /// A topic env as written: the per-broker fields of earlier versions are still read, into
 /// `nativeName` and `options`.
-#[derive(Deserialize)]
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct TopicEnvDoc {
+    /// Env slug of the topic's broker.
     slug: String,
+    /// Name on the broker (default: the topic tag).
     #[serde(default)]
     native_name: Option<String>,
+    /// Settings of the env's broker type: `partitions` on Kafka, `queueUrl` and `fifo` on SQS.
     #[serde(default)]
     options: Map<String, Value>,
     /// Pub/Sub's name for the native name.
@@ -83,7 +87,7 @@ impl TryFrom<TopicEnvDoc> for TopicEnv {
 }
 
 /// The seed's SQS form: `queueUrl: [{ env_slug, url }]`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct QueueUrl {
     /// Env slug.
@@ -93,7 +97,7 @@ pub struct QueueUrl {
 }
 
 /// A topic definition.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Topic {
     /// Display name (default: the topic tag).

@@ -69,3 +69,14 @@ pub fn default_connectors() -> Vec<std::sync::Arc<dyn Connector>> {
 pub fn default_kinds() -> Kinds {
     bus::kinds_of(&default_connectors())
 }
+
+/// The JSON Schema of broker definitions whose envs are of the types of
+/// [`default_connectors`].
+pub fn broker_schema() -> serde_json::Value {
+    polybus_core::schema::broker(&default_kinds())
+}
+
+/// The JSON Schema of topic definitions.
+pub fn topic_schema() -> serde_json::Value {
+    polybus_core::schema::topic()
+}

@@ -11,13 +11,15 @@ use polybus_server::Options;
 use serde_json::{Value, json};
 
 /// Every route the server has, as `(METHOD, path)`.
-const ROUTES: [(&str, &str); 23] = [
+const ROUTES: [(&str, &str); 25] = [
     ("GET", "/"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
     ("GET", "/metrics"),
     ("GET", "/v1/stats"),
     ("GET", "/v1/openapi.json"),
+    ("GET", "/v1/schema/broker"),
+    ("GET", "/v1/schema/topic"),
     ("POST", "/v1/brokers"),
     ("GET", "/v1/brokers"),
     ("GET", "/v1/brokers/{tag}"),
@@ -54,6 +56,32 @@ async fn openapi_document_lists_every_route() {
     assert_eq!(doc["components"]["securitySchemes"]["apiKey"]["scheme"], "bearer");
     assert_eq!(doc["paths"]["/healthz"]["get"]["security"], json!([{}]));
     assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+}
+
+#[tokio::test]
+async fn the_schemas_describe_each_env_type_and_topic_options() {
+    let api = TestApi::new().await;
+    let broker = api.ok("GET", "/v1/schema/broker", None, StatusCode::OK).await;
+    assert_eq!(broker["$schema"], "https://json-schema.org/draft/2020-12/schema");
+    let env = &broker["$defs"]["BrokerEnv"];
+    let types = env["properties"]["type"]["enum"].as_array().expect("the env types");
+    for name in ["aws_sqs", "embedded", "google_pubsub", "kafka", "mqtt", "nats", "rabbitmq", "redis"] {
+        assert!(types.contains(&json!(name)), "{name} in {types:?}");
+    }
+    let redis = env["allOf"]
+        .as_array()
+        .expect("a rule per type")
+        .iter()
+        .find(|rule| rule["if"]["properties"]["type"]["const"] == "redis");
+    assert_eq!(
+        redis.expect("a rule for redis")["then"]["properties"]["config"]["$ref"],
+        "#/$defs/RedisConfig"
+    );
+    assert_eq!(broker["$defs"]["RedisConfig"]["additionalProperties"], false);
+    assert_eq!(broker["$defs"]["RedisConfig"]["properties"]["port"]["type"], json!(["integer", "null"]));
+    let topic = api.ok("GET", "/v1/schema/topic", None, StatusCode::OK).await;
+    assert_eq!(topic["required"], json!(["tag"]));
+    assert!(topic["$defs"]["TopicEnv"]["properties"]["options"].is_object(), "{topic}");
 }
 
 #[tokio::test]

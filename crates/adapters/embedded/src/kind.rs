@@ -4,13 +4,14 @@
 use polybus_core::BrokerType;
 use polybus_core::config::parse;
 use polybus_core::kind::{BrokerKind, FieldError};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{BROKER_TYPE, EmbeddedConnector};
 
 /// Retention of the embedded broker's log.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RetentionConfig {
     /// Messages older than this many seconds may be removed.
@@ -20,7 +21,7 @@ pub struct RetentionConfig {
 }
 
 /// Embedded broker config.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EmbeddedConfig {
     /// Path of the broker's SQLite file (default `polybus-broker.db`).
@@ -32,6 +33,10 @@ pub struct EmbeddedConfig {
 impl BrokerKind for EmbeddedConnector {
     fn broker_type(&self) -> BrokerType {
         BROKER_TYPE
+    }
+
+    fn config_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<EmbeddedConfig>()
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {

@@ -8,6 +8,7 @@ use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::GROUP_SEPARATOR;
 use polybus_core::{BrokerType, TopicSpec};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -19,7 +20,7 @@ pub const MAX_KAFKA_CHARS: usize = 249;
 const PARTITIONS: &str = "partitions";
 
 /// SASL mechanisms Kafka accepts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SaslMechanism {
     /// PLAIN.
     #[serde(rename = "plain", alias = "PLAIN")]
@@ -33,7 +34,7 @@ pub enum SaslMechanism {
 }
 
 /// Kafka SASL credentials.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SaslConfig {
     /// Mechanism.
@@ -45,7 +46,7 @@ pub struct SaslConfig {
 }
 
 /// Kafka config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap servers, `host:port`.
@@ -76,6 +77,10 @@ pub(crate) fn partitions_of(topic: &TopicSpec) -> Option<i32> {
 impl BrokerKind for KafkaConnector {
     fn broker_type(&self) -> BrokerType {
         BROKER_TYPE
+    }
+
+    fn config_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<KafkaConfig>()
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {

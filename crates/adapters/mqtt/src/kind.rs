@@ -4,6 +4,7 @@ use polybus_core::BrokerType;
 use polybus_core::config::{parse, require_one};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -13,7 +14,7 @@ use crate::{BROKER_TYPE, MqttConnector};
 const RESERVED_LEVELS: [&str; 3] = ["polybus-retry", "polybus-parked", "polybus-drain"];
 
 /// MQTT config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MqttConfig {
     /// `mqtt://` or `mqtts://` URL; alternative to host/port.
@@ -37,6 +38,10 @@ pub struct MqttConfig {
 impl BrokerKind for MqttConnector {
     fn broker_type(&self) -> BrokerType {
         BROKER_TYPE
+    }
+
+    fn config_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<MqttConfig>()
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {

@@ -4,13 +4,14 @@ use polybus_core::BrokerType;
 use polybus_core::config::parse;
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{BROKER_TYPE, NatsConnector};
 
 /// One string or a list of them (`servers: "nats://a"` or `servers: [..]`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(untagged)]
 pub enum OneOrMany {
     /// A single value.
@@ -32,7 +33,7 @@ impl OneOrMany {
 }
 
 /// NATS JetStream config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs.
@@ -54,6 +55,10 @@ pub struct NatsConfig {
 impl BrokerKind for NatsConnector {
     fn broker_type(&self) -> BrokerType {
         BROKER_TYPE
+    }
+
+    fn config_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<NatsConfig>()
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {

@@ -6,13 +6,14 @@ use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::GROUP_SEPARATOR;
 use polybus_core::{BrokerType, TopicSpec, secret};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{BROKER_TYPE, PubsubConnector};
 
 /// Google Cloud Pub/Sub config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct PubsubConfig {
     /// GCP project id.
@@ -32,6 +33,10 @@ pub struct PubsubConfig {
 impl BrokerKind for PubsubConnector {
     fn broker_type(&self) -> BrokerType {
         BROKER_TYPE
+    }
+
+    fn config_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<PubsubConfig>()
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {

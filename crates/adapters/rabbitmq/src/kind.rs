@@ -5,13 +5,14 @@ use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::{GROUP_SEPARATOR, MAX_NATIVE_BYTES};
 use polybus_core::{BrokerType, TopicSpec};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{BROKER_TYPE, RabbitmqConnector};
 
 /// RabbitMQ config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RabbitmqConfig {
     /// `amqp://` or `amqps://` URL; alternative to host/port/username/password.
@@ -39,6 +40,10 @@ pub struct RabbitmqConfig {
 impl BrokerKind for RabbitmqConnector {
     fn broker_type(&self) -> BrokerType {
         BROKER_TYPE
+    }
+
+    fn config_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<RabbitmqConfig>()
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {

@@ -4,13 +4,14 @@
 use polybus_core::config::{parse, require_one};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, TopicSpec};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::{BROKER_TYPE, RedisConnector};
 
 /// How the Redis adapter uses Redis.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum RedisMode {
     /// Streams with consumer groups (at-least-once, the default).
@@ -20,7 +21,7 @@ pub enum RedisMode {
 }
 
 /// Redis config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RedisConfig {
     /// `redis://` or `rediss://` URL; alternative to host/port.
@@ -48,6 +49,10 @@ pub struct RedisConfig {
 impl BrokerKind for RedisConnector {
     fn broker_type(&self) -> BrokerType {
         BROKER_TYPE
+    }
+
+    fn config_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<RedisConfig>()
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {

@@ -6,6 +6,7 @@ use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::check_plain;
 use polybus_core::{BrokerType, TopicSpec};
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -19,7 +20,7 @@ const QUEUE_URL: &str = "queueUrl";
 const FIFO: &str = "fifo";
 
 /// AWS SQS config.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SqsConfig {
     /// AWS region.
@@ -47,6 +48,10 @@ pub(crate) fn fifo_of(topic: &TopicSpec) -> bool {
 impl BrokerKind for SqsConnector {
     fn broker_type(&self) -> BrokerType {
         BROKER_TYPE
+    }
+
+    fn config_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<SqsConfig>()
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {

@@ -16,8 +16,9 @@ use std::path::PathBuf;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use polybus::{Bus, FilePolicy, Registry, SecretPolicy};
 
-use crate::cli::{Cli, Command, Format};
+use crate::cli::{Cli, Command, Format, SchemaOf};
 use crate::failure::{CliResult, Failure};
+use crate::output;
 use crate::remote::Client;
 
 /// What every command needs: where the registry is (or the server, with `--server`) and how
@@ -119,6 +120,10 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Key(command) => key::run(&ctx, command).await,
         Command::Secret(command) => secret::run(&ctx, command).await,
         Command::Bench(args) => bench::run(&ctx, args).await,
+        Command::Schema { of } => output::json(&match of {
+            SchemaOf::Broker => polybus::broker_schema(),
+            SchemaOf::Topic => polybus::topic_schema(),
+        }),
     }
 }
 

@@ -1,4 +1,5 @@
-//! Operations: `/healthz`, `/readyz`, `/metrics`, `/v1/stats` and `/v1/openapi.json`.
+//! Operations: `/healthz`, `/readyz`, `/metrics`, `/v1/stats`, `/v1/openapi.json` and the JSON
+//! Schemas of definitions, `/v1/schema/broker` and `/v1/schema/topic`.
 
 use std::sync::Arc;
 
@@ -17,7 +18,12 @@ use crate::state::AppState;
 
 /// Routes that need an API key.
 pub fn protected() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(metrics)).routes(routes!(stats)).routes(routes!(openapi))
+    OpenApiRouter::new()
+        .routes(routes!(metrics))
+        .routes(routes!(stats))
+        .routes(routes!(openapi))
+        .routes(routes!(broker_schema))
+        .routes(routes!(topic_schema))
 }
 
 /// Routes open to anyone: liveness and readiness.
@@ -76,4 +82,19 @@ async fn stats(State(state): State<AppState>) -> Json<Stats> {
     responses((status = 200, description = "OpenAPI 3 document", content_type = "application/json", body = Object)))]
 async fn openapi(Extension(doc): Extension<OpenApiJson>) -> impl IntoResponse {
     (StatusCode::OK, [(header::CONTENT_TYPE, "application/json")], doc.0.as_str().to_owned())
+}
+
+/// The JSON Schema (draft 2020-12) of broker definitions: each env's `config` as the connector
+/// of its type describes it, for the types this server has connectors for.
+#[utoipa::path(get, path = "/v1/schema/broker", tag = "operations",
+    responses((status = 200, description = "JSON Schema of a broker definition", body = Object)))]
+async fn broker_schema(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(polybus::core::schema::broker(state.bus().kinds()))
+}
+
+/// The JSON Schema (draft 2020-12) of topic definitions.
+#[utoipa::path(get, path = "/v1/schema/topic", tag = "operations",
+    responses((status = 200, description = "JSON Schema of a topic definition", body = Object)))]
+async fn topic_schema() -> Json<serde_json::Value> {
+    Json(polybus::core::schema::topic())
 }
