@@ -180,7 +180,7 @@ impl Broker {
 }
 
 /// A partial update of a broker: given fields replace, envs are matched by slug.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BrokerPatch {
     /// New display name.

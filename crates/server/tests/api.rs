@@ -56,6 +56,11 @@ async fn openapi_document_lists_every_route() {
     assert_eq!(doc["components"]["securitySchemes"]["apiKey"]["scheme"], "bearer");
     assert_eq!(doc["paths"]["/healthz"]["get"]["security"], json!([{}]));
     assert!(doc["components"]["schemas"]["ErrorBody"].is_object());
+    // The definition documents are the generated schemas, each env's config by its type.
+    let schemas = &doc["components"]["schemas"];
+    assert_eq!(schemas["Broker"]["properties"]["envs"]["items"]["$ref"], "#/components/schemas/BrokerEnv");
+    assert_eq!(schemas["RedisConfig"]["properties"]["port"]["type"], json!(["integer", "null"]));
+    assert!(schemas["TopicEnv"]["properties"]["options"].is_object());
 }
 
 #[tokio::test]

@@ -73,15 +73,24 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
 }
 
 /// The OpenAPI document of every route.
-pub fn openapi(state: &AppState) -> utoipa::openapi::OpenApi {
-    routes(state).into_openapi()
+pub fn openapi(state: &AppState) -> serde_json::Value {
+    with_definition_schemas(routes(state).into_openapi(), state)
+}
+
+/// `doc` as JSON, the schemas of broker and topic documents derived from the definition types
+/// and the connectors of `state`'s bus (the route annotations name them, [`crate::schema`]).
+fn with_definition_schemas(doc: utoipa::openapi::OpenApi, state: &AppState) -> serde_json::Value {
+    let mut doc = serde_json::to_value(doc).unwrap_or_default();
+    if let Some(serde_json::Value::Object(schemas)) = doc.pointer_mut("/components/schemas") {
+        schemas.extend(polybus::core::schema::openapi_components(state.bus().kinds()));
+    }
+    doc
 }
 
 /// The whole application.
 pub fn router(state: AppState) -> Router {
     let (router, doc) = routes(&state).split_for_parts();
-    let doc = doc
-        .to_pretty_json()
+    let doc = serde_json::to_string_pretty(&with_definition_schemas(doc, &state))
         .unwrap_or_else(|e| format!("{{\"error\": \"cannot render the document: {e}\"}}"));
     router
         .layer(Extension(ops::OpenApiJson(Arc::new(doc))))
