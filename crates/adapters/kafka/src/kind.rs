@@ -88,6 +88,22 @@ impl BrokerKind for KafkaConnector {
         if c.brokers.is_empty() {
             return Err(("config.brokers".into(), "at least one `host:port` is required".into()));
         }
+        if c.group_id.is_some() {
+            return Err((
+                "config.groupId".into(),
+                "not used: each subscription names its group (`polybus consume --group`, `Group(..)`); \
+                 remove `groupId`"
+                    .into(),
+            ));
+        }
+        if c.topic.is_some() {
+            return Err((
+                "config.topic".into(),
+                "not used: topics come from topic definitions (`polybus topic create`; a topic env's \
+                 `nativeName` names an existing Kafka topic); remove `topic`"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -138,10 +154,19 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn the_seeds_fields_are_accepted_and_brokers_is_a_list() {
-        let seed = json!({"brokers": ["a:9092"], "clientId": "c", "groupId": "g", "ssl": false,
+    fn brokers_is_a_list_and_fields_that_would_be_ignored_are_refused() {
+        let seed = json!({"brokers": ["a:9092"], "clientId": "c", "ssl": false,
             "sasl": {"mechanism": "scram-sha-256", "username": "u", "password": "${P}"}});
         KafkaConnector.validate_config(&seed).unwrap();
+        for (field, says) in
+            [("groupId", "each subscription names its group"), ("topic", "topic definitions")]
+        {
+            let mut with = seed.clone();
+            with[field] = json!("orders");
+            let (named, message) = KafkaConnector.validate_config(&with).unwrap_err();
+            assert_eq!(named, format!("config.{field}"));
+            assert!(message.contains(says) && message.contains(&format!("remove `{field}`")), "{message}");
+        }
         let (field, _) = KafkaConnector.validate_config(&json!({"brokers": "a:9092"})).unwrap_err();
         assert_eq!(field, "config.brokers");
         let (field, _) = KafkaConnector.validate_config(&json!({"brokers": []})).unwrap_err();

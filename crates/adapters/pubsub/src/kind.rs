@@ -44,6 +44,22 @@ impl BrokerKind for PubsubConnector {
         if c.project_id.len() < 3 && !secret::is_reference(&c.project_id) {
             return Err(("config.projectId".into(), "a project id has at least 3 characters".into()));
         }
+        if c.topic_name.is_some() {
+            return Err((
+                "config.topicName".into(),
+                "not used: topics come from topic definitions (a topic env's `nativeName` names an \
+                 existing Pub/Sub topic); remove `topicName`"
+                    .into(),
+            ));
+        }
+        if c.subscription_name.is_some() {
+            return Err((
+                "config.subscriptionName".into(),
+                "not used: each group has its own subscription, `<topic id>--<group>`; remove \
+                 `subscriptionName`"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -109,10 +125,14 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn the_seeds_fields_are_accepted_and_the_project_id_is_checked() {
-        PubsubConnector
-            .validate_config(&json!({"projectId": "proj", "topicName": "t", "keyFilename": "k.json"}))
-            .unwrap();
+    fn the_project_id_is_checked_and_fields_that_would_be_ignored_are_refused() {
+        PubsubConnector.validate_config(&json!({"projectId": "proj", "keyFilename": "k.json"})).unwrap();
+        for field in ["topicName", "subscriptionName"] {
+            let (named, message) =
+                PubsubConnector.validate_config(&json!({"projectId": "proj", field: "orders"})).unwrap_err();
+            assert_eq!(named, format!("config.{field}"));
+            assert!(message.contains(&format!("remove `{field}`")), "{message}");
+        }
         PubsubConnector.validate_config(&json!({"projectId": "${P}"})).unwrap();
         let (field, _) = PubsubConnector.validate_config(&json!({"projectId": "ab"})).unwrap_err();
         assert_eq!(field, "config.projectId");

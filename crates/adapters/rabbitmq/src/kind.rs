@@ -48,7 +48,22 @@ impl BrokerKind for RabbitmqConnector {
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
         let c: RabbitmqConfig = parse(config)?;
-        require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])
+        require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
+        if c.queue.is_some() {
+            return Err((
+                "config.queue".into(),
+                "not used: each group has its own queue, `<native name>--<group>`; remove `queue`".into(),
+            ));
+        }
+        if c.routing_key.is_some() {
+            return Err((
+                "config.routingKey".into(),
+                "not used: a topic's native name is its routing key; remove `routingKey` and set \
+                 `nativeName` on the topic env"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     fn check_native(&self, name: &str) -> Result<(), String> {
@@ -94,10 +109,16 @@ mod tests {
     use serde_json::json;
 
     #[test]
-    fn the_seeds_fields_are_accepted_and_an_address_is_required() {
-        let seed = json!({"host": "h", "port": 5672, "username": "u", "password": "p",
-            "exchange": "e", "queue": "q", "routingKey": "r"});
+    fn an_address_is_required_and_fields_that_would_be_ignored_are_refused() {
+        let seed = json!({"host": "h", "port": 5672, "username": "u", "password": "p", "exchange": "e"});
         RabbitmqConnector.validate_config(&seed).unwrap();
+        for field in ["queue", "routingKey"] {
+            let mut with = seed.clone();
+            with[field] = json!("orders");
+            let (named, message) = RabbitmqConnector.validate_config(&with).unwrap_err();
+            assert_eq!(named, format!("config.{field}"));
+            assert!(message.contains(&format!("remove `{field}`")), "{message}");
+        }
         let (field, message) = RabbitmqConnector.validate_config(&json!({"exchange": "events"})).unwrap_err();
         assert_eq!(field, "config");
         assert!(message.contains("`url`"), "{message}");

@@ -57,7 +57,24 @@ impl BrokerKind for RedisConnector {
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
         let c: RedisConfig = parse(config)?;
-        require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])
+        require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
+        if c.channel.is_some() {
+            return Err((
+                "config.channel".into(),
+                "not used: topics come from topic definitions, each a stream named by its `nativeName`; \
+                 remove `channel`"
+                    .into(),
+            ));
+        }
+        if c.mode == Some(RedisMode::Pubsub) {
+            return Err((
+                "config.mode".into(),
+                "`pubsub` (at-most-once PUBLISH/SUBSCRIBE) is not available: this adapter runs on streams \
+                 with consumer groups; remove `mode` or write `streams`"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 
     fn describe(&self, _config: &Value, spec: &TopicSpec) -> Option<String> {
@@ -73,8 +90,16 @@ mod tests {
     #[test]
     fn an_address_is_required_and_fields_are_named() {
         RedisConnector
-            .validate_config(&json!({"host": "h", "port": 6379, "channel": "c", "password": "${P}"}))
+            .validate_config(&json!({"host": "h", "port": 6379, "password": "${P}", "mode": "streams"}))
             .unwrap();
+        let (field, message) =
+            RedisConnector.validate_config(&json!({"host": "h", "channel": "c"})).unwrap_err();
+        assert_eq!(field, "config.channel");
+        assert!(message.contains("remove `channel`"), "{message}");
+        let (field, message) =
+            RedisConnector.validate_config(&json!({"host": "h", "mode": "pubsub"})).unwrap_err();
+        assert_eq!(field, "config.mode");
+        assert!(message.contains("write `streams`"), "{message}");
         let (field, message) = RedisConnector.validate_config(&json!({"port": 6379})).unwrap_err();
         assert_eq!((field.as_str(), message.as_str()), ("config", "one of `url` or `host` is required"));
         let (field, message) = RedisConnector.validate_config(&json!({"hots": "x"})).unwrap_err();

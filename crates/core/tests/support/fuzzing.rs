@@ -244,11 +244,10 @@ pub fn config_for(broker_type: &'static str) -> BoxedStrategy<Value> {
                 btree_map(prop::sample::select(vec!["linger.ms", "client.rack"]), text(), 0..3),
             ]),
         )
-            .prop_map(|(brokers, (client, group, ssl), sasl, (partitions, rf), properties)| {
+            .prop_map(|(brokers, (client, _group, ssl), sasl, (partitions, rf), properties)| {
                 let mut m = Map::new();
                 m.insert("brokers".into(), json!(brokers));
                 opt("clientId", client, &mut m);
-                opt("groupId", group, &mut m);
                 opt("ssl", ssl, &mut m);
                 opt(
                     "sasl",
@@ -278,7 +277,6 @@ pub fn config_for(broker_type: &'static str) -> BoxedStrategy<Value> {
                 opt("tls", tls, &mut m);
                 match broker_type {
                     "redis" => {
-                        opt("channel", a, &mut m);
                         opt("db", db.map(Value::from), &mut m);
                         opt("mode", b.map(|_| json!("streams")), &mut m);
                     }
@@ -298,11 +296,9 @@ pub fn config_for(broker_type: &'static str) -> BoxedStrategy<Value> {
             prop_oneof!["[a-z][a-z0-9-]{2,20}", "[A-Z]{1,6}".prop_map(|v| format!("${{{v}}}"))],
             (s(), s(), s(), secret(), s()),
         )
-            .prop_map(|(project, (topic, sub, key_file, credentials, endpoint))| {
+            .prop_map(|(project, (_topic, _sub, key_file, credentials, endpoint))| {
                 let mut m = Map::new();
                 m.insert("projectId".into(), Value::String(project));
-                opt("topicName", topic, &mut m);
-                opt("subscriptionName", sub, &mut m);
                 opt("keyFilename", key_file, &mut m);
                 opt("credentials", credentials, &mut m);
                 opt("endpoint", endpoint, &mut m);
