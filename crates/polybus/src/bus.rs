@@ -43,6 +43,13 @@ struct Route {
     checked: Instant,
 }
 
+/// What a resolve already knows of the topic: its spec (the route is fresh) or its definition,
+/// just read.
+enum Known {
+    Spec(TopicSpec),
+    Topic(Box<polybus_core::Topic>),
+}
+
 /// What `(env, event)` resolves to.
 #[derive(Clone)]
 pub(crate) struct Resolved {
@@ -263,7 +270,12 @@ impl Bus {
         {
             return Ok(Resolved { transport, spec: route.spec.clone(), broker_type });
         }
-        // Something is stale: read what is, once.
+        // Something is stale: read what is, once (the topic first: an unknown event is
+        // TOPIC_NOT_FOUND whether or not its broker exists).
+        let known = match fresh_route {
+            Some(route) => Known::Spec(route.spec.clone()),
+            None => Known::Topic(Box::new(self.inner.registry.fetch_topic(&route_key.1).await?)),
+        };
         let broker = self.inner.registry.fetch_broker(&event_ref.broker).await?;
         let Some(broker_env) = broker.env(env) else {
             return Err(Error::BrokerEnvNotFound {
@@ -272,10 +284,9 @@ impl Bus {
                 available: broker.env_slugs(),
             });
         };
-        let spec = match fresh_route {
-            Some(route) => route.spec.clone(),
-            None => {
-                let topic = self.inner.registry.fetch_topic(&route_key.1).await?;
+        let spec = match known {
+            Known::Spec(spec) => spec,
+            Known::Topic(topic) => {
                 // Topics stored before their names were checked, or whose broker changed type.
                 topic.check_native_names(env, broker_env.broker_type)?;
                 let spec = topic.spec(env)?;
