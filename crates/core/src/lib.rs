@@ -18,7 +18,7 @@ pub mod transport;
 pub mod wire;
 
 pub use broker::{Broker, BrokerEnv, BrokerPatch, BrokerType};
-pub use error::{Error, Op, Result, ValidationError};
+pub use error::{Cause, Error, FailureKind, Op, Result, ValidationError};
 pub use message::Message;
 pub use tag::EventRef;
 pub use topic::{Topic, TopicEnv, TopicPatch, TopicSpec};

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use polybus_core::{Acker, Message, Result, Subscription, TopicSpec, Transport, wire};
 
+use crate::consume::HandlerError;
+
 /// Where a group's given-up messages go.
 pub(crate) struct DeadLetterTarget {
     pub transport: Arc<dyn Transport>,
@@ -46,6 +48,15 @@ impl DeadLetterTarget {
             reason, "message dead-lettered");
         Ok(())
     }
+}
+
+/// How [`Delivery::fail`] settled a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// It will be redelivered.
+    Retried,
+    /// It went to the dead-letter destination.
+    DeadLettered,
 }
 
 /// A received message; settle it with [`ack`](Delivery::ack), [`nack`](Delivery::nack)
@@ -99,6 +110,18 @@ impl Delivery {
             return self.dead_letter(reason).await;
         }
         self.acker.nack(delay).await
+    }
+
+    /// Settles after processing failed with `error`: dead-letters at once when the failure
+    /// is [permanent](HandlerError::permanent) or this was the last attempt, otherwise
+    /// redelivers after `delay`.
+    pub async fn fail(self, error: &HandlerError, delay: Option<Duration>) -> Result<Settled> {
+        let reason = error.to_string();
+        if error.is_permanent() || self.message.attempt >= self.max_attempts {
+            self.dead_letter(&reason).await.map(|_| Settled::DeadLettered)
+        } else {
+            self.acker.nack(delay).await.map(|_| Settled::Retried)
+        }
     }
 
     /// Sends the message to the topic's dead-letter destination with `reason`, then acks it.
