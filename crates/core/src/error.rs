@@ -363,6 +363,15 @@ impl Error {
         self
     }
 
+    /// This transport error with the client library's `error` kept as its cause (other errors
+    /// unchanged); its message stays as it is.
+    pub fn with_cause(mut self, error: impl Into<Box<dyn StdError + Send + Sync>>) -> Self {
+        if let Error::Transport { source, .. } = &mut self {
+            *source = Some(Cause::new(error));
+        }
+        self
+    }
+
     /// This error with `f` applied to every text it shows (how the scrubber replaces
     /// resolved secret values with their references).
     pub fn map_text(self, f: impl Fn(String) -> String) -> Error {
