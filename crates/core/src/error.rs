@@ -1,4 +1,32 @@
 //! Errors shared by every polybus crate, each with a stable machine-readable code.
+//!
+//! # Errors
+//!
+//! One [`Error`] enum for every crate. Each variant has a stable [`code`](Error::code)
+//! (`TOPIC_NOT_FOUND`, `PUBLISH_FAILED`, …) that the CLI prints and the HTTP API returns;
+//! codes never change meaning. Texts say what to do and never contain a secret: every error
+//! leaving a connection passes through the [`Scrubber`](crate::scrub::Scrubber), which
+//! rewrites each text the error shows ([`Error::map_text`]), the cause's included.
+//!
+//! A broker failure is an [`Error::Transport`]: the operation ([`Op`], which gives the
+//! code), the target (broker type and native name), a message, a [`FailureKind`] and, when
+//! the adapter kept it, the client library's error as a [`Cause`].
+//!
+//! - **Retryable or not.** [`Error::is_retryable`] is true for the kinds `Unavailable`
+//!   (connection refused or lost, broker down or busy), `Timeout` and `Unknown` (the adapter
+//!   cannot tell), and for a failing registry store; false for `Auth`, `NotFound`,
+//!   `TooLarge`, `Invalid` and for every non-transport error (a bad definition, a missing
+//!   secret, a closed subscription, a lost lease). Adapters set the kind from the client's
+//!   typed error (error kinds and codes of redis, lapin, async-nats, rumqttc, rdkafka…),
+//!   never from its text.
+//! - **The cause.** [`Error::cause`] gives the client's error for matching
+//!   ([`Cause::downcast_ref`]); `std::error::Error::source` gives the same [`Cause`], which
+//!   shows the scrubbed text and ends the chain there, so walking the chain cannot reach an
+//!   unscrubbed text. The message already includes the cause's text: print the error, not
+//!   its chain.
+//! - **Handlers.** A consume handler returns `polybus::HandlerError`: any error converts
+//!   into one and is retried with backoff; `HandlerError::permanent(..)` dead-letters the
+//!   message at once. With a `Subscriber`, `Delivery::fail` makes the same decision.
 
 use std::error::Error as StdError;
 use std::fmt;

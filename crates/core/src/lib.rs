@@ -1,5 +1,7 @@
 //! polybus domain model: broker and topic definitions with their validation, secrets,
 //! the [`Message`] type and the [`Transport`] contract every adapter implements.
+//!
+//! The error model (codes, retryable kinds, kept causes, scrubbing) is described in [`error`].
 
 pub mod broker;
 pub mod config;
