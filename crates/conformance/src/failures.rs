@@ -9,6 +9,11 @@ pub fn closed_port() -> u16 {
     listener.local_addr().expect("its address").port()
 }
 
+/// The env `dev` of broker `errors`, of `broker_type` with `config`.
+pub fn target(broker_type: BrokerType, config: serde_json::Value) -> ConnectTarget {
+    ConnectTarget { broker: "errors".into(), env: "dev".into(), broker_type, config }
+}
+
 /// The error `connector` returns when connecting to a `broker_type` env with `config`.
 ///
 /// # Panics
@@ -18,7 +23,7 @@ pub async fn connect_error(
     broker_type: BrokerType,
     config: serde_json::Value,
 ) -> Error {
-    let target = ConnectTarget { broker: "errors".into(), env: "dev".into(), broker_type, config };
+    let target = target(broker_type, config);
     match connector.connect(&target).await {
         Ok(_) => panic!("connecting to {target:?} succeeded"),
         Err(e) => e,
