@@ -270,7 +270,15 @@ mod tests {
         let s = settings(json!({"brokers": ["a:9092"],
             "sasl": {"mechanism": "plain", "username": "u", "password": "hunter2"}}));
         let err = s.error(Op::Connect, "a:9092", "auth failed for u with hunter2");
-        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
+        let failure = KafkaError::ClientCreation("sasl.password=hunter2 rejected".into());
+        let err = s.failed(Op::Connect, "a:9092", failure);
+        let cause = std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default();
+        assert!(!format!("{err} {err:?} {cause}").contains("hunter2"), "{err:?}");
+        assert!(
+            err.cause().and_then(|c| c.downcast_ref::<KafkaError>()).is_some(),
+            "keeps the client's error"
+        );
     }
 
     #[test]

@@ -143,7 +143,8 @@ async fn topic_names_mqtt_cannot_publish_to_are_refused_clearly() {
             .unwrap();
     let err = world.registry.create_topic(wild).await.unwrap_err();
     assert_eq!(err.code(), "VALIDATION_FAILED");
-    assert!(err.to_string().contains("wildcard in MQTT topic filters"), "{err}");
+    let shown = err.to_string();
+    assert!(shown.contains("wildcard in MQTT topic filters"), "names the rule: {err}");
     world.bus.close().await.unwrap();
 }
 
