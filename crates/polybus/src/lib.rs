@@ -23,7 +23,7 @@ mod secrets;
 
 pub use bus::{Bus, BusBuilder, Group};
 pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
-pub use delivery::{Delivery, Settled, Subscriber};
+pub use delivery::{Delivery, SettlePolicy, Settled, Subscriber};
 pub use files::FilePolicy;
 pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
 
