@@ -12,6 +12,7 @@
 mod acks;
 mod codec;
 mod connect;
+mod fail;
 pub mod names;
 mod subscription;
 mod transport;
