@@ -179,6 +179,13 @@ pub(crate) static CASES: &[Case] = &[
         run: |ctx, _| Box::pin(consume_dead_letters_with_the_handler_error_as_reason(ctx)),
     },
     Case {
+        name: "consume_dead_letters_a_permanent_failure_at_once",
+        needs: &[Need::AtLeastOnce],
+        max_attempts: Some(5),
+        limit: NORMAL,
+        run: |ctx, caps| Box::pin(consume_dead_letters_a_permanent_failure_at_once(ctx, caps)),
+    },
+    Case {
         name: "graceful_shutdown_settles_in_flight_messages",
         needs: &[Need::AtLeastOnce],
         max_attempts: None,
@@ -586,10 +593,7 @@ async fn many_concurrent_publishers_lose_nothing(ctx: Ctx) {
     const MEMBERS: usize = 5;
     // A roomy deadline: this case is about losing nothing, not about redelivery timing.
     let options = SubscribeOptions { ack_deadline: Duration::from_secs(10), ..ctx.options("workers") };
-    let mut subs = Vec::with_capacity(MEMBERS);
-    for _ in 0..MEMBERS {
-        subs.push(ctx.subscribe_with(&ctx.event, options.clone()).await);
-    }
+    let subs = ctx.subscribe_together(&ctx.event, &options, MEMBERS).await;
     let mut members = Members::spawn(subs);
     let started = Instant::now();
     let publishers: Vec<_> = (0..PUBLISHERS)
@@ -762,6 +766,51 @@ async fn consume_retries_with_backoff_then_succeeds(ctx: Ctx) {
 
 async fn consume_dead_letters_with_the_handler_error_as_reason(ctx: Ctx) {
     const ERROR: &str = "card declined by the payment service";
+    let failed = consume_one_failing(&ctx, "payments", || ERROR.into()).await;
+    failed.assert_dead_lettered(ERROR, Some(2));
+    assert_eq!(failed.calls, 2, "handler calls");
+    assert_eq!(
+        failed.stats,
+        ConsumeStats { acked: 0, retried: 1, dead_lettered: 1, settle_errors: 0 },
+        "consume stats"
+    );
+}
+
+async fn consume_dead_letters_a_permanent_failure_at_once(ctx: Ctx, caps: Capabilities) {
+    const ERROR: &str = "order 17 references a product that does not exist";
+    let failed = consume_one_failing(&ctx, "orders", || HandlerError::permanent(ERROR)).await;
+    failed.assert_dead_lettered(ERROR, caps.counts_attempts.then_some(1));
+    assert_eq!(failed.calls, 1, "handler calls");
+    assert_eq!(
+        failed.stats,
+        ConsumeStats { acked: 0, retried: 0, dead_lettered: 1, settle_errors: 0 },
+        "consume stats"
+    );
+}
+
+/// What became of one message whose handler always failed.
+struct FailedOne {
+    id: String,
+    dead_letter: Message,
+    calls: u32,
+    stats: ConsumeStats,
+}
+
+impl FailedOne {
+    /// The dead letter is the message, with `reason` and (when given) `attempts`.
+    fn assert_dead_lettered(&self, reason: &str, attempts: Option<u32>) {
+        let header = |name: &str| self.dead_letter.headers.get(name).map(String::as_str);
+        assert_eq!(self.dead_letter.id, self.id, "id of the dead letter");
+        assert_eq!(header(wire::DEAD_LETTER_REASON), Some(reason), "reason");
+        if let Some(attempts) = attempts {
+            assert_eq!(header(wire::DEAD_LETTER_ATTEMPTS), Some(attempts.to_string().as_str()), "attempts");
+        }
+    }
+}
+
+/// Consumes one message in `group` with a handler failing with `error()` until it is
+/// dead-lettered (retrying every 50 ms); acks the dead letter.
+async fn consume_one_failing(ctx: &Ctx, group: &str, error: fn() -> HandlerError) -> FailedOne {
     let what = "subscribing to the dead letters";
     let mut dead = within(WAIT, what, ctx.bus.dead_letters(ENV, &ctx.event, ctx.options("dead-reader")))
         .await
@@ -770,31 +819,20 @@ async fn consume_dead_letters_with_the_handler_error_as_reason(ctx: Ctx) {
     let counted = calls.clone();
     let handler = move |_: Message| {
         counted.fetch_add(1, Ordering::SeqCst);
-        async { Err::<(), HandlerError>(ERROR.into()) }
+        async move { Err::<(), HandlerError>(error()) }
     };
-    let options = ConsumeOptions::new(ctx.group("payments"))
+    let options = ConsumeOptions::new(ctx.group(group))
         .retry(Duration::from_millis(50), Duration::from_millis(50))
         .ack_deadline(ACK_DEADLINE);
     let what = "starting the consume loop";
     let consumer = within(WAIT, what, ctx.bus.consume(ENV, &ctx.event, options, handler)).await.or_fail(what);
-    let id = ctx.publish(Message::text("pay me")).await;
+    let id = ctx.publish(Message::text("failing work")).await;
 
     let dead_letter = receive(&mut dead, "the dead-lettered message").await;
     let stats = within(WAIT, "shutting down", consumer.shutdown()).await.or_fail("shutting down");
-    assert_eq!(dead_letter.id, id, "id of the dead letter");
-    assert_eq!(dead_letter.headers.get(wire::DEAD_LETTER_REASON).map(String::as_str), Some(ERROR), "reason");
-    assert_eq!(
-        dead_letter.headers.get(wire::DEAD_LETTER_ATTEMPTS).map(String::as_str),
-        Some("2"),
-        "attempts"
-    );
+    let message = dead_letter.message().clone();
     dead_letter.ack().await.or_fail("acking the dead letter");
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "handler calls");
-    assert_eq!(
-        stats,
-        ConsumeStats { acked: 0, retried: 1, dead_lettered: 1, settle_errors: 0 },
-        "consume stats"
-    );
+    FailedOne { id, dead_letter: message, calls: calls.load(Ordering::SeqCst), stats }
 }
 
 async fn graceful_shutdown_settles_in_flight_messages(ctx: Ctx) {

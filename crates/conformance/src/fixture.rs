@@ -162,6 +162,18 @@ impl Ctx {
         within(WAIT, &what, self.bus.subscribe(ENV, event, options)).await.or_fail(&what)
     }
 
+    /// `count` members of one group on `event`, joining together as a deployment's replicas
+    /// start. One at a time, each join would rebalance a Kafka group once more, and noida-db
+    /// (the Kafka test broker) can leave such a group stalled for good (the Kafka README).
+    pub async fn subscribe_together(
+        &self,
+        event: &str,
+        options: &SubscribeOptions,
+        count: usize,
+    ) -> Vec<Subscriber> {
+        futures::future::join_all((0..count).map(|_| self.subscribe_with(event, options.clone()))).await
+    }
+
     /// Publishes to the case's topic; returns the id.
     pub async fn publish(&self, message: Message) -> String {
         self.publish_to(&self.event, message).await

@@ -15,6 +15,7 @@
 //! reported as ignored with its reason, never as passed.
 
 mod cases;
+pub mod failures;
 mod fixture;
 mod harness;
 mod load;

@@ -43,10 +43,7 @@ pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
         .or_fail(format!("creating topic {event}"));
     // A roomy deadline: this case is about losing nothing under load, not redelivery timing.
     let options = SubscribeOptions { ack_deadline: Duration::from_secs(30), ..ctx.options("workers") };
-    // The members start together, as the replicas of a deployment do: on Kafka one rebalance
-    // forms the group instead of one per member joining.
-    let subs =
-        futures::future::join_all((0..CONSUMERS).map(|_| ctx.subscribe_with(&event, options.clone()))).await;
+    let subs = ctx.subscribe_together(&event, &options, CONSUMERS).await;
     eprintln!("load: {CONSUMERS} consumers joined in {:?}", started.elapsed());
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let ack_errors = Arc::new(AtomicU64::new(0));

@@ -314,10 +314,7 @@ pub(crate) async fn broker_restart_mid_publish_and_mid_consume(ctx: Ctx, how: St
     };
     let (events_tx, mut events) = mpsc::unbounded_channel();
     let ack_errors = Arc::new(AtomicU64::new(0));
-    let mut subs = Vec::with_capacity(MEMBERS);
-    for _ in 0..MEMBERS {
-        subs.push(ctx.subscribe("workers").await);
-    }
+    let subs = ctx.subscribe_together(&ctx.event, &ctx.options("workers"), MEMBERS).await;
     let members = spawn_members(subs, HANDLING, events_tx.clone(), ack_errors.clone());
     if let (Stop::Kill, Some((after, why))) = (how, broker.crash_settle()) {
         eprintln!("{fault}: waiting {after:?} after subscribing before the crash: {why}");

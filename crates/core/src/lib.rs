@@ -1,5 +1,7 @@
 //! polybus domain model: broker and topic definitions with their validation, secrets,
 //! the [`Message`] type and the [`Transport`] contract every adapter implements.
+//!
+//! The error model (codes, retryable kinds, kept causes, scrubbing) is described in [`error`].
 
 pub mod broker;
 pub mod config;
@@ -20,7 +22,7 @@ pub mod transport;
 pub mod wire;
 
 pub use broker::{Broker, BrokerEnv, BrokerPatch, BrokerType};
-pub use error::{Error, Op, Result, ValidationError};
+pub use error::{Cause, Error, FailureKind, Op, Result, ValidationError};
 pub use kind::{BrokerKind, Kinds};
 pub use message::Message;
 pub use schemars;

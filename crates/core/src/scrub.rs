@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::error::{Error, ValidationError};
+use crate::error::Error;
 
 /// Maps resolved values back to their references (`db.internal` → `${REDIS_HOST}`).
 ///
@@ -89,34 +89,7 @@ impl Scrubber {
         if self.needles.is_empty() {
             return error;
         }
-        let s = |text: String| self.scrub_str(&text);
-        match error {
-            Error::Validation(v) => Error::Validation(ValidationError {
-                env: v.env.map(s),
-                field: s(v.field),
-                message: s(v.message),
-            }),
-            Error::BrokerNotFound(tag) => Error::BrokerNotFound(s(tag)),
-            Error::BrokerEnvNotFound { tag, env, available } => {
-                Error::BrokerEnvNotFound { tag: s(tag), env: s(env), available: s(available) }
-            }
-            Error::TopicNotFound(event) => Error::TopicNotFound(s(event)),
-            Error::AlreadyExists { kind, tag } => Error::AlreadyExists { kind, tag: s(tag) },
-            Error::Conflict { kind, tag, sent, current } => {
-                Error::Conflict { kind, tag: s(tag), sent, current }
-            }
-            Error::InUse { tag, topics } => Error::InUse { tag: s(tag), topics: s(topics) },
-            Error::MissingSecret { var, field } => Error::MissingSecret { var, field },
-            Error::Secret(e) => Error::Secret(e),
-            Error::Unsupported { broker_type, what } => Error::Unsupported { broker_type, what: s(what) },
-            Error::NoAdapter(name) => Error::NoAdapter(s(name)),
-            Error::Transport { op, target, message } => {
-                Error::Transport { op, target: s(target), message: s(message) }
-            }
-            Error::Storage(message) => Error::Storage(s(message)),
-            Error::Closed(message) => Error::Closed(s(message)),
-            Error::LeaseLost(id) => Error::LeaseLost(s(id)),
-        }
+        error.map_text(|text| self.scrub_str(&text))
     }
 }
 
@@ -160,7 +133,7 @@ fn percent_decode(value: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::error::Op;
+    use crate::error::{FailureKind, Op, ValidationError};
 
     fn scrubber() -> Scrubber {
         let mut s = Scrubber::default();
@@ -220,5 +193,19 @@ mod tests {
         let error = s.scrub(Error::Closed("p@ss".into()));
         assert_eq!(error.to_string(), "closed: $Secret{pw}");
         assert_eq!(format!("{s:?}"), "Scrubber(6 forms)");
+    }
+
+    #[test]
+    fn the_cause_of_a_transport_error_is_scrubbed_and_still_matchable() {
+        let s = scrubber();
+        let io = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused by db.internal");
+        let error = s.scrub(Error::transport_from(Op::Connect, "redis", FailureKind::Unavailable, io));
+        let cause = std::error::Error::source(&error).expect("a source");
+        assert_eq!(cause.to_string(), "refused by ${POLYBUS_BROKER_HOST}");
+        assert!(cause.source().is_none(), "the chain ends at the scrubbed cause");
+        assert!(!format!("{error:?}").contains("db.internal"), "{error:?}");
+        let kept = error.cause().and_then(|c| c.downcast_ref::<std::io::Error>()).expect("the io error");
+        assert_eq!(kept.kind(), std::io::ErrorKind::ConnectionRefused);
+        assert!(error.is_retryable());
     }
 }

@@ -43,6 +43,13 @@ struct Route {
     checked: Instant,
 }
 
+/// What a resolve already knows of the topic: its spec (the route is fresh) or its definition,
+/// just read.
+enum Known {
+    Spec(TopicSpec),
+    Topic(Box<polybus_core::Topic>),
+}
+
 /// What `(env, event)` resolves to.
 #[derive(Clone)]
 pub(crate) struct Resolved {
@@ -243,7 +250,7 @@ impl Bus {
     /// Connects to `broker`'s `env` afresh and pings it; returns how long that took.
     pub async fn test_connection(&self, broker: &str, env: &str) -> Result<Duration> {
         let started = Instant::now();
-        let (transport, _, _) = self.connect(broker, env).await?;
+        let transport = self.connect(broker, env).await?;
         let result = transport.ping().await;
         if let Err(e) = transport.close().await {
             tracing::debug!(broker, env, error = %e, "closing test connection");
@@ -265,104 +272,130 @@ impl Bus {
         first_error.map_or(Ok(()), Err)
     }
 
+    /// One resolve step: `(env, event)` to a route (topic spec and connection). A warm route
+    /// reads nothing; a cold or stale one reads each definition it needs once, and
+    /// [`Bus::route_connection`] alone decides whether to (re)connect.
     pub(crate) async fn resolve(&self, env: &str, event: &str) -> Result<Resolved> {
         let event_ref: polybus_core::EventRef = event.parse()?;
-        let key = (env.to_owned(), event_ref.to_string());
-        let cached = self.inner.routes.lock().await.get(&key).cloned();
-        let route = match cached {
-            Some(route) if route.checked.elapsed() < REFRESH_AFTER => route,
-            previous => {
-                let topic = self.inner.registry.fetch_topic(&key.1).await?;
-                let broker = self.inner.registry.fetch_broker(&event_ref.broker).await?;
-                let Some(broker_env) = broker.env(env) else {
-                    return Err(Error::BrokerEnvNotFound {
-                        tag: broker.tag.clone(),
-                        env: env.to_owned(),
-                        available: broker.env_slugs(),
-                    });
-                };
+        let route_key = (env.to_owned(), event_ref.to_string());
+        let conn_key = (event_ref.broker.clone(), env.to_owned());
+        let cached = self.inner.routes.lock().await.get(&route_key).cloned();
+        let fresh_route = cached.as_ref().filter(|r| r.checked.elapsed() < REFRESH_AFTER);
+        if let Some(route) = fresh_route
+            && let Some((transport, broker_type)) = self.fresh_connection(&conn_key, &route.spec).await?
+        {
+            return Ok(Resolved { transport, spec: route.spec.clone(), broker_type });
+        }
+        // Something is stale: read what is, once (the topic first: an unknown event is
+        // TOPIC_NOT_FOUND whether or not its broker exists).
+        let known = match fresh_route {
+            Some(route) => Known::Spec(route.spec.clone()),
+            None => Known::Topic(Box::new(self.inner.registry.fetch_topic(&route_key.1).await?)),
+        };
+        let broker = self.inner.registry.fetch_broker(&event_ref.broker).await?;
+        let Some(broker_env) = broker.env(env) else {
+            return Err(Error::BrokerEnvNotFound {
+                tag: broker.tag.clone(),
+                env: env.to_owned(),
+                available: broker.env_slugs(),
+            });
+        };
+        let spec = match known {
+            Known::Spec(spec) => spec,
+            Known::Topic(topic) => {
                 if !self.inner.connectors.contains_key(&broker_env.broker_type) {
                     return Err(Error::NoAdapter(broker_env.broker_type.to_string()));
                 }
                 // Topics stored before their names were checked, or whose broker changed type.
                 topic.check_native_names(env, &broker_env.broker_type, &self.inner.kinds)?;
                 let spec = topic.spec(env)?;
-                if let Some(previous) = previous
+                if let Some(previous) = &cached
                     && previous.topic_version != topic.version
                 {
                     tracing::info!(env, event, version = topic.version, "topic definition changed");
                 }
-                let route = Route { spec, topic_version: topic.version, checked: Instant::now() };
-                self.inner.routes.lock().await.insert(key.clone(), route.clone());
-                route
+                let route =
+                    Route { spec: spec.clone(), topic_version: topic.version, checked: Instant::now() };
+                self.inner.routes.lock().await.insert(route_key, route);
+                spec
             }
         };
-        let (transport, broker_type) = self.connection(&event_ref.broker, env, &route.spec).await?;
-        Ok(Resolved { transport, spec: route.spec, broker_type })
+        let transport = self.route_connection(&broker, broker_env, &spec).await?;
+        Ok(Resolved { transport, spec, broker_type: broker_env.broker_type.clone() })
     }
 
-    async fn connection(
+    /// The connection of `key` if it was checked against the registry lately; ensures `spec`'s
+    /// topic on it the first time.
+    async fn fresh_connection(
         &self,
-        broker: &str,
-        env: &str,
+        key: &(String, String),
         spec: &TopicSpec,
-    ) -> Result<(Arc<dyn Transport>, BrokerType)> {
-        let key = (broker.to_owned(), env.to_owned());
-        {
+    ) -> Result<Option<(Arc<dyn Transport>, BrokerType)>> {
+        let (transport, broker_type, ensure) = {
             let mut connections = self.inner.connections.lock().await;
-            if let Some(conn) = connections.get_mut(&key)
-                && conn.checked.elapsed() < REFRESH_AFTER
-            {
-                let transport = conn.transport.clone();
-                let broker_type = conn.broker_type.clone();
-                let ensure = conn.ensured.insert(spec.native_name.clone());
-                drop(connections);
-                if ensure {
-                    self.ensure(broker, env, &transport, spec).await?;
-                }
-                return Ok((transport, broker_type));
-            }
+            let Some(conn) = connections.get_mut(key).filter(|c| c.checked.elapsed() < REFRESH_AFTER) else {
+                return Ok(None);
+            };
+            (conn.transport.clone(), conn.broker_type.clone(), conn.ensured.insert(spec.native_name.clone()))
+        };
+        if ensure {
+            self.ensure(&key.0, &key.1, &transport, spec).await?;
         }
+        Ok(Some((transport, broker_type)))
+    }
+
+    /// The one place that decides to connect: no connection yet for `broker`'s env, or the
+    /// definition it was made from is not `broker`'s current version. Says why when it does.
+    async fn route_connection(
+        &self,
+        broker: &polybus_core::Broker,
+        broker_env: &polybus_core::BrokerEnv,
+        spec: &TopicSpec,
+    ) -> Result<Arc<dyn Transport>> {
+        let key = (broker.tag.clone(), broker_env.slug.clone());
         let gate = self.inner.connecting.lock().await.entry(key.clone()).or_default().clone();
         let _connecting = gate.lock().await;
-        let current = self.inner.registry.fetch_broker(broker).await?;
-        {
+        let reason = {
             let mut connections = self.inner.connections.lock().await;
-            if let Some(conn) = connections.get_mut(&key)
-                && conn.broker_version == current.version
-            {
-                conn.checked = Instant::now();
-                let transport = conn.transport.clone();
-                let broker_type = conn.broker_type.clone();
-                let ensure = conn.ensured.insert(spec.native_name.clone());
-                drop(connections);
-                if ensure {
-                    self.ensure(broker, env, &transport, spec).await?;
+            match connections.get_mut(&key) {
+                Some(conn) if conn.broker_version == broker.version => {
+                    conn.checked = Instant::now();
+                    let transport = conn.transport.clone();
+                    let ensure = conn.ensured.insert(spec.native_name.clone());
+                    drop(connections);
+                    if ensure {
+                        self.ensure(&key.0, &key.1, &transport, spec).await?;
+                    }
+                    return Ok(transport);
                 }
-                return Ok((transport, broker_type));
+                Some(conn) => format!(
+                    "broker definition changed (version {} to {})",
+                    conn.broker_version, broker.version
+                ),
+                None => "first use of this env".to_owned(),
             }
-        }
-        let (transport, broker_type, version) = self.connect(broker, env).await?;
-        self.ensure(broker, env, &transport, spec).await?;
+        };
+        tracing::info!(broker = %key.0, env = %key.1, version = broker.version, %reason, "connecting");
+        let transport = self.connect_env(broker, broker_env).await?;
+        self.ensure(&key.0, &key.1, &transport, spec).await?;
         let replaced = self.inner.connections.lock().await.insert(
             key,
             Connection {
-                broker_version: version,
-                broker_type: broker_type.clone(),
+                broker_version: broker.version,
+                broker_type: broker_env.broker_type.clone(),
                 transport: transport.clone(),
                 checked: Instant::now(),
                 ensured: [spec.native_name.clone()].into_iter().collect(),
             },
         );
         if let Some(old) = replaced {
-            tracing::info!(broker, env, version, "broker definition changed; reconnected");
             tokio::spawn(async move {
                 if let Err(e) = old.transport.close().await {
                     tracing::warn!(error = %e, "closing replaced connection");
                 }
             });
         }
-        Ok((transport, broker_type))
+        Ok(transport)
     }
 
     async fn ensure(
@@ -383,13 +416,22 @@ impl Bus {
         Ok(())
     }
 
-    async fn connect(&self, broker: &str, env: &str) -> Result<(Arc<dyn Transport>, BrokerType, u64)> {
+    async fn connect(&self, broker: &str, env: &str) -> Result<Arc<dyn Transport>> {
         let definition = self.inner.registry.fetch_broker(broker).await?;
         let broker_env = definition.env(env).ok_or_else(|| Error::BrokerEnvNotFound {
             tag: broker.to_owned(),
             env: env.to_owned(),
             available: definition.env_slugs(),
         })?;
+        self.connect_env(&definition, broker_env).await
+    }
+
+    /// A new connection to `broker_env` of `broker`, its secrets resolved and files checked.
+    async fn connect_env(
+        &self,
+        broker: &polybus_core::Broker,
+        broker_env: &polybus_core::BrokerEnv,
+    ) -> Result<Arc<dyn Transport>> {
         let connector = self
             .inner
             .connectors
@@ -397,26 +439,17 @@ impl Bus {
             .ok_or_else(|| Error::NoAdapter(broker_env.broker_type.to_string()))?;
         let resolved = self.inner.secrets.resolve(&broker_env.config).await?;
         let target = ConnectTarget {
-            broker: broker.to_owned(),
-            env: env.to_owned(),
+            broker: broker.tag.clone(),
+            env: broker_env.slug.clone(),
             broker_type: broker_env.broker_type.clone(),
-            config: resolved.config,
+            config: self.inner.files.connect_config(broker_env, resolved.config).await?,
         };
-        let target = ConnectTarget {
-            config: self.inner.files.connect_config(broker_env, target.config).await?,
-            ..target
-        };
-        tracing::debug!(broker, env, broker_type = %broker_env.broker_type, "connecting");
         // Every error of this connection, from here on, names references instead of values.
         let transport = connector
             .connect(&target)
             .await
             .map_err(|e| self.inner.files.conceal(broker_env, resolved.scrubber.scrub(e)))?;
-        Ok((
-            secrets::scrubbed(transport, resolved.scrubber),
-            broker_env.broker_type.clone(),
-            definition.version,
-        ))
+        Ok(secrets::scrubbed(transport, resolved.scrubber))
     }
 }
 

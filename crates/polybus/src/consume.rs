@@ -11,10 +11,52 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
 use crate::bus::Bus;
-use crate::delivery::{Delivery, Subscriber};
+use crate::delivery::{Delivery, Settled, Subscriber};
 
 /// What a handler returns when it could not process a message.
-pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+///
+/// Any error converts into one (`?`, `.into()`) and is retried with backoff; a
+/// [`permanent`](HandlerError::permanent) one (a message that can never be processed) is
+/// dead-lettered at once.
+#[derive(Debug)]
+pub struct HandlerError {
+    error: Box<dyn std::error::Error + Send + Sync>,
+    permanent: bool,
+}
+
+impl HandlerError {
+    /// A failure that retrying cannot fix: the message is dead-lettered at once.
+    pub fn permanent(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError { error: error.into(), permanent: true }
+    }
+
+    /// A failure worth retrying (what any error converts into).
+    pub fn transient(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError { error: error.into(), permanent: false }
+    }
+
+    /// True when the message should be dead-lettered without further attempts.
+    pub fn is_permanent(&self) -> bool {
+        self.permanent
+    }
+
+    /// The handler's error.
+    pub fn get_ref(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.error
+    }
+}
+
+impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        HandlerError::transient(error)
+    }
+}
+
+impl std::fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
 
 /// How a consume loop runs.
 #[derive(Debug, Clone)]
@@ -132,7 +174,8 @@ impl Bus {
     /// Runs `handler` for every message of `event` in `env` for `options.subscribe.group`.
     ///
     /// A handler error (or panic) retries the message with exponential backoff; on the topic's
-    /// last attempt it is dead-lettered with the error as reason.
+    /// last attempt, or at once when the error is [`HandlerError::permanent`], it is
+    /// dead-lettered with the error as reason.
     pub async fn consume<H, F>(
         &self,
         env: &str,
@@ -217,13 +260,14 @@ where
     let settled = match outcome {
         Ok(()) => delivery.ack().await.map(|_| &counters.acked),
         Err(e) => {
-            let reason = e.to_string();
-            if attempt >= delivery.max_attempts() {
-                delivery.dead_letter(&reason).await.map(|_| &counters.dead_lettered)
-            } else {
-                let delay = options.backoff(attempt);
-                tracing::info!(%id, attempt, retry_in = ?delay, error = %reason, "handler failed; will retry");
-                delivery.retry(Some(delay), &reason).await.map(|_| &counters.retried)
+            let delay = options.backoff(attempt);
+            match delivery.fail(&e, Some(delay)).await {
+                Ok(Settled::Retried) => {
+                    tracing::info!(%id, attempt, retry_in = ?delay, error = %e, "handler failed; will retry");
+                    Ok(&counters.retried)
+                }
+                Ok(Settled::DeadLettered) => Ok(&counters.dead_lettered),
+                Err(e) => Err(e),
             }
         }
     };

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use polybus_core::{Acker, Message, Result, Subscription, TopicSpec, Transport, wire};
 
+use crate::consume::HandlerError;
+
 /// Where a group's given-up messages go.
 pub(crate) struct DeadLetterTarget {
     pub transport: Arc<dyn Transport>,
@@ -48,6 +50,39 @@ impl DeadLetterTarget {
     }
 }
 
+/// The one place that decides whether a message that was not processed is redelivered or
+/// dead-lettered; every way of settling ([`Delivery`], the consume loop, the server's leases)
+/// goes through it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SettlePolicy {
+    /// The topic's `maxAttempts`.
+    pub max_attempts: u32,
+}
+
+impl SettlePolicy {
+    /// After attempt `attempt` failed: dead-letter when the failure is permanent or this was
+    /// the last attempt, otherwise retry.
+    pub fn after_failure(&self, attempt: u32, permanent: bool) -> Settled {
+        if permanent || attempt >= self.max_attempts { Settled::DeadLettered } else { Settled::Retried }
+    }
+
+    /// Why a message received for attempt `attempt` must be dead-lettered before it is handed
+    /// out (its consumers kept dying without settling it), if it must.
+    pub fn on_receipt(&self, attempt: u32) -> Option<String> {
+        (attempt > self.max_attempts)
+            .then(|| format!("delivered {} times without being settled", attempt.saturating_sub(1)))
+    }
+}
+
+/// How a failed message was settled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// It will be redelivered.
+    Retried,
+    /// It went to the dead-letter destination.
+    DeadLettered,
+}
+
 /// A received message; settle it with [`ack`](Delivery::ack), [`nack`](Delivery::nack)
 /// or [`dead_letter`](Delivery::dead_letter). Dropping it unsettled leaves it to be
 /// redelivered after the ack deadline.
@@ -85,20 +120,36 @@ impl Delivery {
 
     /// Redelivers the message now, or dead-letters it when this was its last attempt.
     pub async fn nack(self) -> Result<()> {
-        self.retry(None, "nacked on its last attempt").await
+        self.retry(None, "nacked on its last attempt").await.map(drop)
     }
 
     /// Redelivers the message after `delay`, or dead-letters it when this was its last attempt.
     pub async fn nack_after(self, delay: Duration) -> Result<()> {
-        self.retry(Some(delay), "nacked on its last attempt").await
+        self.retry(Some(delay), "nacked on its last attempt").await.map(drop)
     }
 
     /// Redelivers (after `delay`) or, on the last attempt, dead-letters with `reason`.
-    pub async fn retry(self, delay: Option<Duration>, reason: &str) -> Result<()> {
-        if self.message.attempt >= self.max_attempts {
-            return self.dead_letter(reason).await;
+    pub async fn retry(self, delay: Option<Duration>, reason: &str) -> Result<Settled> {
+        self.settle_failure(delay, reason, false).await
+    }
+
+    /// Settles after processing failed with `error`: dead-letters at once when the failure
+    /// is [permanent](HandlerError::permanent) or this was the last attempt, otherwise
+    /// redelivers after `delay`.
+    pub async fn fail(self, error: &HandlerError, delay: Option<Duration>) -> Result<Settled> {
+        self.settle_failure(delay, &error.to_string(), error.is_permanent()).await
+    }
+
+    async fn settle_failure(self, delay: Option<Duration>, reason: &str, permanent: bool) -> Result<Settled> {
+        match self.policy().after_failure(self.message.attempt, permanent) {
+            Settled::DeadLettered => self.dead_letter(reason).await.map(|_| Settled::DeadLettered),
+            Settled::Retried => self.acker.nack(delay).await.map(|_| Settled::Retried),
         }
-        self.acker.nack(delay).await
+    }
+
+    /// The policy this delivery is settled by.
+    pub fn policy(&self) -> SettlePolicy {
+        SettlePolicy { max_attempts: self.max_attempts }
     }
 
     /// Sends the message to the topic's dead-letter destination with `reason`, then acks it.
@@ -146,9 +197,7 @@ impl Subscriber {
                 max_attempts: self.max_attempts,
                 dead_letter: self.dead_letter.clone(),
             };
-            if delivery.message.attempt > self.max_attempts {
-                let reason =
-                    format!("delivered {} times without being settled", delivery.message.attempt - 1);
+            if let Some(reason) = delivery.policy().on_receipt(delivery.message.attempt) {
                 if let Err(e) = delivery.dead_letter(&reason).await {
                     return Some(Err(e));
                 }
@@ -161,5 +210,20 @@ impl Subscriber {
     /// Stops fetching; deliveries already handed out can still be settled.
     pub async fn close(&mut self) -> Result<()> {
         self.inner.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_retry_until_the_last_attempt_unless_permanent() {
+        let policy = SettlePolicy { max_attempts: 3 };
+        let verdicts: Vec<Settled> = (1..=3).map(|attempt| policy.after_failure(attempt, false)).collect();
+        assert_eq!(verdicts, [Settled::Retried, Settled::Retried, Settled::DeadLettered]);
+        assert_eq!(policy.after_failure(1, true), Settled::DeadLettered, "a permanent failure");
+        assert_eq!(policy.on_receipt(3), None);
+        assert_eq!(policy.on_receipt(4).as_deref(), Some("delivered 3 times without being settled"));
     }
 }

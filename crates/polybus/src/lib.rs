@@ -23,14 +23,14 @@ mod secrets;
 
 pub use bus::{Bus, BusBuilder, Group};
 pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
-pub use delivery::{Delivery, Subscriber};
+pub use delivery::{Delivery, SettlePolicy, Settled, Subscriber};
 pub use files::FilePolicy;
 pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
 
 pub use polybus_core::{
-    self as core, Broker, BrokerEnv, BrokerKind, BrokerPatch, BrokerType, Capabilities, Connector, Error,
-    EventRef, Kinds, Message, Result, SubscribeOptions, Support, Topic, TopicPatch, TopicSpec, Transport,
-    wire,
+    self as core, Broker, BrokerEnv, BrokerKind, BrokerPatch, BrokerType, Capabilities, Cause, Connector,
+    Error, EventRef, FailureKind, Kinds, Message, Result, SubscribeOptions, Support, Topic, TopicPatch,
+    TopicSpec, Transport, wire,
 };
 pub use polybus_registry::{
     Registry, SecretInfo, Secrets, SecretsKey, SqliteStore, Store, find_key as find_secrets_key,

@@ -1,4 +1,4 @@
-//! API errors as `{ "error": { "code", "message", "field"?, "env"? } }` with the right status,
+//! API errors as `{ "error": { "code", "message", "field"?, "env"?, "kind"?, "retryable"? } }` with the right status,
 //! and request extractors that turn every bad input into such an error, never a panic.
 
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
@@ -36,6 +36,22 @@ pub struct ErrorDetail {
     /// The env the offending field is in, for validation errors inside an env.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub env: Option<String>,
+    /// For broker failures: what kind (`UNAVAILABLE`, `TIMEOUT`, `AUTH_FAILED`, `NOT_FOUND`,
+    /// `TOO_LARGE`, `INVALID`, `UNKNOWN`).
+    #[serde(skip_serializing_if = "Option::is_none", serialize_with = "kind_code")]
+    #[schema(value_type = Option<String>)]
+    pub kind: Option<polybus::FailureKind>,
+    /// For broker failures: whether sending the same request again later may succeed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+}
+
+/// A failure kind as its code.
+fn kind_code<S: serde::Serializer>(kind: &Option<polybus::FailureKind>, out: S) -> Result<S::Ok, S::Error> {
+    match kind {
+        Some(kind) => out.serialize_str(kind.code()),
+        None => out.serialize_none(),
+    }
 }
 
 /// An error response.
@@ -53,7 +69,14 @@ impl ApiError {
     pub fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
-            detail: ErrorDetail { code: code.to_owned(), message: message.into(), field: None, env: None },
+            detail: ErrorDetail {
+                code: code.to_owned(),
+                message: message.into(),
+                field: None,
+                env: None,
+                kind: None,
+                retryable: None,
+            },
         }
     }
 
@@ -130,9 +153,17 @@ impl From<Error> for ApiError {
             Error::Validation(v) => (v.to_string(), Some(v.field.clone()), v.env.clone()),
             other => (other.to_string(), None, None),
         };
+        let kind = error.failure_kind();
         ApiError {
             status,
-            detail: ErrorDetail { code: error.code().to_owned(), message: one_line(&message), field, env },
+            detail: ErrorDetail {
+                code: error.code().to_owned(),
+                message: one_line(&message),
+                field,
+                env,
+                kind,
+                retryable: kind.map(|_| error.is_retryable()),
+            },
         }
     }
 }
@@ -291,6 +322,25 @@ mod tests {
     #[allow(dead_code)]
     struct Shape {
         max: u32,
+    }
+
+    #[test]
+    fn broker_failures_say_their_kind_and_whether_to_retry() {
+        let refused = Error::transport(polybus::core::Op::Connect, "redis h:6379", "password refused")
+            .with_kind(polybus::FailureKind::Auth);
+        let body = serde_json::to_value(ApiError::from(refused).detail().clone()).expect("json");
+        assert_eq!(body["code"], "CONNECT_FAILED");
+        assert_eq!(body["kind"], "AUTH_FAILED");
+        assert_eq!(body["retryable"], false);
+        let lost = Error::transport(polybus::core::Op::Publish, "redis s", "connection reset");
+        let body = serde_json::to_value(ApiError::from(lost).detail().clone()).expect("json");
+        assert_eq!(
+            (&body["kind"], &body["retryable"]),
+            (&serde_json::json!("UNKNOWN"), &serde_json::json!(true))
+        );
+        let body = serde_json::to_value(ApiError::from(Error::TopicNotFound("t".into())).detail().clone())
+            .expect("json");
+        assert!(body.get("kind").is_none() && body.get("retryable").is_none(), "{body}");
     }
 
     #[test]

@@ -219,20 +219,15 @@ impl Leases {
 /// Settles a delivery and counts it.
 pub async fn settle(metrics: &Metrics, held: Held, how: Settle) -> polybus::Result<()> {
     let Held { delivery, labels } = held;
-    let last_attempt = delivery.attempt >= delivery.max_attempts();
     match how {
         Settle::Ack => {
             delivery.ack().await?;
             metrics.acked(&labels);
         }
-        Settle::Nack { delay, reason } => {
-            delivery.retry(delay, &reason).await?;
-            if last_attempt {
-                metrics.dead_lettered(&labels);
-            } else {
-                metrics.nacked(&labels);
-            }
-        }
+        Settle::Nack { delay, reason } => match delivery.retry(delay, &reason).await? {
+            polybus::Settled::DeadLettered => metrics.dead_lettered(&labels),
+            polybus::Settled::Retried => metrics.nacked(&labels),
+        },
         Settle::DeadLetter { reason } => {
             delivery.dead_letter(&reason).await?;
             metrics.dead_lettered(&labels);

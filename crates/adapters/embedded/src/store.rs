@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak, mpsc};
 use std::time::Duration;
 
-use polybus_core::{Error, Op, Result, ValidationError};
+use polybus_core::{Error, FailureKind, Op, Result, ValidationError};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::Notify;
 
@@ -111,6 +111,44 @@ impl fmt::Display for DbError {
     }
 }
 
+impl std::error::Error for DbError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            DbError::Sql(err) => Some(err),
+            DbError::Json(err) => Some(err),
+            DbError::Incompatible(_) | DbError::Foreign(_) => None,
+        }
+    }
+}
+
+impl DbError {
+    /// What kind of failure this is: a file locked by another process heals, a file that
+    /// is not a database or cannot be written does not.
+    fn kind(&self) -> FailureKind {
+        match self {
+            DbError::Sql(err) => match err.sqlite_error_code() {
+                Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked | ErrorCode::DiskFull) => {
+                    FailureKind::Unavailable
+                }
+                Some(
+                    ErrorCode::NotADatabase
+                    | ErrorCode::CannotOpen
+                    | ErrorCode::ReadOnly
+                    | ErrorCode::PermissionDenied,
+                ) => FailureKind::Invalid,
+                _ => FailureKind::Unknown,
+            },
+            DbError::Json(_) | DbError::Incompatible(_) | DbError::Foreign(_) => FailureKind::Invalid,
+        }
+    }
+
+    /// The transport error of `op` on `target`, keeping this error as its cause.
+    fn into_error(self, op: Op, target: impl Into<String>) -> Error {
+        let kind = self.kind();
+        Error::transport_from(op, target, kind, self)
+    }
+}
+
 /// Result of a blocking store call.
 pub(crate) type DbResult<T> = std::result::Result<T, DbError>;
 
@@ -175,7 +213,7 @@ fn open_error(path: &Path, err: DbError) -> Error {
             format!("`{}` is not a polybus broker file: {why}; point `path` at a new file", path.display()),
         )
         .into(),
-        other => connect_error(path, other),
+        other => other.into_error(Op::Connect, format!("embedded {}", path.display())),
     }
 }
 
@@ -201,7 +239,8 @@ fn canonical(path: &Path) -> Result<PathBuf> {
     let absolute = std::path::absolute(path)
         .map_err(|err| connect_error(path, format!("cannot resolve the path: {err}")))?;
     let (Some(dir), Some(file)) = (absolute.parent(), absolute.file_name()) else {
-        return Err(connect_error(path, "the path must name a file, e.g. `polybus-broker.db`"));
+        return Err(connect_error(path, "the path must name a file, e.g. `polybus-broker.db`")
+            .with_kind(FailureKind::Invalid));
     };
     std::fs::create_dir_all(dir)
         .map_err(|err| connect_error(path, format!("cannot create folder {}: {err}", dir.display())))?;
@@ -242,7 +281,9 @@ impl Store {
 
     fn open_blocking(path: PathBuf) -> Result<Store> {
         ownership::check_header(&path).map_err(|err| open_error(&path, err))?;
-        let conn = connect(&path).map_err(|err| connect_error(&path, DbError::Sql(err)))?;
+        let conn = connect(&path).map_err(|err| {
+            DbError::Sql(err).into_error(Op::Connect, format!("embedded {}", path.display()))
+        })?;
         prepare(&conn).map_err(|err| open_error(&path, err))?;
         let conn = Arc::new(Mutex::new(conn));
         if let Err(err) = checkpoint::start(&conn, &path) {
@@ -279,7 +320,7 @@ impl Store {
         .await;
         match joined {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(err)) => Err(Error::transport(op, self.target(topic), err)),
+            Ok(Err(err)) => Err(err.into_error(op, self.target(topic))),
             Err(err) if err.is_cancelled() => {
                 Err(Error::Closed(format!("{}: the runtime is shutting down", self.target(topic))))
             }
@@ -317,7 +358,8 @@ impl Store {
         }
         match outcome.await {
             Ok(Ok(settled)) => Ok(settled),
-            Ok(Err(err)) => Err(Error::transport(op, self.target(Some(topic)), err)),
+            // One failure answers every settlement of the batch: the text and kind, not the cause.
+            Ok(Err(err)) => Err(Error::transport(op, self.target(Some(topic)), &err).with_kind(err.kind())),
             Err(_) => Err(Error::transport(op, self.target(Some(topic)), "the settle thread stopped; retry")),
         }
     }

@@ -148,5 +148,8 @@ async fn a_file_that_is_not_a_broker_is_refused_with_a_hint() {
     let config =
         polybus_embedded::EmbeddedConfig { path: Some(path.to_string_lossy().into_owned()), retention: None };
     let err = EmbeddedTransport::open(&config).await.expect_err("not a database");
-    assert!(err.to_string().contains("not a SQLite database"), "{err}");
+    assert_eq!(err.code(), "VALIDATION_FAILED", "the config's fault: {err}");
+    assert!(!err.is_retryable(), "{err}");
+    let shown = err.to_string();
+    assert!(shown.contains("not a SQLite database"), "says what to do: {err}");
 }

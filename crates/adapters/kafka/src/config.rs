@@ -6,8 +6,9 @@
 use std::collections::BTreeMap;
 
 use crate::kind::{KafkaConfig, SaslMechanism};
-use polybus_core::{Error, Op, ValidationError};
+use polybus_core::{Error, FailureKind, Op, ValidationError};
 use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 
 /// Partitions of a topic created on demand, unless the topic or the env says otherwise.
 pub const DEFAULT_PARTITIONS: i32 = 3;
@@ -162,11 +163,74 @@ impl Settings {
 
     /// A transport error whose message cannot contain a configured secret.
     pub fn error(&self, op: Op, target: &str, cause: impl std::fmt::Display) -> Error {
-        let mut message = cause.to_string();
+        Error::transport(op, format!("kafka {target}"), self.scrub(cause.to_string()))
+    }
+
+    /// A transport error keeping librdkafka's error and the kind its code says, with no
+    /// configured secret in its texts.
+    pub fn failed(&self, op: Op, target: &str, cause: impl Coded) -> Error {
+        let kind = cause.code().map_or(FailureKind::Unknown, failure_kind);
+        Error::transport_from(op, format!("kafka {target}"), kind, cause).map_text(|text| self.scrub(text))
+    }
+
+    fn scrub(&self, mut text: String) -> String {
         for secret in &self.secrets {
-            message = message.replace(secret.as_str(), polybus_core::secret::REDACTED);
+            text = text.replace(secret.as_str(), polybus_core::secret::REDACTED);
         }
-        Error::transport(op, format!("kafka {target}"), message)
+        text
+    }
+}
+
+/// A librdkafka failure, with its error code when it has one.
+pub(crate) trait Coded: std::error::Error + Send + Sync + 'static {
+    /// The code.
+    fn code(&self) -> Option<RDKafkaErrorCode>;
+}
+
+impl Coded for KafkaError {
+    fn code(&self) -> Option<RDKafkaErrorCode> {
+        self.rdkafka_error_code()
+    }
+}
+
+impl Coded for RDKafkaErrorCode {
+    fn code(&self) -> Option<RDKafkaErrorCode> {
+        Some(*self)
+    }
+}
+
+/// What kind of failure a librdkafka error code is.
+pub(crate) fn failure_kind(code: RDKafkaErrorCode) -> FailureKind {
+    use RDKafkaErrorCode as C;
+    match code {
+        C::SaslAuthenticationFailed
+        | C::Authentication
+        | C::TopicAuthorizationFailed
+        | C::GroupAuthorizationFailed
+        | C::ClusterAuthorizationFailed => FailureKind::Auth,
+        C::BrokerTransportFailure
+        | C::AllBrokersDown
+        | C::Resolve
+        | C::BrokerNotAvailable
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::NetworkException
+        | C::CoordinatorNotAvailable
+        | C::NotCoordinator
+        | C::CoordinatorLoadInProgress
+        | C::NotEnoughReplicas
+        | C::QueueFull => FailureKind::Unavailable,
+        C::MessageTimedOut | C::RequestTimedOut | C::OperationTimedOut => FailureKind::Timeout,
+        C::UnknownTopicOrPartition | C::UnknownTopic | C::UnknownPartition => FailureKind::NotFound,
+        C::MessageSizeTooLarge | C::InvalidMessageSize => FailureKind::TooLarge,
+        C::InvalidTopic
+        | C::InvalidConfig
+        | C::InvalidArgument
+        | C::InvalidRequest
+        | C::InvalidPartitions
+        | C::InvalidReplicationFactor
+        | C::PolicyViolation => FailureKind::Invalid,
+        _ => FailureKind::Unknown,
     }
 }
 
@@ -206,7 +270,15 @@ mod tests {
         let s = settings(json!({"brokers": ["a:9092"],
             "sasl": {"mechanism": "plain", "username": "u", "password": "hunter2"}}));
         let err = s.error(Op::Connect, "a:9092", "auth failed for u with hunter2");
-        assert!(!err.to_string().contains("hunter2"), "{err}");
+        assert!(!format!("{err} {err:?}").contains("hunter2"), "{err}");
+        let failure = KafkaError::ClientCreation("sasl.password=hunter2 rejected".into());
+        let err = s.failed(Op::Connect, "a:9092", failure);
+        let cause = std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default();
+        assert!(!format!("{err} {err:?} {cause}").contains("hunter2"), "{err:?}");
+        assert!(
+            err.cause().and_then(|c| c.downcast_ref::<KafkaError>()).is_some(),
+            "keeps the client's error"
+        );
     }
 
     #[test]

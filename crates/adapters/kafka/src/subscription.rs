@@ -206,11 +206,11 @@ pub(crate) async fn start(
     let config = shared.client.settings.consumer(&shared.options.group);
     let consumer: BaseConsumer<Member> = config
         .create_with_context(Member { shared: shared.clone() })
-        .map_err(|e| shared.error(Op::Subscribe, e))?;
+        .map_err(|e| shared.client.failed(Op::Subscribe, &shared.names.main, e))?;
     if let Err(e) = consumer.subscribe(&[&shared.names.main, &shared.names.retry]) {
         // A consumer's drop blocks until it has left its group: off the runtime.
         tokio::task::spawn_blocking(move || drop(consumer));
-        return Err(shared.error(Op::Subscribe, e));
+        return Err(shared.client.failed(Op::Subscribe, &shared.names.main, e));
     }
     let mut assigned = shared.assigned.subscribe();
     let member = shared.clone();

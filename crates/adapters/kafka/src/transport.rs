@@ -19,7 +19,7 @@ use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 
 use crate::codec::{self, Record};
-use crate::config::{MAX_MESSAGE_BYTES, Settings};
+use crate::config::{Coded, MAX_MESSAGE_BYTES, Settings};
 use crate::subscription;
 
 /// How long a publish may wait for room in librdkafka's queue.
@@ -83,6 +83,11 @@ impl Client {
         self.settings.error(op, topic, cause)
     }
 
+    /// A transport error about `topic` keeping librdkafka's error, with secrets scrubbed.
+    pub fn failed(&self, op: Op, topic: &str, cause: impl Coded) -> Error {
+        self.settings.failed(op, topic, cause)
+    }
+
     /// The current producer.
     fn producer(&self) -> FutureProducer<Logger> {
         self.producer.lock().unwrap_or_else(PoisonError::into_inner).clone()
@@ -122,7 +127,7 @@ impl Client {
             producer.send(future_record(topic, &record, headers), Timeout::After(QUEUE_WAIT)).await;
         delivery.map(|_| ()).map_err(|(e, _)| {
             self.recover(&producer);
-            self.error(op, topic, e)
+            self.failed(op, topic, e)
         })
     }
 
@@ -169,7 +174,7 @@ impl Client {
                         for delivery in pending {
                             let _ = self.delivered(topic, delivery).await;
                         }
-                        return Err(self.error(Op::Publish, topic, e));
+                        return Err(self.failed(Op::Publish, topic, e));
                     }
                 }
             }
@@ -185,7 +190,7 @@ impl Client {
     async fn delivered(&self, topic: &str, delivery: DeliveryFuture) -> Result<()> {
         match delivery.await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(self.error(Op::Publish, topic, e)),
+            Ok(Err((e, _))) => Err(self.failed(Op::Publish, topic, e)),
             Err(_) => {
                 Err(self.error(Op::Publish, topic, "the producer was shut down before the broker answered"))
             }
@@ -213,7 +218,7 @@ impl Client {
             Err(code) if self.exists(name).await? => {
                 tracing::debug!(topic = name, %code, "topic not created, but it exists");
             }
-            Err(code) => return Err(self.error(Op::EnsureTopic, name, code)),
+            Err(code) => return Err(self.failed(Op::EnsureTopic, name, code)),
         }
         self.ensured.lock().unwrap_or_else(PoisonError::into_inner).insert(name.to_owned());
         Ok(())
@@ -248,7 +253,7 @@ impl Client {
                 Ok(Ok(())) => false,
             };
             if !transient || tries == 2 {
-                return outcome.map_err(|e| self.error(Op::EnsureTopic, topic.name, e));
+                return outcome.map_err(|e| self.failed(Op::EnsureTopic, topic.name, e));
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -266,7 +271,7 @@ impl Client {
         })
         .await
         .map_err(|e| self.error(Op::EnsureTopic, name, e))?;
-        metadata.map_err(|e| self.error(Op::EnsureTopic, name, e))
+        metadata.map_err(|e| self.failed(Op::EnsureTopic, name, e))
     }
 
     /// Asks the cluster for its metadata.
@@ -277,7 +282,7 @@ impl Client {
         })
         .await
         .map_err(|e| self.error(op, &self.settings.servers, e))?;
-        result.map_err(|e| self.error(op, &self.settings.servers, e))
+        result.map_err(|e| self.failed(op, &self.settings.servers, e))
     }
 }
 
@@ -307,11 +312,11 @@ impl KafkaTransport {
         let producer = settings
             .producer()
             .create_with_context(Logger)
-            .map_err(|e| settings.error(Op::Connect, &servers, e))?;
+            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
         let admin = settings
             .admin()
             .create_with_context(Logger)
-            .map_err(|e| settings.error(Op::Connect, &servers, e))?;
+            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
         let client = Arc::new(Client {
             settings,
             producer: Mutex::new(producer),

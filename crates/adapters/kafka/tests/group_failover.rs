@@ -4,18 +4,15 @@
 //! Needs a Kafka-protocol broker on 127.0.0.1:9092 (`scripts/services kafka`), or `KAFKA_BROKERS`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use polybus::{Broker, Bus, Message, Registry, SubscribeOptions, Subscriber, Topic};
-use polybus_kafka::KafkaConnector;
-use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions};
-use rdkafka::client::DefaultClientContext;
+use common::{ENV, Setup};
+use polybus::{Message, SubscribeOptions, Subscriber};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-const ENV: &str = "test";
+mod common;
+
 const TOTAL: usize = 10_000;
 const KEYS: usize = 100;
 /// The doomed member dies after this many deliveries…
@@ -85,23 +82,9 @@ impl Tally {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_loses_nothing_when_one_of_two_members_dies_mid_stream() {
-    let dir = tempfile::tempdir().expect("temporary directory");
-    let registry =
-        Registry::open(dir.path().join("registry.db").to_str().expect("UTF-8 path")).await.expect("registry");
     let brokers = std::env::var("KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_owned());
-    let broker = json!({"name": "Failover", "tag": "failover",
-        "envs": [{"slug": ENV, "type": "kafka", "config": {"brokers": [&brokers], "partitions": 4}}]});
-    registry
-        .create_broker(Broker::from_value(broker).expect("broker definition"))
-        .await
-        .expect("creating broker");
-    let id = &uuid::Uuid::new_v4().simple().to_string()[..12];
-    let event = format!("failover:orders-{id}");
-    registry
-        .create_topic(Topic::from_value(json!({"tag": event})).expect("topic"))
-        .await
-        .expect("creating topic");
-    let bus = Bus::builder(registry).connector(Arc::new(KafkaConnector)).build();
+    let Setup { bus, event, topic, id, dir: _registry } =
+        common::setup("failover", "orders", json!({"brokers": [&brokers], "partitions": 4})).await;
 
     let group = format!("billing-{id}");
     let options = SubscribeOptions { ack_deadline: Duration::from_secs(5), ..SubscribeOptions::new(&group) };
@@ -167,13 +150,5 @@ async fn a_group_loses_nothing_when_one_of_two_members_dies_mid_stream() {
         m.abort();
     }
     bus.close().await.expect("closing the bus");
-    let topic = format!("orders-{id}");
-    let admin: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin client");
-    let retry = polybus_kafka::retry_topic(&topic, &group);
-    if let Err(e) = admin.delete_topics(&[&topic, &retry], &AdminOptions::new()).await {
-        eprintln!("deleting the test's topics: {e}");
-    }
-    // Its drop joins a polling thread: off the runtime.
-    let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
+    common::delete_topics(&brokers, &topic, &group).await;
 }

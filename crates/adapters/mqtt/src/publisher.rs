@@ -12,9 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
 use bytes::Bytes;
+use polybus_core::FailureKind;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, PubAck, PubAckReason, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAck, PubAckReason, PublishProperties};
 use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
@@ -49,6 +50,8 @@ pub(crate) enum Ack {
 }
 
 type Reply<T> = oneshot::Sender<Result<T, String>>;
+/// The outcome of the first connection attempt.
+type FirstReply = oneshot::Sender<Result<(), (String, FailureKind)>>;
 
 /// The publishing connection; cheap to clone.
 #[derive(Clone)]
@@ -124,6 +127,35 @@ fn new_client(settings: &Settings, client_id: &str) -> (AsyncClient, EventLoop) 
     AsyncClient::new(options, REQUEST_CAPACITY)
 }
 
+/// What kind of failure a connection error is: a refusal by return code, else whether the
+/// network failed or the broker broke the protocol.
+pub(crate) fn failure_kind(e: &ConnectionError) -> FailureKind {
+    match e {
+        ConnectionError::ConnectionRefused(code) => match code {
+            ConnectReturnCode::BadUserNamePassword
+            | ConnectReturnCode::NotAuthorized
+            | ConnectReturnCode::Banned
+            | ConnectReturnCode::BadAuthenticationMethod => FailureKind::Auth,
+            ConnectReturnCode::ServiceUnavailable
+            | ConnectReturnCode::ServerUnavailable
+            | ConnectReturnCode::ServerBusy
+            | ConnectReturnCode::QuotaExceeded
+            | ConnectReturnCode::UseAnotherServer
+            | ConnectReturnCode::ServerMoved
+            | ConnectReturnCode::ConnectionRateExceeded => FailureKind::Unavailable,
+            ConnectReturnCode::PacketTooLarge => FailureKind::TooLarge,
+            ConnectReturnCode::UnspecifiedError | ConnectReturnCode::ImplementationSpecificError => {
+                FailureKind::Unknown
+            }
+            _ => FailureKind::Invalid,
+        },
+        ConnectionError::Timeout(_) => FailureKind::Timeout,
+        ConnectionError::Io(_) | ConnectionError::RequestsDone => FailureKind::Unavailable,
+        ConnectionError::Tls(_) => FailureKind::Invalid,
+        _ => FailureKind::Unknown,
+    }
+}
+
 /// Words for a connection error (rumqttc's never include credentials).
 pub(crate) fn describe(e: &ConnectionError) -> String {
     match e {
@@ -133,8 +165,9 @@ pub(crate) fn describe(e: &ConnectionError) -> String {
 }
 
 impl Publisher {
-    /// Connects; fails when the first connection attempt does.
-    pub async fn connect(settings: Settings) -> Result<Publisher, String> {
+    /// Connects; fails when the first connection attempt does, saying why and what kind of
+    /// failure that is.
+    pub async fn connect(settings: Settings) -> Result<Publisher, (String, FailureKind)> {
         let client_id =
             format!("{}-pub-{}", settings.client_id, &uuid::Uuid::new_v4().simple().to_string()[..12]);
         let (client, eventloop) = new_client(&settings, &client_id);
@@ -162,7 +195,7 @@ impl Publisher {
         match first_rx.await {
             Ok(Ok(())) => Ok(Publisher { inner }),
             Ok(Err(e)) => Err(e),
-            Err(_) => Err("the connection task ended".into()),
+            Err(_) => Err(("the connection task ended".into(), FailureKind::Unknown)),
         }
     }
 
@@ -326,7 +359,7 @@ impl Drop for Inner {
 }
 
 impl Inner {
-    fn on_event(&self, event: Event, first: &mut Option<Reply<()>>, backoff: &mut Duration) -> bool {
+    fn on_event(&self, event: Event, first: &mut Option<FirstReply>, backoff: &mut Duration) -> bool {
         match event {
             Event::Incoming(Packet::ConnAck(_)) => {
                 *backoff = BACKOFF_MIN;
@@ -402,7 +435,7 @@ fn answer(ack: &PubAck) -> Result<Ack, String> {
 
 /// Polls the event loop; on a lost connection fails the waiting publishes, backs off and
 /// starts a fresh client. Ends when the publisher is dropped or closed.
-async fn drive(inner: Weak<Inner>, mut eventloop: EventLoop, first: Reply<()>) {
+async fn drive(inner: Weak<Inner>, mut eventloop: EventLoop, first: FirstReply) {
     let mut first = Some(first);
     let mut backoff = BACKOFF_MIN;
     loop {
@@ -423,7 +456,7 @@ async fn drive(inner: Weak<Inner>, mut eventloop: EventLoop, first: Reply<()>) {
                 }
                 strong.idle.notify_waiters();
                 if let Some(first) = first.take() {
-                    let _ = first.send(Err(reason));
+                    let _ = first.send(Err((reason, failure_kind(&e))));
                     return;
                 }
                 if *strong.closing.borrow() {

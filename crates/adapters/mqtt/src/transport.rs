@@ -46,9 +46,9 @@ impl MqttTransport {
     /// Connects the publishing client; fails when the broker cannot be reached.
     pub async fn connect(settings: Settings) -> Result<MqttTransport> {
         let endpoint = settings.endpoint();
-        let publisher = Publisher::connect(settings.clone())
-            .await
-            .map_err(|e| Error::transport(Op::Connect, format!("mqtt {endpoint}"), e))?;
+        let publisher = Publisher::connect(settings.clone()).await.map_err(|(e, kind)| {
+            Error::transport(Op::Connect, format!("mqtt {endpoint}"), e).with_kind(kind)
+        })?;
         Ok(MqttTransport { settings, publisher, closed: AtomicBool::new(false) })
     }
 

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::kind::NatsConfig;
-use async_nats::{Client, ConnectOptions, Event};
-use polybus_core::{Error, Op, Result, ValidationError, secret};
+use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event};
+use polybus_core::{Error, FailureKind, Op, Result, ValidationError, secret};
 use tokio::sync::watch;
 
 /// Literal secrets of one connection, blanked out of every error message.
@@ -106,7 +106,16 @@ pub async fn connect(config: &NatsConfig, env: &str) -> Result<Connection> {
     let shown: Vec<String> =
         servers.iter().map(|s| secret::redact_url(s).unwrap_or_else(|| s.clone())).collect();
     let client = options.connect(servers.as_slice()).await.map_err(|e| {
-        Error::transport(Op::Connect, format!("nats {}", secrets.scrub(shown.join(","))), secrets.scrub(e))
+        let kind = match e.kind() {
+            ConnectErrorKind::Authentication | ConnectErrorKind::AuthorizationViolation => FailureKind::Auth,
+            ConnectErrorKind::TimedOut => FailureKind::Timeout,
+            ConnectErrorKind::ServerParse | ConnectErrorKind::Tls => FailureKind::Invalid,
+            ConnectErrorKind::Dns | ConnectErrorKind::Io | ConnectErrorKind::MaxReconnects => {
+                FailureKind::Unavailable
+            }
+        };
+        Error::transport_from(Op::Connect, format!("nats {}", shown.join(",")), kind, e)
+            .map_text(|text| secrets.scrub(text))
     })?;
     Ok(Connection { client, connections, secrets })
 }

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Datelike;
 use polybus_core::{
-    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
-    wire,
+    Capabilities, Error, FailureKind, Message, Op, Result, SubscribeOptions, Subscription, Support,
+    TopicSpec, Transport, wire,
 };
 use tokio::sync::{RwLock, watch};
 use tokio::task::JoinHandle;
@@ -108,6 +108,19 @@ impl NatsTransport {
 
     fn error(&self, op: Op, names: &TopicNames, e: impl std::fmt::Display) -> Error {
         Error::transport(op, format!("nats {}", names.stream), self.shared().secrets.scrub(e))
+    }
+
+    /// A transport error keeping the client's `e`, of `kind`, scrubbed of the secrets.
+    fn failed(
+        &self,
+        op: Op,
+        names: &TopicNames,
+        kind: FailureKind,
+        e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Error {
+        let secrets = &self.shared().secrets;
+        Error::transport_from(op, format!("nats {}", names.stream), kind, e)
+            .map_text(|text| secrets.scrub(text))
     }
 
     /// Creates the topic's stream and its delayed stream when missing.
@@ -231,7 +244,7 @@ impl NatsTransport {
             }
         }
         match first_error {
-            Some(e) => Err(self.error(Op::Publish, names, e)),
+            Some(e) => Err(self.failed(Op::Publish, names, publish_failure(e.kind()), e)),
             None => Ok(missing),
         }
     }
@@ -271,15 +284,27 @@ impl NatsTransport {
 /// A failed publish: the stream is missing, or anything else.
 enum PublishError {
     StreamNotFound,
-    Other(String),
+    Other(async_nats::jetstream::context::PublishError),
 }
 
 impl From<async_nats::jetstream::context::PublishError> for PublishError {
     fn from(e: async_nats::jetstream::context::PublishError) -> Self {
         match e.kind() {
             PublishErrorKind::StreamNotFound => PublishError::StreamNotFound,
-            _ => PublishError::Other(e.to_string()),
+            _ => PublishError::Other(e),
         }
+    }
+}
+
+/// What kind of failure a publish error of `kind` is.
+fn publish_failure(kind: PublishErrorKind) -> FailureKind {
+    match kind {
+        PublishErrorKind::StreamNotFound => FailureKind::NotFound,
+        PublishErrorKind::TimedOut => FailureKind::Timeout,
+        PublishErrorKind::BrokenPipe | PublishErrorKind::MaxAckPending => FailureKind::Unavailable,
+        PublishErrorKind::MaxPayloadExceeded => FailureKind::TooLarge,
+        PublishErrorKind::WrongLastMessageId | PublishErrorKind::WrongLastSequence => FailureKind::Invalid,
+        _ => FailureKind::Unknown,
     }
 }
 

@@ -12,6 +12,7 @@
 mod acks;
 mod codec;
 mod connect;
+mod fail;
 mod kind;
 pub mod names;
 mod subscription;

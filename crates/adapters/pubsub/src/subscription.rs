@@ -26,6 +26,7 @@ use tokio::time::Instant;
 
 use crate::acks::AckQueue;
 use crate::codec::{self, Received};
+use crate::fail;
 use crate::names::topic_id;
 use crate::transport::Shared;
 
@@ -245,9 +246,11 @@ impl Drop for PubsubSubscription {
     }
 }
 
-/// A gRPC status as code and message (its metadata is left out).
-fn describe(status: &Status) -> String {
-    format!("{:?}: {}", status.code(), status.message())
+/// A gRPC status as code and message (its metadata is left out, so the status is not kept
+/// as the cause), of the kind its code says.
+fn status_error(op: Op, target: &str, status: &Status) -> Error {
+    let message = format!("{:?}: {}", status.code(), status.message());
+    Error::transport(op, target, message).with_kind(fail::grpc_kind(status.code()))
 }
 
 /// Makes `messages` available again at once.
@@ -348,7 +351,7 @@ impl Puller {
                             tracing::debug!(target = %self.target, error = %e, "making the subscription again");
                         }
                     }
-                    let error = Error::transport(Op::Receive, self.target.clone(), describe(&status));
+                    let error = status_error(Op::Receive, &self.target, &status);
                     {
                         let mut inbox = self.mailbox.lock();
                         if inbox.closed {
@@ -380,11 +383,11 @@ struct PubsubAcker {
 impl Acker for PubsubAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         let ack_id = self.message.ack_id().to_owned();
-        self.acks.ack(ack_id).await.map_err(|e| Error::transport(Op::Ack, self.target.clone(), describe(&e)))
+        self.acks.ack(ack_id).await.map_err(|e| status_error(Op::Ack, &self.target, &e))
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        let fail = |e: Status| Error::transport(Op::Nack, self.target.clone(), describe(&e));
+        let fail = |e: Status| status_error(Op::Nack, &self.target, &e);
         let Some(delay) = delay.filter(|d| !d.is_zero()) else {
             return self.message.nack().await.map_err(fail);
         };

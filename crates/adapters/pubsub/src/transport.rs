@@ -17,6 +17,8 @@ use polybus_core::{
     Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
 };
 
+use crate::fail::{failure_kind, publish_kind};
+
 use crate::codec;
 use crate::connect::Settings;
 use crate::names::{Names, topic_id};
@@ -87,7 +89,7 @@ impl Shared {
         match self.topics.create_topic().set_name(path.clone()).send().await {
             Ok(_) => {}
             Err(e) if has_code(&e, Code::AlreadyExists) => {}
-            Err(e) => return Err(Error::transport(Op::EnsureTopic, format!("pubsub {native}"), e)),
+            Err(e) => return Err(client_error(Op::EnsureTopic, format!("pubsub {native}"), e)),
         }
         if let Ok(mut known) = self.known_topics.lock() {
             known.insert(path);
@@ -146,13 +148,13 @@ impl Shared {
                     }
                     s.ack_deadline_seconds
                 })
-                .map_err(|e| Error::transport(Op::Subscribe, target(), e)),
+                .map_err(|e| client_error(Op::Subscribe, target(), e)),
             Err(e) => {
                 if has_code(&e, Code::NotFound) {
                     self.forget_topic(&topic.native_name);
                     self.forget_topic(&topic.dead_letter);
                 }
-                Err(Error::transport(Op::Subscribe, target(), e))
+                Err(client_error(Op::Subscribe, target(), e))
             }
         }
     }
@@ -183,8 +185,14 @@ impl Shared {
             }
             Err(e) => e,
         };
-        Err(Error::transport(Op::Publish, format!("pubsub {}", topic.native_name), error))
+        let kind = publish_kind(&error);
+        Err(Error::transport_from(Op::Publish, format!("pubsub {}", topic.native_name), kind, error))
     }
+}
+
+/// A transport error keeping the client's error, of the kind its status says.
+fn client_error(op: Op, target: String, e: google_cloud_pubsub::Error) -> Error {
+    Error::transport_from(op, target, failure_kind(&e), e)
 }
 
 /// Sends every message, then awaits each; on failure, resumes the ordering keys the client paused.
@@ -338,7 +346,7 @@ impl Transport for PubsubTransport {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| Error::transport(Op::Ping, format!("pubsub {}", self.shared.names.project()), e))
+            .map_err(|e| client_error(Op::Ping, format!("pubsub {}", self.shared.names.project()), e))
     }
 
     async fn close(&self) -> Result<()> {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use backon::ExponentialBuilder;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
+use polybus_core::{Error, FailureKind, Op};
 use tokio::sync::Mutex;
 
 use crate::config::Settings;
@@ -16,21 +17,40 @@ use crate::config::Settings;
 pub(crate) enum LinkError {
     /// The transport was closed.
     Closed,
-    /// Connecting failed (message already scrubbed of the password).
+    /// Connecting failed.
     Connect {
-        /// What the client said.
+        /// What the client said, scrubbed of the password.
         message: String,
-        /// The broker may accept a later attempt (it was unreachable or dropped us); false
-        /// when it refused the credentials or the vhost.
-        transient: bool,
+        /// The client's error.
+        error: lapin::Error,
     },
 }
 
 impl LinkError {
-    /// True when trying again later may succeed.
+    /// True when trying again later may succeed: the broker was unreachable or dropped us,
+    /// not when it refused the credentials or the vhost.
     pub fn is_transient(&self) -> bool {
-        matches!(self, LinkError::Connect { transient: true, .. })
+        matches!(self, LinkError::Connect { error, .. } if failure_kind(error).is_retryable())
     }
+
+    /// The error `op` on `target` reports: keeps lapin's error and its kind.
+    pub fn into_error(self, settings: &Settings, op: Op, target: impl Into<String>) -> Error {
+        match self {
+            LinkError::Closed => Error::Closed(format!("rabbitmq {}", settings.endpoint)),
+            LinkError::Connect { message, error } => {
+                let kind = failure_kind(&error);
+                Error::transport(op, target, format!("cannot connect: {message}"))
+                    .with_kind(kind)
+                    .with_cause(error)
+                    .map_text(|text| settings.scrub(text))
+            }
+        }
+    }
+}
+
+/// A transport error keeping lapin's error and its kind, its texts scrubbed of the password.
+pub(crate) fn failed(settings: &Settings, op: Op, target: impl Into<String>, e: lapin::Error) -> Error {
+    Error::transport_from(op, target, failure_kind(&e), e).map_text(|text| settings.scrub(text))
 }
 
 impl std::fmt::Display for LinkError {
@@ -51,18 +71,30 @@ pub(crate) fn reconnect_backoff() -> ExponentialBuilder {
         .without_max_times()
 }
 
-/// Whether a failed connect is worth repeating: not when the broker refused who we are.
-fn is_transient(e: &lapin::Error) -> bool {
+/// What kind of failure `e` is, from the AMQP reply code or the client's error kind. A
+/// channel-level (soft) refusal never heals by retrying.
+pub(crate) fn failure_kind(e: &lapin::Error) -> FailureKind {
     match e.kind() {
-        ErrorKind::ProtocolError(err) => !matches!(
-            err.kind(),
+        ErrorKind::ProtocolError(err) => match err.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
-                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
-        ),
-        ErrorKind::AuthProviderError(_)
-        | ErrorKind::InvalidProtocolVersion(_)
-        | ErrorKind::NoDefaultRuntime => false,
-        _ => true,
+            | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED) => FailureKind::Auth,
+            AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) => FailureKind::NotFound,
+            AMQPErrorKind::Soft(AMQPSoftError::CONTENTTOOLARGE) => FailureKind::TooLarge,
+            AMQPErrorKind::Soft(_) => FailureKind::Invalid,
+            AMQPErrorKind::Hard(
+                AMQPHardError::CONNECTIONFORCED | AMQPHardError::RESOURCEERROR | AMQPHardError::INTERNALERROR,
+            ) => FailureKind::Unavailable,
+            AMQPErrorKind::Hard(_) => FailureKind::Unknown,
+        },
+        ErrorKind::AuthProviderError(_) => FailureKind::Auth,
+        ErrorKind::InvalidProtocolVersion(_) | ErrorKind::NoDefaultRuntime => FailureKind::Invalid,
+        ErrorKind::IOError(_)
+        | ErrorKind::RuntimeShutdownError(_)
+        | ErrorKind::MissingHeartbeatError
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::InvalidChannelState(..)
+        | ErrorKind::ChannelsLimitReached => FailureKind::Unavailable,
+        _ => FailureKind::Unknown,
     }
 }
 
@@ -94,9 +126,9 @@ impl Link {
         let reconnect = current.is_some();
         let props = ConnectionProperties::default()
             .with_connection_name(format!("{} ({})", self.settings.name, self.role).into());
-        let conn = Connection::connect_uri(self.settings.uri.clone(), props).await.map_err(|e| {
-            LinkError::Connect { transient: is_transient(&e), message: self.settings.scrub(e) }
-        })?;
+        let conn = Connection::connect_uri(self.settings.uri.clone(), props)
+            .await
+            .map_err(|error| LinkError::Connect { message: self.settings.scrub(&error), error })?;
         if reconnect {
             tracing::info!(endpoint = %self.settings.endpoint, role = self.role, "reconnected to rabbitmq");
         }

@@ -20,11 +20,13 @@ use lapin::options::{
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Consumer, ErrorKind};
-use polybus_core::{Acker, Delivery, Error, Message, Op, Result, SubscribeOptions, Subscription, TopicSpec};
+use polybus_core::{
+    Acker, Delivery, Error, FailureKind, Message, Op, Result, SubscribeOptions, Subscription, TopicSpec,
+};
 use tokio::sync::{Notify, watch};
 
 use crate::codec;
-use crate::link::reconnect_backoff;
+use crate::link::{failed, reconnect_backoff};
 use crate::transport::{self, DELAY_EXCHANGE, Inner, Outgoing};
 
 /// How long `close` waits for the worker to cancel the consumer and give back the buffer.
@@ -91,17 +93,16 @@ impl Shared {
 
     fn setup_error(&self, e: lapin::Error) -> SetupError {
         // Channel-level refusals (access, missing or inequivalent objects) will not heal by retrying.
-        SetupError { transient: !e.is_amqp_soft_error(), message: self.scrub(e) }
+        let transient = !e.is_amqp_soft_error();
+        SetupError { transient, error: failed(&self.inner.settings, Op::Subscribe, &self.target, e) }
     }
 
     /// Opens a channel, declares the exchange and the group's queue, binds it and consumes.
     async fn establish(&self) -> Result<(Channel, Consumer), SetupError> {
-        let conn = self
-            .inner
-            .consumers
-            .connection()
-            .await
-            .map_err(|e| SetupError { transient: e.is_transient(), message: e.to_string() })?;
+        let conn = self.inner.consumers.connection().await.map_err(|e| SetupError {
+            transient: e.is_transient(),
+            error: e.into_error(&self.inner.settings, Op::Subscribe, &self.target),
+        })?;
         let channel = conn.create_channel().await.map_err(|e| self.setup_error(e))?;
         transport::declare_exchange(&channel, &self.exchange).await.map_err(|e| self.setup_error(e))?;
         let mut args = FieldTable::default();
@@ -230,7 +231,8 @@ impl Shared {
 /// Why a consumer could not be set up.
 #[derive(Debug)]
 struct SetupError {
-    message: String,
+    /// What the subscriber hears when no try succeeded.
+    error: Error,
     /// Another try (on a new connection) may succeed.
     transient: bool,
 }
@@ -332,7 +334,7 @@ async fn worker(shared: Arc<Shared>, channel: Channel, consumer: Consumer) {
                 }
                 Err(e) => {
                     let wait = delays.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(queue = %shared.queue, error = %e.message, retry_in = ?wait, "rabbitmq consumer reconnect failed");
+                    tracing::warn!(queue = %shared.queue, error = %e.error, retry_in = ?wait, "rabbitmq consumer reconnect failed");
                     tokio::select! {
                         _ = tokio::time::sleep(wait) => {}
                         _ = shared.wake_worker.notified() => {}
@@ -409,9 +411,9 @@ impl RabbitmqSubscription {
         let (channel, consumer) = (|| shared.establish())
             .retry(transport::retry_backoff())
             .when(|e| e.transient)
-            .notify(|e, wait| tracing::debug!(target = %target, error = %e.message, ?wait, "subscribe retry"))
+            .notify(|e, wait| tracing::debug!(target = %target, error = %e.error, ?wait, "subscribe retry"))
             .await
-            .map_err(|e| Error::transport(Op::Subscribe, &target, e.message))?;
+            .map_err(|e| if e.transient { e.error.with_kind(FailureKind::Unavailable) } else { e.error })?;
         tokio::spawn(worker(shared.clone(), channel, consumer));
         Ok(RabbitmqSubscription { shared, closed: false })
     }
@@ -494,7 +496,7 @@ impl RabbitmqAcker {
     }
 
     fn fail(&self, op: Op, e: lapin::Error) -> Error {
-        Error::transport(op, &self.shared.target, self.shared.scrub(e))
+        failed(&self.shared.inner.settings, op, &self.shared.target, e)
     }
 
     fn done(&self, op: Op, result: lapin::Result<bool>) -> Result<()> {

@@ -13,13 +13,14 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind, PublisherConfirm};
 use polybus_core::{
-    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
+    Capabilities, Error, FailureKind, Message, Op, Result, SubscribeOptions, Subscription, Support,
+    TopicSpec, Transport,
 };
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
 
 use crate::codec;
 use crate::config::Settings;
-use crate::link::{Link, LinkError};
+use crate::link::{Link, LinkError, failed};
 
 /// Headers exchange that routes delayed copies into their delay queue.
 pub const DELAY_EXCHANGE: &str = "polybus.delay";
@@ -69,7 +70,8 @@ pub(crate) fn delay_ms(delay: Duration) -> u64 {
 /// Why one publish attempt failed.
 #[derive(Debug)]
 pub(crate) enum Failure {
-    /// Worth another try on a fresh channel (lost connection, no confirm, unroutable delay copy).
+    /// Worth another try on a fresh channel (lost connection, no confirm, unroutable delay
+    /// copy); when the tries run out, the broker is [unavailable](FailureKind::Unavailable).
     Retry(String),
     /// Final: the broker refused the message, or the transport is closed.
     Fatal(Error),
@@ -78,10 +80,15 @@ pub(crate) enum Failure {
 impl Failure {
     fn into_error(self, target: &str) -> Error {
         match self {
-            Failure::Retry(message) => Error::transport(Op::Publish, target, message),
+            Failure::Retry(message) => retries_ran_out(Op::Publish, target, message),
             Failure::Fatal(error) => error,
         }
     }
+}
+
+/// The error of an operation whose retries all failed.
+fn retries_ran_out(op: Op, target: impl Into<String>, message: String) -> Error {
+    Error::transport(op, target, message).with_kind(FailureKind::Unavailable)
 }
 
 /// One message on its way: where to, and as what.
@@ -131,14 +138,11 @@ impl Inner {
             return Ok(channel.clone());
         }
         let conn = self.publisher.connection().await.map_err(|e| match e {
-            LinkError::Closed => {
-                Failure::Fatal(Error::Closed(format!("rabbitmq {}", self.settings.endpoint)))
-            }
-            e if e.is_transient() => Failure::Retry(e.to_string()),
-            e => Failure::Fatal(Error::transport(
+            e @ LinkError::Connect { .. } if e.is_transient() => Failure::Retry(e.to_string()),
+            e => Failure::Fatal(e.into_error(
+                &self.settings,
                 Op::Connect,
                 format!("rabbitmq {}", self.settings.endpoint),
-                e,
             )),
         })?;
         let target = format!("rabbitmq {} exchange {}", self.settings.endpoint, self.settings.exchange);
@@ -155,7 +159,7 @@ impl Inner {
     /// object), worth retrying when the connection or channel went away.
     fn declare_failure(&self, e: lapin::Error, op: Op, target: &str) -> Failure {
         if e.is_amqp_soft_error() {
-            Failure::Fatal(Error::transport(op, target, self.settings.scrub(e)))
+            Failure::Fatal(failed(&self.settings, op, target, e))
         } else {
             Failure::Retry(self.settings.scrub(e))
         }
@@ -200,16 +204,19 @@ impl Inner {
                 self.delay_queues.lock().unwrap_or_else(|p| p.into_inner()).clear();
                 Err(Failure::Retry(format!("returned as unroutable: {}", returned.reply_text)))
             }
-            Ok(Ok(Confirmation::Nack(_))) => Err(Failure::Fatal(Error::transport(
-                Op::Publish,
-                &out.target,
-                "the broker refused the message (publisher confirm nack)",
-            ))),
+            Ok(Ok(Confirmation::Nack(_))) => Err(Failure::Fatal(
+                Error::transport(
+                    Op::Publish,
+                    &out.target,
+                    "the broker refused the message (publisher confirm nack)",
+                )
+                .with_kind(FailureKind::Invalid),
+            )),
         }
     }
 
     fn invalid(&self, out: &Outgoing, message: String) -> Failure {
-        Failure::Fatal(Error::transport(Op::Publish, &out.target, message))
+        Failure::Fatal(Error::transport(Op::Publish, &out.target, message).with_kind(FailureKind::Invalid))
     }
 
     /// Publishes and waits for the confirm, retrying on a fresh channel while that may help,
@@ -372,7 +379,7 @@ impl RabbitmqTransport {
         // Retried a little: a broker that is restarting or just dropped us will answer soon.
         (|| inner.channel()).retry(retry_backoff()).when(|f| matches!(f, Failure::Retry(_))).await.map_err(
             |f| match f {
-                Failure::Retry(message) => Error::transport(
+                Failure::Retry(message) => retries_ran_out(
                     Op::Connect,
                     format!("rabbitmq {} exchange {}", inner.settings.endpoint, inner.settings.exchange),
                     message,
@@ -400,12 +407,12 @@ impl Transport for RabbitmqTransport {
         let target = target(&self.inner.settings.exchange, &topic.native_name);
         // Opening the channel declares the exchange; declaring it again heals a deleted exchange.
         let channel = self.inner.channel().await.map_err(|f| match f {
-            Failure::Retry(message) => Error::transport(Op::EnsureTopic, &target, message),
+            Failure::Retry(message) => retries_ran_out(Op::EnsureTopic, &target, message),
             Failure::Fatal(error) => error,
         })?;
         declare_exchange(&channel, &self.inner.settings.exchange)
             .await
-            .map_err(|e| Error::transport(Op::EnsureTopic, &target, self.inner.settings.scrub(e)))
+            .map_err(|e| failed(&self.inner.settings, Op::EnsureTopic, &target, e))
     }
 
     async fn publish(&self, topic: &TopicSpec, message: Message) -> Result<()> {
@@ -461,10 +468,13 @@ impl Transport for RabbitmqTransport {
     async fn ping(&self) -> Result<()> {
         let settings = &self.inner.settings;
         let target = format!("rabbitmq {} exchange {}", settings.endpoint, settings.exchange);
-        let fail = |e: String| Error::transport(Op::Ping, &target, e);
-        let conn = self.inner.publisher.connection().await.map_err(|e| fail(e.to_string()))?;
+        let fail = |e| failed(settings, Op::Ping, &target, e);
+        let conn = self.inner.publisher.connection().await.map_err(|e| match e {
+            LinkError::Closed => Error::transport(Op::Ping, &target, e),
+            e => e.into_error(settings, Op::Ping, &target),
+        })?;
         // A throw-away channel: a failed passive declare closes the channel it ran on.
-        let channel = conn.create_channel().await.map_err(|e| fail(settings.scrub(e)))?;
+        let channel = conn.create_channel().await.map_err(fail)?;
         let declared = channel
             .exchange_declare(
                 settings.exchange.as_str().into(),
@@ -476,7 +486,7 @@ impl Transport for RabbitmqTransport {
         if channel.status().connected() {
             let _ = channel.close(200, "OK".into()).await;
         }
-        declared.map_err(|e| fail(settings.scrub(e)))
+        declared.map_err(fail)
     }
 
     async fn close(&self) -> Result<()> {

@@ -7,7 +7,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use polybus::{Broker, Bus, Error, Message, Registry, SqliteStore, SubscribeOptions, Subscriber, Topic};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use polybus::{
+    Broker, Bus, Error, FailureKind, Message, Registry, SqliteStore, SubscribeOptions, Subscriber, Topic,
+};
 use polybus_rabbitmq::{RabbitmqConnector, queue_name};
 use serde_json::json;
 use tokio::sync::mpsc;
@@ -233,7 +236,14 @@ async fn an_exchange_of_another_type_is_a_clear_error_at_once() {
     let publish = bus.publish(common::ENV, &event, Message::text("x"));
     let err =
         common::within(WAIT, "publishing", publish).await.expect_err("the exchange is not a topic exchange");
-    assert!(err.to_string().contains("PRECONDITION_FAILED"), "{err}");
+    assert_eq!(err.failure_kind(), Some(FailureKind::Invalid), "{err}");
+    assert!(!err.is_retryable(), "{err}");
+    let refused = err.cause().and_then(|c| c.downcast_ref::<lapin::Error>()).map(|e| e.kind());
+    assert!(
+        matches!(refused, Some(lapin::ErrorKind::ProtocolError(e))
+            if matches!(e.kind(), AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED))),
+        "{refused:?}"
+    );
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?} to refuse: {err}", started.elapsed());
 }
 
@@ -261,6 +271,8 @@ async fn an_unreachable_broker_is_an_error_that_does_not_show_the_password() {
     let err = common::within(WAIT, "publishing", publish).await.expect_err("nothing listens on port 1");
     let shown = format!("{err} {err:?}");
     assert_eq!(err.code(), "CONNECT_FAILED", "{shown}");
+    assert!(err.is_retryable(), "{shown}");
+    assert_eq!(err.failure_kind(), Some(FailureKind::Unavailable), "{shown}");
     assert!(!shown.contains("s3cret-pw"), "the error shows the password: {shown}");
 }
 
@@ -275,6 +287,8 @@ async fn wrong_credentials_are_refused_at_once_without_showing_the_password() {
     let shown = format!("{err} {err:?}");
     assert_eq!(err.code(), "CONNECT_FAILED", "{shown}");
     assert!(!shown.contains("n0t-the-pw"), "the error shows the password: {shown}");
+    assert_eq!(err.failure_kind(), Some(FailureKind::Auth), "{shown}");
+    assert!(!err.is_retryable(), "{shown}");
     // Refused credentials are not retried like an unreachable broker.
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}: {shown}", started.elapsed());
     eprintln!("{shown}");

@@ -73,8 +73,8 @@ fn install_tls_provider() {
 }
 
 /// A `Connect` error that names the address but never the credentials.
-pub(crate) fn connect_error(address: &str, e: impl std::fmt::Display) -> Error {
-    Error::transport(polybus_core::Op::Connect, format!("redis {address}"), e)
+pub(crate) fn connect_error(address: &str, e: redis::RedisError) -> Error {
+    crate::transport::failed(polybus_core::Op::Connect, format!("redis {address}"), e)
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use polybus_core::{Error, Op, Result};
+use polybus_core::{Error, FailureKind, Op, Result};
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
 use crate::scripts;
@@ -191,14 +191,21 @@ async fn settle_batch(member: &Member, batch: &mut Vec<Request>) {
     drop(freed);
     let (failed, retried) = match sent {
         Ok(sent) => sent,
-        Err(Error::Transport { message, .. }) => return answer_failed(member, batch, &message),
-        Err(e) => return answer_failed(member, batch, &e.to_string()),
+        Err(Error::Transport { message, kind, .. }) => return answer_failed(member, batch, &message, kind),
+        Err(e) => return answer_failed(member, batch, &e.to_string(), FailureKind::Unknown),
     };
     let mut outcomes = vec![1; batch.len()];
     for pair in failed.chunks(2) {
         match (pair, usize::try_from(pair[0]).ok().and_then(|at| outcomes.get_mut(at))) {
             ([_, outcome], Some(slot)) => *slot = *outcome,
-            _ => return answer_failed(member, batch, "unexpected reply to the settle script"),
+            _ => {
+                return answer_failed(
+                    member,
+                    batch,
+                    "unexpected reply to the settle script",
+                    FailureKind::Invalid,
+                );
+            }
         }
     }
     for (request, outcome) in batch.drain(..).zip(outcomes) {
@@ -234,8 +241,10 @@ fn id_range<'a>(ids: impl Iterator<Item = &'a str>) -> (String, String) {
     }
 }
 
-fn answer_failed(member: &Member, batch: &mut Vec<Request>, message: &str) {
+/// Answers every request of `batch` with the same failure.
+fn answer_failed(member: &Member, batch: &mut Vec<Request>, message: &str, kind: FailureKind) {
     for request in batch.drain(..) {
-        request.reply.send(Err(Error::transport(request.op, target(&member.stream), message))).ok();
+        let error = Error::transport(request.op, target(&member.stream), message).with_kind(kind);
+        request.reply.send(Err(error)).ok();
     }
 }

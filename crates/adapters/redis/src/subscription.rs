@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use polybus_core::{Acker, Delivery, Error, Message, Op, Result, SubscribeOptions, Subscription, TopicSpec};
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Value};
+use redis::{AsyncConnectionConfig, RedisError, Value};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::fields::{self, Fields};
 use crate::scripts;
 use crate::settle::{Settle, Settler};
-use crate::transport::{CONNECT_TIMEOUT, Shared, target};
+use crate::transport::{CONNECT_TIMEOUT, GROUP_EXISTS, NO_GROUP, Shared, failed, reply_code, target};
 
 /// Most entries fetched in one round.
 const MAX_BATCH: usize = 256;
@@ -78,6 +78,11 @@ impl Member {
         Error::transport(op, target(&self.stream), e)
     }
 
+    /// A transport error on this member's stream, keeping Redis's error.
+    fn failed(&self, op: Op, e: RedisError) -> Error {
+        failed(op, target(&self.stream), e)
+    }
+
     fn millis_since_start(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -111,7 +116,7 @@ impl Member {
             })
             .await;
         match created {
-            Err(Error::Transport { message, .. }) if message.contains("BUSYGROUP") => Ok(()),
+            Err(e) if reply_code(&e) == Some(GROUP_EXISTS) => Ok(()),
             other => other.map(|_| ()),
         }
     }
@@ -139,9 +144,9 @@ impl Member {
         let block = entries.is_empty().then(|| self.until_claim().clamp(MIN_BLOCK, self.max_block));
         let mut open = match reader.take() {
             Some(open) => open,
-            None => {
-                Reader::connect(&self.shared, self.max_block).await.map_err(|e| self.error(Op::Receive, e))?
-            }
+            None => Reader::connect(&self.shared, self.max_block)
+                .await
+                .map_err(|e| self.failed(Op::Receive, e))?,
         };
         let client_id = open.client_id;
         let result = {
@@ -265,7 +270,7 @@ impl Reader {
         }
         cmd.arg("STREAMS").arg(&member.stream).arg(">");
         let reply =
-            cmd.query_async::<Value>(&mut self.conn).await.map_err(|e| member.error(Op::Receive, e))?;
+            cmd.query_async::<Value>(&mut self.conn).await.map_err(|e| member.failed(Op::Receive, e))?;
         parse_read(reply).ok_or_else(|| member.error(Op::Receive, "unexpected reply to XREADGROUP"))
     }
 }
@@ -533,7 +538,7 @@ impl RedisAcker {
 
 /// True when `e` says the stream or the group no longer exists.
 fn is_no_group(e: &Error) -> bool {
-    e.to_string().contains("NOGROUP")
+    reply_code(e) == Some(NO_GROUP)
 }
 
 fn text(value: Value) -> Option<String> {

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use polybus_core::{
-    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
+    Capabilities, Error, FailureKind, Message, Op, Result, SubscribeOptions, Subscription, Support,
+    TopicSpec, Transport,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncConnectionConfig, Client, Cmd, RedisError, RedisResult, Value};
+use redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
 use tokio::sync::watch;
 
 use crate::config::{Settings, connect_error};
@@ -55,7 +56,7 @@ impl Shared {
                         "redis connection lost; sending again");
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) => return Err(Error::transport(op, target(stream), e)),
+                Err(e) => return Err(failed(op, target(stream), e)),
             }
         }
     }
@@ -64,6 +65,49 @@ impl Shared {
 /// The error target for `stream`.
 pub(crate) fn target(stream: &str) -> String {
     format!("redis {stream}")
+}
+
+/// A transport error keeping Redis's error and saying what kind of failure it is.
+pub(crate) fn failed(op: Op, target: impl Into<String>, e: RedisError) -> Error {
+    Error::transport_from(op, target, failure_kind(&e), e)
+}
+
+/// What kind of failure `e` is, from its kind and the code of the server's reply.
+pub(crate) fn failure_kind(e: &RedisError) -> FailureKind {
+    if e.is_timeout() {
+        return FailureKind::Timeout;
+    }
+    match e.kind() {
+        ErrorKind::AuthenticationFailed | ErrorKind::Server(ServerErrorKind::NoPerm) => FailureKind::Auth,
+        ErrorKind::Io
+        | ErrorKind::ClusterConnectionNotFound
+        | ErrorKind::Server(
+            ServerErrorKind::BusyLoading
+            | ServerErrorKind::TryAgain
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::ReadOnly,
+        ) => FailureKind::Unavailable,
+        ErrorKind::InvalidClientConfig | ErrorKind::UnexpectedReturnType | ErrorKind::Parse => {
+            FailureKind::Invalid
+        }
+        _ => match e.code() {
+            Some("NOAUTH" | "WRONGPASS") => FailureKind::Auth,
+            Some(NO_GROUP) => FailureKind::NotFound,
+            Some(GROUP_EXISTS | "WRONGTYPE") => FailureKind::Invalid,
+            _ => FailureKind::Unknown,
+        },
+    }
+}
+
+/// The reply code when the stream or the group does not exist.
+pub(crate) const NO_GROUP: &str = "NOGROUP";
+/// The reply code of `XGROUP CREATE` when the group exists already.
+pub(crate) const GROUP_EXISTS: &str = "BUSYGROUP";
+
+/// The reply code of the Redis error behind `e`, when there is one.
+pub(crate) fn reply_code(e: &Error) -> Option<&str> {
+    e.cause().and_then(|cause| cause.downcast_ref::<RedisError>()).and_then(RedisError::code)
 }
 
 /// True when `e` means the connection broke (the command may or may not have run).
@@ -178,7 +222,8 @@ impl Transport for RedisTransport {
                 Op::EnsureTopic,
                 target(stream),
                 format!("key `{stream}` holds a {other}, not a stream; choose another native name"),
-            )),
+            )
+            .with_kind(FailureKind::Invalid)),
         }
     }
 
@@ -228,7 +273,7 @@ impl Transport for RedisTransport {
         redis::cmd("PING")
             .query_async::<String>(&mut conn)
             .await
-            .map_err(|e| Error::transport(Op::Ping, format!("redis {}", self.shared.address), e))?;
+            .map_err(|e| failed(Op::Ping, format!("redis {}", self.shared.address), e))?;
         Ok(())
     }
 

@@ -279,7 +279,8 @@ async fn pubsub_mode_is_refused_clearly() {
     let bus = Bus::builder(registry).connector(Arc::new(RedisConnector)).build();
     let err = bus.test_connection("chat", ENV).await.expect_err("pubsub mode is not implemented");
     assert_eq!(err.code(), "UNSUPPORTED", "{err}");
-    assert!(err.to_string().contains("pubsub"), "{err}");
+    let shown = err.to_string();
+    assert!(shown.contains("pubsub"), "names the mode: {err}");
 }
 
 #[tokio::test]

@@ -363,7 +363,7 @@ async fn send_entries(
             entry.build()
         })
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| Failed(fail::sqs(Op::Publish, queue, e)))?;
+        .map_err(|e| Failed(fail::unbuilt(Op::Publish, queue, e)))?;
     match client.send_message_batch().queue_url(url).set_entries(Some(entries)).send().await {
         Ok(out) => Ok(refused(out.failed())
             .into_iter()
@@ -469,13 +469,10 @@ impl Transport for SqsTransport {
     }
 
     async fn ping(&self) -> Result<()> {
-        self.client
-            .list_queues()
-            .max_results(1)
-            .send()
-            .await
-            .map(drop)
-            .map_err(|e| Error::transport(Op::Ping, "sqs", fail::context(e)))
+        self.client.list_queues().max_results(1).send().await.map(drop).map_err(|e| {
+            let kind = fail::failure_kind(&e);
+            Error::transport(Op::Ping, "sqs", fail::context(&e)).with_kind(kind).with_cause(e)
+        })
     }
 
     async fn close(&self) -> Result<()> {
