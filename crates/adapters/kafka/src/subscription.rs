@@ -443,7 +443,7 @@ impl ConsumerContext for Member {
         self.served_one();
         if let Err(e) = result {
             tracing::debug!(group = %self.shared.options.group, error = %e,
-                "asynchronous commit failed; the next progress is committed again");
+                "asynchronous commit failed; a later commit overtakes it");
         }
     }
 
