@@ -10,14 +10,14 @@
 //! Each assigned partition's messages come through a queue of their own, read only while the
 //! member's buffer has room: librdkafka stops fetching a partition whose queue is full and keeps
 //! what it prefetched (pausing would throw that away and fetch it again). The consumer's main
-//! queue is read every turn, for rebalances and for what arrived before a partition was split;
-//! the partition queues only once it has been found empty since the split, so that each
-//! partition's offsets are taken in order.
+//! queue is read every turn, for rebalances and for what arrived before a partition was split,
+//! until it is empty (or a bounded number of events were served); the partition queues only once
+//! it has been found empty since the split, so that each partition's offsets are taken in order.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{Receiver, SyncSender, sync_channel};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -55,6 +55,9 @@ const COMMIT_INTERVAL: Duration = Duration::from_millis(50);
 const COUNT_INTERVAL: Duration = Duration::from_millis(5);
 /// Most records taken from librdkafka in one go before acks and commits are looked at again.
 const POLL_BATCH: usize = 256;
+/// Most events of the main queue that are not messages (log lines, commit results, rebalances,
+/// errors) served in one turn before acks and commits are looked at again.
+const EVENT_BATCH: usize = 1024;
 /// A member stops taking from its partition queues once this many messages wait to be handed
 /// out (or `prefetch`, when larger)…
 const BUFFER_MESSAGES: usize = 1024;
@@ -205,7 +208,7 @@ pub(crate) async fn start(
     });
     let config = shared.client.settings.consumer(&shared.options.group);
     let consumer: BaseConsumer<Member> = config
-        .create_with_context(Member { shared: shared.clone() })
+        .create_with_context(Member { shared: shared.clone(), served: AtomicU64::new(0) })
         .map_err(|e| shared.client.failed(Op::Subscribe, &shared.names.main, e))?;
     if let Err(e) = consumer.subscribe(&[&shared.names.main, &shared.names.retry]) {
         // A consumer's drop blocks until it has left its group: off the runtime.
@@ -412,20 +415,40 @@ async fn expire(shared: Arc<Shared>) {
 /// when they are assigned.
 struct Member {
     shared: Arc<Shared>,
+    /// Events of the main queue served by these callbacks. `poll` answers `None` both when the
+    /// queue is empty and when it served an event that is not a message; this tells the two apart
+    /// (an event no callback sees, as an OAuth token refresh, passes for an empty queue).
+    served: AtomicU64,
 }
 
 impl ClientContext for Member {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        self.served_one();
         crate::transport::log(level, facility, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.served_one();
         crate::transport::client_error(&error, reason);
+    }
+
+    fn stats_raw(&self, statistics: &[u8]) {
+        self.served_one();
+        tracing::info!(target: "librdkafka", "statistics: {}", String::from_utf8_lossy(statistics));
     }
 }
 
 impl ConsumerContext for Member {
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        self.served_one();
+        if let Err(e) = result {
+            tracing::debug!(group = %self.shared.options.group, error = %e,
+                "asynchronous commit failed; a later commit overtakes it");
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.served_one();
         match rebalance {
             Rebalance::Revoke(list) => self.revoke(consumer, list),
             Rebalance::Assign(_) => {}
@@ -443,6 +466,10 @@ impl ConsumerContext for Member {
 }
 
 impl Member {
+    fn served_one(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+
     fn partitions(&self, list: &TopicPartitionList) -> Vec<(Source, i32)> {
         list.elements()
             .iter()
@@ -622,7 +649,7 @@ fn run(
         // After handing over, so the counts of what just went out are committed this turn.
         let commit_in = pump.commit_progress(&consumer, Instant::now());
         pump.pause_when_closing(&consumer);
-        if pump.fetch(&consumer) == 0 {
+        if !pump.fetch(&consumer) {
             let due_in = pump.held.peek().map_or(TICK, |Reverse(h)| h.due.saturating_duration_since(now));
             let _ = woken.recv_timeout(TICK.min(commit_in).min(due_in));
         }
@@ -769,25 +796,19 @@ impl Pump {
 
     /// Takes what librdkafka has fetched: the main queue (serving rebalances on the way), then,
     /// once the main queue holds nothing from before the split, each partition queue while there
-    /// is room; returns how many messages were taken. Offsets of a partition are thus taken in
-    /// order, which [`Offsets`] relies on.
-    fn fetch(&mut self, consumer: &BaseConsumer<Member>) -> usize {
-        let mut taken = 0;
-        while taken < POLL_BATCH {
-            let Some(record) = consumer.poll(Duration::ZERO) else {
-                self.main_drained = true;
-                break;
-            };
-            if !self.take(record) {
-                break;
-            }
-            taken += 1;
+    /// is room. Offsets of a partition are thus taken in order, which [`Offsets`] relies on.
+    /// True when there is more to do at once: messages were taken, or the main queue was left
+    /// with events in it.
+    fn fetch(&mut self, consumer: &BaseConsumer<Member>) -> bool {
+        let (mut taken, emptied) = self.drain_main(consumer);
+        if emptied {
+            self.main_drained = true;
         }
         // A rebalance served just now joined the partitions to the main queue again: the queues
         // are split afresh next turn.
         let rebalanced = self.shared.lock().assignment != self.queues_under;
         if rebalanced || !self.main_drained {
-            return taken;
+            return taken > 0 || !emptied || rebalanced;
         }
         let queues = std::mem::take(&mut self.queues);
         for (&(source, _), queue) in &queues {
@@ -802,7 +823,37 @@ impl Pump {
             taken += from_queue;
         }
         self.queues = queues;
-        taken
+        taken > 0 || !emptied
+    }
+
+    /// Serves the main queue until it is empty, [`POLL_BATCH`] messages were taken, [`EVENT_BATCH`]
+    /// other events were served or a rebalance changed the assignment. librdkafka puts log lines
+    /// and commit results ahead of rebalances and messages there, and `poll` returns after each
+    /// one it serves, so a single poll per turn could leave the queue ever further behind.
+    /// Returns how many messages were taken and whether the queue was found empty.
+    fn drain_main(&mut self, consumer: &BaseConsumer<Member>) -> (usize, bool) {
+        let (mut taken, mut events) = (0, 0);
+        let assignment = self.shared.lock().assignment;
+        while taken < POLL_BATCH && events < EVENT_BATCH {
+            let served = consumer.context().served.load(Ordering::Relaxed);
+            match consumer.poll(Duration::ZERO) {
+                Some(record) => {
+                    if self.take(record) {
+                        taken += 1;
+                    } else {
+                        events += 1;
+                    }
+                }
+                None if consumer.context().served.load(Ordering::Relaxed) != served => {
+                    events += 1;
+                    if self.shared.lock().assignment != assignment {
+                        break;
+                    }
+                }
+                None => return (taken, true),
+            }
+        }
+        (taken, false)
     }
 
     /// Files one fetched record into the backlog (or holds it until due); false on a fetch error.

@@ -12,7 +12,7 @@ use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use common::{ENV, Setup};
-use polybus::{Message, SubscribeOptions, Subscriber};
+use polybus::{Message, SubscribeOptions};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
 
@@ -27,30 +27,6 @@ const MESSAGES: usize = 300;
 const JOIN_WAIT: Duration = Duration::from_secs(20);
 /// How long every message may take to arrive once the last member has joined.
 const DELIVERY_WAIT: Duration = Duration::from_secs(30);
-
-/// Acks every delivery and reports its id until told to stop; then leaves the group.
-async fn member(mut sub: Subscriber, seen: mpsc::UnboundedSender<String>, mut stop: watch::Receiver<bool>) {
-    loop {
-        let next = tokio::select! {
-            next = sub.next() => next,
-            _ = stop.changed() => break,
-        };
-        match next {
-            Some(Ok(delivery)) => {
-                let id = delivery.id.clone();
-                if delivery.ack().await.is_ok() {
-                    let _ = seen.send(id);
-                }
-            }
-            Some(Err(e)) => eprintln!("receiving failed: {e}"),
-            None => break,
-        }
-    }
-    // Waits until the member has left: librdkafka threads still running at exit can crash it.
-    if let Err(e) = sub.close().await {
-        eprintln!("closing a member: {e}");
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn members_joining_one_at_a_time_all_consume() {
@@ -78,7 +54,7 @@ async fn members_joining_one_at_a_time_all_consume() {
             .await
             .unwrap_or_else(|_| panic!("member {index} did not subscribe within {JOIN_WAIT:?}"))
             .unwrap_or_else(|e| panic!("member {index}: subscribe failed: {e}"));
-        members.push(tokio::spawn(member(sub, tx.clone(), stopped.clone())));
+        members.push(tokio::spawn(common::member(sub, tx.clone(), stopped.clone())));
     }
     println!("group join: {MEMBERS} members joined one at a time in {:?}", joining.elapsed());
 
@@ -98,12 +74,7 @@ async fn members_joining_one_at_a_time_all_consume() {
     let missing = ids.iter().filter(|id| !seen.contains(*id)).count();
     println!("group join: {} of {MESSAGES} messages consumed in {:?}", seen.len(), started.elapsed());
 
-    stop.send_replace(true);
-    for m in members {
-        let _ = m.await;
-    }
-    bus.close().await.expect("closing the bus");
-    common::delete_topics(&brokers, &topic, &group).await;
+    common::stop_members(members, stop, &bus, &brokers, &topic, &group).await;
 
     assert_eq!(missing, 0, "messages not consumed within {DELIVERY_WAIT:?} of publishing");
 }

@@ -3,12 +3,13 @@
 
 use std::sync::Arc;
 
-use polybus::{Broker, Bus, Registry, Topic};
+use polybus::{Broker, Bus, Registry, Subscriber, Topic};
 use polybus_kafka::KafkaConnector;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use serde_json::{Value, json};
+use tokio::sync::{mpsc, watch};
 
 /// The env every test broker has.
 pub const ENV: &str = "test";
@@ -58,4 +59,51 @@ pub async fn delete_topics(brokers: &str, topic: &str, group: &str) {
     }
     // Its drop joins a polling thread: off the runtime.
     let _ = tokio::task::spawn_blocking(move || drop(admin)).await;
+}
+
+/// A group member that acks every delivery and reports its id until told to stop, then leaves.
+#[allow(dead_code, reason = "group_failover's members behave otherwise")]
+pub async fn member(
+    mut sub: Subscriber,
+    seen: mpsc::UnboundedSender<String>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let next = tokio::select! {
+            next = sub.next() => next,
+            _ = stop.changed() => break,
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let id = delivery.id.clone();
+                if delivery.ack().await.is_ok() {
+                    let _ = seen.send(id);
+                }
+            }
+            Some(Err(e)) => eprintln!("receiving failed: {e}"),
+            None => break,
+        }
+    }
+    // Waits until the member has left: librdkafka threads still running at exit can crash it.
+    if let Err(e) = sub.close().await {
+        eprintln!("closing a member: {e}");
+    }
+}
+
+/// Stops the [`member`]s, waits until they have left, closes the bus and deletes the topics.
+#[allow(dead_code, reason = "group_failover's members behave otherwise")]
+pub async fn stop_members(
+    members: Vec<tokio::task::JoinHandle<()>>,
+    stop: watch::Sender<bool>,
+    bus: &Bus,
+    brokers: &str,
+    topic: &str,
+    group: &str,
+) {
+    stop.send_replace(true);
+    for m in members {
+        let _ = m.await;
+    }
+    bus.close().await.expect("closing the bus");
+    delete_topics(brokers, topic, group).await;
 }
