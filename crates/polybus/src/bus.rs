@@ -282,7 +282,8 @@ impl Bus {
         let cached = self.inner.routes.lock().await.get(&route_key).cloned();
         let fresh_route = cached.as_ref().filter(|r| r.checked.elapsed() < REFRESH_AFTER);
         if let Some(route) = fresh_route
-            && let Some((transport, broker_type)) = self.fresh_connection(&conn_key, &route.spec).await?
+            && let Some((transport, broker_type)) =
+                self.cached_connection(&conn_key, &route.spec, None).await?
         {
             return Ok(Resolved { transport, spec: route.spec.clone(), broker_type });
         }
@@ -320,22 +321,31 @@ impl Bus {
                 spec
             }
         };
-        let transport = self.route_connection(&broker, broker_env, &spec).await?;
-        Ok(Resolved { transport, spec, broker_type: broker_env.broker_type.clone() })
+        let (transport, broker_type) = self.route_connection(&broker, broker_env, &spec).await?;
+        Ok(Resolved { transport, spec, broker_type })
     }
 
-    /// The connection of `key` if it was checked against the registry lately; ensures `spec`'s
+    /// The cached connection of `key`: one checked against the registry lately (`version`
+    /// `None`), or one made from definition `version` (then marked checked). Ensures `spec`'s
     /// topic on it the first time.
-    async fn fresh_connection(
+    async fn cached_connection(
         &self,
         key: &(String, String),
         spec: &TopicSpec,
+        version: Option<u64>,
     ) -> Result<Option<(Arc<dyn Transport>, BrokerType)>> {
         let (transport, broker_type, ensure) = {
             let mut connections = self.inner.connections.lock().await;
-            let Some(conn) = connections.get_mut(key).filter(|c| c.checked.elapsed() < REFRESH_AFTER) else {
+            let usable = |c: &&mut Connection| match version {
+                None => c.checked.elapsed() < REFRESH_AFTER,
+                Some(v) => c.broker_version == v,
+            };
+            let Some(conn) = connections.get_mut(key).filter(usable) else {
                 return Ok(None);
             };
+            if version.is_some() {
+                conn.checked = Instant::now();
+            }
             (conn.transport.clone(), conn.broker_type.clone(), conn.ensured.insert(spec.native_name.clone()))
         };
         if ensure {
@@ -345,35 +355,41 @@ impl Bus {
     }
 
     /// The one place that decides to connect: no connection yet for `broker`'s env, or the
-    /// definition it was made from is not `broker`'s current version. Says why when it does.
+    /// definition it was made from is not the current one. Says why when it does.
     async fn route_connection(
         &self,
         broker: &polybus_core::Broker,
         broker_env: &polybus_core::BrokerEnv,
         spec: &TopicSpec,
-    ) -> Result<Arc<dyn Transport>> {
+    ) -> Result<(Arc<dyn Transport>, BrokerType)> {
         let key = (broker.tag.clone(), broker_env.slug.clone());
         let gate = self.inner.connecting.lock().await.entry(key.clone()).or_default().clone();
         let _connecting = gate.lock().await;
-        let reason = {
-            let mut connections = self.inner.connections.lock().await;
-            match connections.get_mut(&key) {
-                Some(conn) if conn.broker_version == broker.version => {
-                    conn.checked = Instant::now();
-                    let transport = conn.transport.clone();
-                    let ensure = conn.ensured.insert(spec.native_name.clone());
-                    drop(connections);
-                    if ensure {
-                        self.ensure(&key.0, &key.1, &transport, spec).await?;
-                    }
-                    return Ok(transport);
+        if let Some(found) = self.cached_connection(&key, spec, Some(broker.version)).await? {
+            return Ok(found);
+        }
+        let previous = self.inner.connections.lock().await.get(&key).map(|c| c.broker_version);
+        // A connection from another version: `broker` was read before the gate and may be the
+        // older of the two, so the current definition decides (never going back to an old one).
+        let current;
+        let (broker, broker_env) = match previous {
+            None => (broker, broker_env),
+            Some(_) => {
+                current = self.inner.registry.fetch_broker(&key.0).await?;
+                if let Some(found) = self.cached_connection(&key, spec, Some(current.version)).await? {
+                    return Ok(found);
                 }
-                Some(conn) => format!(
-                    "broker definition changed (version {} to {})",
-                    conn.broker_version, broker.version
-                ),
-                None => "first use of this env".to_owned(),
+                let env = current.env(&key.1).ok_or_else(|| Error::BrokerEnvNotFound {
+                    tag: key.0.clone(),
+                    env: key.1.clone(),
+                    available: current.env_slugs(),
+                })?;
+                (&current, env)
             }
+        };
+        let reason = match previous {
+            Some(version) => format!("broker definition changed (version {version} to {})", broker.version),
+            None => "first use of this env".to_owned(),
         };
         tracing::info!(broker = %key.0, env = %key.1, version = broker.version, %reason, "connecting");
         let transport = self.connect_env(broker, broker_env).await?;
@@ -395,7 +411,7 @@ impl Bus {
                 }
             });
         }
-        Ok(transport)
+        Ok((transport, broker_env.broker_type.clone()))
     }
 
     async fn ensure(
@@ -509,4 +525,42 @@ pub(crate) fn kinds_of<'a>(connectors: impl IntoIterator<Item = &'a Arc<dyn Conn
 
 fn chrono_now() -> polybus_core::message::Timestamp {
     polybus_core::message::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use polybus_core::{Broker, BrokerPatch, Topic};
+    use serde_json::json;
+
+    /// A resolver that read the broker before an update must not bring the old definition back.
+    #[tokio::test]
+    async fn a_stale_definition_never_replaces_a_newer_connection() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let registry =
+            Registry::open(&dir.path().join("registry.db").display().to_string()).await.expect("registry");
+        let broker = json!({"name": "Race", "tag": "race", "envs": [
+            {"slug": "dev", "type": "embedded", "config": {"path": dir.path().join("v1.db")}}]});
+        registry.create_broker(Broker::from_value(broker).expect("broker")).await.expect("create broker");
+        registry
+            .create_topic(Topic::from_value(json!({"tag": "race:orders"})).expect("topic"))
+            .await
+            .expect("topic");
+        let bus = Bus::open(registry).await.expect("bus");
+        bus.publish("dev", "race:orders", Message::text("v1")).await.expect("publish on v1");
+        let stale = bus.registry().fetch_broker("race").await.expect("v1");
+        let patch = BrokerPatch::from_value(json!({"envs": [
+            {"slug": "dev", "type": "embedded", "config": {"path": dir.path().join("v2.db")}}]}))
+        .expect("patch");
+        let current = bus.registry().update_broker("race", patch).await.expect("update");
+        let spec = bus.topic_spec("dev", "race:orders").await.expect("spec").1;
+        let env = |b: &Broker| b.env("dev").cloned().expect("env dev");
+        let (newer, _) = bus.route_connection(&current, &env(&current), &spec).await.expect("v2 connection");
+        let (got, _) = bus.route_connection(&stale, &env(&stale), &spec).await.expect("resolve with v1");
+        assert!(Arc::ptr_eq(&newer, &got), "the stale definition replaced the newer connection");
+        let key = ("race".to_owned(), "dev".to_owned());
+        let version = bus.inner.connections.lock().await.get(&key).map(|c| c.broker_version);
+        assert_eq!(version, Some(current.version));
+        bus.close().await.expect("close");
+    }
 }

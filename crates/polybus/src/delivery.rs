@@ -23,10 +23,16 @@ impl DeadLetterTarget {
         self.ensured.get_or_try_init(|| self.prepare()).await.map(|_| ())
     }
 
-    /// Creates the destination and its standing group, so brokers that keep messages only
-    /// for existing groups (RabbitMQ, SQS, Pub/Sub) keep dead letters until someone reads them.
+    /// Creates the destination and, on brokers that keep messages only for existing groups
+    /// (RabbitMQ, SQS, Pub/Sub, MQTT: no `replay`), its standing group, so dead letters wait
+    /// until someone reads them. Where a new group reads from the start anyway (Kafka, Redis,
+    /// NATS, embedded), joining it would only cost a group membership: on Kafka a whole
+    /// rebalance of one group shared by every dead-letter topic.
     async fn prepare(&self) -> Result<()> {
         self.transport.ensure_topic(&self.spec).await?;
+        if self.transport.capabilities().replay {
+            return Ok(());
+        }
         let mut standing = self
             .transport
             .subscribe(&self.spec, &polybus_core::SubscribeOptions::new(crate::DEAD_LETTER_GROUP))

@@ -53,7 +53,10 @@ for _, member in ipairs(redis.call('ZRANGEBYSCORE', delayed, '-inf', now, 'LIMIT
   redis.call('ZREM', delayed, member)
 end
 
-local claimed = redis.call('XAUTOCLAIM', stream, group, consumer, min_idle, ARGV[5], 'COUNT', ARGV[4])
+-- pcall, and the error handed back as it came: before Redis 7.0 an error raised inside a script
+-- reaches the client as `ERR Error running script ...`, hiding its code (NOGROUP: recreate the group).
+local claimed = redis.pcall('XAUTOCLAIM', stream, group, consumer, min_idle, ARGV[5], 'COUNT', ARGV[4])
+if type(claimed) == 'table' and claimed.err then return claimed end
 local out = {}
 for _, entry in ipairs(claimed[2]) do
   local id, fields = entry[1], entry[2]

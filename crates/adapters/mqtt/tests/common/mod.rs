@@ -58,7 +58,9 @@ impl World {
             Topic::from_value(json!({"tag": event, "envs": [{"slug": ENV, "nativeName": topic}]}))
                 .expect("topic definition");
         registry.create_topic(definition).await.expect("creating the topic");
-        let bus = Bus::builder(registry.clone()).connector(Arc::new(MqttConnector)).build();
+        let bus = Bus::builder(registry).connector(Arc::new(MqttConnector)).build();
+        // The bus's registry checks definitions through the MQTT connector's rules.
+        let registry = bus.registry().clone();
         World { bus, registry, event, topic, _dir: dir }
     }
 }
