@@ -201,12 +201,11 @@ fn print_plan(
     let support = |s: Support| format!("{s:?}").to_lowercase();
     eprintln!(
         "conformance[{name}]: capabilities: at_least_once={} ordering_per_key={} delayed_delivery={} \
-         nack_delay={} dead_letter={} fan_out={} replay={} counts_attempts={} max_payload_bytes={}",
+         nack_delay={} fan_out={} replay={} counts_attempts={} max_payload_bytes={}",
         caps.at_least_once,
         caps.ordering_per_key,
         support(caps.delayed_delivery),
         support(caps.nack_delay),
-        support(caps.dead_letter),
         support(caps.fan_out),
         caps.replay,
         caps.counts_attempts,

@@ -50,8 +50,6 @@ pub struct Capabilities {
     pub delayed_delivery: Support,
     /// Nack with a redelivery delay.
     pub nack_delay: Support,
-    /// A dead-letter destination the broker itself feeds.
-    pub dead_letter: Support,
     /// Every group gets every message.
     pub fan_out: Support,
     /// A new group can read messages published before it existed.

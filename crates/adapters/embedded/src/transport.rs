@@ -208,7 +208,6 @@ impl Transport for EmbeddedTransport {
             ordering_per_key: true,
             delayed_delivery: Support::Native,
             nack_delay: Support::Native,
-            dead_letter: Support::Unsupported,
             fan_out: Support::Native,
             replay: true,
             counts_attempts: true,

@@ -353,7 +353,6 @@ impl Transport for KafkaTransport {
             ordering_per_key: true,
             delayed_delivery: Support::Emulated,
             nack_delay: Support::Emulated,
-            dead_letter: Support::Unsupported,
             fan_out: Support::Native,
             replay: true,
             counts_attempts: true,

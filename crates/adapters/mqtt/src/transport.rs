@@ -26,7 +26,6 @@ pub(crate) const CAPABILITIES: Capabilities = Capabilities {
     ordering_per_key: false,
     delayed_delivery: Support::Unsupported,
     nack_delay: Support::Emulated,
-    dead_letter: Support::Unsupported,
     fan_out: Support::Native,
     replay: false,
     counts_attempts: true,

@@ -340,7 +340,6 @@ impl Transport for NatsTransport {
             ordering_per_key: false,
             delayed_delivery: Support::Emulated,
             nack_delay: Support::Native,
-            dead_letter: Support::Unsupported,
             fan_out: Support::Native,
             replay: true,
             counts_attempts: true,

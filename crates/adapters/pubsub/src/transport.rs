@@ -297,7 +297,6 @@ impl Transport for PubsubTransport {
             delayed_delivery: Support::Unsupported,
             // ModifyAckDeadline; delays over 10 minutes are kept by extending it again.
             nack_delay: Support::Native,
-            dead_letter: Support::Unsupported,
             fan_out: Support::Native,
             replay: false,
             counts_attempts: true,

@@ -41,7 +41,6 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     ordering_per_key: false,
     delayed_delivery: Support::Emulated,
     nack_delay: Support::Emulated,
-    dead_letter: Support::Unsupported,
     fan_out: Support::Native,
     replay: false,
     counts_attempts: true,

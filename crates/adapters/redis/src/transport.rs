@@ -198,7 +198,6 @@ impl Transport for RedisTransport {
             ordering_per_key: false,
             delayed_delivery: Support::Emulated,
             nack_delay: Support::Emulated,
-            dead_letter: Support::Unsupported,
             fan_out: Support::Native,
             replay: true,
             counts_attempts: true,

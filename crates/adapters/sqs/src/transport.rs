@@ -405,7 +405,6 @@ impl Transport for SqsTransport {
             ordering_per_key: false,
             delayed_delivery: Support::Native,
             nack_delay: Support::Native,
-            dead_letter: Support::Unsupported,
             fan_out: Support::Emulated,
             replay: false,
             counts_attempts: true,
