@@ -39,6 +39,11 @@ pub fn require_one(present: &[(bool, &str)]) -> Result<(), (String, String)> {
     Err(("config".into(), format!("one of {} is required", names.join(" or "))))
 }
 
+/// Refuses a seed field polybus would otherwise ignore: `config.<field>`, "not used: <why>".
+pub fn not_used(given: bool, field: &str, why: &str) -> Result<(), (String, String)> {
+    if given { Err((format!("config.{field}"), format!("not used: {why}"))) } else { Ok(()) }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

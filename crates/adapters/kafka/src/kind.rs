@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use polybus_core::config::parse;
+use polybus_core::config::{not_used, parse};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::GROUP_SEPARATOR;
@@ -53,9 +53,9 @@ pub struct KafkaConfig {
     pub brokers: Vec<String>,
     /// Client id.
     pub client_id: Option<String>,
-    /// Default consumer group (the seed's field; groups are normally per subscription).
+    /// The seed's default consumer group (refused: each subscription names its group).
     pub group_id: Option<String>,
-    /// Default topic (the seed's field; topics normally come from the topic definition).
+    /// The seed's default topic (refused: topics come from topic definitions).
     pub topic: Option<String>,
     /// Use TLS.
     pub ssl: Option<bool>,
@@ -88,22 +88,18 @@ impl BrokerKind for KafkaConnector {
         if c.brokers.is_empty() {
             return Err(("config.brokers".into(), "at least one `host:port` is required".into()));
         }
-        if c.group_id.is_some() {
-            return Err((
-                "config.groupId".into(),
-                "not used: each subscription names its group (`polybus consume --group`, `Group(..)`); \
-                 remove `groupId`"
-                    .into(),
-            ));
-        }
-        if c.topic.is_some() {
-            return Err((
-                "config.topic".into(),
-                "not used: topics come from topic definitions (`polybus topic create`; a topic env's \
-                 `nativeName` names an existing Kafka topic); remove `topic`"
-                    .into(),
-            ));
-        }
+        not_used(
+            c.group_id.is_some(),
+            "groupId",
+            "each subscription names its group (`polybus consume --group`, `Group(..)`); \
+                 remove `groupId`",
+        )?;
+        not_used(
+            c.topic.is_some(),
+            "topic",
+            "topics come from topic definitions (`polybus topic create`; a topic env's \
+                 `nativeName` names an existing Kafka topic); remove `topic`",
+        )?;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! What a `google_pubsub` env is: its config and Pub/Sub's rules for topic and subscription
 //! ids.
 
-use polybus_core::config::parse;
+use polybus_core::config::{not_used, parse};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::GROUP_SEPARATOR;
@@ -44,22 +44,18 @@ impl BrokerKind for PubsubConnector {
         if c.project_id.len() < 3 && !secret::is_reference(&c.project_id) {
             return Err(("config.projectId".into(), "a project id has at least 3 characters".into()));
         }
-        if c.topic_name.is_some() {
-            return Err((
-                "config.topicName".into(),
-                "not used: topics come from topic definitions (a topic env's `nativeName` names an \
-                 existing Pub/Sub topic); remove `topicName`"
-                    .into(),
-            ));
-        }
-        if c.subscription_name.is_some() {
-            return Err((
-                "config.subscriptionName".into(),
-                "not used: each group has its own subscription, `<topic id>--<group>`; remove \
-                 `subscriptionName`"
-                    .into(),
-            ));
-        }
+        not_used(
+            c.topic_name.is_some(),
+            "topicName",
+            "topics come from topic definitions (a topic env's `nativeName` names an \
+                 existing Pub/Sub topic); remove `topicName`",
+        )?;
+        not_used(
+            c.subscription_name.is_some(),
+            "subscriptionName",
+            "each group has its own subscription, `<topic id>--<group>`; remove \
+                 `subscriptionName`",
+        )?;
         Ok(())
     }
 

@@ -1,6 +1,6 @@
 //! What a `rabbitmq` env is: its config and the rules for names used as routing keys.
 
-use polybus_core::config::{parse, require_one};
+use polybus_core::config::{not_used, parse, require_one};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::{GROUP_SEPARATOR, MAX_NATIVE_BYTES};
@@ -29,9 +29,9 @@ pub struct RabbitmqConfig {
     pub vhost: Option<String>,
     /// Topic exchange messages are published to (default `polybus`).
     pub exchange: Option<String>,
-    /// The seed's queue field (accepted; queues are per group).
+    /// The seed's queue field (refused: queues are per group).
     pub queue: Option<String>,
-    /// The seed's routing key field (accepted; the topic is the routing key).
+    /// The seed's routing key field (refused: the topic is the routing key).
     pub routing_key: Option<String>,
     /// Use TLS.
     pub tls: Option<bool>,
@@ -49,20 +49,17 @@ impl BrokerKind for RabbitmqConnector {
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
         let c: RabbitmqConfig = parse(config)?;
         require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
-        if c.queue.is_some() {
-            return Err((
-                "config.queue".into(),
-                "not used: each group has its own queue, `<native name>--<group>`; remove `queue`".into(),
-            ));
-        }
-        if c.routing_key.is_some() {
-            return Err((
-                "config.routingKey".into(),
-                "not used: a topic's native name is its routing key; remove `routingKey` and set \
-                 `nativeName` on the topic env"
-                    .into(),
-            ));
-        }
+        not_used(
+            c.queue.is_some(),
+            "queue",
+            "each group has its own queue, `<native name>--<group>`; remove `queue`",
+        )?;
+        not_used(
+            c.routing_key.is_some(),
+            "routingKey",
+            "a topic's native name is its routing key; remove `routingKey` and set \
+                 `nativeName` on the topic env",
+        )?;
         Ok(())
     }
 

@@ -1,7 +1,7 @@
 //! What a `redis` env is: its config (Redis has no rules for stream names beyond the common
 //! one).
 
-use polybus_core::config::{parse, require_one};
+use polybus_core::config::{not_used, parse, require_one};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::{BrokerType, TopicSpec};
 use schemars::{JsonSchema, Schema, SchemaGenerator};
@@ -38,7 +38,7 @@ pub struct RedisConfig {
     pub db: Option<i64>,
     /// Use TLS.
     pub tls: Option<bool>,
-    /// The seed's channel field (accepted; topics come from topic definitions).
+    /// The seed's channel field (refused: topics come from topic definitions).
     pub channel: Option<String>,
     /// Streams (default) or plain Pub/Sub.
     pub mode: Option<RedisMode>,
@@ -58,14 +58,12 @@ impl BrokerKind for RedisConnector {
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
         let c: RedisConfig = parse(config)?;
         require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
-        if c.channel.is_some() {
-            return Err((
-                "config.channel".into(),
-                "not used: topics come from topic definitions, each a stream named by its `nativeName`; \
-                 remove `channel`"
-                    .into(),
-            ));
-        }
+        not_used(
+            c.channel.is_some(),
+            "channel",
+            "topics come from topic definitions, each a stream named by its `nativeName`; \
+                 remove `channel`",
+        )?;
         if c.mode == Some(RedisMode::Pubsub) {
             return Err((
                 "config.mode".into(),
