@@ -30,7 +30,7 @@ impl LinkError {
     /// True when trying again later may succeed: the broker was unreachable or dropped us,
     /// not when it refused the credentials or the vhost.
     pub fn is_transient(&self) -> bool {
-        matches!(self, LinkError::Connect { error, .. } if failure_kind(error).is_retryable())
+        matches!(self, LinkError::Connect { error, .. } if retry_connect(error))
     }
 
     /// The error `op` on `target` reports: keeps lapin's error and its kind.
@@ -69,6 +69,23 @@ pub(crate) fn reconnect_backoff() -> ExponentialBuilder {
         .with_max_delay(Duration::from_secs(5))
         .with_jitter()
         .without_max_times()
+}
+
+/// Whether a failed connect is worth repeating: yes unless the broker refused who we are. A
+/// soft refusal while a node restarts (a queue's home node not back yet) heals, so it is
+/// repeated although its kind, reported to the user, is not retryable.
+fn retry_connect(e: &lapin::Error) -> bool {
+    match e.kind() {
+        ErrorKind::ProtocolError(err) => !matches!(
+            err.kind(),
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
+                | AMQPErrorKind::Hard(AMQPHardError::NOTALLOWED)
+        ),
+        ErrorKind::AuthProviderError(_)
+        | ErrorKind::InvalidProtocolVersion(_)
+        | ErrorKind::NoDefaultRuntime => false,
+        _ => true,
+    }
 }
 
 /// What kind of failure `e` is, from the AMQP reply code or the client's error kind. A
