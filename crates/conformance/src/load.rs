@@ -104,6 +104,9 @@ pub(crate) async fn load_lose_nothing(ctx: Ctx, limit: Duration) {
             Ok(Some(Event::Closed { member })) => {
                 failure = Some(format!("member {member}'s subscription ended"))
             }
+            Ok(Some(Event::AckHung { member, id })) => {
+                failure = Some(format!("member {member}'s ack of {id} never returned"))
+            }
             Ok(Some(_)) => {}
             Ok(None) => failure = Some("every member stopped".to_owned()),
             Err(_) => {

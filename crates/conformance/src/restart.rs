@@ -45,6 +45,8 @@ const BACKOFF: Duration = Duration::from_millis(200);
 const SETTLE: Duration = Duration::from_secs(60);
 /// How long the case keeps listening after everything arrived, to count late duplicates.
 const LINGER: Duration = Duration::from_millis(1500);
+/// Longest an ack may take to succeed or fail; one that never returns stops its member for good.
+const ACK_DEADLINE_WAIT: Duration = Duration::from_secs(10);
 /// Kept from the case's limit for stopping, reporting and closing.
 const MARGIN: Duration = Duration::from_secs(15);
 
@@ -59,6 +61,8 @@ pub(crate) enum Event {
     PublisherDone,
     /// A member received (and tried to ack) a message.
     Received { id: String },
+    /// A member's ack neither succeeded nor failed within [`ACK_DEADLINE_WAIT`].
+    AckHung { member: usize, id: String },
     /// A member's receive failed; it goes on.
     ReceiveFailed { member: usize, error: String },
     /// A member's subscription ended.
@@ -93,8 +97,15 @@ pub(crate) fn spawn_members(
                             }
                             let id = delivery.id.clone();
                             // A failed ack brings the message back: a duplicate, not a loss.
-                            if delivery.ack().await.is_err() {
-                                ack_errors.fetch_add(1, Ordering::Relaxed);
+                            match tokio::time::timeout(ACK_DEADLINE_WAIT, delivery.ack()).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(_)) => {
+                                    ack_errors.fetch_add(1, Ordering::Relaxed);
+                                }
+                                Err(_) => {
+                                    let _ = events.send(Event::AckHung { member, id });
+                                    return;
+                                }
                             }
                             if events.send(Event::Received { id }).is_err() {
                                 return;
@@ -232,6 +243,11 @@ impl Record {
                 if after_ready {
                     self.first_delivery_after_ready.get_or_insert(now);
                 }
+            }
+            Event::AckHung { member, id } => {
+                return Err(format!(
+                    "member {member}'s ack of {id} neither succeeded nor failed within {ACK_DEADLINE_WAIT:?}"
+                ));
             }
             Event::ReceiveFailed { member, error } => self.receive_errors.push((member, error)),
             Event::Closed { member } => {

@@ -31,6 +31,9 @@ use crate::transport::{self, DELAY_EXCHANGE, Inner, Outgoing};
 
 /// How long `close` waits for the worker to cancel the consumer and give back the buffer.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
+/// How long the worker waits for the client to send a give-back or a reject: lapin may never
+/// answer one sent just as its connection dies.
+const SEND_WAIT: Duration = Duration::from_secs(5);
 
 /// The queue of `group` on `topic`: `<native>--<group>`.
 pub fn queue_name(topic: &TopicSpec, group: &str) -> String {
@@ -80,6 +83,8 @@ struct Shared {
     wake_worker: Notify,
     /// The consumer is cancelled and the buffer given back.
     cancelled: watch::Sender<bool>,
+    /// Counts the channels lost: a settlement still waiting on a lost channel stops waiting.
+    epoch: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -195,8 +200,14 @@ impl Shared {
         }
         for out in expired {
             // A reject counts as a failed attempt (RabbitMQ 4.3+ counts only rejects).
-            if let Err(e) = out.acker.reject(BasicRejectOptions { requeue: true }).await {
-                tracing::debug!(queue = %self.queue, error = %self.scrub(e), "returning an expired delivery");
+            match tokio::time::timeout(SEND_WAIT, out.acker.reject(BasicRejectOptions { requeue: true }))
+                .await
+            {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::debug!(queue = %self.queue, error = %self.scrub(e), "returning an expired delivery")
+                }
+                Err(_) => tracing::debug!(queue = %self.queue, "returning an expired delivery: no answer"),
             }
         }
         for held in unclaimed {
@@ -209,6 +220,7 @@ impl Shared {
         let mut state = self.lock();
         state.buffer.clear();
         state.outstanding.clear();
+        self.epoch.send_modify(|e| *e += 1);
     }
 
     fn end(&self) {
@@ -216,6 +228,7 @@ impl Shared {
         state.ended = true;
         state.buffer.clear();
         state.outstanding.clear();
+        self.epoch.send_modify(|e| *e += 1);
         drop(state);
         self.cancelled.send_replace(true);
         self.wake_next.notify_one();
@@ -239,8 +252,11 @@ struct SetupError {
 
 /// Returns a delivery that was never handed out; not a failed attempt.
 async fn give_back(acker: &lapin::Acker) {
-    if let Err(e) = acker.nack(BasicNackOptions { multiple: false, requeue: true }).await {
-        tracing::debug!(error = %e, "giving back a buffered delivery");
+    let sent = acker.nack(BasicNackOptions { multiple: false, requeue: true });
+    match tokio::time::timeout(SEND_WAIT, sent).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::debug!(error = %e, "giving back a buffered delivery"),
+        Err(_) => tracing::debug!("giving back a buffered delivery: no answer"),
     }
 }
 
@@ -407,6 +423,7 @@ impl RabbitmqSubscription {
             wake_next: Notify::new(),
             wake_worker: Notify::new(),
             cancelled: watch::Sender::new(false),
+            epoch: watch::Sender::new(0),
         });
         let (channel, consumer) = (|| shared.establish())
             .retry(transport::retry_backoff())
@@ -436,10 +453,13 @@ impl Subscription for RabbitmqSubscription {
                     state.next_seq += 1;
                     let deadline = Instant::now() + shared.ack_deadline;
                     state.outstanding.insert(seq, Out { acker: held.acker, deadline });
+                    // Read under the lock that a lost channel's forget_all takes.
+                    let epoch = *shared.epoch.borrow();
                     drop(state);
                     let acker = RabbitmqAcker {
                         shared: shared.clone(),
                         seq,
+                        epoch,
                         id: held.message.id.clone(),
                         attempt: held.message.attempt,
                         props: held.props,
@@ -481,6 +501,8 @@ impl Drop for RabbitmqSubscription {
 struct RabbitmqAcker {
     shared: Arc<Shared>,
     seq: u64,
+    /// The channel the delivery came on, counted by `Shared::epoch`.
+    epoch: u64,
     id: String,
     attempt: u32,
     props: BasicProperties,
@@ -499,7 +521,15 @@ impl RabbitmqAcker {
         failed(&self.shared.inner.settings, op, &self.shared.target, e)
     }
 
-    fn done(&self, op: Op, result: lapin::Result<bool>) -> Result<()> {
+    /// Waits for a settlement `sent` on the delivery's channel, or until that channel is lost:
+    /// lapin may never answer a settlement sent as its connection dies, and the broker requeues
+    /// the delivery of a lost channel itself.
+    async fn done(&self, op: Op, sent: impl Future<Output = lapin::Result<bool>>) -> Result<()> {
+        let mut epoch = self.shared.epoch.subscribe();
+        let result = tokio::select! {
+            result = sent => result,
+            _ = epoch.wait_for(|e| *e != self.epoch) => return Err(Error::LeaseLost(self.id.clone())),
+        };
         match result {
             Ok(true) => Ok(()),
             // The channel died meanwhile: the broker requeues the message.
@@ -513,15 +543,13 @@ impl RabbitmqAcker {
 impl Acker for RabbitmqAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
         let acker = self.take()?;
-        let result = acker.ack(BasicAckOptions::default()).await;
-        self.done(Op::Ack, result)
+        self.done(Op::Ack, acker.ack(BasicAckOptions::default())).await
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
         let acker = self.take()?;
         let Some(delay) = delay.filter(|d| !d.is_zero()) else {
-            let result = acker.reject(BasicRejectOptions { requeue: true }).await;
-            return self.done(Op::Nack, result);
+            return self.done(Op::Nack, acker.reject(BasicRejectOptions { requeue: true })).await;
         };
         // No plugin needed: a copy waits in a TTL queue that dead-letters it back to the
         // group's queue through the default exchange; then the original is acked.
@@ -535,10 +563,9 @@ impl Acker for RabbitmqAcker {
             target: self.shared.target.clone(),
         };
         if let Err(e) = self.shared.inner.deliver(&copy).await {
-            let _ = acker.reject(BasicRejectOptions { requeue: true }).await;
+            let _ = self.done(Op::Nack, acker.reject(BasicRejectOptions { requeue: true })).await;
             return Err(e);
         }
-        let result = acker.ack(BasicAckOptions::default()).await;
-        self.done(Op::Nack, result)
+        self.done(Op::Nack, acker.ack(BasicAckOptions::default())).await
     }
 }
