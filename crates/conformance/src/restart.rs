@@ -45,8 +45,9 @@ const BACKOFF: Duration = Duration::from_millis(200);
 const SETTLE: Duration = Duration::from_secs(60);
 /// How long the case keeps listening after everything arrived, to count late duplicates.
 const LINGER: Duration = Duration::from_millis(1500);
-/// Longest an ack may take to succeed or fail; one that never returns stops its member for good.
-const ACK_DEADLINE_WAIT: Duration = Duration::from_secs(10);
+/// Longest an ack may take to succeed or fail, an outage included; one that never returns stops
+/// its member for good.
+const ACK_DEADLINE_WAIT: Duration = Duration::from_secs(30);
 /// Kept from the case's limit for stopping, reporting and closing.
 const MARGIN: Duration = Duration::from_secs(15);
 
