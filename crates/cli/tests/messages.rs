@@ -213,3 +213,25 @@ fn interrupted_consumer_acks_what_it_printed_and_exits_cleanly() {
     ]);
     assert_eq!(again.failed(3), "error: TIMEOUT: received 0 of 1 messages within 300ms");
 }
+
+#[test]
+fn bench_reports_the_time_of_each_awaited_publish() {
+    let sandbox = Sandbox::new();
+    let event = sandbox.embedded_topic("bench-calls");
+    for batch in ["1", "10"] {
+        let run = sandbox.run(&[
+            "--output", "json", "bench", "--env", "dev", &event, "--messages", "40", "--batch", batch, "--timeout",
+            "30s",
+        ]);
+        let report: Value = serde_json::from_str(run.ok()).expect("one JSON report");
+        assert_eq!(report["messages"], json!(40));
+        assert_eq!(report["batch"], json!(batch.parse::<u64>().expect("a number")));
+        let calls = &report["publish_call_ms"];
+        let (p50, p99, max) = (calls["p50"].as_f64(), calls["p99"].as_f64(), calls["max"].as_f64());
+        let (Some(p50), Some(p99), Some(max)) = (p50, p99, max) else { panic!("publish_call_ms: {report}") };
+        assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "percentiles out of order: {report}");
+        // Forty calls of one message take longer in all than each one does.
+        let total_ms = report["publish_seconds"].as_f64().expect("publish_seconds") * 1000.0;
+        assert!(max <= total_ms, "a call took longer than the whole run: {report}");
+    }
+}

@@ -65,6 +65,16 @@ struct Report {
     consume_seconds: f64,
     consume_per_second: f64,
     latency_ms: Latency,
+    publish_call_ms: CallLatency,
+}
+
+/// How long one awaited publish call took (one message with `--batch 1`, else one batch),
+/// milliseconds.
+#[derive(Debug, Serialize)]
+struct CallLatency {
+    p50: f64,
+    p99: f64,
+    max: f64,
 }
 
 /// Publish→deliver latency, milliseconds.
@@ -110,6 +120,16 @@ pub async fn run(ctx: &Context, args: BenchArgs) -> CliResult {
                 report.latency_ms.measured_from
             ),
         ],
+        vec![
+            "publish call".into(),
+            format!(
+                "p50 {}  p99 {}  max {}  (one awaited {})",
+                ms(report.publish_call_ms.p50),
+                ms(report.publish_call_ms.p99),
+                ms(report.publish_call_ms.max),
+                if report.batch == 1 { "publish".to_owned() } else { format!("batch of {}", report.batch) }
+            ),
+        ],
     ];
     output::line(output::columns(&rows))
 }
@@ -149,25 +169,34 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
     }
 
     let started = Instant::now();
-    let mut publishers: JoinSet<polybus::Result<()>> = JoinSet::new();
+    let mut publishers: JoinSet<polybus::Result<Vec<u64>>> = JoinSet::new();
     for p in 0..args.publishers {
         let count = args.messages / args.publishers + u64::from(p < args.messages % args.publishers);
         let (bus, env, event) = (bus.clone(), args.env.clone(), args.event.clone());
         let (size, batch) = (args.size, args.batch);
         publishers.spawn(async move {
             let mut left = count;
+            // Microseconds of each awaited call.
+            let mut calls = Vec::with_capacity(count.div_ceil(batch) as usize);
             while left > 0 {
                 let n = left.min(batch);
-                let messages = (0..n).map(|_| Message::new(payload(size))).collect();
-                bus.publish_batch(&env, &event, messages).await?;
+                let call = Instant::now();
+                if batch == 1 {
+                    bus.publish(&env, &event, Message::new(payload(size))).await?;
+                } else {
+                    let messages = (0..n).map(|_| Message::new(payload(size))).collect();
+                    bus.publish_batch(&env, &event, messages).await?;
+                }
+                calls.push(call.elapsed().as_micros() as u64);
                 left -= n;
             }
-            Ok(())
+            Ok(calls)
         });
     }
     let collected = async {
+        let mut calls = Vec::new();
         while let Some(done) = publishers.join_next().await {
-            done.map_err(|e| Failure::new("PUBLISH_FAILED", e.to_string()))??;
+            calls.extend(done.map_err(|e| Failure::new("PUBLISH_FAILED", e.to_string()))??);
         }
         let published = started.elapsed();
         let mut first = None::<Instant>;
@@ -182,9 +211,9 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
             last = last.max(outcome.last);
             samples.extend(outcome.latencies_us);
         }
-        CliResult::Ok((published, first.unwrap_or(started), last, samples))
+        CliResult::Ok((published, first.unwrap_or(started), last, samples, calls))
     };
-    let (published, first, last, mut samples) = match tokio::time::timeout(args.timeout, collected).await {
+    let (published, first, last, mut samples, mut calls) = match tokio::time::timeout(args.timeout, collected).await {
         Ok(outcome) => outcome?,
         Err(_) => {
             let _ = done_tx.send(true);
@@ -204,10 +233,8 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
     bar.finish_and_clear();
     let consume_time = last.saturating_duration_since(first);
     samples.sort_unstable();
-    let at = |q: usize| {
-        let i = (samples.len() * q / 100).min(samples.len().saturating_sub(1));
-        samples.get(i).copied().unwrap_or(0) as f64 / 1000.0
-    };
+    calls.sort_unstable();
+    let at = |q: usize| percentile_ms(&samples, q);
     let per_second = |d: Duration| args.messages as f64 / d.as_secs_f64().max(1e-9);
     Ok(Report {
         env: args.env.clone(),
@@ -228,7 +255,18 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
             p99: at(99),
             max: samples.last().copied().unwrap_or(0) as f64 / 1000.0,
         },
+        publish_call_ms: CallLatency {
+            p50: percentile_ms(&calls, 50),
+            p99: percentile_ms(&calls, 99),
+            max: calls.last().copied().unwrap_or(0) as f64 / 1000.0,
+        },
     })
+}
+
+/// The `q`th percentile of sorted microsecond samples, in milliseconds (0 when there are none).
+fn percentile_ms(sorted_us: &[u64], q: usize) -> f64 {
+    let i = (sorted_us.len() * q / 100).min(sorted_us.len().saturating_sub(1));
+    sorted_us.get(i).copied().unwrap_or(0) as f64 / 1000.0
 }
 
 /// What one consumer needs to know and share.
