@@ -1,4 +1,4 @@
-//! Raw `rdkafka`: an idempotent producer (acks=all, linger 5 ms) awaiting every delivery, and a
+//! Raw `rdkafka`: an idempotent producer (acks=all, linger 0, Nagle off) awaiting every delivery, and a
 //! consumer in a group with manual offset store and commits, as polybus's adapter is set up.
 
 use std::time::Duration;
@@ -55,7 +55,9 @@ impl Way for RawKafka {
             .config()
             .set("acks", "all")
             .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
+            // polybus's producer settings, so the ratio compares the same guarantees and timers.
+            .set("linger.ms", "0")
+            .set("socket.nagle.disable", "true")
             .set("message.timeout.ms", "30000")
             .create()?;
         let consumer: StreamConsumer = self
