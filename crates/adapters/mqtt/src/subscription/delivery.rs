@@ -1,0 +1,130 @@
+//! A delivery's life: handed out under a lease with an ack deadline, then acked or
+//! redelivered to the group through its retry topic.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use polybus_core::Delivery;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Publish;
+
+use super::Answer;
+use super::acker::MqttAcker;
+use super::member::{Held, Member, Stage};
+use crate::codec;
+use crate::publisher::{Ack, lock};
+
+/// A PUBACK request for `pkid` (rumqttc builds it from a publish's QoS and packet id).
+fn ack_for(pkid: u16) -> Publish {
+    let mut publish = Publish::new("", QoS::AtLeastOnce, Bytes::new(), None);
+    publish.pkid = pkid;
+    publish
+}
+
+impl Member {
+    /// Hands a buffered message to the application, starting its ack deadline.
+    pub(super) fn hand_out(self: &Arc<Self>, key: u64) -> Option<Delivery> {
+        let mut state = lock(&self.state);
+        let lease = state.next_key;
+        state.next_key += 1;
+        let held = state.held.get_mut(&key)?;
+        if !matches!(held.stage, Stage::Buffered) {
+            return None;
+        }
+        let timer = tokio::spawn(self.clone().expire(key, lease)).abort_handle();
+        held.stage = Stage::HandedOut { lease, timer };
+        let message = held.message.clone();
+        let acker =
+            MqttAcker { member: self.clone(), key, lease, id: message.id.clone(), attempt: message.attempt };
+        Some(Delivery::new(message, Box::new(acker)))
+    }
+
+    /// Takes a handed-out message for settling, when `lease` is still its current one, and
+    /// stops its ack-deadline timer unless the timer itself settles it (aborting a running
+    /// task cancels it at its next await: the redelivery would stop half done).
+    pub(super) fn claim(&self, key: u64, lease: u64, by_timer: bool) -> bool {
+        let mut state = lock(&self.state);
+        match state.held.get_mut(&key) {
+            Some(held) if matches!(&held.stage, Stage::HandedOut { lease: l, .. } if *l == lease) => {
+                if let Stage::HandedOut { timer, .. } = std::mem::replace(&mut held.stage, Stage::Settling)
+                    && !by_timer
+                {
+                    timer.abort();
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Acks the original of a settled message and forgets it.
+    pub(super) async fn settle(&self, key: u64) -> Answer {
+        let ack = {
+            let mut state = lock(&self.state);
+            let held = state.held.remove(&key);
+            self.changed.notify_waiters();
+            match held {
+                Some(Held { pkid: Some(pkid), session, .. }) if session == state.session => {
+                    Some((pkid, state.incarnation.client.clone()))
+                }
+                // QoS 0, or a lost incarnation's session (its adopter passes the message on).
+                _ => None,
+            }
+        };
+        match ack {
+            Some((pkid, client)) => {
+                client.ack(&ack_for(pkid)).await.map_err(|_| "the connection task ended".to_owned())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Publishes a copy for the group with `attempt`, then acks the original.
+    pub(super) async fn redeliver(&self, key: u64, attempt: u32) -> Answer {
+        let message = match lock(&self.state).held.get(&key) {
+            Some(held) => held.message.clone(),
+            None => return Ok(()),
+        };
+        let properties = codec::encode(&message, attempt);
+        match self.publisher.publish(&self.names.retry_topic, false, message.payload, properties).await? {
+            Ack::Routed => self.settle(key).await,
+            Ack::NoSubscribers => Err("no session of the group subscribes to its retry topic".into()),
+        }
+    }
+
+    /// After a failed redelivery: retry at the next ack deadline while listening, else leave
+    /// the message unacked in the session.
+    pub(super) fn recover(self: &Arc<Self>, key: u64) {
+        let mut state = lock(&self.state);
+        let lease = state.next_key;
+        state.next_key += 1;
+        let listening = state.listening;
+        if let Some(held) = state.held.get_mut(&key) {
+            held.stage = if listening {
+                Stage::HandedOut {
+                    lease,
+                    timer: tokio::spawn(self.clone().expire(key, lease)).abort_handle(),
+                }
+            } else {
+                Stage::InSession
+            };
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// At the ack deadline: redeliver to the group with the next attempt.
+    async fn expire(self: Arc<Self>, key: u64, lease: u64) {
+        tokio::time::sleep(self.ack_deadline).await;
+        if !self.claim(key, lease, true) {
+            return;
+        }
+        let attempt = match lock(&self.state).held.get(&key) {
+            Some(held) => held.message.attempt.saturating_add(1),
+            None => return,
+        };
+        if let Err(e) = self.redeliver(key, attempt).await {
+            tracing::warn!(topic = %self.label, error = %e, "redelivering a message past its ack deadline");
+            self.recover(key);
+        }
+    }
+}
