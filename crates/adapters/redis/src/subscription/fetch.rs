@@ -90,7 +90,11 @@ impl Member {
             // The connection may be broken: the next round opens a new one. Entries already
             // claimed are still handed out.
             Err(e) if entries.is_empty() => Err(e),
-            Err(_) => Ok(entries),
+            Err(e) => {
+                tracing::debug!(error = %e, claimed = entries.len(),
+                    "reading new entries failed; handing out the claimed ones, reopening next round");
+                Ok(entries)
+            }
         }
     }
 
