@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod headers;
 pub mod kind;
+pub mod kit;
 pub mod limits;
 pub mod message;
 pub mod names;

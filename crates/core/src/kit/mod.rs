@@ -1,0 +1,3 @@
+//! The concurrency pieces adapters share.
+
+pub mod leases;
