@@ -1,7 +1,8 @@
 //! polybus domain model: broker and topic definitions with their validation, secrets,
 //! the [`Message`] type and the [`Transport`] contract every adapter implements.
 //!
-//! The error model (codes, retryable kinds, kept causes, scrubbing) is described in [`error`].
+//! The error model (codes, retryable kinds, kept causes, scrubbing) is described in [`error`];
+//! the [`kit`] holds the concurrency pieces adapters share.
 
 pub mod broker;
 pub mod config;

@@ -1,10 +1,11 @@
 //! Acks and nacks go through one thread per store, which settles every request waiting at
-//! the time in one write transaction: a commit per burst instead of one per message.
+//! the time in one write transaction: a commit per burst instead of one per message (the
+//! batching is [`polybus_core::kit::coalesce`]'s).
 
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 
+use polybus_core::kit::coalesce::{Coalescer, Config};
 use rusqlite::Connection;
-use tokio::sync::oneshot;
 
 use crate::log::{self, Settled, Settlement};
 use crate::store::{DbError, lock};
@@ -12,47 +13,37 @@ use crate::store::{DbError, lock};
 /// Most settlements in one transaction, so that a burst never holds the write lock for long.
 const BATCH_MAX: usize = 1024;
 
-/// A settlement the thread applies and answers.
-pub(crate) struct Request {
-    /// What to settle.
-    pub settlement: Settlement,
-    /// Where this request's own outcome goes.
-    pub reply: oneshot::Sender<Outcome>,
-}
-
 /// The outcome of one request; a failed transaction fails every request in it alike.
 pub(crate) type Outcome = std::result::Result<Settled, Arc<DbError>>;
 
-/// Starts the thread settling on `conn`; it ends when the returned queue is dropped.
-pub(crate) fn start(conn: Arc<Mutex<Connection>>) -> std::io::Result<mpsc::Sender<Request>> {
-    let (queue, requests) = mpsc::channel::<Request>();
+/// The queue of a store's settle thread.
+pub(crate) type Settler = Coalescer<Settlement, Outcome>;
+
+/// Starts the thread settling on `conn`; it ends when every handle of the returned queue is
+/// dropped and what was queued is settled.
+pub(crate) fn start(conn: Arc<Mutex<Connection>>) -> std::io::Result<Settler> {
+    // The thread runs its own runtime, so settling outlives whichever runtime asked first.
+    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
+    // What arrives while a batch commits makes up the next batch: no waiting to fill one.
+    let flush = move |settlements: Vec<Settlement>| {
+        let conn = Arc::clone(&conn);
+        // The thread is this store's alone: blocking it for the commit is the point.
+        async move { settle_batch(&conn, &settlements) }
+    };
+    let (settler, driver) = Coalescer::new(Config::new(BATCH_MAX), flush);
     std::thread::Builder::new()
         .name("polybus-embedded-settle".into())
-        .spawn(move || settle_all(&conn, &requests))?;
-    Ok(queue)
+        .spawn(move || runtime.block_on(driver))?;
+    Ok(settler)
 }
 
-fn settle_all(conn: &Mutex<Connection>, requests: &mpsc::Receiver<Request>) {
-    // What arrives while a batch commits makes up the next batch: no waiting to fill one.
-    while let Ok(first) = requests.recv() {
-        let (settlements, replies): (Vec<_>, Vec<_>) = std::iter::once(first)
-            .chain(requests.try_iter().take(BATCH_MAX - 1))
-            .map(|request| (request.settlement, request.reply))
-            .unzip();
-        let outcome = log::settle(&mut lock(conn), &settlements);
-        match outcome {
-            Ok(settled) => {
-                for (reply, settled) in replies.into_iter().zip(settled) {
-                    // A member that stopped waiting is settled all the same.
-                    let _ = reply.send(Ok(settled));
-                }
-            }
-            Err(err) => {
-                let err = Arc::new(err);
-                for reply in replies {
-                    let _ = reply.send(Err(Arc::clone(&err)));
-                }
-            }
+/// Applies `settlements` in one transaction; one outcome each.
+fn settle_batch(conn: &Mutex<Connection>, settlements: &[Settlement]) -> Vec<Outcome> {
+    match log::settle(&mut lock(conn), settlements) {
+        Ok(settled) => settled.into_iter().map(Ok).collect(),
+        Err(err) => {
+            let err = Arc::new(err);
+            settlements.iter().map(|_| Err(Arc::clone(&err))).collect()
         }
     }
 }

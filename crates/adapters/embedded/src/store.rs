@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
+use polybus_core::kit::coalesce::{Closed, Unanswered};
 use polybus_core::{Error, FailureKind, Op, Result, ValidationError};
 use rusqlite::{Connection, ErrorCode, TransactionBehavior};
 use tokio::sync::Notify;
@@ -186,7 +187,7 @@ pub(crate) struct Store {
     conn: Arc<Mutex<Connection>>,
     topics: Mutex<HashMap<String, Arc<TopicHandle>>>,
     /// The queue of the thread that settles acks and nacks, started on the first one.
-    settler: Mutex<Option<mpsc::Sender<settle::Request>>>,
+    settler: Mutex<Option<settle::Settler>>,
 }
 
 fn open_stores() -> &'static Mutex<HashMap<PathBuf, Weak<Store>>> {
@@ -331,11 +332,11 @@ impl Store {
     /// Applies `settlement` when its lease still holds, in one transaction with the other
     /// settlements waiting at the same time.
     pub async fn settle(&self, op: Op, topic: &str, settlement: Settlement) -> Result<Settled> {
-        let (reply, outcome) = tokio::sync::oneshot::channel();
-        let mut request = settle::Request { settlement, reply };
+        let mut settlement = settlement;
+        let mut pending = None;
         {
             let mut settler = lock(&self.settler);
-            // A worker that died (it only can by panicking) is replaced once.
+            // A worker that died is replaced once.
             for _ in 0..2 {
                 let sender = match settler.as_ref() {
                     Some(sender) => sender,
@@ -347,16 +348,23 @@ impl Store {
                         )
                     })?),
                 };
-                match sender.send(request) {
-                    Ok(()) => break,
-                    Err(mpsc::SendError(back)) => {
-                        request = back;
+                match sender.submit(settlement) {
+                    Ok(queued) => {
+                        pending = Some(queued);
+                        break;
+                    }
+                    Err(Closed(back)) => {
+                        settlement = back;
                         *settler = None;
                     }
                 }
             }
         }
-        match outcome.await {
+        let outcome = match pending {
+            Some(pending) => pending.await,
+            None => Err(Unanswered),
+        };
+        match outcome {
             Ok(Ok(settled)) => Ok(settled),
             // One failure answers every settlement of the batch: the text and kind, not the cause.
             Ok(Err(err)) => Err(Error::transport(op, self.target(Some(topic)), &err).with_kind(err.kind())),

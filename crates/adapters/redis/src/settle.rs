@@ -3,13 +3,15 @@
 //!
 //! There is no timer: before a call the task only lets the tasks that are already running
 //! queue theirs (a subscriber acking what it just received), so a lone settle still goes at
-//! once; the settles that queue while a call is in flight go together in the next one.
+//! once; the settles that queue while a call is in flight go together in the next one (the
+//! batching is [`polybus_core::kit::coalesce`]'s, with [`Gather::Yield`]).
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use polybus_core::kit::coalesce::{Coalescer, Config, Gather, Pending};
 use polybus_core::{Error, FailureKind, Op, Result};
-use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+use tokio::sync::OwnedSemaphorePermit;
 
 use crate::scripts;
 use crate::subscription::Member;
@@ -31,7 +33,7 @@ pub(crate) enum Settle {
     Touch,
 }
 
-/// One queued settle and where its outcome goes.
+/// One queued settle.
 struct Request {
     op: Op,
     entry: String,
@@ -39,21 +41,24 @@ struct Request {
     how: Settle,
     /// The prefetch slot the delivery holds, freed with the others of its call.
     permit: Option<OwnedSemaphorePermit>,
-    reply: oneshot::Sender<Result<bool>>,
 }
 
 /// A member's settle queue; its task ends once every handle is dropped.
 pub(crate) struct Settler {
     member: Arc<Member>,
-    queue: mpsc::UnboundedSender<Request>,
+    queue: Coalescer<Request, Result<bool>>,
 }
 
 impl Settler {
     /// Starts the settling task of `member`.
     pub fn start(member: Arc<Member>) -> Arc<Settler> {
-        let (queue, requests) = mpsc::unbounded_channel();
-        tokio::spawn(flush_loop(member.clone(), requests));
-        Arc::new(Settler { member, queue })
+        let flushed = member.clone();
+        let flush = move |batch: Vec<Request>| {
+            let member = flushed.clone();
+            async move { settle_batch(&member, batch).await }
+        };
+        let config = Config::new(MAX_SETTLES).gather(Gather::Yield(MAX_YIELDS));
+        Arc::new(Settler { member, queue: Coalescer::start(config, flush) })
     }
 
     /// The member whose deliveries this settles.
@@ -101,39 +106,14 @@ impl Settler {
         count: u32,
         how: Settle,
         permit: Option<OwnedSemaphorePermit>,
-    ) -> Result<oneshot::Receiver<Result<bool>>> {
-        let (reply, outcome) = oneshot::channel();
+    ) -> Result<Pending<Result<bool>>> {
         self.queue
-            .send(Request { op, entry, count, how, permit, reply })
-            .map_err(|_| self.member.error(op, "the settling task has stopped; settle again later"))?;
-        Ok(outcome)
+            .submit(Request { op, entry, count, how, permit })
+            .map_err(|_| self.member.error(op, "the settling task has stopped; settle again later"))
     }
 
-    async fn outcome(&self, op: Op, outcome: oneshot::Receiver<Result<bool>>) -> Result<bool> {
+    async fn outcome(&self, op: Op, outcome: Pending<Result<bool>>) -> Result<bool> {
         outcome.await.map_err(|_| self.member.error(op, "the settling task stopped before answering"))?
-    }
-}
-
-/// Sends whatever is queued, one call at a time, until every [`Settler`] handle is dropped.
-async fn flush_loop(member: Arc<Member>, mut requests: mpsc::UnboundedReceiver<Request>) {
-    let mut batch = Vec::with_capacity(MAX_SETTLES);
-    while requests.recv_many(&mut batch, MAX_SETTLES).await > 0 {
-        // Ackers running right now (a subscriber acking what it just received) join this
-        // call: other tasks run until a round of them adds nothing. No timer, so a lone
-        // settle goes at once.
-        for _ in 0..MAX_YIELDS {
-            tokio::task::yield_now().await;
-            let before = batch.len();
-            while batch.len() < MAX_SETTLES
-                && let Ok(request) = requests.try_recv()
-            {
-                batch.push(request);
-            }
-            if batch.len() == before || batch.len() == MAX_SETTLES {
-                break;
-            }
-        }
-        settle_batch(&member, &mut batch).await;
     }
 }
 
@@ -146,12 +126,14 @@ fn section(how: Settle, count: u32) -> u8 {
     }
 }
 
-/// Runs one settle script for all of `batch` and answers (and removes) each request.
-async fn settle_batch(member: &Member, batch: &mut Vec<Request>) {
+/// Runs one settle script for all of `batch`; the outcome of each request, in order.
+async fn settle_batch(member: &Member, mut batch: Vec<Request>) -> Vec<Result<bool>> {
     // The script takes its sections in order; the sort is stable, so each keeps its order.
-    batch.sort_by_key(|request| section(request.how, request.count));
-    let firsts = batch.iter().take_while(|request| section(request.how, request.count) == 0).count();
-    let acks = batch.iter().take_while(|request| matches!(request.how, Settle::Ack)).count();
+    let mut order: Vec<usize> = (0..batch.len()).collect();
+    order.sort_by_key(|&at| section(batch[at].how, batch[at].count));
+    let sorted = || order.iter().map(|&at| &batch[at]);
+    let firsts = sorted().take_while(|request| section(request.how, request.count) == 0).count();
+    let acks = sorted().take_while(|request| matches!(request.how, Settle::Ack)).count();
     let (lowest, highest) = id_range(batch.iter().map(|request| request.entry.as_str()));
     let mut cmd = scripts::evalsha(&scripts::SETTLE, 2);
     cmd.arg(&member.stream)
@@ -163,7 +145,7 @@ async fn settle_batch(member: &Member, batch: &mut Vec<Request>) {
         .arg(acks)
         .arg(lowest)
         .arg(highest);
-    for request in batch.iter() {
+    for request in sorted() {
         match request.how {
             Settle::Ack if request.count == 1 => cmd.arg(&request.entry),
             Settle::Ack => cmd.arg(&request.entry).arg(request.count),
@@ -191,9 +173,10 @@ async fn settle_batch(member: &Member, batch: &mut Vec<Request>) {
     drop(freed);
     let (failed, retried) = match sent {
         Ok(sent) => sent,
-        Err(Error::Transport { message, kind, .. }) => return answer_failed(member, batch, &message, kind),
-        Err(e) => return answer_failed(member, batch, &e.to_string(), FailureKind::Unknown),
+        Err(Error::Transport { message, kind, .. }) => return answer_failed(member, &batch, &message, kind),
+        Err(e) => return answer_failed(member, &batch, &e.to_string(), FailureKind::Unknown),
     };
+    // The script's outcomes are by place in the sorted arguments.
     let mut outcomes = vec![1; batch.len()];
     for pair in failed.chunks(2) {
         match (pair, usize::try_from(pair[0]).ok().and_then(|at| outcomes.get_mut(at))) {
@@ -201,14 +184,16 @@ async fn settle_batch(member: &Member, batch: &mut Vec<Request>) {
             _ => {
                 return answer_failed(
                     member,
-                    batch,
+                    &batch,
                     "unexpected reply to the settle script",
                     FailureKind::Invalid,
                 );
             }
         }
     }
-    for (request, outcome) in batch.drain(..).zip(outcomes) {
+    let mut held_at = vec![false; batch.len()];
+    for (&at, outcome) in order.iter().zip(outcomes) {
+        let request = &batch[at];
         // 0 is "no longer pending": after a lost connection, most likely because the first
         // attempt did settle it.
         let held = outcome == 1 || (outcome == 0 && retried && !matches!(request.how, Settle::Touch));
@@ -216,9 +201,9 @@ async fn settle_batch(member: &Member, batch: &mut Vec<Request>) {
             // The released entry is claimable after its delay: fetch no later.
             member.claim_within(Duration::from_millis(delay_ms));
         }
-        // An acker that gave up waiting no longer needs its outcome.
-        request.reply.send(Ok(held)).ok();
+        held_at[at] = held;
     }
+    held_at.into_iter().map(Ok).collect()
 }
 
 /// The lowest and highest of stream entry ids (`<ms>-<seq>`); the whole stream when one
@@ -241,10 +226,10 @@ fn id_range<'a>(ids: impl Iterator<Item = &'a str>) -> (String, String) {
     }
 }
 
-/// Answers every request of `batch` with the same failure.
-fn answer_failed(member: &Member, batch: &mut Vec<Request>, message: &str, kind: FailureKind) {
-    for request in batch.drain(..) {
-        let error = Error::transport(request.op, target(&member.stream), message).with_kind(kind);
-        request.reply.send(Err(error)).ok();
-    }
+/// The same failure for every request of `batch`.
+fn answer_failed(member: &Member, batch: &[Request], message: &str, kind: FailureKind) -> Vec<Result<bool>> {
+    batch
+        .iter()
+        .map(|request| Err(Error::transport(request.op, target(&member.stream), message).with_kind(kind)))
+        .collect()
 }

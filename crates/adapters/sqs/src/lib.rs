@@ -10,7 +10,6 @@
 //!
 //! Get a transport through [`SqsConnector`], as the registry does.
 
-mod batcher;
 mod codec;
 mod connect;
 mod fail;
@@ -30,6 +29,9 @@ pub use codec::{ENCODING, HEADERS, MAX_PAYLOAD_BYTES};
 pub use groups::{GROUP_TAG, TOPIC_TAG};
 pub use kind::SqsConfig;
 pub use transport::SqsTransport;
+
+/// Entries SQS takes in one batch call.
+const MAX_ENTRIES: usize = 10;
 
 /// Connects broker envs of type `aws_sqs`.
 #[derive(Debug, Clone, Copy, Default)]

@@ -1,5 +1,5 @@
 //! Acks and nacks of one queue: `DeleteMessage` / `ChangeMessageVisibility`, batched when
-//! they come faster than SQS answers (see [`crate::batcher`]).
+//! they come faster than SQS answers (see [`polybus_core::kit::coalesce`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -8,9 +8,10 @@ use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{
     BatchResultErrorEntry, ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
 };
+use polybus_core::kit::coalesce::{Coalescer, Config};
 use polybus_core::{Error, Op, Result};
 
-use crate::batcher::{Batcher, Job};
+use crate::MAX_ENTRIES;
 use crate::fail;
 use crate::names::queue_name;
 
@@ -26,12 +27,10 @@ pub enum Settle {
 /// Settle calls under way at once per queue: acks arriving meanwhile wait and go out together.
 const IN_FLIGHT: usize = 2;
 
-type SettleJob = Job<(String, Settle), Result<()>>;
-
 /// Settles messages received from one queue; cheap to clone, ends when the last clone is dropped.
 #[derive(Clone)]
 pub struct Settler {
-    batcher: Batcher<(String, Settle), Result<()>>,
+    settles: Coalescer<(String, Settle), Result<()>>,
     queue: Arc<str>,
 }
 
@@ -40,46 +39,53 @@ impl Settler {
     pub fn spawn(client: Client, url: String) -> Settler {
         let queue: Arc<str> = queue_name(&url).into();
         let target = queue.clone();
-        let batcher = Batcher::spawn(
-            IN_FLIGHT,
-            usize::MAX,
-            |_| 0,
-            move |jobs: Vec<SettleJob>| {
-                let (client, url, queue) = (client.clone(), url.clone(), target.clone());
-                async move {
-                    let (deletes, releases): (Vec<_>, Vec<_>) =
-                        jobs.into_iter().partition(|job| job.item.1 == Settle::Delete);
-                    tokio::join!(
-                        delete(&client, &url, &queue, deletes),
-                        release(&client, &url, &queue, releases)
-                    );
+        let flush = move |batch: Vec<(String, Settle)>| {
+            let (client, url, queue) = (client.clone(), url.clone(), target.clone());
+            async move {
+                let count = batch.len();
+                let (deletes, releases): (Vec<_>, Vec<_>) =
+                    batch.into_iter().enumerate().partition(|(_, (_, how))| *how == Settle::Delete);
+                let (deleted, released) = tokio::join!(
+                    delete(&client, &url, &queue, deletes),
+                    release(&client, &url, &queue, releases)
+                );
+                // Back into the batch's order.
+                let mut results: Vec<Option<Result<()>>> = (0..count).map(|_| None).collect();
+                for (at, result) in deleted.into_iter().chain(released) {
+                    results[at] = Some(result);
                 }
-            },
-        );
-        Settler { batcher, queue }
+                results.into_iter().map_while(|result| result).collect::<Vec<_>>()
+            }
+        };
+        let settles = Coalescer::start(Config::new(MAX_ENTRIES).in_flight(IN_FLIGHT), flush);
+        Settler { settles, queue }
     }
 
     /// Deletes or releases the message with `receipt`; returns once SQS answered.
     pub async fn settle(&self, receipt: String, action: Settle) -> Result<()> {
-        self.batcher
-            .submit((receipt, action))
+        self.settles
+            .call((receipt, action))
             .await
-            .unwrap_or_else(|| Err(Error::Closed(format!("sqs {}: settling stopped", self.queue))))
+            .unwrap_or_else(|_| Err(Error::Closed(format!("sqs {}: settling stopped", self.queue))))
     }
 }
 
-async fn delete(client: &Client, url: &str, queue: &str, mut jobs: Vec<SettleJob>) {
-    if jobs.len() <= 1 {
-        let Some(job) = jobs.pop() else { return };
-        let result = client.delete_message().queue_url(url).receipt_handle(&job.item.0).send().await;
-        job.answer(result.map(drop).map_err(|e| fail::sqs(Op::Ack, queue, e)));
-        return;
+/// Settles of one batch with their place in it.
+type Placed = Vec<(usize, (String, Settle))>;
+
+async fn delete(client: &Client, url: &str, queue: &str, jobs: Placed) -> Vec<(usize, Result<()>)> {
+    if let [(at, (receipt, _))] = jobs.as_slice() {
+        let result = client.delete_message().queue_url(url).receipt_handle(receipt).send().await;
+        return vec![(*at, result.map(drop).map_err(|e| fail::sqs(Op::Ack, queue, e)))];
+    }
+    if jobs.is_empty() {
+        return Vec::new();
     }
     let entries = jobs
         .iter()
         .enumerate()
-        .map(|(i, job)| {
-            DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(&job.item.0).build()
+        .map(|(i, (_, (receipt, _)))| {
+            DeleteMessageBatchRequestEntry::builder().id(i.to_string()).receipt_handle(receipt).build()
         })
         .collect::<Result<Vec<_>, _>>();
     let answer = match entries {
@@ -93,34 +99,35 @@ async fn delete(client: &Client, url: &str, queue: &str, mut jobs: Vec<SettleJob
             .map_err(fail::context),
         Err(e) => Err(fail::context(e)),
     };
-    answer_all(jobs, answer, Op::Ack, queue);
+    answer_all(&jobs, answer, Op::Ack, queue)
 }
 
-async fn release(client: &Client, url: &str, queue: &str, mut jobs: Vec<SettleJob>) {
-    let seconds = |job: &SettleJob| match job.item.1 {
-        Settle::Release(s) => s,
+async fn release(client: &Client, url: &str, queue: &str, jobs: Placed) -> Vec<(usize, Result<()>)> {
+    let seconds = |how: &Settle| match how {
+        Settle::Release(s) => *s,
         Settle::Delete => 0,
     };
-    if jobs.len() <= 1 {
-        let Some(job) = jobs.pop() else { return };
+    if let [(at, (receipt, how))] = jobs.as_slice() {
         let result = client
             .change_message_visibility()
             .queue_url(url)
-            .receipt_handle(&job.item.0)
-            .visibility_timeout(seconds(&job))
+            .receipt_handle(receipt)
+            .visibility_timeout(seconds(how))
             .send()
             .await;
-        job.answer(result.map(drop).map_err(|e| fail::sqs(Op::Nack, queue, e)));
-        return;
+        return vec![(*at, result.map(drop).map_err(|e| fail::sqs(Op::Nack, queue, e)))];
+    }
+    if jobs.is_empty() {
+        return Vec::new();
     }
     let entries = jobs
         .iter()
         .enumerate()
-        .map(|(i, job)| {
+        .map(|(i, (_, (receipt, how)))| {
             ChangeMessageVisibilityBatchRequestEntry::builder()
                 .id(i.to_string())
-                .receipt_handle(&job.item.0)
-                .visibility_timeout(seconds(job))
+                .receipt_handle(receipt)
+                .visibility_timeout(seconds(how))
                 .build()
         })
         .collect::<Result<Vec<_>, _>>();
@@ -135,7 +142,7 @@ async fn release(client: &Client, url: &str, queue: &str, mut jobs: Vec<SettleJo
             .map_err(fail::context),
         Err(e) => Err(fail::context(e)),
     };
-    answer_all(jobs, answer, Op::Nack, queue);
+    answer_all(&jobs, answer, Op::Nack, queue)
 }
 
 /// Batch entry id → why SQS refused that entry.
@@ -146,13 +153,21 @@ pub fn refused(failed: &[BatchResultErrorEntry]) -> HashMap<String, String> {
         .collect()
 }
 
-/// Tells every job of a batch its outcome: the call's error, or its own entry's.
-fn answer_all(jobs: Vec<SettleJob>, answer: Result<HashMap<String, String>, String>, op: Op, queue: &str) {
-    for (i, job) in jobs.into_iter().enumerate() {
-        let why = match &answer {
-            Ok(refused) => refused.get(&i.to_string()),
-            Err(why) => Some(why),
-        };
-        job.answer(why.map_or(Ok(()), |why| Err(Error::transport(op, format!("sqs {queue}"), why))));
-    }
+/// Each settle's outcome, at its place in the batch: the call's error, or its own entry's.
+fn answer_all(
+    jobs: &Placed,
+    answer: Result<HashMap<String, String>, String>,
+    op: Op,
+    queue: &str,
+) -> Vec<(usize, Result<()>)> {
+    jobs.iter()
+        .enumerate()
+        .map(|(i, (at, _))| {
+            let why = match &answer {
+                Ok(refused) => refused.get(&i.to_string()),
+                Err(why) => Some(why),
+            };
+            (*at, why.map_or(Ok(()), |why| Err(Error::transport(op, format!("sqs {queue}"), why))))
+        })
+        .collect()
 }

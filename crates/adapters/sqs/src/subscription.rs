@@ -12,7 +12,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-use crate::batcher::MAX_ENTRIES;
+use crate::MAX_ENTRIES;
 use crate::codec;
 use crate::fail;
 use crate::names::queue_name;

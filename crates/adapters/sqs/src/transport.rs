@@ -8,12 +8,13 @@ use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
 use futures::future::join_all;
+use polybus_core::kit::coalesce::{Coalescer, Config, Flush};
 use polybus_core::{
     Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
 };
 use tokio::sync::watch;
 
-use crate::batcher::{Batcher, Job, MAX_ENTRIES};
+use crate::MAX_ENTRIES;
 use crate::codec::{self, Encoded, MAX_MESSAGE_BYTES};
 use crate::fail;
 use crate::groups::{Directory, GROUP_TAG, TOPIC_TAG};
@@ -252,7 +253,7 @@ impl SqsTransport {
     async fn send_to(&self, url: &str, outgoing: &[Arc<Outgoing>]) -> Result<(), SendError> {
         if let [one] = outgoing {
             let closed = || Failed(Error::Closed(format!("sqs {}: sending stopped", queue_name(url))));
-            return self.sender(url).submit(one.clone()).await.unwrap_or_else(|| Err(closed()));
+            return self.sender(url).call(one.clone()).await.unwrap_or_else(|_| Err(closed()));
         }
         for batch in batches(outgoing) {
             let refused = send_entries(&self.client, url, batch).await?;
@@ -272,20 +273,15 @@ impl SqsTransport {
         senders
             .entry(url.to_owned())
             .or_insert_with(|| {
-                let (client, url) = (self.client.clone(), url.to_owned());
-                Batcher::spawn(
-                    SEND_IN_FLIGHT,
-                    MAX_MESSAGE_BYTES,
-                    |out: &Arc<Outgoing>| out.encoded.size(),
-                    move |jobs| send_jobs(client.clone(), url.clone(), jobs),
-                )
+                let config = Config::new(MAX_ENTRIES).in_flight(SEND_IN_FLIGHT).max_weight(MAX_MESSAGE_BYTES);
+                Coalescer::start(config, Publishes { client: self.client.clone(), url: url.to_owned() })
             })
             .clone()
     }
 }
 
 /// Coalesces the single publishes to one queue.
-type Sender = Batcher<Arc<Outgoing>, Result<(), SendError>>;
+type Sender = Coalescer<Arc<Outgoing>, Result<(), SendError>>;
 
 /// Why sending to one queue failed.
 enum SendError {
@@ -296,27 +292,40 @@ enum SendError {
 }
 use SendError::{Failed, Missing};
 
-/// Sends the publishes a sender gathered and answers each.
-async fn send_jobs(client: Client, url: String, jobs: Vec<Job<Arc<Outgoing>, Result<(), SendError>>>) {
-    let queue = queue_name(&url);
-    let outgoing: Vec<Arc<Outgoing>> = jobs.iter().map(|job| job.item.clone()).collect();
-    let answer = if let [one] = outgoing.as_slice() {
-        send_one(&client, &url, one).await.map(|()| HashMap::new())
-    } else {
-        send_entries(&client, &url, &outgoing).await
-    };
-    for (i, job) in jobs.into_iter().enumerate() {
-        let result = match &answer {
-            Ok(refused) => match refused.get(&i) {
-                Some(why) => Err(Failed(Error::transport(Op::Publish, format!("sqs {queue}"), why))),
-                None => Ok(()),
-            },
-            Err(Missing) => Err(Missing),
-            Err(Failed(e)) => {
-                Err(Failed(Error::transport(Op::Publish, format!("sqs {queue}"), e.to_string())))
-            }
+/// Sends the publishes a queue's sender gathered, as one call.
+struct Publishes {
+    client: Client,
+    url: String,
+}
+
+impl Flush<Arc<Outgoing>> for Publishes {
+    type Output = Result<(), SendError>;
+
+    async fn flush(&self, outgoing: Vec<Arc<Outgoing>>) -> Vec<Result<(), SendError>> {
+        let (client, url) = (&self.client, self.url.as_str());
+        let queue = queue_name(url);
+        let answer = if let [one] = outgoing.as_slice() {
+            send_one(client, url, one).await.map(|()| HashMap::new())
+        } else {
+            send_entries(client, url, &outgoing).await
         };
-        job.answer(result);
+        (0..outgoing.len())
+            .map(|i| match &answer {
+                Ok(refused) => match refused.get(&i) {
+                    Some(why) => Err(Failed(Error::transport(Op::Publish, format!("sqs {queue}"), why))),
+                    None => Ok(()),
+                },
+                Err(Missing) => Err(Missing),
+                Err(Failed(e)) => {
+                    Err(Failed(Error::transport(Op::Publish, format!("sqs {queue}"), e.to_string())))
+                }
+            })
+            .collect()
+    }
+
+    /// A message's share of the 256 KiB a call may carry.
+    fn weight(&self, out: &Arc<Outgoing>) -> usize {
+        out.encoded.size()
     }
 }
 
