@@ -220,7 +220,17 @@ fn bench_reports_the_time_of_each_awaited_publish() {
     let event = sandbox.embedded_topic("bench-calls");
     for batch in ["1", "10"] {
         let run = sandbox.run(&[
-            "--output", "json", "bench", "--env", "dev", &event, "--messages", "40", "--batch", batch, "--timeout",
+            "--output",
+            "json",
+            "bench",
+            "--env",
+            "dev",
+            &event,
+            "--messages",
+            "40",
+            "--batch",
+            batch,
+            "--timeout",
             "30s",
         ]);
         let report: Value = serde_json::from_str(run.ok()).expect("one JSON report");

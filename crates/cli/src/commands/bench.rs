@@ -213,23 +213,24 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
         }
         CliResult::Ok((published, first.unwrap_or(started), last, samples, calls))
     };
-    let (published, first, last, mut samples, mut calls) = match tokio::time::timeout(args.timeout, collected).await {
-        Ok(outcome) => outcome?,
-        Err(_) => {
-            let _ = done_tx.send(true);
-            bar.finish_and_clear();
-            return Err(Failure::new(
-                "TIMEOUT",
-                format!(
-                    "{} of {} messages came back within {}",
-                    consumed.load(Ordering::Relaxed).min(args.messages),
-                    args.messages,
-                    humantime::format_duration(args.timeout)
-                ),
-            )
-            .with_exit(EXIT_TIMEOUT));
-        }
-    };
+    let (published, first, last, mut samples, mut calls) =
+        match tokio::time::timeout(args.timeout, collected).await {
+            Ok(outcome) => outcome?,
+            Err(_) => {
+                let _ = done_tx.send(true);
+                bar.finish_and_clear();
+                return Err(Failure::new(
+                    "TIMEOUT",
+                    format!(
+                        "{} of {} messages came back within {}",
+                        consumed.load(Ordering::Relaxed).min(args.messages),
+                        args.messages,
+                        humantime::format_duration(args.timeout)
+                    ),
+                )
+                .with_exit(EXIT_TIMEOUT));
+            }
+        };
     bar.finish_and_clear();
     let consume_time = last.saturating_duration_since(first);
     samples.sort_unstable();
