@@ -22,8 +22,6 @@ pub(crate) type Settler = Coalescer<Settlement, Outcome>;
 /// Starts the thread settling on `conn`; it ends when every handle of the returned queue is
 /// dropped and what was queued is settled.
 pub(crate) fn start(conn: Arc<Mutex<Connection>>) -> std::io::Result<Settler> {
-    // The thread runs its own runtime, so settling outlives whichever runtime asked first.
-    let runtime = tokio::runtime::Builder::new_current_thread().build()?;
     // What arrives while a batch commits makes up the next batch: no waiting to fill one.
     let flush = move |settlements: Vec<Settlement>| {
         let conn = Arc::clone(&conn);
@@ -33,7 +31,13 @@ pub(crate) fn start(conn: Arc<Mutex<Connection>>) -> std::io::Result<Settler> {
     let (settler, driver) = Coalescer::new(Config::new(BATCH_MAX), flush);
     std::thread::Builder::new()
         .name("polybus-embedded-settle".into())
-        .spawn(move || runtime.block_on(driver))?;
+        // The thread runs its own runtime, so settling outlives whichever runtime asked first;
+        // built inside the thread, so a failed spawn drops nothing inside the caller's runtime.
+        .spawn(move || match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+            Ok(runtime) => runtime.block_on(driver),
+            // The driver is dropped: waiting settlements fail and the store starts another thread.
+            Err(e) => tracing::error!(error = %e, "cannot start the embedded broker's settle runtime"),
+        })?;
     Ok(settler)
 }
 
