@@ -1,14 +1,14 @@
 //! [`NatsSubscription`]: one group member, pulling no more than it may hold.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::Subject;
 use async_nats::jetstream::consumer::{PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
+use polybus_core::kit::gate::{self, Fetcher, Gated, Slot};
 use polybus_core::{Acker, Delivery, Error, Op, Result, Subscription};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::codec::{self, Delivered};
@@ -21,7 +21,7 @@ const REPORT_AFTER_FAILURES: u32 = 3;
 /// A member of a group: a task pulls as many messages as the member has free prefetch
 /// slots, so it never holds more than `prefetch` unsettled deliveries.
 pub struct NatsSubscription {
-    deliveries: mpsc::Receiver<Result<Delivery>>,
+    deliveries: Gated<Result<Delivery>>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<()>>,
     closed: bool,
@@ -36,11 +36,11 @@ impl NatsSubscription {
         consumer: PullConsumer,
         prefetch: usize,
     ) -> Self {
-        let (tx, deliveries) = mpsc::channel(prefetch + 1);
+        // One place more than the slots, for a failure report.
+        let (fetcher, deliveries) = gate::gate(prefetch, prefetch + 1);
         let (stop, stopped) = watch::channel(false);
         let puller = Puller::new(shared.clone(), stream, config, Some(consumer));
-        let slots = Arc::new(Semaphore::new(prefetch));
-        let task = tokio::spawn(run(shared, puller, slots, tx, stopped));
+        let task = tokio::spawn(run(shared, puller, fetcher, stopped));
         NatsSubscription { deliveries, stop, task: Some(task), closed: false }
     }
 }
@@ -73,8 +73,7 @@ impl Subscription for NatsSubscription {
             let _ = task.await;
         }
         // Fetched but never handed out: give them back to the group now, not after the deadline.
-        self.deliveries.close();
-        while let Some(received) = self.deliveries.recv().await {
+        for received in self.deliveries.close() {
             if let Ok(delivery) = received
                 && let Err(e) = delivery.nack(None).await
             {
@@ -88,8 +87,7 @@ impl Subscription for NatsSubscription {
 async fn run(
     shared: Shared,
     mut puller: Puller,
-    slots: Arc<Semaphore>,
-    tx: mpsc::Sender<Result<Delivery>>,
+    fetcher: Fetcher<Result<Delivery>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut closed = shared.closed.clone();
@@ -101,29 +99,18 @@ async fn run(
     };
     tokio::select! {
         () = stopped => {}
-        () = pull_forever(&shared, &mut puller, slots, &tx) => {}
+        () = pull_forever(&shared, &mut puller, &fetcher) => {}
     }
 }
 
-async fn pull_forever(
-    shared: &Shared,
-    puller: &mut Puller,
-    slots: Arc<Semaphore>,
-    tx: &mpsc::Sender<Result<Delivery>>,
-) {
+async fn pull_forever(shared: &Shared, puller: &mut Puller, fetcher: &Fetcher<Result<Delivery>>) {
     loop {
-        let Ok(mut permits) = slots.clone().acquire_owned().await else { return };
-        let free = slots.available_permits();
-        if free > 0
-            && let Ok(more) = slots.clone().try_acquire_many_owned(u32::try_from(free).unwrap_or(u32::MAX))
-        {
-            permits.merge(more);
-        }
-        let mut batch = match puller.batch(permits.num_permits()).await {
+        let Some(mut room) = fetcher.room(usize::MAX).await else { return };
+        let mut batch = match puller.batch(room.len()).await {
             Ok(batch) => batch,
             Err(e) => {
                 let pause = puller.failed();
-                report(shared, puller, tx, e.message());
+                report(shared, puller, fetcher, e.message());
                 tokio::time::sleep(pause).await;
                 continue;
             }
@@ -133,19 +120,19 @@ async fn pull_forever(
                 Ok(message) => message,
                 Err(e) => {
                     let pause = puller.failed();
-                    report(shared, puller, tx, &e);
+                    report(shared, puller, fetcher, &e);
                     tokio::time::sleep(pause).await;
                     break;
                 }
             };
             puller.succeeded();
-            let Some(permit) = permits.split(1) else {
+            let Some(slot) = room.take() else {
                 // More than asked for: not ours to hold.
                 give_back(shared, message).await;
                 continue;
             };
-            let Some(delivery) = delivery(shared, puller.stream(), message, permit) else { continue };
-            if tx.send(Ok(delivery)).await.is_err() {
+            let Some(delivery) = delivery(shared, puller.stream(), message, slot) else { continue };
+            if fetcher.send(Ok(delivery)).await.is_err() {
                 return;
             }
         }
@@ -153,7 +140,7 @@ async fn pull_forever(
 }
 
 /// Tells the subscriber once per run of failures, after a few; logs the rest.
-fn report(shared: &Shared, puller: &Puller, tx: &mpsc::Sender<Result<Delivery>>, error: &str) {
+fn report(shared: &Shared, puller: &Puller, fetcher: &Fetcher<Result<Delivery>>, error: &str) {
     tracing::warn!(
         stream = puller.stream(),
         failures = puller.failures(),
@@ -164,7 +151,7 @@ fn report(shared: &Shared, puller: &Puller, tx: &mpsc::Sender<Result<Delivery>>,
         let error =
             Error::transport(Op::Receive, format!("nats {}", puller.stream()), shared.secrets.scrub(error));
         // A full channel has deliveries to hand out: the subscriber is not stuck.
-        let _ = tx.try_send(Err(error));
+        let _ = fetcher.try_send(Err(error));
     }
 }
 
@@ -176,12 +163,7 @@ async fn give_back(shared: &Shared, message: jetstream::Message) {
     }
 }
 
-fn delivery(
-    shared: &Shared,
-    stream: &str,
-    message: jetstream::Message,
-    permit: OwnedSemaphorePermit,
-) -> Option<Delivery> {
+fn delivery(shared: &Shared, stream: &str, message: jetstream::Message, slot: Slot) -> Option<Delivery> {
     let (delivered, reply) = match (message.info(), &message.reply) {
         (Ok(info), Some(reply)) => (
             Delivered {
@@ -199,7 +181,7 @@ fn delivery(
     };
     let headers = message.headers.as_ref();
     let decoded = codec::decode(headers, message.payload.clone(), delivered);
-    let acker = NatsAcker { shared: shared.clone(), stream: stream.to_owned(), reply, _permit: permit };
+    let acker = NatsAcker { shared: shared.clone(), stream: stream.to_owned(), reply, _slot: slot };
     Some(Delivery::new(decoded, Box::new(acker)))
 }
 
@@ -208,7 +190,7 @@ struct NatsAcker {
     shared: Shared,
     stream: String,
     reply: Subject,
-    _permit: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 impl NatsAcker {

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polybus_core::kit::coalesce::{Coalescer, Config, Gather, Pending};
+use polybus_core::kit::gate::Slot;
 use polybus_core::{Error, FailureKind, Op, Result};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::scripts;
 use crate::subscription::Member;
@@ -40,7 +40,7 @@ struct Request {
     count: u32,
     how: Settle,
     /// The prefetch slot the delivery holds, freed with the others of its call.
-    permit: Option<OwnedSemaphorePermit>,
+    permit: Option<Slot>,
 }
 
 /// A member's settle queue; its task ends once every handle is dropped.
@@ -74,7 +74,7 @@ impl Settler {
         entry: String,
         count: u32,
         how: Settle,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<Slot>,
     ) -> Result<bool> {
         let outcome = self.enqueue(op, entry, count, how, permit)?;
         self.outcome(op, outcome).await
@@ -105,7 +105,7 @@ impl Settler {
         entry: String,
         count: u32,
         how: Settle,
-        permit: Option<OwnedSemaphorePermit>,
+        permit: Option<Slot>,
     ) -> Result<Pending<Result<bool>>> {
         self.queue
             .submit(Request { op, entry, count, how, permit })
@@ -163,7 +163,7 @@ async fn settle_batch(member: &Member, mut batch: Vec<Request>) -> Vec<Result<bo
         })
         .await;
     // Every slot of the call is freed at once, so the next fetch asks for them all.
-    let mut freed: Option<OwnedSemaphorePermit> = None;
+    let mut freed: Option<Slot> = None;
     for permit in batch.iter_mut().filter_map(|request| request.permit.take()) {
         match &mut freed {
             Some(freed) => freed.merge(permit),

@@ -7,8 +7,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
+use polybus_core::kit::gate::{self, Fetcher, Gated, Slot};
 use polybus_core::{Acker, Delivery, Error, Message, Op, Result, Subscription};
-use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -35,7 +36,7 @@ pub fn visibility_seconds(duration: Duration) -> i32 {
 }
 
 enum Item {
-    Received { message: Message, receipt: String, at: Instant, permit: OwnedSemaphorePermit },
+    Received { message: Message, receipt: String, at: Instant, slot: Slot },
     Failed(Error),
 }
 
@@ -80,7 +81,7 @@ impl Buffered {
 /// so subscribing only to create the group takes no message.
 pub struct SqsSubscription {
     pending: Option<Receiving>,
-    rx: Option<mpsc::UnboundedReceiver<Item>>,
+    rx: Option<Gated<Item>>,
     task: Option<JoinHandle<()>>,
     buffered: Arc<Buffered>,
     settler: Settler,
@@ -102,13 +103,15 @@ impl SqsSubscription {
         }
     }
 
-    fn receiver(&mut self) -> &mut mpsc::UnboundedReceiver<Item> {
+    fn receiver(&mut self) -> &mut Gated<Item> {
         if let Some(receiving) = self.pending.take() {
-            let (tx, rx) = mpsc::unbounded_channel();
-            self.task = Some(tokio::spawn(receive_loop(receiving, self.buffered.clone(), tx)));
+            // One place more than the slots, for a failure report.
+            let (fetcher, rx) = gate::gate(receiving.prefetch, receiving.prefetch.max(1) + 1);
+            self.task = Some(tokio::spawn(receive_loop(receiving, self.buffered.clone(), fetcher)));
             self.rx = Some(rx);
         }
-        self.rx.get_or_insert_with(|| mpsc::unbounded_channel().1)
+        // Closed before receiving: a gate whose fetcher is gone, so it ends at once.
+        self.rx.get_or_insert_with(|| gate::gate(1, 1).1)
     }
 
     /// Gives a message that waited in the buffer a full ack deadline from now; `false` when
@@ -142,12 +145,12 @@ impl Subscription for SqsSubscription {
             let item = self.receiver().recv().await?;
             match item {
                 Item::Failed(e) => return Some(Err(e)),
-                Item::Received { message, receipt, at, permit } => {
+                Item::Received { message, receipt, at, slot } => {
                     self.buffered.take();
                     if !self.still_held(at, &receipt).await {
                         continue;
                     }
-                    let acker = SqsAcker { settler: self.settler.clone(), receipt, _slot: permit };
+                    let acker = SqsAcker { settler: self.settler.clone(), receipt, _slot: slot };
                     return Some(Ok(Delivery::new(message, Box::new(acker))));
                 }
             }
@@ -166,7 +169,7 @@ impl Subscription for SqsSubscription {
         // What was received but never handed out goes back at once, not after the ack deadline.
         let mut buffered = Vec::new();
         if let Some(rx) = &mut self.rx {
-            while let Ok(item) = rx.try_recv() {
+            for item in rx.close() {
                 if let Item::Received { receipt, .. } = item {
                     buffered.push(self.settler.settle(receipt, Settle::Release(0)));
                 }
@@ -193,7 +196,7 @@ impl Drop for SqsSubscription {
 struct SqsAcker {
     settler: Settler,
     receipt: String,
-    _slot: OwnedSemaphorePermit,
+    _slot: Slot,
 }
 
 #[async_trait]
@@ -211,33 +214,25 @@ impl Acker for SqsAcker {
 /// Receives while the member has free prefetch slots, one batch at a time: the next
 /// `ReceiveMessage` goes out once the previous batch has been handed out, so received
 /// messages do not sit in a buffer while their visibility timeout runs.
-async fn receive_loop(receiving: Receiving, buffered: Arc<Buffered>, tx: mpsc::UnboundedSender<Item>) {
-    let Receiving { client, url, prefetch, visibility, mut stop, .. } = receiving;
+async fn receive_loop(receiving: Receiving, buffered: Arc<Buffered>, fetcher: Fetcher<Item>) {
+    let Receiving { client, url, visibility, mut stop, .. } = receiving;
     let queue = queue_name(&url).to_owned();
-    let slots = Arc::new(Semaphore::new(prefetch.max(1)));
     let mut failures = 0u32;
     loop {
-        let first = tokio::select! {
-            permit = async {
+        let mut room = tokio::select! {
+            room = async {
                 buffered.wait_drained().await;
-                slots.clone().acquire_owned().await
-            } => match permit {
-                Ok(permit) => permit,
-                Err(_) => return,
+                fetcher.room(MAX_ENTRIES).await
+            } => match room {
+                Some(room) => room,
+                None => return,
             },
             _ = stopped(&mut stop) => return,
         };
-        let mut held = vec![first];
-        while held.len() < MAX_ENTRIES {
-            match slots.clone().try_acquire_owned() {
-                Ok(permit) => held.push(permit),
-                Err(_) => break,
-            }
-        }
         let request = client
             .receive_message()
             .queue_url(&url)
-            .max_number_of_messages(held.len() as i32)
+            .max_number_of_messages(room.len() as i32)
             .wait_time_seconds(LONG_POLL_SECONDS)
             .visibility_timeout(visibility)
             .message_attribute_names("All")
@@ -255,15 +250,15 @@ async fn receive_loop(receiving: Receiving, buffered: Arc<Buffered>, tx: mpsc::U
                 let at = Instant::now();
                 for received in out.messages() {
                     let Some(receipt) = received.receipt_handle() else { continue };
-                    let Some(permit) = held.pop() else { break };
+                    let Some(slot) = room.take() else { break };
                     let item = Item::Received {
                         message: codec::decode(received),
                         receipt: receipt.to_owned(),
                         at,
-                        permit,
+                        slot,
                     };
                     buffered.count.fetch_add(1, Ordering::AcqRel);
-                    if tx.send(item).is_err() {
+                    if fetcher.send(item).await.is_err() {
                         return;
                     }
                 }
@@ -272,10 +267,10 @@ async fn receive_loop(receiving: Receiving, buffered: Arc<Buffered>, tx: mpsc::U
                 failures += 1;
                 let error = fail::sqs(Op::Receive, &queue, e);
                 tracing::debug!(%error, failures, "receive failed");
-                if failures == REPORT_AFTER_FAILURES && tx.send(Item::Failed(error)).is_err() {
+                if failures == REPORT_AFTER_FAILURES && fetcher.send(Item::Failed(error)).await.is_err() {
                     return;
                 }
-                drop(held);
+                drop(room);
                 let backoff = Duration::from_millis(100 << failures.min(6));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}

@@ -4,17 +4,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use polybus_core::kit::gate::Slot;
 use polybus_core::{Acker, Delivery, Error, Op, Result};
-use tokio::sync::OwnedSemaphorePermit;
 
 use super::Fetched;
 use crate::settle::{Settle, Settler};
 
 impl Settler {
     pub(super) fn delivery(self: &Arc<Self>, fetched: Fetched) -> Delivery {
-        let Fetched { id, count, message, permit, .. } = fetched;
+        let Fetched { id, count, message, slot, .. } = fetched;
         let acker =
-            RedisAcker { settler: self.clone(), entry: id, count, message_id: message.id.clone(), permit };
+            RedisAcker { settler: self.clone(), entry: id, count, message_id: message.id.clone(), slot };
         Delivery::new(message, Box::new(acker))
     }
 }
@@ -25,7 +25,7 @@ struct RedisAcker {
     entry: String,
     count: u32,
     message_id: String,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
 }
 
 #[async_trait]
@@ -44,8 +44,8 @@ impl Acker for RedisAcker {
 impl RedisAcker {
     /// Settles through the member's queue; the prefetch slot is freed once it is answered.
     async fn settle(self, op: Op, how: Settle) -> Result<()> {
-        let RedisAcker { settler, entry, count, message_id, permit } = self;
-        if settler.settle(op, entry, count, how, Some(permit)).await? {
+        let RedisAcker { settler, entry, count, message_id, slot } = self;
+        if settler.settle(op, entry, count, how, Some(slot)).await? {
             Ok(())
         } else {
             Err(Error::LeaseLost(message_id))

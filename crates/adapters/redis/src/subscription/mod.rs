@@ -18,8 +18,9 @@ use std::sync::atomic::AtomicU64;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use polybus_core::kit::gate::{self, Gated, Slot};
 use polybus_core::{Delivery, Message, Op, Result, SubscribeOptions, Subscription, TopicSpec};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::scripts;
@@ -41,7 +42,7 @@ struct Fetched {
     count: u32,
     /// The entry as a message (decoded by the fetch task, off the subscriber's task).
     message: Message,
-    permit: OwnedSemaphorePermit,
+    slot: Slot,
     /// When it was fetched: its ack deadline runs from then.
     at: Instant,
 }
@@ -50,7 +51,7 @@ struct Fetched {
 pub(crate) struct RedisSubscription {
     settler: Arc<Settler>,
     /// What each fetch round got, one message per round.
-    deliveries: mpsc::Receiver<Result<Vec<Fetched>>>,
+    deliveries: Gated<Result<Vec<Fetched>>>,
     /// The rest of the round being handed out.
     buffered: VecDeque<Fetched>,
     stop: watch::Sender<bool>,
@@ -83,11 +84,10 @@ impl RedisSubscription {
         member.create_group().await?;
         let settler = Settler::start(member.clone());
         let prefetch = options.prefetch.max(1);
-        let (tx, deliveries) = mpsc::channel(prefetch);
+        let (fetcher, deliveries) = gate::gate(prefetch, prefetch);
         let (stop, stop_rx) = watch::channel(false);
         let stop_rx = Stop { subscription: stop_rx, transport: member.shared.closed.subscribe() };
-        let room = Arc::new(Semaphore::new(prefetch));
-        let task = tokio::spawn(fetch_loop(settler.clone(), room, tx, stop_rx));
+        let task = tokio::spawn(fetch_loop(settler.clone(), fetcher, stop_rx));
         Ok(RedisSubscription {
             settler,
             deliveries,
@@ -147,9 +147,8 @@ impl Subscription for RedisSubscription {
         self.closed = true;
         self.stop.send_replace(true);
         // From here the fetch task cannot hand out more; it puts back what it still gets.
-        self.deliveries.close();
         let mut buffered: Vec<Fetched> = self.buffered.drain(..).collect();
-        while let Ok(round) = self.deliveries.try_recv() {
+        for round in self.deliveries.close() {
             buffered.extend(round.into_iter().flatten());
         }
         self.settler.put_back(buffered.into_iter().map(|fetched| (fetched.id, fetched.count))).await;

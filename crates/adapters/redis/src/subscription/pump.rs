@@ -5,7 +5,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use polybus_core::Result;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use polybus_core::kit::gate::{Fetcher, Room};
+use tokio::sync::{mpsc, watch};
 
 use super::Fetched;
 use crate::fields;
@@ -37,26 +38,18 @@ impl Stop {
 
 /// Takes the prefetch slots for one fetch round: waits for one, then takes all that are free
 /// (settles free theirs a batch at a time). `None` when stopped.
-async fn take_room(room: &Arc<Semaphore>, stop: &mut Stop) -> Option<OwnedSemaphorePermit> {
-    let mut permits = tokio::select! {
+async fn take_room(fetcher: &Fetcher<Result<Vec<Fetched>>>, stop: &mut Stop) -> Option<Room> {
+    tokio::select! {
         biased;
-        _ = stop.stopped() => return None,
-        permit = room.clone().acquire_owned() => permit.ok()?,
-    };
-    let more = room.available_permits().min(MAX_BATCH - 1);
-    if more > 0
-        && let Ok(extra) = room.clone().try_acquire_many_owned(u32::try_from(more).unwrap_or(u32::MAX))
-    {
-        permits.merge(extra);
+        _ = stop.stopped() => None,
+        room = fetcher.room(MAX_BATCH) => room,
     }
-    Some(permits)
 }
 
 /// Fetches while there is prefetch room, until stopped or nobody listens any more.
 pub(super) async fn fetch_loop(
     settler: Arc<Settler>,
-    room: Arc<Semaphore>,
-    deliveries: mpsc::Sender<Result<Vec<Fetched>>>,
+    deliveries: Fetcher<Result<Vec<Fetched>>>,
     mut stop: Stop,
 ) {
     let member = settler.member();
@@ -64,24 +57,24 @@ pub(super) async fn fetch_loop(
     let mut cursor = "0-0".to_owned();
     let mut failures = 0u32;
     while !stop.is_stopped() && !deliveries.is_closed() {
-        let Some(mut permits) = take_room(&room, &mut stop).await else { break };
-        match member.fetch(&mut reader, &mut cursor, permits.num_permits(), &mut stop).await {
+        let Some(mut room) = take_room(&deliveries, &mut stop).await else { break };
+        match member.fetch(&mut reader, &mut cursor, room.len(), &mut stop).await {
             Ok(entries) => {
                 failures = 0;
                 let mut undelivered = Vec::new();
                 let mut round = Vec::with_capacity(entries.len());
                 let at = Instant::now();
                 for entry in entries {
-                    match permits.split(1) {
-                        Some(permit) => {
+                    match room.take() {
+                        Some(slot) => {
                             let message = fields::decode(&entry.id, entry.fields, entry.count);
-                            round.push(Fetched { id: entry.id, count: entry.count, message, permit, at });
+                            round.push(Fetched { id: entry.id, count: entry.count, message, slot, at });
                         }
                         None => undelivered.push((entry.id, entry.count)),
                     }
                 }
                 if !round.is_empty()
-                    && let Err(mpsc::error::SendError(unsent)) = deliveries.send(Ok(round)).await
+                    && let Err(unsent) = deliveries.send(Ok(round)).await
                 {
                     let unsent = unsent.into_iter().flatten();
                     undelivered.extend(unsent.map(|fetched| (fetched.id, fetched.count)));
@@ -91,7 +84,7 @@ pub(super) async fn fetch_loop(
                 }
             }
             Err(e) => {
-                drop(permits);
+                drop(room);
                 failures += 1;
                 reader = None;
                 let wait = Duration::from_millis(100 << failures.min(5)).min(Duration::from_secs(2));
