@@ -65,25 +65,40 @@ struct Report {
     consume_seconds: f64,
     consume_per_second: f64,
     latency_ms: Latency,
-    publish_call_ms: CallLatency,
-}
-
-/// How long one awaited publish call took (one message with `--batch 1`, else one batch),
-/// milliseconds.
-#[derive(Debug, Serialize)]
-struct CallLatency {
-    p50: f64,
-    p99: f64,
-    max: f64,
+    /// How long one awaited publish call took (one message with `--batch 1`, else one batch).
+    publish_call_ms: Percentiles,
 }
 
 /// Publish→deliver latency, milliseconds.
 #[derive(Debug, Serialize)]
 struct Latency {
     measured_from: &'static str,
+    #[serde(flatten)]
+    percentiles: Percentiles,
+}
+
+/// p50, p99 and max of microsecond samples, in milliseconds (0 when there are none).
+#[derive(Debug, Serialize)]
+struct Percentiles {
     p50: f64,
     p99: f64,
     max: f64,
+}
+
+impl Percentiles {
+    fn of(mut samples_us: Vec<u64>) -> Self {
+        samples_us.sort_unstable();
+        let at = |q: usize| {
+            let i = (samples_us.len() * q / 100).min(samples_us.len().saturating_sub(1));
+            samples_us.get(i).copied().unwrap_or(0) as f64 / 1000.0
+        };
+        Percentiles { p50: at(50), p99: at(99), max: at(100) }
+    }
+
+    /// `p50 … p99 … max …`, for the table.
+    fn show(&self) -> String {
+        format!("p50 {:.2} ms  p99 {:.2} ms  max {:.2} ms", self.p50, self.p99, self.max)
+    }
 }
 
 /// Runs the benchmark and prints the report.
@@ -98,7 +113,6 @@ pub async fn run(ctx: &Context, args: BenchArgs) -> CliResult {
         return output::json(&report);
     }
     let rate = |n: f64| format!("{n:.0} msg/s");
-    let ms = |n: f64| format!("{n:.2} ms");
     let rows = vec![
         vec!["workload".into(), workload(&report)],
         vec!["group".into(), report.group.clone()],
@@ -112,21 +126,13 @@ pub async fn run(ctx: &Context, args: BenchArgs) -> CliResult {
         ],
         vec![
             "latency".into(),
-            format!(
-                "p50 {}  p99 {}  max {}  (from {})",
-                ms(report.latency_ms.p50),
-                ms(report.latency_ms.p99),
-                ms(report.latency_ms.max),
-                report.latency_ms.measured_from
-            ),
+            format!("{}  (from {})", report.latency_ms.percentiles.show(), report.latency_ms.measured_from),
         ],
         vec![
             "publish call".into(),
             format!(
-                "p50 {}  p99 {}  max {}  (one awaited {})",
-                ms(report.publish_call_ms.p50),
-                ms(report.publish_call_ms.p99),
-                ms(report.publish_call_ms.max),
+                "{}  (one awaited {})",
+                report.publish_call_ms.show(),
                 if report.batch == 1 { "publish".to_owned() } else { format!("batch of {}", report.batch) }
             ),
         ],
@@ -213,29 +219,25 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
         }
         CliResult::Ok((published, first.unwrap_or(started), last, samples, calls))
     };
-    let (published, first, last, mut samples, mut calls) =
-        match tokio::time::timeout(args.timeout, collected).await {
-            Ok(outcome) => outcome?,
-            Err(_) => {
-                let _ = done_tx.send(true);
-                bar.finish_and_clear();
-                return Err(Failure::new(
-                    "TIMEOUT",
-                    format!(
-                        "{} of {} messages came back within {}",
-                        consumed.load(Ordering::Relaxed).min(args.messages),
-                        args.messages,
-                        humantime::format_duration(args.timeout)
-                    ),
-                )
-                .with_exit(EXIT_TIMEOUT));
-            }
-        };
+    let (published, first, last, samples, calls) = match tokio::time::timeout(args.timeout, collected).await {
+        Ok(outcome) => outcome?,
+        Err(_) => {
+            let _ = done_tx.send(true);
+            bar.finish_and_clear();
+            return Err(Failure::new(
+                "TIMEOUT",
+                format!(
+                    "{} of {} messages came back within {}",
+                    consumed.load(Ordering::Relaxed).min(args.messages),
+                    args.messages,
+                    humantime::format_duration(args.timeout)
+                ),
+            )
+            .with_exit(EXIT_TIMEOUT));
+        }
+    };
     bar.finish_and_clear();
     let consume_time = last.saturating_duration_since(first);
-    samples.sort_unstable();
-    calls.sort_unstable();
-    let at = |q: usize| percentile_ms(&samples, q);
     let per_second = |d: Duration| args.messages as f64 / d.as_secs_f64().max(1e-9);
     Ok(Report {
         env: args.env.clone(),
@@ -252,22 +254,10 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
         consume_per_second: per_second(consume_time),
         latency_ms: Latency {
             measured_from: if stamped { "send time in the payload" } else { "published_at" },
-            p50: at(50),
-            p99: at(99),
-            max: samples.last().copied().unwrap_or(0) as f64 / 1000.0,
+            percentiles: Percentiles::of(samples),
         },
-        publish_call_ms: CallLatency {
-            p50: percentile_ms(&calls, 50),
-            p99: percentile_ms(&calls, 99),
-            max: calls.last().copied().unwrap_or(0) as f64 / 1000.0,
-        },
+        publish_call_ms: Percentiles::of(calls),
     })
-}
-
-/// The `q`th percentile of sorted microsecond samples, in milliseconds (0 when there are none).
-fn percentile_ms(sorted_us: &[u64], q: usize) -> f64 {
-    let i = (sorted_us.len() * q / 100).min(sorted_us.len().saturating_sub(1));
-    sorted_us.get(i).copied().unwrap_or(0) as f64 / 1000.0
 }
 
 /// What one consumer needs to know and share.
