@@ -14,7 +14,7 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Consumer, ErrorKind};
 use polybus_core::{Error, Op, Result};
 
-use super::{Held, Shared, give_back};
+use super::{Held, Shared};
 use crate::codec;
 use crate::link::{failed, reconnect_backoff};
 use crate::transport;
@@ -125,7 +125,7 @@ pub(super) async fn worker(shared: Arc<Shared>, channel: Channel, consumer: Cons
             }
             let buffered: Vec<Held> = shared.lock().buffer.drain();
             for held in buffered {
-                give_back(&held.acker).await;
+                shared.give_back(&held.acker).await;
             }
             shared.cancelled.send_replace(true);
         }

@@ -100,7 +100,7 @@ impl Shared {
                 return;
             }
         }
-        give_back(&acker).await;
+        self.give_back(&acker).await;
     }
 
     /// Returns expired deliveries to the queue, and the buffer when nobody asks for it.
@@ -119,16 +119,27 @@ impl Shared {
         }
         for (_, acker) in expired {
             // A reject counts as a failed attempt (RabbitMQ 4.3+ counts only rejects).
-            match tokio::time::timeout(SEND_WAIT, acker.reject(BasicRejectOptions { requeue: true })).await {
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => {
-                    tracing::debug!(queue = %self.queue, error = %self.scrub(e), "returning an expired delivery")
-                }
-                Err(_) => tracing::debug!(queue = %self.queue, "returning an expired delivery: no answer"),
-            }
+            let sent = acker.reject(BasicRejectOptions { requeue: true });
+            self.send_bounded("returning an expired delivery", sent).await;
         }
         for held in unclaimed {
-            give_back(&held.acker).await;
+            self.give_back(&held.acker).await;
+        }
+    }
+
+    /// Returns a delivery that was never handed out; not a failed attempt.
+    async fn give_back(&self, acker: &lapin::Acker) {
+        let sent = acker.nack(BasicNackOptions { multiple: false, requeue: true });
+        self.send_bounded("giving back a buffered delivery", sent).await;
+    }
+
+    /// Waits at most [`SEND_WAIT`] for a settlement the worker sent itself (lapin may never
+    /// answer one sent as its connection dies); a failure is only logged, as `what`.
+    async fn send_bounded(&self, what: &str, sent: impl Future<Output = lapin::Result<bool>>) {
+        match tokio::time::timeout(SEND_WAIT, sent).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::debug!(queue = %self.queue, error = %self.scrub(e), "{what}"),
+            Err(_) => tracing::debug!(queue = %self.queue, "{what}: no answer"),
         }
     }
 
@@ -155,16 +166,6 @@ impl Shared {
         self.lock().closing = true;
         self.wake_worker.notify_one();
         self.wake_next.notify_one();
-    }
-}
-
-/// Returns a delivery that was never handed out; not a failed attempt.
-async fn give_back(acker: &lapin::Acker) {
-    let sent = acker.nack(BasicNackOptions { multiple: false, requeue: true });
-    match tokio::time::timeout(SEND_WAIT, sent).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => tracing::debug!(error = %e, "giving back a buffered delivery"),
-        Err(_) => tracing::debug!("giving back a buffered delivery: no answer"),
     }
 }
 
