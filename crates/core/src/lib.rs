@@ -19,6 +19,7 @@ pub mod scrub;
 pub mod secret;
 pub mod strict;
 pub mod tag;
+pub mod tls;
 pub mod topic;
 pub mod transport;
 pub mod wire;

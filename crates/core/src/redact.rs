@@ -4,7 +4,7 @@
 //! too) contains `password`, `passwd`, `secret`, `token`, `jaas`, `key`, `credential` or
 //! `private`, or is `pass`: letters are compared without case and without `.`, `_` or `-`
 //! (`sasl.password`, `ssl.key.password`, `sasl.jaas.config`, `secretAccessKey`, `apiKey`).
-//! Names that contain such a word but hold no secret are public: `keyFilename` (a path),
+//! Names that contain such a word but hold no secret are public: `keyFilename` and `keyFile` (paths),
 //! `accessKeyId` (an identifier), `routingKey`, `key.serializer`, `key.deserializer`,
 //! `ssl.key.location`, `ssl.keystore.location`, `ssl.keystore.type`, `sasl.kerberos.keytab`,
 //! `sasl.oauthbearer.token.endpoint.url`. A secret value is shown as `****`, unless it is a
@@ -28,8 +28,9 @@ const SECRET_WORDS: [&str; 8] =
 /// Keys that are secret although they hold none of the words.
 const SECRET_NAMES: [&str; 1] = ["pass"];
 /// Keys that hold one of the words but no secret (normalised: lower case, letters and digits).
-const PUBLIC_NAMES: [&str; 10] = [
+const PUBLIC_NAMES: [&str; 11] = [
     "keyfilename",
+    "keyfile",
     "accesskeyid",
     "routingkey",
     "keyserializer",

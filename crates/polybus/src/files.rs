@@ -28,6 +28,9 @@ const EMBEDDED: &str = "embedded";
 const GOOGLE_PUBSUB: &str = "google_pubsub";
 const KAFKA: &str = "kafka";
 
+/// The TLS block's fields that name files, on every broker type.
+const TLS_FILE_FIELDS: [&str; 3] = ["caFile", "certFile", "keyFile"];
+
 const BROKER_FILE_EXTENSIONS: [&str; 3] = ["db", "sqlite", "sqlite3"];
 
 /// Kafka (librdkafka) properties that load a library or run a command.
@@ -142,6 +145,14 @@ impl FilePolicy {
                 let written = env.config.get("keyFilename").and_then(Value::as_str).unwrap_or_default();
                 unusable_key_file(&env.slug, written).into()
             }
+            Error::Validation(invalid)
+                if self.confined
+                    && TLS_FILE_FIELDS.iter().any(|name| invalid.field == format!("config.tls.{name}")) =>
+            {
+                let name = invalid.field.trim_start_matches("config.tls.");
+                let written = env.config.get("tls").and_then(|t| t.get(name)).and_then(Value::as_str);
+                unusable_file(&env.slug, &invalid.field, written.unwrap_or_default()).into()
+            }
             other => other,
         }
     }
@@ -172,7 +183,24 @@ impl FilePolicy {
             KAFKA => self.place_kafka_properties(&env.slug, &mut config)?,
             _ => {}
         }
+        self.place_tls_files(env, &mut config, stage)?;
         Ok(config)
+    }
+
+    /// The files of the TLS block every broker type has (`tls.caFile`, `tls.certFile`,
+    /// `tls.keyFile`): read at connect time, so checked as key files are.
+    fn place_tls_files(&self, env: &BrokerEnv, config: &mut Value, stage: Stage) -> Result<()> {
+        for name in TLS_FILE_FIELDS {
+            let written = env.config.get("tls").and_then(|t| t.get(name)).and_then(Value::as_str);
+            let Some(value) = config.get("tls").and_then(|t| t.get(name)).and_then(Value::as_str) else {
+                continue;
+            };
+            let written = written.unwrap_or(value);
+            let field = format!("tls.{name}");
+            let placed = self.place(&env.slug, &field, written, value, Use::KeyFile, stage)?;
+            config["tls"][name] = Value::String(placed.to_string_lossy().into_owned());
+        }
+        Ok(())
     }
 
     /// Kafka properties: through a server none may name a file, library or command (the
@@ -255,7 +283,7 @@ impl FilePolicy {
                 Ok(path)
             }
             (Ok(path), _) => Ok(path),
-            (Err(_), Use::KeyFile) => Err(unusable_key_file(env, written)),
+            (Err(_), Use::KeyFile) => Err(unusable_file(env, &field, written)),
             (Err(why), Use::BrokerFile) => {
                 Err(ValidationError::in_env(env, field, format!("`{written}` {why}")))
             }
@@ -354,6 +382,23 @@ fn warn_if_left_behind(value: &str, placed: &Path) {
 }
 
 /// The one answer for a key file that cannot be used, through a server.
+/// The one answer a server gives about a file read at connect time (`config.keyFilename`,
+/// `config.tls.caFile`…), whatever is wrong with it.
+fn unusable_file(env: &str, field: &str, written: &str) -> ValidationError {
+    let Some(name) = field.strip_prefix("config.tls.") else {
+        return unusable_key_file(env, written);
+    };
+    let inline = name.trim_end_matches("File");
+    ValidationError::in_env(
+        env,
+        field,
+        format!(
+            "`{written}` is not a usable PEM file in the data folder (missing, unreadable, or not PEM); put \
+             it in the server's `--data-dir` or give it inline as `tls.{inline}`"
+        ),
+    )
+}
+
 fn unusable_key_file(env: &str, written: &str) -> ValidationError {
     ValidationError::in_env(
         env,
@@ -452,5 +497,39 @@ mod tests {
             Error::from(ValidationError::in_env("dev", "config.keyFilename", "cannot read: not found"));
         let local = FilePolicy::local("/srv/data").conceal(&pubsub, not_found);
         assert!(local.to_string().contains("not found"), "the local CLI says what is wrong: {local}");
+    }
+
+    #[tokio::test]
+    async fn tls_files_are_confined_on_every_broker_type_and_placed_locally() {
+        let config =
+            serde_json::json!({"host": "r", "tls": {"caFile": "certs/ca.pem", "keyFile": "/etc/k.pem"}});
+        let redis = env(BrokerType::from_static("redis"), config.clone());
+        let local =
+            FilePolicy::local("/srv/app/polybus-data").connect_config(&redis, config).await.expect("config");
+        assert_eq!(local["tls"]["caFile"], "/srv/app/polybus-data/certs/ca.pem");
+        assert_eq!(local["tls"]["keyFile"], "/etc/k.pem", "the local CLI may name any path");
+
+        let server = FilePolicy::confined("/srv/data");
+        for (field, bad) in
+            [("keyFile", "/etc/ssl/private/k.pem"), ("caFile", "../ca.pem"), ("certFile", "a/../../c.pem")]
+        {
+            let config = serde_json::json!({"host": "r", "tls": {field: bad}});
+            let nats = env(BrokerType::from_static("nats"), config);
+            let e = server.check_envs(std::slice::from_ref(&nats)).await.expect_err(bad);
+            match e {
+                Error::Validation(v) => assert_eq!(v.field, format!("config.tls.{field}"), "{v}"),
+                other => panic!("{bad}: {other}"),
+            }
+        }
+        let inside = env(BrokerType::from_static("nats"), serde_json::json!({"tls": {"caFile": "ca.pem"}}));
+        server
+            .check_envs(std::slice::from_ref(&inside))
+            .await
+            .expect("a relative file inside the data folder");
+
+        let bad_pem =
+            Error::from(ValidationError::in_env("dev", "config.tls.caFile", "holds no PEM certificate"));
+        let concealed = server.conceal(&inside, bad_pem).to_string();
+        assert!(concealed.contains("not a usable PEM file") && concealed.contains("tls.ca`"), "{concealed}");
     }
 }

@@ -270,13 +270,17 @@ impl SqsTransport {
 
     fn sender(&self, url: &str) -> Sender {
         let mut senders = self.senders.lock().unwrap_or_else(|e| e.into_inner());
-        senders
-            .entry(url.to_owned())
-            .or_insert_with(|| {
+        match senders.get(url) {
+            // A sender whose runtime ended (the transport outlived it) is replaced, not reused.
+            Some(sender) if !sender.is_closed() => sender.clone(),
+            _ => {
                 let config = Config::new(MAX_ENTRIES).in_flight(SEND_IN_FLIGHT).max_weight(MAX_MESSAGE_BYTES);
-                Coalescer::start(config, Publishes { client: self.client.clone(), url: url.to_owned() })
-            })
-            .clone()
+                let sender =
+                    Coalescer::start(config, Publishes { client: self.client.clone(), url: url.to_owned() });
+                senders.insert(url.to_owned(), sender.clone());
+                sender
+            }
+        }
     }
 }
 

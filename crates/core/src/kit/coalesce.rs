@@ -151,6 +151,12 @@ impl<T: Send + 'static, R: Send + 'static> Coalescer<T, R> {
         (Coalescer { queue }, drive(config, Arc::new(flush), jobs))
     }
 
+    /// True once the driver has ended (its runtime shut down, say): every call fails, so an
+    /// owner that outlives runtimes starts a new coalescer instead.
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+
     /// Queues `item` without waiting; the returned [`Pending`] resolves to its result.
     pub fn submit(&self, item: T) -> Result<Pending<R>, Closed<T>> {
         let (reply, result) = oneshot::channel();
