@@ -28,6 +28,10 @@ pub struct Cli {
     /// instead of a local registry.
     #[arg(long, global = true, env = "POLYBUS_SERVER", value_name = "URL")]
     pub server: Option<String>,
+    /// PEM file of the CA certificates to trust for an `https://` `--server` instead of the
+    /// system's roots (a server with a private or self-signed certificate).
+    #[arg(long, global = true, env = "POLYBUS_SERVER_CA", value_name = "FILE")]
+    pub server_ca: Option<PathBuf>,
     /// API key for `--server` (better given as `POLYBUS_API_KEY`, which other users cannot see).
     #[arg(long, global = true, env = "POLYBUS_API_KEY", hide_env_values = true, value_name = "KEY")]
     pub api_key: Option<crate::remote::ApiKey>,
@@ -139,6 +143,12 @@ pub struct ServeArgs {
         default_value = polybus::DEFAULT_ENV_PREFIX
     )]
     pub secret_env_prefixes: Vec<String>,
+    /// Serve HTTPS with this PEM certificate chain (with `--tls-key`).
+    #[arg(long, env = "POLYBUS_TLS_CERT", value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert`.
+    #[arg(long, env = "POLYBUS_TLS_KEY", value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// `polybus secret …`

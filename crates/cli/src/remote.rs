@@ -202,8 +202,8 @@ struct ErrorDetail {
 
 impl Client {
     /// A client of the server at `server` (`http://host:port`, a bare `host:port` means HTTP),
-    /// sending `key` as `Authorization: Bearer`.
-    pub fn new(server: &str, key: Option<&ApiKey>) -> CliResult<Client> {
+    /// sending `key` as `Authorization: Bearer`, trusting only the CAs in the PEM file `ca` when given.
+    pub fn new(server: &str, key: Option<&ApiKey>, ca: Option<&std::path::Path>) -> CliResult<Client> {
         let server = server.trim();
         let with_scheme = if server.contains("://") { server.to_owned() } else { format!("http://{server}") };
         let base = Url::parse(&with_scheme)
@@ -231,13 +231,15 @@ impl Client {
                 Some(value)
             }
         };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .user_agent(concat!("polybus-cli/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| {
-                Failure::new("CLIENT_FAILED", format!("cannot set up the HTTP client: {}", chain(&e)))
-            })?;
+            .user_agent(concat!("polybus-cli/", env!("CARGO_PKG_VERSION")));
+        if let Some(ca) = ca {
+            builder = builder.tls_certs_only(server_ca(ca)?);
+        }
+        let http = builder.build().map_err(|e| {
+            Failure::new("CLIENT_FAILED", format!("cannot set up the HTTP client: {}", chain(&e)))
+        })?;
         Ok(Client { http, base, shown: shown.as_str().trim_end_matches('/').to_owned(), authorization })
     }
 
@@ -476,22 +478,38 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// The CA certificates of `--server-ca`.
+fn server_ca(path: &std::path::Path) -> CliResult<Vec<reqwest::Certificate>> {
+    let shown = path.display();
+    let pem = std::fs::read(path)
+        .map_err(|e| Failure::new("INVALID_SERVER_CA", format!("--server-ca {shown} cannot be read: {e}")))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| Failure::new("INVALID_SERVER_CA", format!("--server-ca {shown} is not PEM: {e}")))?;
+    if certs.is_empty() {
+        return Err(Failure::new(
+            "INVALID_SERVER_CA",
+            format!("--server-ca {shown} holds no PEM certificate"),
+        ));
+    }
+    Ok(certs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn urls_get_v1_and_encoded_segments() {
-        let client = Client::new("127.0.0.1:8080", None).expect("client");
+        let client = Client::new("127.0.0.1:8080", None, None).expect("client");
         let url = client.url(&["topics", "bus:orders"]).expect("url");
         assert_eq!(url.as_str(), "http://127.0.0.1:8080/v1/topics/bus:orders");
-        let client = Client::new("https://user:pw@bus.example/api/", None).expect("client");
+        let client = Client::new("https://user:pw@bus.example/api/", None, None).expect("client");
         assert_eq!(
             client.url(&["brokers", "a b"]).expect("url").as_str(),
             "https://user:pw@bus.example/api/v1/brokers/a%20b"
         );
         assert_eq!(client.shown, "https://bus.example/api");
-        assert!(Client::new("ftp://x", None).is_err());
+        assert!(Client::new("ftp://x", None, None).is_err());
     }
 
     #[test]
@@ -503,7 +521,7 @@ mod tests {
     #[test]
     fn error_answers_keep_the_server_code() {
         let key: ApiKey = "pbk_x".parse().expect("key");
-        let client = Client::new("http://h", Some(&key)).expect("client");
+        let client = Client::new("http://h", Some(&key), None).expect("client");
         let failure = client
             .refused(StatusCode::CONFLICT, br#"{"error":{"code":"CONFLICT","message":"stale version 1"}}"#);
         assert_eq!(failure.to_string(), "CONFLICT: stale version 1");

@@ -23,6 +23,7 @@ mod metrics;
 mod routes;
 mod schema;
 mod state;
+mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -35,6 +36,7 @@ pub use keys::{ApiKeys, Caller, KeyInfo, NewKey};
 pub use metrics::{Metrics, Stats};
 pub use routes::{openapi, router};
 pub use state::{AppState, DEFAULT_BODY_LIMIT, Options};
+pub use tls::{TlsFiles, TlsSetupError};
 
 /// Where to listen and which registry to serve.
 #[derive(Debug, Clone)]
@@ -46,6 +48,8 @@ pub struct ServerConfig {
     /// The `$Secret{name}` key file; default `polybus-secrets.key` beside a SQLite registry,
     /// created when missing. A PostgreSQL registry has none unless given.
     pub secrets_key_file: Option<std::path::PathBuf>,
+    /// Serve HTTPS with this certificate and key (plain HTTP without).
+    pub tls: Option<TlsFiles>,
     /// Other settings.
     pub options: Options,
 }
@@ -57,6 +61,7 @@ impl ServerConfig {
             listen,
             registry_url: registry_url.into(),
             secrets_key_file: None,
+            tls: None,
             options: Options::default(),
         }
     }
@@ -79,6 +84,9 @@ pub enum ServeError {
     /// Serving failed.
     #[error("serving HTTP failed: {0}")]
     Serve(std::io::Error),
+    /// The TLS certificate or key cannot be used.
+    #[error("{0}")]
+    Tls(#[from] TlsSetupError),
     /// The data folder could not be created.
     #[error("cannot create the data folder {}: {source}", path.display())]
     DataDir {
@@ -97,6 +105,7 @@ impl ServeError {
             ServeError::Bind { .. } => "LISTEN_FAILED",
             ServeError::Serve(_) => "SERVE_FAILED",
             ServeError::DataDir { .. } => "DATA_DIR_FAILED",
+            ServeError::Tls(_) => "TLS_FAILED",
         }
     }
 }
@@ -104,6 +113,7 @@ impl ServeError {
 /// A server bound to its address, ready to run.
 pub struct Server {
     listener: TcpListener,
+    tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     state: AppState,
 }
 
@@ -111,6 +121,8 @@ impl Server {
     /// Opens the registry, creates the data folder (by default `polybus-data` beside a SQLite
     /// registry) and binds the address.
     pub async fn bind(config: &ServerConfig) -> Result<Server, ServeError> {
+        // First, so a wrong certificate is said before anything is opened or created.
+        let tls = config.tls.as_ref().map(TlsFiles::server_config).transpose()?;
         let registry = Registry::open(&config.registry_url).await?;
         let listener = TcpListener::bind(config.listen)
             .await
@@ -127,12 +139,17 @@ impl Server {
             tracing::warn!("`$Secret{{..}}` references cannot be used: {reason}");
         }
         let state = AppState::open(registry, options).await?;
-        Ok(Server { listener, state })
+        Ok(Server { listener, tls, state })
     }
 
     /// Serves `state` on an already bound listener.
     pub fn with_listener(listener: TcpListener, state: AppState) -> Server {
-        Server { listener, state }
+        Server { listener, tls: None, state }
+    }
+
+    /// True when the server speaks HTTPS.
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
     }
 
     /// The address actually bound (useful with port 0).
@@ -148,17 +165,22 @@ impl Server {
     /// Serves until `shutdown` completes; then ends event streams, waits for open requests,
     /// nacks unsettled leases (so their messages are redelivered at once) and closes the bus.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Server { listener, state } = self;
+        let Server { listener, tls, state } = self;
         let app = router(state.clone());
         let stopping = state.clone();
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down");
-                stopping.begin_shutdown();
-            })
-            .await
-            .map_err(ServeError::Serve);
+        let shutdown = async move {
+            shutdown.await;
+            tracing::info!("shutting down");
+            stopping.begin_shutdown();
+        };
+        let served = match tls {
+            None => axum::serve(listener, app).with_graceful_shutdown(shutdown).await,
+            Some(config) => {
+                let listener = tls::TlsListener::new(listener, config).map_err(ServeError::Serve)?;
+                axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+            }
+        }
+        .map_err(ServeError::Serve);
         let closed = state.close().await;
         served?;
         closed.map_err(ServeError::from)

@@ -96,7 +96,7 @@ pub async fn run(cli: Cli) -> CliResult {
                     ),
                 ));
             }
-            Some(Client::new(server, cli.api_key.as_ref())?)
+            Some(Client::new(server, cli.api_key.as_ref(), cli.server_ca.as_deref())?)
         }
         _ => None,
     };

@@ -1,5 +1,5 @@
-//! `polybus serve [--listen ADDR] [--data-dir DIR]`: the HTTP server over the registry, keeping
-//! every file a definition names inside the data folder.
+//! `polybus serve [--listen ADDR] [--data-dir DIR] [--tls-cert F --tls-key F]`: the HTTP(S)
+//! server over the registry, keeping every file a definition names inside the data folder.
 //!
 //! When the registry has no API key yet, a read-write key named `admin` is created and printed
 //! once, so the first `polybus serve` can be used at once; later starts create nothing.
@@ -25,10 +25,14 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> CliResult {
     config.secrets_key_file = ctx.secrets_key_file.clone();
     config.options.secret_env_prefixes = args.secret_env_prefixes;
     config.options.data_dir = Some(ctx.data_dir.clone());
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(polybus_server::TlsFiles { cert, key });
+    }
     let server = Server::bind(&config).await.map_err(failure)?;
     let address = server.local_addr().map_err(failure)?;
     let first = first_key(server.state().keys()).await?;
-    let url = format!("http://{address}");
+    let scheme = if server.is_tls() { "https" } else { "http" };
+    let url = format!("{scheme}://{address}");
     let registry = polybus_server::redact_url(&ctx.registry_url);
     let data_dir = std::path::absolute(&ctx.data_dir).unwrap_or_else(|_| ctx.data_dir.clone());
     let data_dir = data_dir.display().to_string();

@@ -78,6 +78,9 @@ impl Sandbox {
             .env_remove("POLYBUS_REGISTRY")
             .env_remove("POLYBUS_SERVER")
             .env_remove("POLYBUS_API_KEY")
+            .env_remove("POLYBUS_SERVER_CA")
+            .env_remove("POLYBUS_TLS_CERT")
+            .env_remove("POLYBUS_TLS_KEY")
             .env_remove("RUST_LOG")
             .env_remove("RUST_BACKTRACE");
         command
