@@ -2,6 +2,7 @@
 //! patches and optimistic concurrency, over a pluggable [`Store`] (SQLite by default,
 //! PostgreSQL for several replicas).
 
+mod pg_tls;
 mod postgres;
 mod secrets;
 mod sqlite;

@@ -20,7 +20,7 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
-use crate::{Kind, Record, Store};
+use crate::{Kind, Record, Store, pg_tls};
 
 /// How long one statement may take before the store gives up on it.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,6 +53,8 @@ pub struct PostgresStore {
 
 struct Inner {
     config: Config,
+    /// The TLS connector, unless `sslmode=disable`.
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
     schema: Option<String>,
     shown: String,
     conn: Mutex<Option<Arc<Conn>>>,
@@ -87,9 +89,13 @@ impl PostgresStore {
     }
 
     async fn connect_with(url: &str, schema: Option<&str>) -> Result<Self> {
-        let mut config: Config = url.parse().map_err(|e| {
-            Error::Storage(format!("invalid PostgreSQL registry URL {}: {}", shown_url(url), describe(&e)))
-        })?;
+        let invalid = |why: String| {
+            Error::Storage(format!("invalid PostgreSQL registry URL {}: {why}", shown_url(url)))
+        };
+        let (rest, tls) = pg_tls::split(url).map_err(invalid)?;
+        let mut config: Config = rest.parse().map_err(|e| invalid(describe(&e)))?;
+        config.ssl_mode(tls.ssl_mode());
+        let tls = tls.connector().map_err(invalid)?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -100,6 +106,7 @@ impl PostgresStore {
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 config,
+                tls,
                 schema: schema.map(str::to_owned),
                 shown,
                 conn: Mutex::new(None),
@@ -136,16 +143,21 @@ impl PostgresStore {
 
     async fn connect(&self) -> Result<Conn> {
         let shown = &self.inner.shown;
-        let (client, connection) = self.inner.config.connect(NoTls).await.map_err(|e| {
+        let failed = |e| {
             Error::Storage(format!("cannot connect to the PostgreSQL registry at {shown}: {}", describe(&e)))
-        })?;
-        let driver_shown = shown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                let error = describe(&e);
-                tracing::warn!(registry = %driver_shown, %error, "PostgreSQL registry connection lost");
+        };
+        let client = match &self.inner.tls {
+            None => {
+                let (client, connection) = self.inner.config.connect(NoTls).await.map_err(failed)?;
+                drive(connection, shown.clone());
+                client
             }
-        });
+            Some(tls) => {
+                let (client, connection) = self.inner.config.connect(tls.clone()).await.map_err(failed)?;
+                drive(connection, shown.clone());
+                client
+            }
+        };
         let setup = async {
             let mut script = format!("BEGIN;\nSELECT pg_advisory_xact_lock({SCHEMA_LOCK});\n");
             if let Some(schema) = &self.inner.schema {
@@ -243,6 +255,20 @@ impl PostgresStore {
 fn decode(row: &Row) -> std::result::Result<Record, tokio_postgres::Error> {
     let version: i64 = row.try_get(1)?;
     Ok(Record { key: row.try_get(0)?, version: version.max(0) as u64, doc: row.try_get(2)? })
+}
+
+/// Runs a connection's driver until it ends, saying why when it fails.
+fn drive<S, T>(connection: tokio_postgres::Connection<S, T>, shown: String)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            let error = describe(&e);
+            tracing::warn!(registry = %shown, %error, "PostgreSQL registry connection lost");
+        }
+    });
 }
 
 /// True when `e` means the connection is gone rather than that the statement failed.
