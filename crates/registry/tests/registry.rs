@@ -498,3 +498,58 @@ async fn two_sqlite_paths_to_one_file_are_one_registry() {
     a.create_broker(broker("bus")).await.unwrap();
     assert_eq!(b.fetch_broker("bus").await.unwrap().version, 1);
 }
+
+/// The TLS test servers' settings (`scripts/services tls` writes them).
+fn tls_env() -> std::collections::HashMap<String, String> {
+    let dir = std::env::var("POLYBUS_TLS_DIR")
+        .unwrap_or_else(|_| format!("{}/.cache/polybus/tls", std::env::var("HOME").unwrap_or_default()));
+    let text = std::fs::read_to_string(format!("{dir}/env")).unwrap_or_else(|e| {
+        panic!("{dir}/env ({e}): start the TLS test servers with `scripts/services tls`")
+    });
+    text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect()
+}
+
+#[tokio::test]
+async fn postgres_registry_over_tls_verifies_the_server_and_hides_the_password() {
+    let env = tls_env();
+    let url = &env["POLYBUS_TLS_POSTGRES_URL"];
+    let (ca, wrong_ca, password) =
+        (&env["POLYBUS_TLS_CA"], &env["POLYBUS_TLS_WRONG_CA"], &env["POLYBUS_TLS_PASSWORD"]);
+    let schema = format!("tls_{}", uuid::Uuid::new_v4().simple());
+
+    let verified = with_param(url, &format!("sslrootcert={ca}"));
+    let store =
+        PostgresStore::open_in_schema(&verified, &schema).await.expect("verify-full with the test CA");
+    let registry = Registry::new(Arc::new(store)).with_kinds(kinds());
+    registry.create_broker(broker("tls")).await.expect("a write over TLS");
+    assert_eq!(registry.fetch_broker("tls").await.expect("a read over TLS"), broker_v1("tls"));
+    registry.ping().await.expect("ping");
+
+    let untrusted = with_param(url, &format!("sslrootcert={wrong_ca}"));
+    let e = PostgresStore::open(&untrusted).await.err().expect("another CA is not trusted");
+    assert_eq!(e.code(), "STORAGE_FAILED");
+    assert!(e.to_string().to_lowercase().contains("certificate"), "says why: {e}");
+
+    let plain = url.replace("sslmode=verify-full", "sslmode=disable");
+    let e = PostgresStore::open(&plain).await.err().expect("the server takes TLS only");
+    assert!(!e.to_string().contains(password.as_str()), "{e}");
+
+    let wrong = url.replace(password.as_str(), "not-the-password");
+    let e = PostgresStore::open(&with_param(&wrong, &format!("sslrootcert={ca}")))
+        .await
+        .err()
+        .expect("wrong password");
+    assert!(e.to_string().contains("password authentication failed"), "{e}");
+    assert!(!e.to_string().contains("not-the-password"), "{e}");
+
+    // Unverified (`require`, libpq's meaning) still encrypts; the server refuses plaintext.
+    let required = url.replace("sslmode=verify-full", "sslmode=require");
+    PostgresStore::open_in_schema(&required, &schema).await.expect("require without a root");
+
+    let dropped = std::process::Command::new("psql")
+        .arg(format!("{verified}"))
+        .args(["-q", "-c", &format!("DROP SCHEMA {schema} CASCADE")])
+        .output()
+        .expect("run psql");
+    assert!(dropped.status.success(), "drop the test schema: {}", String::from_utf8_lossy(&dropped.stderr));
+}
