@@ -547,7 +547,7 @@ async fn postgres_registry_over_tls_verifies_the_server_and_hides_the_password()
     PostgresStore::open_in_schema(&required, &schema).await.expect("require without a root");
 
     let dropped = std::process::Command::new("psql")
-        .arg(format!("{verified}"))
+        .arg(&verified)
         .args(["-q", "-c", &format!("DROP SCHEMA {schema} CASCADE")])
         .output()
         .expect("run psql");
