@@ -69,6 +69,9 @@ pub enum Command {
     Publish(PublishArgs),
     /// Consume messages of a topic in an env as a member of a group, acking each once printed.
     Consume(ConsumeArgs),
+    /// Dead letters of a topic in an env: list, show, send back (redrive) or delete (purge).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
     /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
@@ -108,6 +111,7 @@ impl Command {
             Command::Topic(_) => "topic",
             Command::Publish(_) => "publish",
             Command::Consume(_) => "consume",
+            Command::Dlq(_) => "dlq",
             Command::Quickstart => "quickstart",
             Command::Serve(_) => "serve",
             Command::Key(_) => "key",
@@ -296,6 +300,65 @@ pub struct PublishArgs {
     /// Publish this many copies, each with its own id.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
+}
+
+/// Which dead letters a `polybus dlq` command acts on.
+#[derive(Debug, Args)]
+pub struct DlqTarget {
+    /// The env.
+    #[arg(long)]
+    pub env: String,
+    /// The event, `broker-tag:topic-tag`.
+    pub event: String,
+    /// Only those the consumer group of this name gave up on.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// Only those whose reason contains this text.
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+/// `polybus dlq …`
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters with their reason, attempts, group and time; they stay where they are.
+    List {
+        /// The topic and filters.
+        #[command(flatten)]
+        target: DlqTarget,
+        /// List at most this many.
+        #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=1000))]
+        limit: u64,
+    },
+    /// Show one dead letter whole.
+    Show {
+        /// The env.
+        #[arg(long)]
+        env: String,
+        /// The event, `broker-tag:topic-tag`.
+        event: String,
+        /// The message id.
+        id: String,
+    },
+    /// Publish dead letters back to their topic (same id, payload, key and headers), removing
+    /// each once the broker confirmed its copy: all of them, or those the options select.
+    Redrive {
+        /// The topic and filters.
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Only these message ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<String>,
+    },
+    /// Delete dead letters: all of them, or those the options select.
+    Purge {
+        /// The topic and filters.
+        #[command(flatten)]
+        target: DlqTarget,
+        /// Only these message ids (comma-separated).
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<String>,
+    },
 }
 
 /// `polybus consume …`

@@ -107,23 +107,7 @@ pub struct Leased {
 impl Leased {
     /// The message as the local broker would have delivered it.
     pub fn to_message(&self) -> CliResult<Message> {
-        let payload = match (self.encoding.as_str(), &self.payload) {
-            ("text", Value::String(text)) => text.clone().into_bytes(),
-            ("base64", Value::String(text)) => {
-                base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| {
-                    bad_response(format!("message `{}` has a payload that is not base64: {e}", self.id))
-                })?
-            }
-            ("json", value) => serde_json::to_vec(value).map_err(|e| {
-                bad_response(format!("message `{}`: cannot encode its payload: {e}", self.id))
-            })?,
-            (encoding, _) => {
-                return Err(bad_response(format!(
-                    "message `{}` has a payload in an unknown encoding `{encoding}`",
-                    self.id
-                )));
-            }
-        };
+        let payload = decode_payload(&self.id, &self.encoding, &self.payload)?;
         let mut message = Message::new(payload);
         message.id = self.id.clone();
         message.headers = self.headers.clone();
@@ -135,6 +119,80 @@ impl Leased {
         })?;
         Ok(message)
     }
+}
+
+/// The bytes of a payload the server wrote as `encoding`.
+fn decode_payload(id: &str, encoding: &str, payload: &Value) -> CliResult<Vec<u8>> {
+    match (encoding, payload) {
+        ("text", Value::String(text)) => Ok(text.clone().into_bytes()),
+        ("base64", Value::String(text)) => base64::engine::general_purpose::STANDARD
+            .decode(text)
+            .map_err(|e| bad_response(format!("message `{id}` has a payload that is not base64: {e}"))),
+        ("json", value) => serde_json::to_vec(value)
+            .map_err(|e| bad_response(format!("message `{id}`: cannot encode its payload: {e}"))),
+        (encoding, _) => {
+            Err(bad_response(format!("message `{id}` has a payload in an unknown encoding `{encoding}`")))
+        }
+    }
+}
+
+/// A dead letter as the server writes it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadLetterIn {
+    id: String,
+    payload: Value,
+    encoding: String,
+    #[serde(default)]
+    headers: std::collections::BTreeMap<String, String>,
+    key: Option<String>,
+    content_type: Option<String>,
+    published_at: String,
+    reason: Option<String>,
+    attempts: Option<u32>,
+    group: Option<String>,
+    dead_lettered_at: Option<String>,
+}
+
+impl DeadLetterIn {
+    fn into_dead_letter(self, event: &str) -> CliResult<polybus::DeadLetter> {
+        let mut message = Message::new(decode_payload(&self.id, &self.encoding, &self.payload)?);
+        message.published_at = wire::parse_time(&self.published_at).ok_or_else(|| {
+            bad_response(format!("dead letter `{}` has a bad publish time `{}`", self.id, self.published_at))
+        })?;
+        message.id = self.id;
+        message.headers = self.headers;
+        message.key = self.key;
+        message.content_type = self.content_type;
+        Ok(polybus::DeadLetter {
+            message,
+            reason: self.reason,
+            attempts: self.attempts,
+            group: self.group,
+            event: Some(event.to_owned()),
+            dead_lettered_at: self.dead_lettered_at.as_deref().and_then(wire::parse_time),
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadLettersIn {
+    dead_letters: Vec<DeadLetterIn>,
+}
+
+#[derive(Deserialize)]
+struct OutcomeIn {
+    done: Vec<String>,
+    #[serde(default)]
+    failed: Vec<FailedIn>,
+    kept: usize,
+}
+
+#[derive(Deserialize)]
+struct FailedIn {
+    id: String,
+    error: String,
 }
 
 /// The outcome of a connection test made by the server.
@@ -456,6 +514,51 @@ impl Client {
             );
         }
         Ok(failed.len())
+    }
+}
+
+impl Client {
+    /// `GET …/dead-letters`: up to `limit` dead letters `filter` selects.
+    pub async fn list_dead_letters(
+        &self,
+        env: &str,
+        event: &str,
+        filter: &polybus::DeadLetterFilter,
+        limit: usize,
+    ) -> CliResult<Vec<polybus::DeadLetter>> {
+        let limit = limit.to_string();
+        let ids = filter.ids.as_ref().map(|ids| ids.iter().cloned().collect::<Vec<_>>().join(","));
+        let mut query = vec![("limit", limit.as_str())];
+        query.extend(filter.group.as_deref().map(|g| ("group", g)));
+        query.extend(filter.reason.as_deref().map(|r| ("reason", r)));
+        query.extend(ids.as_deref().map(|i| ("ids", i)));
+        let path = ["envs", env, "events", event, "dead-letters"];
+        let DeadLettersIn { dead_letters } =
+            self.call(Method::GET, &path, &query, NO_BODY, REQUEST_TIMEOUT).await?;
+        dead_letters.into_iter().map(|l| l.into_dead_letter(event)).collect()
+    }
+
+    /// `POST …/dead-letters/redrive` or `…/purge` for the dead letters `filter` selects.
+    pub async fn act_on_dead_letters(
+        &self,
+        env: &str,
+        event: &str,
+        filter: &polybus::DeadLetterFilter,
+        act: crate::commands::DlqAct,
+    ) -> CliResult<polybus::DeadLetterOutcome> {
+        let verb = match act {
+            crate::commands::DlqAct::Redrive => "redrive",
+            crate::commands::DlqAct::Purge => "purge",
+        };
+        let body = serde_json::json!({"group": filter.group, "reason": filter.reason, "ids": filter.ids});
+        let path = ["envs", env, "events", event, "dead-letters", verb];
+        let OutcomeIn { done, failed, kept } =
+            self.call(Method::POST, &path, &[], Some(&body), REQUEST_TIMEOUT).await?;
+        Ok(polybus::DeadLetterOutcome {
+            done,
+            failed: failed.into_iter().map(|f| (f.id, f.error)).collect(),
+            kept,
+        })
     }
 }
 

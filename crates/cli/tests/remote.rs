@@ -279,3 +279,128 @@ fn a_body_over_the_server_limit_is_reported_as_the_server_answered_it() {
         "{line}"
     );
 }
+
+/// `POST path` with a JSON body and the server's key over plain HTTP/1.1; the answer's JSON.
+fn post(server: &Server, path: &str, body: &Value) -> Value {
+    use std::io::{Read, Write};
+    let address = server.url.strip_prefix("http://").expect("an http URL");
+    let mut stream = std::net::TcpStream::connect(address).expect("connect to the server");
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30))).expect("timeout");
+    let body = body.to_string();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        server.key,
+        body.len()
+    )
+    .expect("send request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("read response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}\n{body}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}"))
+}
+
+#[test]
+fn dead_letters_are_listed_shown_redriven_and_purged_through_the_server() {
+    let server = Server::start();
+    let client = Sandbox::new();
+    let key = Some(server.key.as_str());
+    let run = |args: &[&str]| remote(&client, &server, key, args);
+    let broker = client.write(
+        "b.yaml",
+        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: dlq.db\n",
+    );
+    run(&["broker", "create", "-f", &broker]).ok();
+    let topic = client.write("t.yaml", "tag: bus:orders\n");
+    run(&["topic", "create", "-f", &topic]).ok();
+    for n in 1..=3 {
+        run(&[
+            "publish",
+            "--env",
+            "dev",
+            "bus:orders",
+            "--data",
+            &format!("{{\"n\": {n}}}"),
+            "--header",
+            "tenant=acme",
+        ])
+        .ok();
+    }
+    // The billing group gives up on all three.
+    let pulled = post(
+        &server,
+        "/v1/envs/dev/events/bus:orders/subscriptions/billing/pull",
+        &json!({"max": 3, "waitMs": 5000}),
+    );
+    let messages = pulled["messages"].as_array().expect("messages").clone();
+    assert_eq!(messages.len(), 3, "{pulled}");
+    let leases: Vec<Value> = messages.iter().map(|m| m["leaseId"].clone()).collect();
+    let ids: Vec<String> = messages.iter().map(|m| m["id"].as_str().expect("id").to_owned()).collect();
+    let settled = post(
+        &server,
+        "/v1/envs/dev/events/bus:orders/subscriptions/billing/ack",
+        &json!({"leaseIds": leases, "deadLetter": true, "reason": "schema mismatch"}),
+    );
+    assert_eq!(settled["settled"].as_array().map(Vec::len), Some(3), "{settled}");
+
+    let listed = json_lines(run(&["dlq", "list", "--env", "dev", "bus:orders", "--output", "json"]).ok());
+    let mut listed_ids: Vec<String> =
+        listed.iter().map(|l| l["id"].as_str().expect("id").to_owned()).collect();
+    listed_ids.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(listed_ids, expected, "{listed:?}");
+    for letter in &listed {
+        assert_eq!(letter["reason"], "schema mismatch", "{letter}");
+        assert_eq!(letter["group"], "billing", "{letter}");
+        assert_eq!(letter["attempts"], 1, "{letter}");
+        assert_eq!(letter["headers"], json!({"tenant": "acme"}), "only the publisher's headers: {letter}");
+        assert!(letter["dead_lettered_at"].is_string(), "{letter}");
+    }
+    let table = run(&["dlq", "list", "--env", "dev", "bus:orders", "--group", "billing"]);
+    assert!(table.ok().starts_with("ID"), "{table:?}");
+    assert!(table.ok().contains("schema mismatch"), "{table:?}");
+    let shown = run(&["dlq", "show", "--env", "dev", "bus:orders", &ids[0]]).json();
+    assert_eq!(shown["id"], ids[0].as_str());
+    let missing = run(&["dlq", "show", "--env", "dev", "bus:orders", "no-such-id"]);
+    assert!(missing.failed(1).contains("DEAD_LETTER_NOT_FOUND"), "{missing:?}");
+
+    let redriven =
+        run(&["dlq", "redrive", "--env", "dev", "bus:orders", "--ids", &ids[0], "--output", "json"]).json();
+    assert_eq!(
+        (redriven["done"].clone(), redriven["kept"].clone()),
+        (json!([ids[0]]), json!(2)),
+        "{redriven}"
+    );
+    let consumed = json_lines(
+        run(&[
+            "consume",
+            "--env",
+            "dev",
+            "bus:orders",
+            "--group",
+            "billing",
+            "--count",
+            "1",
+            "--timeout",
+            "20s",
+            "--output",
+            "json",
+        ])
+        .ok(),
+    );
+    assert_eq!(
+        consumed[0]["headers"]["polybus-redriven-from"],
+        ids[0].as_str(),
+        "the redriven copy is delivered"
+    );
+
+    let other_group =
+        run(&["dlq", "purge", "--env", "dev", "bus:orders", "--group", "mail", "--output", "json"]).json();
+    assert_eq!(other_group["done"], json!([]), "{other_group}");
+    let purged = run(&["dlq", "purge", "--env", "dev", "bus:orders"]);
+    assert_eq!(purged.ok(), "purged 2 dead letters; 0 not selected stay\n");
+    assert!(run(&["dlq", "list", "--env", "dev", "bus:orders", "--output", "json"]).ok().is_empty());
+}

@@ -18,6 +18,7 @@ use crate::fixture::{
 };
 use crate::harness::Need;
 use crate::load::{LOAD_CASE, load_lose_nothing};
+use crate::operations::{DLQ_CASE, dead_letters_are_listed_redriven_and_purged};
 use crate::private::Stop;
 use crate::process;
 use crate::restart::{CRASH_CASE, RESTART_CASE, RESTART_LIMIT, broker_restart_mid_publish_and_mid_consume};
@@ -177,6 +178,13 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: Some(2),
         limit: NORMAL,
         run: |ctx, _| Box::pin(consume_dead_letters_with_the_handler_error_as_reason(ctx)),
+    },
+    Case {
+        name: DLQ_CASE,
+        needs: &[Need::AtLeastOnce],
+        max_attempts: None,
+        limit: Duration::from_secs(90),
+        run: |ctx, _| Box::pin(dead_letters_are_listed_redriven_and_purged(ctx)),
     },
     Case {
         name: "consume_dead_letters_a_permanent_failure_at_once",
@@ -456,6 +464,9 @@ async fn dead_letter_after_max_attempts(ctx: Ctx) {
     expected.insert(wire::DEAD_LETTER_ATTEMPTS.into(), "2".into());
     expected.insert(wire::DEAD_LETTER_EVENT.into(), ctx.event.clone());
     expected.insert(wire::DEAD_LETTER_GROUP.into(), ctx.group("billing"));
+    let at = dead_letter.headers.get(wire::DEAD_LETTERED_AT).cloned().unwrap_or_default();
+    assert!(wire::parse_time(&at).is_some(), "{} is a time: {at:?}", wire::DEAD_LETTERED_AT);
+    expected.insert(wire::DEAD_LETTERED_AT.into(), at);
     assert_eq!(dead_letter.headers, expected, "headers of the dead letter");
     dead_letter.ack().await.or_fail("acking the dead letter");
 

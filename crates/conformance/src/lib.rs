@@ -19,6 +19,7 @@ pub mod failures;
 mod fixture;
 mod harness;
 mod load;
+mod operations;
 pub mod private;
 mod process;
 pub mod reliability;

@@ -20,6 +20,10 @@ pub const DEAD_LETTER_ATTEMPTS: &str = "polybus-dead-letter-attempts";
 pub const DEAD_LETTER_EVENT: &str = "polybus-dead-letter-event";
 /// The group that gave up on a dead-lettered message.
 pub const DEAD_LETTER_GROUP: &str = "polybus-dead-letter-group";
+/// The id of the dead letter a redriven message is a copy of.
+pub const REDRIVEN_FROM: &str = "polybus-redriven-from";
+/// When a message was dead-lettered, RFC 3339 with milliseconds.
+pub const DEAD_LETTERED_AT: &str = "polybus-dead-lettered-at";
 
 /// Formats a publish time for a header.
 pub fn format_time(t: chrono::DateTime<chrono::Utc>) -> String {

@@ -49,6 +49,7 @@ impl DeadLetterTarget {
         copy.headers.insert(wire::DEAD_LETTER_ATTEMPTS.into(), message.attempt.to_string());
         copy.headers.insert(wire::DEAD_LETTER_EVENT.into(), self.event.clone());
         copy.headers.insert(wire::DEAD_LETTER_GROUP.into(), self.group.clone());
+        copy.headers.insert(wire::DEAD_LETTERED_AT.into(), wire::format_time(chrono::Utc::now()));
         self.transport.publish(&self.spec, copy).await?;
         tracing::warn!(event = %self.event, group = %self.group, id = %message.id, attempts = message.attempt,
             reason, "message dead-lettered");

@@ -18,12 +18,14 @@
 mod bus;
 mod consume;
 mod delivery;
+mod dlq;
 pub mod files;
 mod secrets;
 
 pub use bus::{Bus, BusBuilder, Group};
 pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
 pub use delivery::{Delivery, SettlePolicy, Settled, Subscriber};
+pub use dlq::{DeadLetter, DeadLetterFilter, DeadLetterOutcome, SCAN_MAX as DEAD_LETTER_SCAN_MAX};
 pub use files::FilePolicy;
 pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
 

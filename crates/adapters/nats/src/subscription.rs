@@ -97,17 +97,50 @@ async fn run(
             () = puller::closed(&mut closed) => {}
         }
     };
+    let mut open = None;
     tokio::select! {
         () = stopped => {}
-        () = pull_forever(&shared, &mut puller, &fetcher) => {}
+        () = pull_forever(&shared, &mut puller, &fetcher, &mut open) => {}
+    }
+    // The server keeps a pull request until it expires, whoever listens: a message given back
+    // meanwhile (this member's nacks after closing, another member's) would be delivered to it
+    // and wait out the ack deadline. Listening on until it ends takes those, to give them back
+    // once it has.
+    if let Some(batch) = open
+        && !*shared.closed.borrow()
+    {
+        tokio::spawn(outlive(shared, batch));
     }
 }
 
-async fn pull_forever(shared: &Shared, puller: &mut Puller, fetcher: &Fetcher<Result<Delivery>>) {
+/// Holds what an abandoned pull request still brings until the request has ended, then gives
+/// it all back, so that it goes to a live request instead of bouncing back into this one.
+async fn outlive(shared: Shared, mut batch: puller::Batch) {
+    let mut brought = Vec::new();
+    while let Some(Ok(message)) = batch.next().await {
+        brought.push(message);
+    }
+    if !brought.is_empty() {
+        tracing::debug!(
+            count = brought.len(),
+            "giving back what a closed subscription's pull request brought"
+        );
+    }
+    for message in brought {
+        give_back(&shared, message).await;
+    }
+}
+
+async fn pull_forever(
+    shared: &Shared,
+    puller: &mut Puller,
+    fetcher: &Fetcher<Result<Delivery>>,
+    open: &mut Option<puller::Batch>,
+) {
     loop {
         let Some(mut room) = fetcher.room(usize::MAX).await else { return };
-        let mut batch = match puller.batch(room.len()).await {
-            Ok(batch) => batch,
+        let batch = match puller.batch(room.len()).await {
+            Ok(batch) => open.insert(batch),
             Err(e) => {
                 let pause = puller.failed();
                 report(shared, puller, fetcher, e.message());
@@ -136,6 +169,7 @@ async fn pull_forever(shared: &Shared, puller: &mut Puller, fetcher: &Fetcher<Re
                 return;
             }
         }
+        *open = None;
     }
 }
 

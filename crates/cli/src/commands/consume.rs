@@ -236,7 +236,7 @@ fn print(ctx: &Context, message: &Message) -> CliResult {
 }
 
 /// One JSON object: the payload as text, or as `payload_base64` when it is not UTF-8.
-fn as_json(message: &Message) -> Value {
+pub(super) fn as_json(message: &Message) -> Value {
     let mut object = Map::new();
     object.insert("id".into(), json!(message.id));
     match message.payload_str() {
@@ -272,7 +272,7 @@ fn as_line(message: &Message) -> CliResult<String> {
     Ok(parts.join("  "))
 }
 
-fn base64(bytes: &[u8]) -> String {
+pub(super) fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 

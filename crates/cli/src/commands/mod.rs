@@ -3,6 +3,8 @@
 pub mod bench;
 mod broker;
 mod consume;
+mod dlq;
+pub use dlq::Act as DlqAct;
 mod key;
 mod publish;
 mod quickstart;
@@ -115,6 +117,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Topic(command) => topic::run(&ctx, command).await,
         Command::Publish(args) => publish::run(&ctx, args).await,
         Command::Consume(args) => consume::run(&ctx, args).await,
+        Command::Dlq(command) => dlq::run(&ctx, command).await,
         Command::Quickstart => quickstart::run(&ctx).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
         Command::Key(command) => key::run(&ctx, command).await,

@@ -150,7 +150,8 @@ impl MessageOut {
     }
 }
 
-fn encode(message: &Message) -> (Value, Encoding) {
+/// The JSON form of `message`'s payload and how it is written.
+pub(crate) fn encode(message: &Message) -> (Value, Encoding) {
     let is_json = message
         .content_type
         .as_deref()

@@ -1,6 +1,7 @@
 //! The routes, assembled with their OpenAPI document, auth, limits, metrics and tracing.
 
 pub mod consume;
+pub mod deadletters;
 pub mod messages;
 pub mod ops;
 pub mod registry;
@@ -66,6 +67,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(secrets::router())
         .merge(messages::router())
         .merge(consume::router())
+        .merge(deadletters::router())
         .merge(ops::protected())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .merge(ops::public())
