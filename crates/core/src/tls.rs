@@ -415,10 +415,15 @@ pub fn handshake_failure(error: &(dyn std::error::Error + 'static)) -> Option<St
         if let Some(tls) = e.downcast_ref::<rustls::Error>() {
             return Some(explain(tls));
         }
-        // An I/O error may carry the TLS error it stands for.
-        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref())
-            && let Some(why) = handshake_failure(inner)
-        {
+        // An I/O error may carry the TLS error it stands for, and a client may keep it in an
+        // `Arc` (redis): their `source` skips it.
+        let inner: Option<&(dyn std::error::Error + 'static)> =
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                io.get_ref().map(|inner| inner as _)
+            } else {
+                e.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>().map(|arc| &**arc as _)
+            };
+        if let Some(why) = inner.and_then(handshake_failure) {
             return Some(why);
         }
         next = e.source();
