@@ -6,10 +6,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use polybus::core::{Message, SubscribeOptions, TopicSpec};
-use polybus::{BrokerType, Connector};
+use polybus::{BrokerType, Connector, Error};
 
 /// Longest wait for the round trip's message.
 const RECEIVE_WITHIN: Duration = Duration::from_secs(15);
+/// Longest wait for a connect to fail or for the round trip's other steps.
+const STEP_WITHIN: Duration = Duration::from_secs(20);
 
 /// The ports, users, passwords and certificate paths of the local TLS servers.
 pub struct TlsServers {
@@ -77,17 +79,15 @@ pub async fn round_trip(
     group: &str,
 ) {
     let target = crate::failures::target(broker_type, config);
-    let transport = connector.connect(&target).await.unwrap_or_else(|e| panic!("connect: {e}"));
+    let transport = within("connect", connector.connect(&target)).await;
     let spec = TopicSpec::named(native);
-    transport.ensure_topic(&spec).await.unwrap_or_else(|e| panic!("ensure topic: {e}"));
-    let mut subscription = transport
-        .subscribe(&spec, &SubscribeOptions::new(group))
-        .await
-        .unwrap_or_else(|e| panic!("subscribe: {e}"));
+    within("ensure topic", transport.ensure_topic(&spec)).await;
+    let mut subscription =
+        within("subscribe", transport.subscribe(&spec, &SubscribeOptions::new(group))).await;
     let payload = format!("over TLS {}", uuid::Uuid::new_v4());
     let message = Message::new(payload.clone().into_bytes());
     let id = message.id.clone();
-    transport.publish(&spec, message).await.unwrap_or_else(|e| panic!("publish: {e}"));
+    within("publish", transport.publish(&spec, message)).await;
     let delivery = tokio::time::timeout(RECEIVE_WITHIN, subscription.next())
         .await
         .unwrap_or_else(|_| panic!("the message did not arrive within {RECEIVE_WITHIN:?}"))
@@ -95,7 +95,26 @@ pub async fn round_trip(
         .unwrap_or_else(|e| panic!("receive: {e}"));
     assert_eq!(delivery.message.id, id);
     assert_eq!(delivery.message.payload.as_ref(), payload.as_bytes());
-    delivery.ack().await.unwrap_or_else(|e| panic!("ack: {e}"));
-    subscription.close().await.unwrap_or_else(|e| panic!("close the subscription: {e}"));
-    transport.close().await.unwrap_or_else(|e| panic!("close: {e}"));
+    within("ack", delivery.ack()).await;
+    within("close the subscription", subscription.close()).await;
+    within("close", transport.close()).await;
+}
+
+/// The error connecting to a `broker_type` env with `config` gives, within 20 s.
+///
+/// # Panics
+/// When it connects, or takes longer.
+pub async fn refused(connector: &dyn Connector, broker_type: BrokerType, config: serde_json::Value) -> Error {
+    tokio::time::timeout(STEP_WITHIN, crate::failures::connect_error(connector, broker_type, config))
+        .await
+        .unwrap_or_else(|_| panic!("connecting neither failed nor succeeded within {STEP_WITHIN:?}"))
+}
+
+/// The value of `step`, which must succeed within 20 s.
+async fn within<T>(what: &str, step: impl Future<Output = polybus::Result<T>>) -> T {
+    match tokio::time::timeout(STEP_WITHIN, step).await {
+        Ok(Ok(value)) => value,
+        Ok(Err(e)) => panic!("{what}: {e}"),
+        Err(_) => panic!("{what}: no answer within {STEP_WITHIN:?}"),
+    }
 }

@@ -6,8 +6,7 @@
 //! CA; the second port requires a client certificate).
 
 use polybus::FailureKind;
-use polybus_conformance::failures::connect_error;
-use polybus_conformance::tls::{TlsServers, round_trip, unique};
+use polybus_conformance::tls::{TlsServers, refused, round_trip, unique};
 use polybus_mqtt::{BROKER_TYPE, MqttConnector};
 use serde_json::{Value, json};
 
@@ -56,7 +55,7 @@ async fn a_client_certificate_is_the_identity_where_the_broker_requires_one() {
 async fn without_the_client_certificate_the_handshake_is_refused() {
     let servers = TlsServers::load();
     let config = mtls_config(&servers, json!({"caFile": servers.get("POLYBUS_TLS_CA")}));
-    let error = connect_error(&MqttConnector, BROKER_TYPE, config).await;
+    let error = refused(&MqttConnector, BROKER_TYPE, config).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert!(!error.is_retryable(), "{error}");
     let text = error.to_string();
@@ -68,7 +67,7 @@ async fn without_the_client_certificate_the_handshake_is_refused() {
 async fn the_wrong_ca_is_refused_as_a_certificate_problem() {
     let servers = TlsServers::load();
     let config = config(&servers, json!({"caFile": servers.get("POLYBUS_TLS_WRONG_CA")}));
-    let error = connect_error(&MqttConnector, BROKER_TYPE, config).await;
+    let error = refused(&MqttConnector, BROKER_TYPE, config).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert_eq!(error.failure_kind(), Some(FailureKind::Invalid), "{error}");
     let text = error.to_string();
@@ -84,7 +83,7 @@ async fn a_wrong_password_is_refused_without_showing_it() {
     let mut config = config(&servers, json!({"caFile": servers.get("POLYBUS_TLS_CA")}));
     let wrong = format!("wrong-{}", uuid::Uuid::new_v4().simple());
     config["password"] = json!(wrong);
-    let error = connect_error(&MqttConnector, BROKER_TYPE, config).await;
+    let error = refused(&MqttConnector, BROKER_TYPE, config).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert_eq!(error.failure_kind(), Some(FailureKind::Auth), "{error}");
     let shown = format!("{error} {error:?}");

@@ -5,8 +5,7 @@
 //! CA).
 
 use polybus::FailureKind;
-use polybus_conformance::failures::connect_error;
-use polybus_conformance::tls::{TlsServers, round_trip, unique};
+use polybus_conformance::tls::{TlsServers, refused, round_trip, unique};
 use polybus_nats::names::TopicNames;
 use polybus_nats::{BROKER_TYPE, NatsConnector};
 use serde_json::{Value, json};
@@ -67,7 +66,7 @@ async fn a_server_name_and_a_client_certificate_are_used() {
 async fn a_server_name_the_certificate_does_not_hold_is_refused() {
     let servers = TlsServers::load();
     let tls = json!({"caFile": servers.get("POLYBUS_TLS_CA"), "serverName": "nats.example.com"});
-    let error = connect_error(&NatsConnector, BROKER_TYPE, config(&servers, tls)).await;
+    let error = refused(&NatsConnector, BROKER_TYPE, config(&servers, tls)).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     let text = error.to_string();
     assert!(text.contains("not issued for the host connected to"), "{text}");
@@ -77,7 +76,7 @@ async fn a_server_name_the_certificate_does_not_hold_is_refused() {
 async fn the_wrong_ca_is_refused_as_a_certificate_problem() {
     let servers = TlsServers::load();
     let config = config(&servers, json!({"caFile": servers.get("POLYBUS_TLS_WRONG_CA")}));
-    let error = connect_error(&NatsConnector, BROKER_TYPE, config).await;
+    let error = refused(&NatsConnector, BROKER_TYPE, config).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert_eq!(error.failure_kind(), Some(FailureKind::Invalid), "{error}");
     let text = error.to_string();
@@ -93,7 +92,7 @@ async fn a_wrong_password_is_refused_without_showing_it() {
     let mut config = config(&servers, json!({"caFile": servers.get("POLYBUS_TLS_CA")}));
     let wrong = format!("wrong-{}", uuid::Uuid::new_v4().simple());
     config["pass"] = json!(wrong);
-    let error = connect_error(&NatsConnector, BROKER_TYPE, config).await;
+    let error = refused(&NatsConnector, BROKER_TYPE, config).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert_eq!(error.failure_kind(), Some(FailureKind::Auth), "{error}");
     let shown = format!("{error} {error:?}");

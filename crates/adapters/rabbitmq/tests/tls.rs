@@ -9,8 +9,7 @@ use lapin::options::{ExchangeDeleteOptions, QueueDeleteOptions};
 use lapin::tcp::OwnedTLSConfig;
 use lapin::{Connection, ConnectionProperties};
 use polybus::{FailureKind, TopicSpec};
-use polybus_conformance::failures::connect_error;
-use polybus_conformance::tls::{TlsServers, round_trip, unique};
+use polybus_conformance::tls::{TlsServers, refused, round_trip, unique};
 use polybus_rabbitmq::{BROKER_TYPE, RabbitmqConnector, queue_name};
 use serde_json::{Value, json};
 
@@ -95,7 +94,7 @@ async fn insecure_skip_verify_accepts_a_certificate_of_another_ca() {
 async fn the_wrong_ca_is_refused_as_a_certificate_problem() {
     let servers = TlsServers::load();
     let tls = json!({"caFile": servers.get("POLYBUS_TLS_WRONG_CA")});
-    let error = connect_error(&RabbitmqConnector, BROKER_TYPE, config(&servers, "unused", tls)).await;
+    let error = refused(&RabbitmqConnector, BROKER_TYPE, config(&servers, "unused", tls)).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert_eq!(error.failure_kind(), Some(FailureKind::Invalid), "{error}");
     let text = error.to_string();
@@ -109,7 +108,7 @@ async fn the_wrong_ca_is_refused_as_a_certificate_problem() {
 async fn a_server_name_the_certificate_does_not_hold_is_refused() {
     let servers = TlsServers::load();
     let tls = json!({"caFile": servers.get("POLYBUS_TLS_CA"), "serverName": "rabbit.example.com"});
-    let error = connect_error(&RabbitmqConnector, BROKER_TYPE, config(&servers, "unused", tls)).await;
+    let error = refused(&RabbitmqConnector, BROKER_TYPE, config(&servers, "unused", tls)).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert!(error.to_string().contains("not issued for the host connected to"), "{error}");
 }
@@ -120,7 +119,7 @@ async fn a_wrong_password_is_refused_without_showing_it() {
     let mut config = config(&servers, "unused", json!({"caFile": servers.get("POLYBUS_TLS_CA")}));
     let wrong = format!("wrong-{}", uuid::Uuid::new_v4().simple());
     config["password"] = json!(wrong);
-    let error = connect_error(&RabbitmqConnector, BROKER_TYPE, config).await;
+    let error = refused(&RabbitmqConnector, BROKER_TYPE, config).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert_eq!(error.failure_kind(), Some(FailureKind::Auth), "{error}");
     let shown = format!("{error} {error:?}");

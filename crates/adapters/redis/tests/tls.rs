@@ -4,8 +4,7 @@
 //! Needs the TLS Redis of `scripts/services tls` (its env file gives the port, user and CA).
 
 use polybus::FailureKind;
-use polybus_conformance::failures::connect_error;
-use polybus_conformance::tls::{TlsServers, round_trip, unique};
+use polybus_conformance::tls::{TlsServers, refused, round_trip, unique};
 use polybus_redis::{BROKER_TYPE, RedisConnector};
 use serde_json::{Value, json};
 
@@ -75,7 +74,7 @@ async fn insecure_skip_verify_accepts_a_certificate_of_another_ca() {
 async fn the_wrong_ca_is_refused_as_a_certificate_problem() {
     let servers = TlsServers::load();
     let config = config(&servers, json!({"caFile": servers.get("POLYBUS_TLS_WRONG_CA")}));
-    let error = connect_error(&RedisConnector, BROKER_TYPE, config).await;
+    let error = refused(&RedisConnector, BROKER_TYPE, config).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert_eq!(error.failure_kind(), Some(FailureKind::Invalid), "{error}");
     let text = error.to_string();
@@ -91,7 +90,7 @@ async fn a_wrong_password_is_refused_without_showing_it() {
     let mut config = config(&servers, json!({"caFile": servers.get("POLYBUS_TLS_CA")}));
     let wrong = format!("wrong-{}", uuid::Uuid::new_v4().simple());
     config["password"] = json!(wrong);
-    let error = connect_error(&RedisConnector, BROKER_TYPE, config).await;
+    let error = refused(&RedisConnector, BROKER_TYPE, config).await;
     assert_eq!(error.code(), "CONNECT_FAILED", "{error}");
     assert_eq!(error.failure_kind(), Some(FailureKind::Auth), "{error}");
     let shown = format!("{error} {error:?}");
