@@ -5,10 +5,21 @@
 //! Needs the TLS Mosquitto of `scripts/services tls` (its env file gives the ports, user and
 //! CA; the second port requires a client certificate).
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use polybus::FailureKind;
 use polybus_conformance::tls::{TlsServers, refused, round_trip, unique};
-use polybus_mqtt::{BROKER_TYPE, MqttConnector};
+use polybus_core::tls::TlsBlock;
+use polybus_mqtt::{BROKER_TYPE, MqttConnector, orphan_topic};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::Packet;
+use rumqttc::v5::{AsyncClient, Event, EventLoop, MqttOptions};
+use rumqttc::{TlsConfiguration, Transport};
 use serde_json::{Value, json};
+
+/// Longest wait for a packet of the cleanup client.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// The TLS Mosquitto's password config, with `tls`.
 fn config(servers: &TlsServers, tls: Value) -> Value {
@@ -32,11 +43,89 @@ fn mtls_config(servers: &TlsServers, tls: Value) -> Value {
     })
 }
 
+/// Which listener a cleanup client connects to: with the password, or the client certificate.
+#[derive(Clone, Copy)]
+enum Listener {
+    Password,
+    ClientCertificate,
+}
+
+/// Options of a plain client of `listener` with the private CA, starting a session that ends
+/// with its connection.
+fn native_options(servers: &TlsServers, listener: Listener, client_id: &str) -> MqttOptions {
+    let host = servers.get("POLYBUS_TLS_HOST");
+    let mut block = TlsBlock { ca_file: Some(servers.get("POLYBUS_TLS_CA")), ..Default::default() };
+    let port = match listener {
+        Listener::Password => servers.get("POLYBUS_TLS_MQTT_PORT"),
+        Listener::ClientCertificate => {
+            block.cert_file = Some(servers.get("POLYBUS_TLS_CLIENT_CERT"));
+            block.key_file = Some(servers.get("POLYBUS_TLS_CLIENT_KEY"));
+            servers.get("POLYBUS_TLS_MQTT_MTLS_PORT")
+        }
+    };
+    let mut options = MqttOptions::new(client_id, host, port.parse::<u16>().expect("a port"));
+    if let Listener::Password = listener {
+        options
+            .set_credentials(servers.get("POLYBUS_TLS_MQTT_USER"), servers.get("POLYBUS_TLS_MQTT_PASSWORD"));
+    }
+    let config = block.client_config().expect("a TLS config for the cleanup client");
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config))));
+    options
+}
+
+/// Polls `events` until `wanted` arrives.
+async fn until(events: &mut EventLoop, what: &str, wanted: impl Fn(&Packet) -> bool) {
+    let found = async {
+        loop {
+            match events.poll().await {
+                Ok(Event::Incoming(packet)) if wanted(&packet) => return,
+                Ok(_) => {}
+                Err(e) => panic!("cleanup client, waiting for {what}: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(WAIT, found)
+        .await
+        .unwrap_or_else(|_| panic!("cleanup client: no {what} within {WAIT:?}"));
+}
+
+/// Deletes what a round trip's group left on the broker: the session its closed member keeps
+/// (which never expires) and the retained record naming it.
+async fn forget_group(servers: &TlsServers, listener: Listener, group: &str, topic: &str) {
+    let (client, mut events) = AsyncClient::new(native_options(servers, listener, &unique("cleanup")), 16);
+    let filter = format!("{}/+", orphan_topic(group, topic));
+    client.subscribe(filter, QoS::AtLeastOnce).await.expect("sending SUBSCRIBE");
+    until(&mut events, "SUBACK", |p| matches!(p, Packet::SubAck(_))).await;
+    let mut records = Vec::new();
+    // Retained records come right after the SUBACK.
+    while let Ok(event) = tokio::time::timeout(Duration::from_millis(500), events.poll()).await {
+        match event {
+            Ok(Event::Incoming(Packet::Publish(p))) if !p.payload.is_empty() => records.push(p),
+            Ok(_) => {}
+            Err(e) => panic!("cleanup client: {e}"),
+        }
+    }
+    assert!(!records.is_empty(), "the closed member left no record of its session under {topic}");
+    for record in records {
+        let session = String::from_utf8_lossy(&record.payload).into_owned();
+        let (ender, mut ender_events) = AsyncClient::new(native_options(servers, listener, &session), 8);
+        until(&mut ender_events, "CONNACK", |p| matches!(p, Packet::ConnAck(_))).await;
+        ender.disconnect().await.expect("ending the session");
+        let _ = tokio::time::timeout(WAIT, async { while ender_events.poll().await.is_ok() {} }).await;
+        let topic = String::from_utf8_lossy(&record.topic).into_owned();
+        client.publish(topic, QoS::AtLeastOnce, true, Vec::new()).await.expect("clearing the record");
+        until(&mut events, "PUBACK", |p| matches!(p, Packet::PubAck(_))).await;
+    }
+    client.disconnect().await.expect("disconnecting the cleanup client");
+}
+
 #[tokio::test]
 async fn a_round_trip_over_tls_with_the_private_ca() {
     let servers = TlsServers::load();
     let config = config(&servers, json!({"caFile": servers.get("POLYBUS_TLS_CA")}));
-    round_trip(&MqttConnector, BROKER_TYPE, config, &unique("mqtt"), "g").await;
+    let topic = unique("mqtt");
+    round_trip(&MqttConnector, BROKER_TYPE, config, &topic, "g").await;
+    forget_group(&servers, Listener::Password, "g", &topic).await;
 }
 
 #[tokio::test]
@@ -48,7 +137,9 @@ async fn a_client_certificate_is_the_identity_where_the_broker_requires_one() {
         "keyFile": servers.get("POLYBUS_TLS_CLIENT_KEY"),
         "serverName": "localhost",
     });
-    round_trip(&MqttConnector, BROKER_TYPE, mtls_config(&servers, tls), &unique("mqtt-mtls"), "g").await;
+    let topic = unique("mqtt-mtls");
+    round_trip(&MqttConnector, BROKER_TYPE, mtls_config(&servers, tls), &topic, "g").await;
+    forget_group(&servers, Listener::ClientCertificate, "g", &topic).await;
 }
 
 #[tokio::test]
