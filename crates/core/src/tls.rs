@@ -4,7 +4,9 @@
 //! Certificates and keys are PEM, inline or in files; an inline `key` is a secret (written as
 //! a `${VAR}` reference and redacted like a password). Errors name the field, never a key's
 //! content. [`TlsBlock::load`] reads what the block names; [`TlsBlock::client_config`] turns
-//! it into a rustls client config for the clients that take one.
+//! it into a rustls client config for the clients that take one (checking `serverName`, when
+//! given, in its verifier). [`connect_error`] turns a failed handshake into a connect error
+//! that says what is wrong with the certificates.
 
 use std::sync::Arc;
 
