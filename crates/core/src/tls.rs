@@ -4,10 +4,13 @@
 //! Certificates and keys are PEM, inline or in files; an inline `key` is a secret (written as
 //! a `${VAR}` reference and redacted like a password). Errors name the field, never a key's
 //! content. [`TlsBlock::load`] reads what the block names; [`TlsBlock::client_config`] turns
-//! it into a rustls client config for the clients that take one.
+//! it into a rustls client config for the clients that take one (checking `serverName`, when
+//! given, in its verifier). [`connect_error`] turns a failed handshake into a connect error
+//! that says what is wrong with the certificates.
 
 use std::sync::Arc;
 
+use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
@@ -209,6 +212,18 @@ impl TlsPem {
             ClientConfig::builder()
                 .dangerous()
                 .with_custom_certificate_verifier(Arc::new(AcceptAnyServer(provider)))
+        } else if let Some(name) = &self.server_name {
+            // Clients connect (and send SNI) with the host they were given; the name the
+            // certificate is checked against is the verifier's to decide.
+            let name = ServerName::try_from(name.clone()).map_err(|_| {
+                TlsError::new("serverName", format!("`{name}` is not a host name or IP address"))
+            })?;
+            let inner = WebPkiServerVerifier::builder(Arc::new(self.roots()?))
+                .build()
+                .map_err(|e| TlsError::new("ca", format!("is not a usable CA ({e})")))?;
+            ClientConfig::builder()
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(FixedName { inner, name }))
         } else {
             ClientConfig::builder().with_root_certificates(self.roots()?)
         };
@@ -329,6 +344,123 @@ impl ServerCertVerifier for AcceptAnyServer {
     }
 }
 
+/// The verifier of `serverName`: the server's certificate is checked against that name.
+#[derive(Debug)]
+struct FixedName {
+    inner: Arc<WebPkiServerVerifier>,
+    name: ServerName<'static>,
+}
+
+impl ServerCertVerifier for FixedName {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.inner.verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
+}
+
+/// A connect failure of `kind` on `target` (e.g. `redis host:port`) caused by `error`; when
+/// `error` is a failed TLS handshake, a non-retryable one saying what is wrong with the
+/// certificates and which `tls` field to look at.
+pub fn connect_error(
+    target: impl Into<String>,
+    kind: crate::FailureKind,
+    error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> crate::Error {
+    let error = error.into();
+    match handshake_failure(&*error) {
+        Some(why) => {
+            let cause = crate::Cause::new(error);
+            crate::Error::Transport {
+                op: crate::Op::Connect,
+                target: target.into(),
+                message: format!("TLS handshake failed, a certificate problem: {why} ({cause})"),
+                kind: crate::FailureKind::Invalid,
+                source: Some(cause),
+            }
+        }
+        None => crate::Error::transport_from(crate::Op::Connect, target, kind, error),
+    }
+}
+
+/// When `error` or an error under it is a failed TLS handshake: what went wrong, in words.
+pub fn handshake_failure(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(explain(tls));
+        }
+        // An I/O error may carry the TLS error it stands for, and a client may keep it in an
+        // `Arc` (redis): their `source` skips it.
+        let inner: Option<&(dyn std::error::Error + 'static)> =
+            if let Some(io) = e.downcast_ref::<std::io::Error>() {
+                io.get_ref().map(|inner| inner as _)
+            } else {
+                e.downcast_ref::<Arc<dyn std::error::Error + Send + Sync>>().map(|arc| &**arc as _)
+            };
+        if let Some(why) = inner.and_then(handshake_failure) {
+            return Some(why);
+        }
+        next = e.source();
+    }
+    None
+}
+
+fn explain(e: &rustls::Error) -> String {
+    use rustls::CertificateError as C;
+    match e {
+        rustls::Error::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            "the server's certificate is not signed by a CA this env trusts; set `tls.caFile` (or `tls.ca`) \
+             to the CA that signed it"
+                .into()
+        }
+        rustls::Error::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            "the server's certificate is not issued for the host connected to; connect by a name it holds \
+             or set `tls.serverName`"
+                .into()
+        }
+        rustls::Error::InvalidCertificate(
+            C::Expired | C::ExpiredContext { .. } | C::NotValidYet | C::NotValidYetContext { .. },
+        ) => "the server's certificate is expired or not yet valid".into(),
+        rustls::Error::InvalidCertificate(_) => "the server's certificate was refused".into(),
+        rustls::Error::AlertReceived(alert) => format!(
+            "the server ended the handshake ({alert:?}); it may require a client certificate \
+             (`tls.certFile` and `tls.keyFile`) signed by a CA it trusts"
+        ),
+        rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
+            "the server did not answer in TLS; is this port serving TLS?".into()
+        }
+        _ => "the TLS session could not be set up".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -380,5 +512,28 @@ mod tests {
     fn insecure_needs_no_roots() {
         let block = TlsBlock { insecure_skip_verify: Some(true), ..Default::default() };
         assert!(block.client_config().is_ok());
+    }
+
+    #[test]
+    fn a_handshake_failure_under_an_io_error_is_explained() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        );
+        let e = connect_error("redis h:1", crate::FailureKind::Unavailable, io);
+        assert_eq!(e.code(), "CONNECT_FAILED");
+        assert_eq!(e.failure_kind(), Some(crate::FailureKind::Invalid));
+        let text = e.to_string();
+        assert!(text.starts_with("connect failed on redis h:1: TLS handshake failed"), "{text}");
+        assert!(text.contains("tls.caFile"), "{text}");
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        let e = connect_error("redis h:1", crate::FailureKind::Unavailable, refused);
+        assert_eq!(e.failure_kind(), Some(crate::FailureKind::Unavailable));
+    }
+
+    #[test]
+    fn a_server_name_must_be_a_host_name() {
+        let block = TlsBlock { server_name: Some("not a name!".into()), ..Default::default() };
+        assert_eq!(block.client_config().unwrap_err().field, "tls.serverName");
     }
 }

@@ -4,7 +4,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::kind::MqttConfig;
-use polybus_core::{ConnectTarget, Error, Op, Result, ValidationError};
+use polybus_core::tls::Tls;
+use polybus_core::{ConnectTarget, Error, Result, ValidationError};
 use rumqttc::v5::MqttOptions;
 use rumqttc::{TlsConfiguration, Transport as Wire};
 use rustls::ClientConfig;
@@ -81,7 +82,8 @@ impl Settings {
                 }
             }
         };
-        if config.tls == Some(true) {
+        let block = config.tls.as_ref().and_then(Tls::block);
+        if block.is_some() {
             settings.tls = true;
         }
         if let Some(port) = config.port {
@@ -99,9 +101,9 @@ impl Settings {
         settings.client_id =
             config.client_id.clone().filter(|c| !c.is_empty()).unwrap_or_else(|| "polybus".into());
         if settings.tls {
-            let config = tls_config()
-                .map_err(|e| Error::transport(Op::Connect, format!("mqtt {}", settings.endpoint()), e))?;
-            settings.tls_config = Some(config);
+            // An `mqtts://` URL without a `tls` block: system roots.
+            let config = block.unwrap_or_default().client_config().map_err(|e| e.in_env(&target.env))?;
+            settings.tls_config = Some(Arc::new(config));
         }
         Ok(settings)
     }
@@ -126,22 +128,6 @@ impl Settings {
         }
         options
     }
-}
-
-/// TLS verified against the system's root certificates.
-fn tls_config() -> Result<Arc<ClientConfig>, String> {
-    // rustls needs one process-wide crypto provider; keep one installed by someone else.
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-    let found = rustls_native_certs::load_native_certs();
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(found.certs);
-    if added == 0 {
-        let why = found.errors.first().map(|e| format!(": {e}")).unwrap_or_default();
-        return Err(format!("TLS: no usable root certificates found on this system{why}"));
-    }
-    Ok(Arc::new(ClientConfig::builder().with_root_certificates(roots).with_no_client_auth()))
 }
 
 /// `mqtt://[user[:password]@]host[:port]`; `mqtts://` (or `ssl://`) for TLS. Errors never echo the URL.
@@ -247,7 +233,7 @@ mod tests {
                 assert!(s.tls_config.is_some(), "TLS verified against the system's roots");
             }
             // A machine without a CA bundle (no `ca-certificates`) says so instead of panicking.
-            Err(e) => assert!(format!("{e}").contains("root certificates"), "{e}"),
+            Err(e) => assert!(format!("{e}").contains("no usable CA certificates"), "{e}"),
         }
     }
 
@@ -264,5 +250,19 @@ mod tests {
         let s = Settings::from_target(&target(json!({"host": "h", "username": "u", "password": "hunter2"})))
             .unwrap();
         assert!(!format!("{s:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_tls_block_turns_tls_on_and_its_files_are_read() {
+        let s = Settings::from_target(&target(json!({"host": "h", "tls": {"insecureSkipVerify": true}})))
+            .unwrap();
+        assert_eq!((s.endpoint(), s.tls, s.tls_config.is_some()), ("h:8883".to_owned(), true, true));
+        let s = Settings::from_target(&target(json!({"host": "h", "tls": false}))).unwrap();
+        assert_eq!((s.endpoint(), s.tls), ("h:1883".to_owned(), false));
+        let err =
+            Settings::from_target(&target(json!({"host": "h", "tls": {"caFile": "/nonexistent/ca.pem"}})))
+                .unwrap_err();
+        assert_eq!(err.code(), "VALIDATION_FAILED");
+        assert!(err.to_string().contains("config.tls.caFile"), "{err}");
     }
 }

@@ -4,6 +4,7 @@ use polybus_core::BrokerType;
 use polybus_core::config::{parse, require_one};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
+use polybus_core::tls::{Tls, TlsError};
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -29,8 +30,9 @@ pub struct MqttConfig {
     pub password: Option<String>,
     /// Client id prefix.
     pub client_id: Option<String>,
-    /// Use TLS.
-    pub tls: Option<bool>,
+    /// TLS: `true` (system roots) or a block with a private CA, a client certificate, a server
+    /// name or `insecureSkipVerify`; an `mqtts://` URL turns it on too.
+    pub tls: Option<Tls>,
     /// Protocol version, 3 (3.1.1) or 5.
     pub version: Option<u8>,
 }
@@ -45,8 +47,13 @@ impl BrokerKind for MqttConnector {
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
+        // Before `parse`, whose message for a bad `tls` cannot say which shape was expected.
+        let tls = Tls::from_config(config).map_err(TlsError::into_field)?;
         let c: MqttConfig = parse(config)?;
         require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
+        if let Some(block) = tls {
+            block.validate().map_err(TlsError::into_field)?;
+        }
         match c.version {
             Some(v) if v != 3 && v != 5 => {
                 Err(("config.version".into(), format!("expected 3 or 5, got {v}")))
@@ -91,6 +98,22 @@ mod tests {
         let (field, message) =
             MqttConnector.validate_config(&json!({"host": "h", "version": 4})).unwrap_err();
         assert_eq!((field.as_str(), message.as_str()), ("config.version", "expected 3 or 5, got 4"));
+    }
+
+    #[test]
+    fn the_tls_block_is_checked() {
+        MqttConnector.validate_config(&json!({"host": "h", "tls": true})).unwrap();
+        MqttConnector
+            .validate_config(
+                &json!({"host": "h", "tls": {"caFile": "ca.pem", "serverName": "mqtt.internal"}}),
+            )
+            .unwrap();
+        let (field, _) = MqttConnector
+            .validate_config(&json!({"host": "h", "tls": {"ca": "x", "caFile": "y"}}))
+            .unwrap_err();
+        assert_eq!(field, "config.tls.caFile");
+        let (field, _) = MqttConnector.validate_config(&json!({"host": "h", "tls": 1})).unwrap_err();
+        assert_eq!(field, "config.tls");
     }
 
     #[test]

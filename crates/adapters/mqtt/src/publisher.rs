@@ -14,9 +14,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use polybus_core::FailureKind;
 use rumqttc::Outgoing;
-use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, Packet, PubAck, PubAckReason, PublishProperties};
-use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop};
+use rumqttc::v5::mqttbytes::{self, QoS};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, EventLoop, StateError};
 use tokio::sync::{Notify, oneshot, watch};
 use tokio::task::JoinHandle;
 
@@ -130,6 +130,9 @@ fn new_client(settings: &Settings, client_id: &str) -> (AsyncClient, EventLoop) 
 /// What kind of failure a connection error is: a refusal by return code, else whether the
 /// network failed or the broker broke the protocol.
 pub(crate) fn failure_kind(e: &ConnectionError) -> FailureKind {
+    if tls_failure(e).is_some() {
+        return FailureKind::Invalid;
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => match code {
             ConnectReturnCode::BadUserNamePassword
@@ -156,8 +159,24 @@ pub(crate) fn failure_kind(e: &ConnectionError) -> FailureKind {
     }
 }
 
-/// Words for a connection error (rumqttc's never include credentials).
+/// What is wrong with the certificates when `e` is a failed TLS handshake. Under TLS 1.3 the
+/// server refuses a client certificate after the handshake, at the first read, as an I/O
+/// error the state error keeps without naming it as its source.
+fn tls_failure(e: &ConnectionError) -> Option<String> {
+    if let ConnectionError::MqttState(StateError::Deserialization(mqttbytes::Error::Io(io))) = e
+        && let Some(why) = polybus_core::tls::handshake_failure(io)
+    {
+        return Some(why);
+    }
+    polybus_core::tls::handshake_failure(e)
+}
+
+/// Words for a connection error (rumqttc's never include credentials); a failed TLS handshake
+/// says what is wrong with the certificates.
 pub(crate) fn describe(e: &ConnectionError) -> String {
+    if let Some(why) = tls_failure(e) {
+        return format!("TLS handshake failed, a certificate problem: {why} ({e})");
+    }
     match e {
         ConnectionError::ConnectionRefused(code) => format!("the broker refused the connection: {code:?}"),
         other => other.to_string(),

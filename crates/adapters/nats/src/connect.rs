@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use crate::kind::NatsConfig;
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event};
-use polybus_core::{Error, FailureKind, Op, Result, ValidationError, secret};
+use polybus_core::tls::{self, Tls};
+use polybus_core::{FailureKind, Result, ValidationError, secret};
 use tokio::sync::watch;
 
 /// Literal secrets of one connection, blanked out of every error message.
@@ -103,6 +104,10 @@ pub async fn connect(config: &NatsConfig, env: &str) -> Result<Connection> {
         (None, None, Some(token)) => options = options.token(token.clone()),
         (None, None, None) => {}
     }
+    if let Some(block) = config.tls.as_ref().and_then(Tls::block) {
+        let tls = block.client_config().map_err(|e| e.in_env(env))?;
+        options = options.tls_client_config(tls).require_tls(true);
+    }
     let shown: Vec<String> =
         servers.iter().map(|s| secret::redact_url(s).unwrap_or_else(|| s.clone())).collect();
     let client = options.connect(servers.as_slice()).await.map_err(|e| {
@@ -114,8 +119,7 @@ pub async fn connect(config: &NatsConfig, env: &str) -> Result<Connection> {
                 FailureKind::Unavailable
             }
         };
-        Error::transport_from(Op::Connect, format!("nats {}", shown.join(",")), kind, e)
-            .map_text(|text| secrets.scrub(text))
+        tls::connect_error(format!("nats {}", shown.join(",")), kind, e).map_text(|text| secrets.scrub(text))
     })?;
     Ok(Connection { client, connections, secrets })
 }
@@ -137,6 +141,7 @@ mod tests {
             name: None,
             max_reconnect_attempts: None,
             reconnect_time_wait: None,
+            tls: None,
         }
     }
 

@@ -4,6 +4,7 @@ use polybus_core::BrokerType;
 use polybus_core::config::parse;
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
+use polybus_core::tls::{Tls, TlsError};
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -50,6 +51,9 @@ pub struct NatsConfig {
     pub max_reconnect_attempts: Option<i64>,
     /// Milliseconds between reconnect attempts.
     pub reconnect_time_wait: Option<u64>,
+    /// TLS: `true` (system roots) or a block with a private CA, a client certificate, a server
+    /// name or `insecureSkipVerify`; a `tls://` server URL turns it on too (system roots).
+    pub tls: Option<Tls>,
 }
 
 impl BrokerKind for NatsConnector {
@@ -62,9 +66,14 @@ impl BrokerKind for NatsConnector {
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
+        // Before `parse`, whose message for a bad `tls` cannot say which shape was expected.
+        let tls = Tls::from_config(config).map_err(TlsError::into_field)?;
         let c: NatsConfig = parse(config)?;
         if c.servers.to_vec().is_empty() {
             return Err(("config.servers".into(), "at least one server URL is required".into()));
+        }
+        if let Some(block) = tls {
+            block.validate().map_err(TlsError::into_field)?;
         }
         Ok(())
     }
@@ -104,6 +113,25 @@ mod tests {
         NatsConnector.validate_config(&json!({"servers": "nats://a:4222, nats://b:4222"})).unwrap();
         let (field, _) = NatsConnector.validate_config(&json!({"servers": []})).unwrap_err();
         assert_eq!(field, "config.servers");
+    }
+
+    #[test]
+    fn the_tls_block_is_checked() {
+        let servers = "tls://h:4222";
+        NatsConnector.validate_config(&json!({"servers": servers, "tls": true})).unwrap();
+        NatsConnector
+            .validate_config(
+                &json!({"servers": servers, "tls": {"caFile": "ca.pem", "serverName": "nats.internal"}}),
+            )
+            .unwrap();
+        let (field, message) =
+            NatsConnector.validate_config(&json!({"servers": servers, "tls": {"keyFile": "k"}})).unwrap_err();
+        assert_eq!(field, "config.tls.cert");
+        assert!(message.contains("needs its certificate"), "{message}");
+        let (field, _) = NatsConnector
+            .validate_config(&json!({"servers": servers, "tls": {"verify": false}}))
+            .unwrap_err();
+        assert_eq!(field, "config.tls");
     }
 
     #[test]

@@ -1,7 +1,9 @@
 //! From a broker env's config to an AMQP URI and the exchange to publish to.
 
 use crate::kind::RabbitmqConfig;
+use lapin::tcp::RustlsConnector;
 use lapin::uri::{AMQPScheme, AMQPUri};
+use polybus_core::tls::Tls;
 use polybus_core::{ConnectTarget, Error, Result, ValidationError, secret};
 
 /// The exchange used when the config names none.
@@ -25,6 +27,8 @@ pub(crate) struct Settings {
     password: String,
     /// Connection name shown in RabbitMQ's management UI.
     pub name: String,
+    /// For `amqps`: the TLS client and the name the server's certificate is checked against.
+    pub tls: Option<(RustlsConnector, String)>,
 }
 
 impl std::fmt::Debug for Settings {
@@ -52,7 +56,8 @@ impl Settings {
             None if config.host.is_some() => AMQPUri::default(),
             None => return Err(invalid("config", "one of `url` or `host` is required".into())),
         };
-        if config.tls == Some(true) && uri.scheme != AMQPScheme::AMQPS {
+        let block = config.tls.as_ref().and_then(Tls::block);
+        if block.is_some() && uri.scheme != AMQPScheme::AMQPS {
             if uri.authority.port == AMQPScheme::AMQP.default_port() {
                 uri.authority.port = AMQPScheme::AMQPS.default_port();
             }
@@ -79,6 +84,16 @@ impl Settings {
         if exchange.is_empty() || exchange.len() > 255 {
             return Err(invalid("config.exchange", "must be 1 to 255 characters".into()));
         }
+        let tls = match uri.scheme {
+            AMQPScheme::AMQPS => {
+                // An `amqps://` URL without a `tls` block: system roots.
+                let block = block.unwrap_or_default();
+                let config = block.client_config().map_err(|e| e.in_env(&target.env))?;
+                let name = block.server_name.clone().unwrap_or_else(|| uri.authority.host.clone());
+                Some((RustlsConnector::from(config), name))
+            }
+            AMQPScheme::AMQP => None,
+        };
         // The vhost as a URL path segment: the default `/` shows as `%2f`.
         let vhost = uri.vhost.replace('%', "%25").replace('/', "%2f");
         let endpoint = format!("{}://{}:{}/{vhost}", uri.scheme, uri.authority.host, uri.authority.port);
@@ -88,6 +103,7 @@ impl Settings {
             exchange,
             endpoint,
             name: format!("polybus {}/{}", target.broker, target.env),
+            tls,
         })
     }
 
@@ -155,9 +171,11 @@ mod tests {
     #[test]
     fn fields_build_a_uri_and_override_the_url() {
         let s = settings(json!({"host": "rabbit", "username": "u", "password": "p", "vhost": "v",
-            "exchange": "events", "queue": "ignored", "routingKey": "ignored", "tls": true}))
+            "exchange": "events", "queue": "ignored", "routingKey": "ignored",
+            "tls": {"insecureSkipVerify": true, "serverName": "rabbit.internal"}}))
         .unwrap();
         assert_eq!(s.uri.scheme, AMQPScheme::AMQPS);
+        assert_eq!(s.tls.as_ref().map(|(_, name)| name.as_str()), Some("rabbit.internal"));
         assert_eq!((s.uri.authority.host.as_str(), s.uri.authority.port), ("rabbit", 5671));
         assert_eq!(s.uri.vhost, "v");
         assert_eq!(s.exchange, "events");
@@ -173,5 +191,14 @@ mod tests {
         assert!(!err.contains("hunter2"), "{err}");
         let err = settings(json!({"exchange": "e"})).unwrap_err().to_string();
         assert!(err.contains("`url` or `host`"), "{err}");
+    }
+
+    #[test]
+    fn a_tls_file_that_cannot_be_read_is_named() {
+        let err = settings(json!({"host": "h", "tls": {"caFile": "/nonexistent/ca.pem"}})).unwrap_err();
+        assert_eq!(err.code(), "VALIDATION_FAILED");
+        assert!(err.to_string().contains("config.tls.caFile"), "{err}");
+        let s = settings(json!({"host": "h", "tls": false})).unwrap();
+        assert_eq!((s.uri.scheme, s.tls.is_none()), (AMQPScheme::AMQP, true));
     }
 }

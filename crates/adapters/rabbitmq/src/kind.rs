@@ -4,6 +4,7 @@ use polybus_core::config::{not_used, parse, require_one};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::{GROUP_SEPARATOR, MAX_NATIVE_BYTES};
+use polybus_core::tls::{Tls, TlsError};
 use polybus_core::{BrokerType, TopicSpec};
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
@@ -33,8 +34,9 @@ pub struct RabbitmqConfig {
     pub queue: Option<String>,
     /// The seed's routing key field (refused: the topic is the routing key).
     pub routing_key: Option<String>,
-    /// Use TLS.
-    pub tls: Option<bool>,
+    /// TLS: `true` (system roots) or a block with a private CA, a client certificate, a server
+    /// name or `insecureSkipVerify`; an `amqps://` URL turns it on too.
+    pub tls: Option<Tls>,
 }
 
 impl BrokerKind for RabbitmqConnector {
@@ -47,8 +49,13 @@ impl BrokerKind for RabbitmqConnector {
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
+        // Before `parse`, whose message for a bad `tls` cannot say which shape was expected.
+        let tls = Tls::from_config(config).map_err(TlsError::into_field)?;
         let c: RabbitmqConfig = parse(config)?;
         require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
+        if let Some(block) = tls {
+            block.validate().map_err(TlsError::into_field)?;
+        }
         not_used(
             c.queue.is_some(),
             "queue",
@@ -119,6 +126,22 @@ mod tests {
         let (field, message) = RabbitmqConnector.validate_config(&json!({"exchange": "events"})).unwrap_err();
         assert_eq!(field, "config");
         assert!(message.contains("`url`"), "{message}");
+    }
+
+    #[test]
+    fn the_tls_block_is_checked() {
+        RabbitmqConnector.validate_config(&json!({"host": "h", "tls": true})).unwrap();
+        RabbitmqConnector
+            .validate_config(
+                &json!({"host": "h", "tls": {"caFile": "ca.pem", "serverName": "rabbit.internal",
+                "insecureSkipVerify": false}}),
+            )
+            .unwrap();
+        let (field, _) =
+            RabbitmqConnector.validate_config(&json!({"host": "h", "tls": {"cert": "x"}})).unwrap_err();
+        assert_eq!(field, "config.tls.key");
+        let (field, _) = RabbitmqConnector.validate_config(&json!({"host": "h", "tls": "on"})).unwrap_err();
+        assert_eq!(field, "config.tls");
     }
 
     #[test]

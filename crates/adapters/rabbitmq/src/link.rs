@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use backon::ExponentialBuilder;
 use lapin::protocol::{AMQPErrorKind, AMQPHardError, AMQPSoftError};
+use lapin::tcp::{AMQPUriTcpExt, RustlsConnector};
+use lapin::uri::{AMQPScheme, AMQPUri};
 use lapin::{Connection, ConnectionProperties, ErrorKind};
 use polybus_core::{Error, FailureKind, Op};
 use tokio::sync::Mutex;
@@ -39,6 +41,10 @@ impl LinkError {
             LinkError::Closed => Error::Closed(format!("rabbitmq {}", settings.endpoint)),
             LinkError::Connect { message, error } => {
                 let kind = failure_kind(&error);
+                let message = match tls_failure(&error) {
+                    Some(why) => format!("TLS handshake failed, a certificate problem: {why} ({message})"),
+                    None => message,
+                };
                 Error::transport(op, target, format!("cannot connect: {message}"))
                     .with_kind(kind)
                     .with_cause(error)
@@ -75,6 +81,9 @@ pub(crate) fn reconnect_backoff() -> ExponentialBuilder {
 /// soft refusal while a node restarts (a queue's home node not back yet) heals, so it is
 /// repeated although its kind, reported to the user, is not retryable.
 fn retry_connect(e: &lapin::Error) -> bool {
+    if tls_failure(e).is_some() {
+        return false;
+    }
     match e.kind() {
         ErrorKind::ProtocolError(err) => !matches!(
             err.kind(),
@@ -91,6 +100,9 @@ fn retry_connect(e: &lapin::Error) -> bool {
 /// What kind of failure `e` is, from the AMQP reply code or the client's error kind. A
 /// channel-level (soft) refusal never heals by retrying.
 pub(crate) fn failure_kind(e: &lapin::Error) -> FailureKind {
+    if tls_failure(e).is_some() {
+        return FailureKind::Invalid;
+    }
     match e.kind() {
         ErrorKind::ProtocolError(err) => match err.kind() {
             AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED)
@@ -113,6 +125,31 @@ pub(crate) fn failure_kind(e: &lapin::Error) -> FailureKind {
         | ErrorKind::ChannelsLimitReached => FailureKind::Unavailable,
         _ => FailureKind::Unknown,
     }
+}
+
+/// What is wrong with the certificates when `e` is a failed TLS handshake.
+fn tls_failure(e: &lapin::Error) -> Option<String> {
+    match e.kind() {
+        ErrorKind::IOError(io) => polybus_core::tls::handshake_failure(&**io),
+        _ => None,
+    }
+}
+
+/// Opens an AMQP connection over TLS with `connector`, checking the server's certificate
+/// against `name`: lapin's own TLS can neither skip verification nor check another name.
+async fn connect_tls(
+    uri: AMQPUri,
+    connector: RustlsConnector,
+    name: String,
+    props: ConnectionProperties,
+) -> lapin::Result<Connection> {
+    let runtime = lapin::runtime::default_runtime()?;
+    let connect = async move |uri: AMQPUri, runtime| {
+        let plain = AMQPUri { scheme: AMQPScheme::AMQP, ..uri };
+        let stream = plain.connect_async(&runtime).await?;
+        Ok(stream.into_rustls(&connector, &name).await?)
+    };
+    Connection::connector(uri, runtime, connect, props).await
 }
 
 /// A connection shared by the channels of one role (publishing or consuming).
@@ -143,9 +180,12 @@ impl Link {
         let reconnect = current.is_some();
         let props = ConnectionProperties::default()
             .with_connection_name(format!("{} ({})", self.settings.name, self.role).into());
-        let conn = Connection::connect_uri(self.settings.uri.clone(), props)
-            .await
-            .map_err(|error| LinkError::Connect { message: self.settings.scrub(&error), error })?;
+        let uri = self.settings.uri.clone();
+        let conn = match &self.settings.tls {
+            Some((connector, name)) => connect_tls(uri, connector.clone(), name.clone(), props).await,
+            None => Connection::connect_uri(uri, props).await,
+        }
+        .map_err(|error| LinkError::Connect { message: self.settings.scrub(&error), error })?;
         if reconnect {
             tracing::info!(endpoint = %self.settings.endpoint, role = self.role, "reconnected to rabbitmq");
         }

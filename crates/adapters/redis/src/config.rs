@@ -1,8 +1,9 @@
 //! From a `redis` env config to what the client needs, without ever showing the password.
 
 use crate::kind::RedisConfig;
+use polybus_core::tls::Tls;
 use polybus_core::{Error, Result, ValidationError, secret};
-use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
+use redis::{Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, TlsCertificates};
 
 const DEFAULT_PORT: u16 = 6379;
 
@@ -20,7 +21,7 @@ pub(crate) struct Settings {
 impl Settings {
     /// Resolves `config` of env `env`; a malformed URL is a validation error naming the env.
     pub fn from_config(config: &RedisConfig, env: &str) -> Result<Settings> {
-        let tls = config.tls.unwrap_or(false);
+        let tls = config.tls.as_ref().and_then(Tls::block);
         let mut info = match (&config.url, &config.host) {
             (Some(url), _) => url.as_str().into_connection_info().map_err(|_| {
                 let shown = secret::redact_url(url).unwrap_or_else(|| url.clone());
@@ -41,8 +42,43 @@ impl Settings {
                 );
             }
         };
-        if tls && let ConnectionAddr::Tcp(host, port) = info.addr().clone() {
+        if tls.is_some()
+            && let ConnectionAddr::Tcp(host, port) = info.addr().clone()
+        {
             info = info.set_addr(ConnectionAddr::TcpTls { host, port, insecure: false, tls_params: None });
+        }
+        if let ConnectionAddr::TcpTls { host, port, .. } = info.addr().clone() {
+            // A `rediss://` URL without a `tls` block: system roots.
+            let block = tls.unwrap_or_default();
+            crate::kind::check_tls(&block).map_err(|e| e.in_env(env))?;
+            let pem = block.load().map_err(|e| e.in_env(env))?;
+            polybus_core::tls::install_crypto_provider();
+            info = info.set_addr(ConnectionAddr::TcpTls {
+                host,
+                port,
+                insecure: pem.insecure,
+                tls_params: None,
+            });
+            if pem.ca.is_some() || pem.identity.is_some() {
+                let certificates = TlsCertificates {
+                    client_tls: pem.identity.map(|(cert, key)| ClientTlsConfig {
+                        client_cert: cert.into_bytes(),
+                        client_key: key.into_bytes(),
+                    }),
+                    root_cert: pem.ca.map(String::into_bytes),
+                };
+                // Only the PEM was parsed already; this also takes the key apart.
+                info = Client::build_with_tls(info, certificates)
+                    .map_err(|_| {
+                        ValidationError::in_env(
+                            env,
+                            "config.tls",
+                            "the client certificate or key cannot be used",
+                        )
+                    })?
+                    .get_connection_info()
+                    .clone();
+            }
         }
         let mut redis = info.redis_settings().clone();
         if let Some(username) = &config.username {
@@ -56,25 +92,15 @@ impl Settings {
         }
         let info = info.set_redis_settings(redis);
         let address = info.addr().to_string();
-        if matches!(info.addr(), ConnectionAddr::TcpTls { .. }) {
-            install_tls_provider();
-        }
         Ok(Settings { info, address, max_len: config.max_len.filter(|n| *n > 0) })
     }
 }
 
-/// rustls needs a process-wide crypto provider; when none was installed (or several crates
-/// enabled competing ones) it would panic on the first TLS connection.
-fn install_tls_provider() {
-    if rustls::crypto::CryptoProvider::get_default().is_none() {
-        // Losing the race to another installer is fine: a provider is then in place.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-    }
-}
-
-/// A `Connect` error that names the address but never the credentials.
+/// A `Connect` error that names the address but never the credentials, and says so when the
+/// TLS handshake failed.
 pub(crate) fn connect_error(address: &str, e: redis::RedisError) -> Error {
-    crate::transport::failed(polybus_core::Op::Connect, format!("redis {address}"), e)
+    let kind = crate::transport::failure_kind(&e);
+    polybus_core::tls::connect_error(format!("redis {address}"), kind, e)
 }
 
 #[cfg(test)]
@@ -114,5 +140,32 @@ mod tests {
             .expect("a bad url is refused");
         let text = err.to_string();
         assert!(text.contains("config.url") && !text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn tls_comes_from_the_scheme_or_the_block() {
+        let tls = |s: &Settings| match s.info.addr() {
+            ConnectionAddr::TcpTls { insecure, .. } => Some(*insecure),
+            _ => None,
+        };
+        let s = Settings::from_config(&config(serde_json::json!({"url": "rediss://h:6380"})), "dev").unwrap();
+        assert_eq!(tls(&s), Some(false));
+        let s = Settings::from_config(
+            &config(serde_json::json!({"host": "h", "tls": {"insecureSkipVerify": true}})),
+            "dev",
+        )
+        .unwrap();
+        assert_eq!(tls(&s), Some(true));
+        let s =
+            Settings::from_config(&config(serde_json::json!({"host": "h", "tls": false})), "dev").unwrap();
+        assert_eq!(tls(&s), None);
+        let err = Settings::from_config(
+            &config(serde_json::json!({"host": "h", "tls": {"caFile": "/nonexistent/ca.pem"}})),
+            "dev",
+        )
+        .err()
+        .expect("a missing CA file is refused");
+        assert_eq!(err.code(), "VALIDATION_FAILED");
+        assert!(err.to_string().contains("config.tls.caFile"), "{err}");
     }
 }

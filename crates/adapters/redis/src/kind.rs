@@ -3,6 +3,7 @@
 
 use polybus_core::config::{not_used, parse, require_one};
 use polybus_core::kind::{BrokerKind, FieldError};
+use polybus_core::tls::{Tls, TlsBlock, TlsError};
 use polybus_core::{BrokerType, TopicSpec};
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
@@ -36,8 +37,9 @@ pub struct RedisConfig {
     pub password: Option<String>,
     /// Database number.
     pub db: Option<i64>,
-    /// Use TLS.
-    pub tls: Option<bool>,
+    /// TLS: `true` (system roots) or a block with a private CA, a client certificate or
+    /// `insecureSkipVerify`; a `rediss://` URL turns it on too.
+    pub tls: Option<Tls>,
     /// The seed's channel field (refused: topics come from topic definitions).
     pub channel: Option<String>,
     /// Streams (default) or plain Pub/Sub.
@@ -56,6 +58,8 @@ impl BrokerKind for RedisConnector {
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
+        // Before `parse`, whose message for a bad `tls` cannot say which shape was expected.
+        let tls = Tls::from_config(config).map_err(TlsError::into_field)?;
         let c: RedisConfig = parse(config)?;
         require_one(&[(c.url.is_some(), "url"), (c.host.is_some(), "host")])?;
         not_used(
@@ -72,12 +76,30 @@ impl BrokerKind for RedisConnector {
                     .into(),
             ));
         }
+        if let Some(block) = tls {
+            check_tls(&block).map_err(TlsError::into_field)?;
+        }
         Ok(())
     }
 
     fn describe(&self, _config: &Value, spec: &TopicSpec) -> Option<String> {
         Some(format!("stream `{}`", spec.native_name))
     }
+}
+
+/// The TLS block's shape, and what the Redis client cannot do with it.
+pub(crate) fn check_tls(block: &TlsBlock) -> Result<(), TlsError> {
+    block.validate()?;
+    if block.server_name.is_some() {
+        return Err(TlsError {
+            field: "tls.serverName".into(),
+            reason: "the Redis client checks the server's certificate against the host it connects to \
+                     and cannot check another name; connect by a name the certificate holds (`host` or \
+                     the URL's host) and remove `serverName`"
+                .into(),
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -107,6 +129,28 @@ mod tests {
             RedisConnector.validate_config(&json!({"host": "h", "password": 1234567})).unwrap_err();
         assert_eq!(field, "config.password");
         assert!(!message.contains("1234567"), "{message}");
+    }
+
+    #[test]
+    fn the_tls_block_is_checked_and_a_server_name_refused() {
+        RedisConnector.validate_config(&json!({"host": "h", "tls": true})).unwrap();
+        RedisConnector
+            .validate_config(&json!({"host": "h", "tls": {"caFile": "ca.pem", "certFile": "c.pem",
+                "keyFile": "c.key", "insecureSkipVerify": false}}))
+            .unwrap();
+        let (field, message) =
+            RedisConnector.validate_config(&json!({"host": "h", "tls": {"certFile": "c.pem"}})).unwrap_err();
+        assert_eq!(field, "config.tls.key");
+        assert!(message.contains("needs its key"), "{message}");
+        let (field, message) = RedisConnector
+            .validate_config(&json!({"host": "h", "tls": {"serverName": "redis.internal"}}))
+            .unwrap_err();
+        assert_eq!(field, "config.tls.serverName");
+        assert!(message.contains("cannot check another name"), "{message}");
+        let (field, message) =
+            RedisConnector.validate_config(&json!({"host": "h", "tls": {"caFiles": "x"}})).unwrap_err();
+        assert_eq!(field, "config.tls");
+        assert!(message.contains("caFile/ca"), "{message}");
     }
 
     #[test]
