@@ -197,16 +197,17 @@ impl Bus {
             Ok::<_, Error>(())
         }
         .await;
-        // Whatever happened, what was read and not acted on goes back, after the subscription
-        // stopped fetching: given back while it still fetched, a dead letter could come
-        // straight back into its buffer and wait there for the ack deadline.
-        let closed = subscriber.close().await;
+        // Whatever happened, what was read and not acted on goes back, before closing: with
+        // nothing unsettled, closing waits for the member to leave its group (Kafka commits
+        // then), so the next operation reads from where this one left. What comes back into
+        // the subscription meanwhile is given back by its close.
         let give_back = held.into_iter().map(|d| async move {
             if let Err(e) = d.nack().await {
                 tracing::debug!(error = %e, "giving back a dead letter after a scan");
             }
         });
         futures::future::join_all(give_back).await;
+        let closed = subscriber.close().await;
         scanned?;
         closed?;
         Ok((listed, outcome))
