@@ -84,7 +84,10 @@ impl Refusals {
 
     /// Forgets the refusal: a request went through.
     pub fn clear(&self) {
-        self.latest.send_if_modified(|latest| latest.take().is_some());
+        // A read first: every publish that goes through calls this.
+        if self.latest.borrow().is_some() {
+            self.latest.send_if_modified(|latest| latest.take().is_some());
+        }
     }
 
     /// The refusal reported within the last [`CURRENT_FOR`], unless a request went through since.

@@ -84,6 +84,28 @@ pub(crate) struct Client {
 }
 
 impl Client {
+    /// Makes the producer and the admin client (librdkafka connects in the background).
+    fn new(settings: Settings) -> Result<Client> {
+        let servers = settings.servers.clone();
+        let refusals = Refusals::new();
+        let logger = Logger { refusals: refusals.clone() };
+        let producer = settings
+            .producer()
+            .create_with_context(logger.clone())
+            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
+        let admin = settings
+            .admin()
+            .create_with_context(logger)
+            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
+        Ok(Client {
+            settings,
+            producer: Mutex::new(producer),
+            admin,
+            ensured: Mutex::new(HashSet::new()),
+            refusals,
+        })
+    }
+
     /// A transport error about `topic`, with secrets scrubbed.
     pub fn error(&self, op: Op, topic: &str, cause: impl std::fmt::Display) -> Error {
         self.settings.error(op, topic, cause)
@@ -345,30 +367,6 @@ impl Client {
         .await
         .map_err(|e| self.error(op, &self.settings.servers, e))?;
         result.map_err(|e| self.failed(op, &self.settings.servers, e))
-    }
-}
-
-impl Client {
-    /// Makes the producer and the admin client (librdkafka connects in the background).
-    fn new(settings: Settings) -> Result<Client> {
-        let servers = settings.servers.clone();
-        let refusals = Refusals::new();
-        let logger = Logger { refusals: refusals.clone() };
-        let producer = settings
-            .producer()
-            .create_with_context(logger.clone())
-            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
-        let admin = settings
-            .admin()
-            .create_with_context(logger)
-            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
-        Ok(Client {
-            settings,
-            producer: Mutex::new(producer),
-            admin,
-            ensured: Mutex::new(HashSet::new()),
-            refusals,
-        })
     }
 }
 
