@@ -96,8 +96,11 @@ impl Settings {
         common.insert("bootstrap.servers".to_owned(), servers.clone());
         common
             .insert("client.id".to_owned(), config.client_id.clone().unwrap_or_else(|| "polybus".to_owned()));
-        let ssl = config.ssl.unwrap_or(false);
-        let protocol = match (ssl, config.sasl.is_some()) {
+        let in_env = |(field, message): (String, String)| ValidationError::in_env(env, field, message);
+        let tls = crate::kind::tls_of(config).map_err(in_env)?;
+        crate::kind::check_sasl(config).map_err(in_env)?;
+        let pem = tls.map(|block| block.load()).transpose().map_err(|e| e.in_env(env))?;
+        let protocol = match (pem.is_some(), config.sasl.is_some()) {
             (false, false) => "plaintext",
             (true, false) => "ssl",
             (false, true) => "sasl_plaintext",
@@ -105,6 +108,24 @@ impl Settings {
         };
         common.insert("security.protocol".to_owned(), protocol.to_owned());
         let mut secrets = Vec::new();
+        if let Some(pem) = pem {
+            // Inline PEM: librdkafka reads no file, so a server needs no paths of its own.
+            match pem.ca {
+                Some(ca) => common.insert("ssl.ca.pem".to_owned(), ca),
+                // The system's roots: librdkafka looks for them in the usual places, since the
+                // OpenSSL it is built with (vendored) does not know the distribution's directory.
+                None => common.insert("ssl.ca.location".to_owned(), "probe".to_owned()),
+            };
+            if let Some((cert, key)) = pem.identity {
+                common.insert("ssl.certificate.pem".to_owned(), cert);
+                common.insert("ssl.key.pem".to_owned(), key.clone());
+                secrets.push(key);
+            }
+            if pem.insecure {
+                common.insert("enable.ssl.certificate.verification".to_owned(), "false".to_owned());
+                common.insert("ssl.endpoint.identification.algorithm".to_owned(), "none".to_owned());
+            }
+        }
         if let Some(sasl) = &config.sasl {
             let mechanism = match sasl.mechanism {
                 SaslMechanism::Plain => "PLAIN",
@@ -115,6 +136,9 @@ impl Settings {
             common.insert("sasl.username".to_owned(), sasl.username.clone());
             common.insert("sasl.password".to_owned(), sasl.password.clone());
             secrets.push(sasl.password.clone());
+            if protocol == "sasl_plaintext" && sasl.mechanism == SaslMechanism::Plain {
+                tracing::warn!(env, %servers, "SASL PLAIN without TLS: the password travels unencrypted; turn on `tls`");
+            }
         }
         for (name, value) in config.properties.iter().flatten() {
             if polybus_core::secret::is_secret_field(name)
@@ -212,7 +236,9 @@ pub(crate) fn failure_kind(code: RDKafkaErrorCode) -> FailureKind {
         | C::Authentication
         | C::TopicAuthorizationFailed
         | C::GroupAuthorizationFailed
-        | C::ClusterAuthorizationFailed => FailureKind::Auth,
+        | C::ClusterAuthorizationFailed
+        // A TLS handshake refused: an untrusted certificate, a port that does not speak TLS.
+        | C::SSL => FailureKind::Auth,
         C::BrokerTransportFailure
         | C::AllBrokersDown
         | C::Resolve
@@ -284,6 +310,66 @@ mod tests {
             err.cause().and_then(|c| c.downcast_ref::<KafkaError>()).is_some(),
             "keeps the client's error"
         );
+    }
+
+    /// PEM-shaped text: the TLS block checks PEM framing, librdkafka is not asked here.
+    fn pem(label: &str, body: &str) -> String {
+        format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n")
+    }
+
+    #[test]
+    fn the_tls_block_becomes_inline_pem_and_the_protocol() {
+        let key = pem("PRIVATE KEY", "c2VjcmV0LWtleQ==");
+        let s = settings(json!({"brokers": ["a:9093"], "tls": {"ca": pem("CERTIFICATE", "Q0E="),
+            "cert": pem("CERTIFICATE", "Q0VSVA=="), "key": key}}));
+        let p = s.producer();
+        assert_eq!(p.get("security.protocol"), Some("ssl"));
+        assert_eq!(p.get("ssl.ca.pem"), Some(pem("CERTIFICATE", "Q0E=").as_str()));
+        assert_eq!(p.get("ssl.certificate.pem"), Some(pem("CERTIFICATE", "Q0VSVA==").as_str()));
+        assert_eq!(p.get("ssl.key.pem"), Some(key.as_str()));
+        assert_eq!(p.get("ssl.ca.location"), None);
+        assert_eq!(p.get("enable.ssl.certificate.verification"), None, "verified unless told otherwise");
+        let err = s.error(Op::Connect, "a:9093", format!("rejected {key}"));
+        assert!(!err.to_string().contains("c2VjcmV0LWtleQ"), "{err}");
+
+        let c = settings(json!({"brokers": ["a:9093"], "ssl": true,
+            "sasl": {"mechanism": "PLAIN", "username": "key", "password": "secret"}}))
+        .consumer("g");
+        assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(
+            c.get("ssl.ca.location"),
+            Some("probe"),
+            "system roots, wherever the distribution keeps them"
+        );
+        let c = settings(json!({"brokers": ["a:9093"], "tls": {"insecureSkipVerify": true}})).admin();
+        assert_eq!(c.get("enable.ssl.certificate.verification"), Some("false"));
+        let c = settings(json!({"brokers": ["a:9092"], "tls": false,
+            "sasl": {"mechanism": "plain", "username": "u", "password": "p"}}))
+        .admin();
+        assert_eq!(c.get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(c.get("ssl.ca.location"), None);
+    }
+
+    #[test]
+    fn unreadable_or_unusable_tls_settings_name_env_and_field() {
+        let cases = [
+            (json!({"caFile": "/nonexistent/ca.pem"}), "config.tls.caFile"),
+            (
+                json!({"ca": pem("CERTIFICATE", "Q0E="), "serverName": "kafka.internal"}),
+                "config.tls.serverName",
+            ),
+            (json!({"cert": pem("CERTIFICATE", "Q0E=")}), "config.tls.key"),
+            (json!({"key": "hunter2"}), "config.tls.cert"),
+        ];
+        for (tls, field) in cases {
+            let config: KafkaConfig =
+                polybus_core::config::parse(&json!({"brokers": ["a:9093"], "tls": tls})).expect("parses");
+            let Err(Error::Validation(err)) = Settings::from_config(&config, "prod") else {
+                panic!("expected a validation error for {tls}")
+            };
+            assert_eq!((err.env.as_deref(), err.field.as_str()), (Some("prod"), field), "{err}");
+            assert!(!err.to_string().contains("hunter2"), "{err}");
+        }
     }
 
     #[test]

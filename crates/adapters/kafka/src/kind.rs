@@ -7,6 +7,7 @@ use polybus_core::config::{not_used, parse};
 use polybus_core::kind::{BrokerKind, FieldError};
 use polybus_core::limits::quote;
 use polybus_core::names::GROUP_SEPARATOR;
+use polybus_core::tls::{Tls, TlsBlock};
 use polybus_core::{BrokerType, TopicSpec};
 use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::{Deserialize, Serialize};
@@ -19,7 +20,8 @@ pub const MAX_KAFKA_CHARS: usize = 249;
 /// The topic option naming how many partitions a topic is created with.
 const PARTITIONS: &str = "partitions";
 
-/// SASL mechanisms Kafka accepts.
+/// SASL mechanisms polybus's librdkafka speaks (OAUTHBEARER and GSSAPI are refused by
+/// [`check_mechanism`], with the reason).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub enum SaslMechanism {
     /// PLAIN.
@@ -57,8 +59,11 @@ pub struct KafkaConfig {
     pub group_id: Option<String>,
     /// The seed's default topic (refused: topics come from topic definitions).
     pub topic: Option<String>,
-    /// Use TLS.
+    /// The seed's shorthand for `tls: true`.
     pub ssl: Option<bool>,
+    /// TLS: `true` (system roots) or a block (`caFile`/`ca`, `certFile`/`cert`,
+    /// `keyFile`/`key`, `insecureSkipVerify`; `serverName` is refused: librdkafka cannot honour it).
+    pub tls: Option<Tls>,
     /// SASL authentication.
     pub sasl: Option<SaslConfig>,
     /// Partitions for topics created on demand.
@@ -84,10 +89,13 @@ impl BrokerKind for KafkaConnector {
     }
 
     fn validate_config(&self, config: &Value) -> Result<(), FieldError> {
+        check_mechanism(config)?;
         let c: KafkaConfig = parse(config)?;
         if c.brokers.is_empty() {
             return Err(("config.brokers".into(), "at least one `host:port` is required".into()));
         }
+        tls_of(&c)?;
+        check_sasl(&c)?;
         not_used(
             c.group_id.is_some(),
             "groupId",
@@ -130,6 +138,70 @@ impl BrokerKind for KafkaConnector {
     }
 }
 
+/// Refuses, with the reason, the SASL mechanisms Kafka has but polybus's librdkafka cannot use.
+/// Checked before the config is parsed, so the message says more than "unknown variant".
+pub(crate) fn check_mechanism(config: &Value) -> Result<(), FieldError> {
+    let Some(mechanism) = config.pointer("/sasl/mechanism").and_then(Value::as_str) else {
+        return Ok(());
+    };
+    let why = match mechanism.to_ascii_uppercase().as_str() {
+        "OAUTHBEARER" => {
+            "OAUTHBEARER is not supported: librdkafka gets its tokens either from an OIDC token endpoint \
+             over the network (not built into polybus) or from a token callback polybus does not have; \
+             use PLAIN or SCRAM-SHA-256/SCRAM-SHA-512"
+        }
+        "GSSAPI" => {
+            "GSSAPI (Kerberos) is not built into polybus's librdkafka; use PLAIN or \
+             SCRAM-SHA-256/SCRAM-SHA-512"
+        }
+        _ => return Ok(()),
+    };
+    Err(("config.sasl.mechanism".into(), why.into()))
+}
+
+/// Checks the SASL block beyond its shape: a user name is required.
+pub(crate) fn check_sasl(c: &KafkaConfig) -> Result<(), FieldError> {
+    match &c.sasl {
+        Some(sasl) if sasl.username.trim().is_empty() => {
+            Err(("config.sasl.username".into(), "is empty; give the SASL user name (or API key)".into()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The TLS settings of a config (`None`: plaintext), checked: `ssl` and `tls` agree, the
+/// block's pairs fit, and no `serverName`, which librdkafka cannot honour.
+pub(crate) fn tls_of(c: &KafkaConfig) -> Result<Option<TlsBlock>, FieldError> {
+    if let (Some(ssl), Some(tls)) = (c.ssl, &c.tls)
+        && ssl != tls.enabled()
+    {
+        return Err((
+            "config.ssl".into(),
+            format!(
+                "`ssl: {ssl}` contradicts `tls`; `ssl` is the seed's shorthand for `tls: true`: remove it"
+            ),
+        ));
+    }
+    let block = match &c.tls {
+        Some(tls) => tls.block(),
+        None => (c.ssl == Some(true)).then(TlsBlock::default),
+    };
+    if let Some(block) = &block {
+        block.validate().map_err(polybus_core::tls::TlsError::into_field)?;
+        if block.server_name.is_some() {
+            return Err((
+                "config.tls.serverName".into(),
+                "librdkafka cannot honour it: it checks each broker's certificate against the host \
+                 it connects to (from `brokers` and the addresses the brokers advertise) and has no \
+                 SNI or verify-name override; remove `serverName` and name the brokers by a host \
+                 their certificate has"
+                    .into(),
+            ));
+        }
+    }
+    Ok(block)
+}
+
 /// Kafka's rule for topic names.
 fn check_kafka(name: &str) -> Result<(), String> {
     if name == "." || name == ".." {
@@ -167,6 +239,33 @@ mod tests {
         assert_eq!(field, "config.brokers");
         let (field, _) = KafkaConnector.validate_config(&json!({"brokers": []})).unwrap_err();
         assert_eq!(field, "config.brokers");
+    }
+
+    #[test]
+    fn tls_and_sasl_are_checked_with_their_reasons() {
+        let ok = json!({"brokers": ["a:9093"], "ssl": true, "tls": {"caFile": "ca.pem"},
+            "sasl": {"mechanism": "SCRAM-SHA-512", "username": "u", "password": "${P}"}});
+        KafkaConnector.validate_config(&ok).unwrap();
+        let refused = |config: Value| KafkaConnector.validate_config(&config).unwrap_err();
+
+        let (field, message) = refused(json!({"brokers": ["a:9093"], "tls": {"serverName": "k.internal"}}));
+        assert_eq!(field, "config.tls.serverName");
+        assert!(message.contains("librdkafka cannot honour it") && message.contains("SNI"), "{message}");
+        let (field, message) = refused(json!({"brokers": ["a:9093"], "ssl": false, "tls": true}));
+        assert_eq!(field, "config.ssl");
+        assert!(message.contains("contradicts"), "{message}");
+        let (field, _) = refused(json!({"brokers": ["a:9093"], "tls": {"ca": "x", "caFile": "y"}}));
+        assert_eq!(field, "config.tls.caFile");
+        for (mechanism, says) in [("OAUTHBEARER", "OIDC"), ("oauthbearer", "OIDC"), ("GSSAPI", "Kerberos")] {
+            let (field, message) = refused(json!({"brokers": ["a:9093"],
+                "sasl": {"mechanism": mechanism, "username": "u", "password": "hunter2"}}));
+            assert_eq!(field, "config.sasl.mechanism");
+            assert!(message.contains(says) && message.contains("SCRAM"), "{message}");
+            assert!(!message.contains("hunter2"));
+        }
+        let (field, _) = refused(json!({"brokers": ["a:9093"],
+            "sasl": {"mechanism": "PLAIN", "username": " ", "password": "p"}}));
+        assert_eq!(field, "config.sasl.username");
     }
 
     #[test]

@@ -15,6 +15,7 @@ mod codec;
 mod config;
 mod kind;
 mod offsets;
+mod refusal;
 mod subscription;
 mod transport;
 
@@ -38,6 +39,8 @@ pub const BROKER_TYPE: BrokerType = BrokerType::from_static("kafka");
 #[async_trait]
 impl Connector for KafkaConnector {
     async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>> {
+        kind::check_mechanism(&target.config)
+            .map_err(|(field, message)| ValidationError::in_env(&target.env, field, message))?;
         let parsed: KafkaConfig = polybus_core::config::parse(&target.config)
             .map_err(|(field, message)| ValidationError::in_env(&target.env, field, message))?;
         let settings = config::Settings::from_config(&parsed, &target.env)?;

@@ -20,6 +20,7 @@ use rdkafka::util::Timeout;
 
 use crate::codec::{self, Record};
 use crate::config::{Coded, MAX_MESSAGE_BYTES, Settings};
+use crate::refusal::Refusals;
 use crate::subscription;
 
 /// How long a publish may wait for room in librdkafka's queue.
@@ -31,9 +32,11 @@ const ADMIN_WAIT: Duration = Duration::from_secs(4);
 /// How long `close` waits for pending publishes.
 const FLUSH_WAIT: Duration = Duration::from_secs(10);
 
-/// Forwards librdkafka's logs and errors to `tracing`.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Logger;
+/// Forwards librdkafka's logs and errors to `tracing`, and records refused connections.
+#[derive(Debug, Clone)]
+pub(crate) struct Logger {
+    refusals: Arc<Refusals>,
+}
 
 impl ClientContext for Logger {
     fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
@@ -41,6 +44,7 @@ impl ClientContext for Logger {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        self.refusals.report(&error, reason);
         client_error(&error, reason);
     }
 }
@@ -75,9 +79,33 @@ pub(crate) struct Client {
     producer: Mutex<FutureProducer<Logger>>,
     admin: AdminClient<Logger>,
     ensured: Mutex<HashSet<String>>,
+    /// TLS handshakes and logins the brokers refused, as the clients report them.
+    refusals: Arc<Refusals>,
 }
 
 impl Client {
+    /// Makes the producer and the admin client (librdkafka connects in the background).
+    fn new(settings: Settings) -> Result<Client> {
+        let servers = settings.servers.clone();
+        let refusals = Refusals::new();
+        let logger = Logger { refusals: refusals.clone() };
+        let producer = settings
+            .producer()
+            .create_with_context(logger.clone())
+            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
+        let admin = settings
+            .admin()
+            .create_with_context(logger)
+            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
+        Ok(Client {
+            settings,
+            producer: Mutex::new(producer),
+            admin,
+            ensured: Mutex::new(HashSet::new()),
+            refusals,
+        })
+    }
+
     /// A transport error about `topic`, with secrets scrubbed.
     pub fn error(&self, op: Op, topic: &str, cause: impl std::fmt::Display) -> Error {
         self.settings.error(op, topic, cause)
@@ -102,7 +130,7 @@ impl Client {
         if current.client().fatal_error().is_none() {
             return; // Another publish replaced it already.
         }
-        match self.settings.producer().create_with_context(Logger) {
+        match self.settings.producer().create_with_context(self.logger()) {
             Ok(fresh) => {
                 tracing::warn!(servers = %self.settings.servers, ?code, %reason, "kafka producer failed fatally; replaced it");
                 let old = std::mem::replace(&mut *current, fresh);
@@ -115,8 +143,54 @@ impl Client {
         }
     }
 
+    /// A context for a new client of this env.
+    fn logger(&self) -> Logger {
+        Logger { refusals: self.refusals.clone() }
+    }
+
+    /// Runs `request`, failing with the reason as soon as a broker refuses a connection (a TLS
+    /// handshake, a login) meanwhile; a request that failed otherwise (timed out, most likely)
+    /// while a refusal is current fails with the refusal's reason instead.
+    async fn unless_refused<T>(
+        &self,
+        op: Op,
+        target: &str,
+        request: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        let refused = self.refusals.next();
+        let outcome = tokio::select! {
+            outcome = request => outcome,
+            refusal = refused => return Err(self.failed(op, target, refusal)),
+        };
+        match outcome {
+            Ok(value) => {
+                self.refusals.clear();
+                Ok(value)
+            }
+            Err(e) if e.is_retryable() => match self.refusals.current() {
+                Some(refusal) => Err(self.failed(op, target, refusal)),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Fails a publish before anything is enqueued while a broker refuses connections: it
+    /// could only wait for `message.timeout.ms`.
+    fn check_refused(&self, op: Op, topic: &str) -> Result<()> {
+        match self.refusals.current() {
+            Some(refusal) => Err(self.failed(op, topic, refusal)),
+            None => Ok(()),
+        }
+    }
+
     /// Produces one record to `topic` and waits for the broker's acknowledgement.
-    pub async fn produce(
+    pub async fn produce(&self, topic: &str, record: (Record, OwnedHeaders), op: Op) -> Result<()> {
+        self.check_refused(op, topic)?;
+        self.unless_refused(op, topic, self.produce_one(topic, record, op)).await
+    }
+
+    async fn produce_one(
         &self,
         topic: &str,
         (record, headers): (Record, OwnedHeaders),
@@ -133,8 +207,10 @@ impl Client {
 
     /// Enqueues every record, then waits for all of them: the first failure is returned.
     async fn produce_all(&self, topic: &str, records: Vec<(Record, OwnedHeaders)>) -> Result<()> {
+        self.check_refused(Op::Publish, topic)?;
         let producer = self.producer();
-        let result = self.produce_all_with(&producer, topic, records).await;
+        let result =
+            self.unless_refused(Op::Publish, topic, self.produce_all_with(&producer, topic, records)).await;
         if result.is_err() {
             self.recover(&producer);
         }
@@ -202,6 +278,10 @@ impl Client {
         if self.ensured.lock().unwrap_or_else(PoisonError::into_inner).contains(name) {
             return Ok(());
         }
+        self.unless_refused(Op::EnsureTopic, name, self.create_unless_exists(name, partitions)).await
+    }
+
+    async fn create_unless_exists(&self, name: &str, partitions: i32) -> Result<()> {
         let replication = || TopicReplication::Fixed(self.settings.replication_factor);
         let options =
             AdminOptions::new().request_timeout(Some(ADMIN_WAIT)).operation_timeout(Some(ADMIN_WAIT));
@@ -276,6 +356,10 @@ impl Client {
 
     /// Asks the cluster for its metadata.
     async fn metadata(&self, op: Op) -> Result<()> {
+        self.unless_refused(op, &self.settings.servers, self.fetch_metadata(op)).await
+    }
+
+    async fn fetch_metadata(&self, op: Op) -> Result<()> {
         let producer = self.producer();
         let result = tokio::task::spawn_blocking(move || {
             producer.client().fetch_metadata(None, METADATA_WAIT).map(|_| ())
@@ -308,21 +392,7 @@ pub struct KafkaTransport {
 impl KafkaTransport {
     /// Makes the producer and the admin client and checks the cluster answers.
     pub(crate) async fn connect(settings: Settings) -> Result<KafkaTransport> {
-        let servers = settings.servers.clone();
-        let producer = settings
-            .producer()
-            .create_with_context(Logger)
-            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
-        let admin = settings
-            .admin()
-            .create_with_context(Logger)
-            .map_err(|e| settings.failed(Op::Connect, &servers, e))?;
-        let client = Arc::new(Client {
-            settings,
-            producer: Mutex::new(producer),
-            admin,
-            ensured: Mutex::new(HashSet::new()),
-        });
+        let client = Arc::new(Client::new(settings)?);
         client.metadata(Op::Connect).await?;
         Ok(KafkaTransport { client, closed: AtomicBool::new(false) })
     }
@@ -399,5 +469,88 @@ impl Transport for KafkaTransport {
             .await
             .map_err(|e| self.client.error(Op::Close, &self.client.settings.servers, e))?;
         flushed.map_err(|e| self.client.error(Op::Close, &self.client.settings.servers, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use polybus_core::Message;
+    use serde_json::json;
+
+    use super::*;
+    use crate::kind::KafkaConfig;
+
+    /// Far below the waits a refused connection otherwise ends in: 5 s for metadata, 2 × 4 s
+    /// for a topic creation, `message.timeout.ms` (30 s) for a publish.
+    const AT_ONCE: Duration = Duration::from_secs(2);
+
+    /// A client whose broker address has nothing listening (librdkafka keeps retrying it).
+    fn client_of_a_closed_port() -> Arc<Client> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let config: KafkaConfig =
+            polybus_core::config::parse(&json!({"brokers": [format!("127.0.0.1:{port}")]})).expect("config");
+        Arc::new(Client::new(Settings::from_config(&config, "dev").expect("settings")).expect("client"))
+    }
+
+    /// Reports a refused TLS handshake on `client` after a moment, as librdkafka's callback would.
+    fn refuse_soon(client: &Arc<Client>) -> tokio::task::JoinHandle<()> {
+        let client = client.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let error = KafkaError::Global(RDKafkaErrorCode::SSL);
+            client
+                .refusals
+                .report(&error, "ssl://b:9093/bootstrap: SSL handshake failed: certificate verify failed");
+        })
+    }
+
+    fn says_tls_refused(error: &Error, started: Instant) {
+        let text = error.to_string();
+        assert!(text.contains("TLS handshake refused") && text.contains("b:9093"), "{text}");
+        assert_eq!(error.failure_kind(), Some(polybus_core::FailureKind::Auth), "{text}");
+        assert!(started.elapsed() < AT_ONCE, "took {:?}: {text}", started.elapsed());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn requests_fail_at_once_when_a_broker_refuses_the_connection() {
+        let client = client_of_a_closed_port();
+        let record = || encode_for_publish(&Message::text("x"));
+
+        let refused = refuse_soon(&client);
+        let started = Instant::now();
+        let error = client.ensure("refused", 1).await.expect_err("ensure");
+        assert_eq!(error.code(), "SUBSCRIBE_FAILED");
+        says_tls_refused(&error, started);
+        refused.await.expect("reporter");
+
+        // While the refusal is current, a publish fails before anything is enqueued.
+        let started = Instant::now();
+        let error = client.produce("refused", record(), Op::Publish).await.expect_err("publish");
+        assert_eq!(error.code(), "PUBLISH_FAILED");
+        says_tls_refused(&error, started);
+
+        // A publish waiting for its broker ends as soon as a refusal is reported.
+        client.refusals.clear();
+        let refused = refuse_soon(&client);
+        let started = Instant::now();
+        let error = client.produce_all("refused", vec![record(), record()]).await.expect_err("batch");
+        says_tls_refused(&error, started);
+        refused.await.expect("reporter");
+
+        client.refusals.clear();
+        let refused = refuse_soon(&client);
+        let started = Instant::now();
+        let error = client.metadata(Op::Ping).await.expect_err("ping");
+        assert_eq!(error.code(), "CONNECT_FAILED");
+        says_tls_refused(&error, started);
+        refused.await.expect("reporter");
+
+        // Destroying librdkafka clients waits for their threads: not on the runtime.
+        let _ = tokio::task::spawn_blocking(move || drop(client)).await;
     }
 }
