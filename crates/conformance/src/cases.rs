@@ -183,7 +183,7 @@ pub(crate) static CASES: &[Case] = &[
         name: DLQ_CASE,
         needs: &[Need::AtLeastOnce],
         max_attempts: None,
-        limit: Duration::from_secs(90),
+        limit: Duration::from_secs(150),
         run: |ctx, _| Box::pin(dead_letters_are_listed_redriven_and_purged(ctx)),
     },
     Case {

@@ -25,7 +25,7 @@ const QUIET: Duration = Duration::from_millis(1500);
 /// Most dead letters one operation holds at once (the scan's prefetch).
 pub const SCAN_MAX: usize = 1000;
 /// How long a scan may hold what it read before the broker gives it out again.
-const HOLD: Duration = Duration::from_secs(300);
+const HOLD: Duration = Duration::from_secs(15);
 /// Header name prefix polybus reserves; a redriven copy carries none of the dead letter's.
 const RESERVED_PREFIX: &str = "polybus-";
 

@@ -6,6 +6,7 @@ use async_nats::Subject;
 use async_nats::jetstream::consumer::{PullConsumer, pull};
 use async_nats::jetstream::{self, AckKind};
 use async_trait::async_trait;
+use futures::FutureExt;
 use polybus_core::kit::gate::{self, Fetcher, Gated, Slot};
 use polybus_core::{Acker, Delivery, Error, Op, Result, Subscription};
 use tokio::sync::watch;
@@ -21,9 +22,11 @@ const REPORT_AFTER_FAILURES: u32 = 3;
 /// A member of a group: a task pulls as many messages as the member has free prefetch
 /// slots, so it never holds more than `prefetch` unsettled deliveries.
 pub struct NatsSubscription {
+    shared: Shared,
     deliveries: Gated<Result<Delivery>>,
     stop: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
+    /// The pulling task; it ends with the pull request it left open, if any.
+    task: Option<JoinHandle<Option<puller::Batch>>>,
     closed: bool,
 }
 
@@ -40,8 +43,8 @@ impl NatsSubscription {
         let (fetcher, deliveries) = gate::gate(prefetch, prefetch + 1);
         let (stop, stopped) = watch::channel(false);
         let puller = Puller::new(shared.clone(), stream, config, Some(consumer));
-        let task = tokio::spawn(run(shared, puller, fetcher, stopped));
-        NatsSubscription { deliveries, stop, task: Some(task), closed: false }
+        let task = tokio::spawn(run(shared.clone(), puller, fetcher, stopped));
+        NatsSubscription { shared, deliveries, stop, task: Some(task), closed: false }
     }
 }
 
@@ -68,9 +71,30 @@ impl Subscription for NatsSubscription {
         }
         self.closed = true;
         self.stop.send_replace(true);
-        if let Some(task) = self.task.take() {
-            // The task stops at its next await; a panic in it has been reported already.
-            let _ = task.await;
+        // The task stops at its next await; a panic in it has been reported already.
+        let open = match self.task.take() {
+            Some(task) => task.await.ok().flatten(),
+            None => None,
+        };
+        // What the server sent to the open pull request before it heard of the close sits in
+        // the request's inbox; dropped unread, it would wait out the ack deadline. After a round
+        // trip all of it has arrived: take it, drop the request (its interest with it), and only
+        // once the server has seen that give everything back, so nothing goes back into it.
+        let mut arrived = Vec::new();
+        if let Some(mut batch) = open {
+            if let Err(e) = self.shared.client.flush().await {
+                tracing::debug!(error = %e, "flushing before closing a pull request");
+            }
+            while let Some(Some(Ok(message))) = batch.next().now_or_never() {
+                arrived.push(message);
+            }
+            drop(batch);
+            if let Err(e) = self.shared.client.flush().await {
+                tracing::debug!(error = %e, "flushing after closing a pull request");
+            }
+        }
+        for message in arrived {
+            give_back(&self.shared, message).await;
         }
         // Fetched but never handed out: give them back to the group now, not after the deadline.
         for received in self.deliveries.close() {
@@ -89,7 +113,7 @@ async fn run(
     mut puller: Puller,
     fetcher: Fetcher<Result<Delivery>>,
     mut stop: watch::Receiver<bool>,
-) {
+) -> Option<puller::Batch> {
     let mut closed = shared.closed.clone();
     let stopped = async move {
         tokio::select! {
@@ -102,33 +126,7 @@ async fn run(
         () = stopped => {}
         () = pull_forever(&shared, &mut puller, &fetcher, &mut open) => {}
     }
-    // The server keeps a pull request until it expires, whoever listens: a message given back
-    // meanwhile (this member's nacks after closing, another member's) would be delivered to it
-    // and wait out the ack deadline. Listening on until it ends takes those, to give them back
-    // once it has.
-    if let Some(batch) = open
-        && !*shared.closed.borrow()
-    {
-        tokio::spawn(outlive(shared, batch));
-    }
-}
-
-/// Holds what an abandoned pull request still brings until the request has ended, then gives
-/// it all back, so that it goes to a live request instead of bouncing back into this one.
-async fn outlive(shared: Shared, mut batch: puller::Batch) {
-    let mut brought = Vec::new();
-    while let Some(Ok(message)) = batch.next().await {
-        brought.push(message);
-    }
-    if !brought.is_empty() {
-        tracing::debug!(
-            count = brought.len(),
-            "giving back what a closed subscription's pull request brought"
-        );
-    }
-    for message in brought {
-        give_back(&shared, message).await;
-    }
+    open
 }
 
 async fn pull_forever(
