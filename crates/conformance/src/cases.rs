@@ -165,6 +165,13 @@ pub(crate) static CASES: &[Case] = &[
         run: |ctx, caps| Box::pin(prefetch_bounds_unacked_deliveries(ctx, caps)),
     },
     Case {
+        name: "next_batch_takes_ready_deliveries_up_to_max_and_settles_each",
+        needs: &[Need::AtLeastOnce],
+        max_attempts: None,
+        limit: NORMAL,
+        run: |ctx, caps| Box::pin(next_batch_takes_ready_deliveries_up_to_max_and_settles_each(ctx, caps)),
+    },
+    Case {
         name: "consume_retries_with_backoff_then_succeeds",
         needs: &[Need::AtLeastOnce, Need::CountsAttempts, Need::NackDelay],
         max_attempts: None,
@@ -715,6 +722,60 @@ async fn prefetch_bounds_unacked_deliveries(ctx: Ctx, caps: Capabilities) {
         d.ack().await.or_fail("acking a held delivery");
     }
     sub.close().await.or_fail("closing");
+}
+
+async fn next_batch_takes_ready_deliveries_up_to_max_and_settles_each(ctx: Ctx, caps: Capabilities) {
+    const SENT: usize = 8;
+    const MAX: usize = 5;
+    let options = SubscribeOptions { prefetch: 2 * SENT, ..ctx.options("batches") };
+    let mut sub = ctx.subscribe_with(&ctx.event, options).await;
+    let batch: Vec<_> = (0..SENT).map(|i| Message::text(format!("batch-{i}"))).collect();
+    let what = "publishing a batch";
+    let ids = within(WAIT, what, ctx.bus.publish_batch(ENV, &ctx.event, batch)).await.or_fail(what);
+
+    // Gathering for up to WAIT: all SENT are ready well before, so the first batch is full.
+    let what = "the first batch";
+    let first = match within(WAIT * 2, what, sub.next_batch_within(MAX, WAIT)).await {
+        Some(Ok(batch)) => batch,
+        other => panic!("receiving {what}: {other:?}"),
+    };
+    assert_eq!(first.len(), MAX, "a batch of at most {MAX} with {SENT} ready");
+    // The rest without waiting: batches of what is ready, never more than asked.
+    let mut rest = Vec::new();
+    while rest.len() < SENT - MAX {
+        let what = "the rest of the messages";
+        match within(WAIT, what, sub.next_batch(SENT)).await {
+            Some(Ok(batch)) => {
+                assert!(
+                    batch.len() <= SENT - MAX - rest.len(),
+                    "a batch of {} with {} left",
+                    batch.len(),
+                    SENT - MAX - rest.len()
+                );
+                rest.extend(batch);
+            }
+            other => panic!("receiving {what}: {other:?}"),
+        }
+    }
+    let mut got: Vec<String> = first.iter().chain(&rest).map(|d| d.id.clone()).collect();
+    got.sort();
+    let mut sent = ids.clone();
+    sent.sort();
+    assert_eq!(got, sent, "the batches hold every message once");
+
+    // One of the first batch is nacked, all others acked together.
+    let mut first = first.into_deliveries();
+    let nacked = first.remove(1);
+    let nacked_id = nacked.id.clone();
+    nacked.nack().await.or_fail("nacking one of a batch");
+    polybus::Batch::from(first).ack_all().await.or_fail("acking the first batch");
+    polybus::Batch::from(rest).ack_all().await.or_fail("acking the rest");
+
+    let again = receive(&mut sub, "the redelivery of the nacked message").await;
+    assert_eq!(again.id, nacked_id, "only the nacked message comes back");
+    assert_attempt(&caps, &again, 2, "the redelivery");
+    again.ack().await.or_fail("acking the redelivery");
+    expect_nothing(&mut sub, ACK_DEADLINE + LINGER, "the topic after the batches were settled").await;
 }
 
 async fn consume_retries_with_backoff_then_succeeds(ctx: Ctx) {

@@ -134,6 +134,45 @@ impl fmt::Debug for Delivery {
 pub trait Subscription: Send {
     /// The next delivery; waits until one is available. `None` once closed.
     async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Up to `max` deliveries (at least one): waits for the first as [`next`](Self::next)
+    /// does, then takes what else is ready ([`next_ready`](Self::next_ready) with `max - 1`
+    /// and `wait`). `None` once closed. Cancel-safe while it waits for the first delivery;
+    /// once it has one it returns within `wait`.
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Option<Result<Vec<Delivery>>> {
+        let first = match self.next().await? {
+            Ok(delivery) => delivery,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut batch = vec![first];
+        if max > 1 {
+            // An error now ends the batch; if it persists, the next call returns it.
+            batch.extend(self.next_ready(max - 1, wait).await.unwrap_or_default());
+        }
+        Some(Ok(batch))
+    }
+
+    /// Up to `max` deliveries that are ready now or arrive within `wait`, without waiting
+    /// for any in particular: empty when none came, or the subscription is closed. Returns
+    /// within `wait` (at once when it is zero); an error only when nothing was taken.
+    ///
+    /// The default is built on `next`; an adapter that buffers fetched messages overrides it
+    /// to take them in one go.
+    async fn next_ready(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        let until = tokio::time::Instant::now() + wait;
+        while batch.len() < max {
+            // `timeout_at` polls `next` once before it looks at the clock: what is ready is
+            // taken even when `wait` is zero. `next` is cancel-safe.
+            match tokio::time::timeout_at(until, self.next()).await {
+                Ok(Some(Ok(delivery))) => batch.push(delivery),
+                Ok(Some(Err(e))) if batch.is_empty() => return Err(e),
+                Ok(Some(Err(_)) | None) | Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
     /// Stops fetching; deliveries already handed out can still be settled.
     async fn close(&mut self) -> Result<()>;
 }

@@ -15,14 +15,16 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod bus;
 mod consume;
 mod delivery;
 pub mod files;
 mod secrets;
 
+pub use batch::Batch;
 pub use bus::{Bus, BusBuilder, Group};
-pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
+pub use consume::{BatchError, ConsumeOptions, ConsumeStats, Consumer, HandlerError};
 pub use delivery::{Delivery, SettlePolicy, Settled, Subscriber};
 pub use files::FilePolicy;
 pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
