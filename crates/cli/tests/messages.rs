@@ -276,7 +276,7 @@ fn consume_takes_ready_messages_in_batches_but_never_more_than_count() {
 }
 
 #[test]
-fn bench_consumes_in_batches_when_asked() {
+fn bench_consumes_a_backlog_in_batches_when_asked() {
     let sandbox = Sandbox::new();
     let event = sandbox.embedded_topic("bench-batches");
     let run = sandbox.run(&[
@@ -290,10 +290,14 @@ fn bench_consumes_in_batches_when_asked() {
         "60",
         "--consume-batch",
         "16",
+        "--backlog",
         "--timeout",
         "30s",
     ]);
     let report: Value = serde_json::from_str(run.ok()).expect("one JSON report");
-    assert_eq!((&report["messages"], &report["consume_batch"]), (&json!(60), &json!(16)));
+    assert_eq!(
+        (&report["messages"], &report["consume_batch"], &report["backlog"]),
+        (&json!(60), &json!(16), &json!(true))
+    );
     assert!(report["consume_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
 }

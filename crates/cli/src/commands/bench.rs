@@ -1,5 +1,5 @@
 //! `polybus bench --env SLUG EVENT [--messages N] [--size BYTES] [--publishers P] [--consumers C] [--batch B]
-//! [--consume-batch K]`
+//! [--consume-batch K] [--backlog]`
 //!
 //! Joins a fresh group, then publishes and consumes at the same time, and reports publish and
 //! consume+ack throughput and publish→deliver latency.
@@ -46,6 +46,9 @@ pub struct BenchArgs {
     /// (`Batch::ack_all`); 1 takes and acks them one by one.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub consume_batch: u64,
+    /// Publish every message before consuming any: consumption measured alone, from a backlog.
+    #[arg(long)]
+    pub backlog: bool,
     /// Most unacked messages each consumer holds.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub prefetch: u64,
@@ -66,6 +69,7 @@ struct Report {
     consumers: u64,
     batch: u64,
     consume_batch: u64,
+    backlog: bool,
     publish_seconds: f64,
     publish_per_second: f64,
     consume_seconds: f64,
@@ -148,8 +152,16 @@ pub async fn run(ctx: &Context, args: BenchArgs) -> CliResult {
 
 fn workload(r: &Report) -> String {
     format!(
-        "{} × {} B to `{}` in `{}`, {} publisher(s) in batches of {}, {} consumer(s) taking up to {} at once",
-        r.messages, r.size, r.event, r.env, r.publishers, r.batch, r.consumers, r.consume_batch
+        "{} × {} B to `{}` in `{}`, {} publisher(s) in batches of {}, {} consumer(s) taking up to {} at once{}",
+        r.messages,
+        r.size,
+        r.event,
+        r.env,
+        r.publishers,
+        r.batch,
+        r.consumers,
+        r.consume_batch,
+        if r.backlog { ", once all are published (latency includes the wait)" } else { "" }
     )
 }
 
@@ -167,6 +179,7 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
     let (done_tx, done_rx) = watch::channel(false);
     let stamped = args.size >= 8;
     let mut consumers = JoinSet::new();
+    let mut states = Vec::new();
     for subscriber in subscribers {
         let state = ConsumerState {
             consumed: consumed.clone(),
@@ -178,6 +191,10 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
             in_flight: args.prefetch as usize,
             take: args.consume_batch as usize,
         };
+        states.push((subscriber, state));
+    }
+    let (start_now, mut start_later) = if args.backlog { (Vec::new(), states) } else { (states, Vec::new()) };
+    for (subscriber, state) in start_now {
         consumers.spawn(consume(subscriber, state));
     }
 
@@ -212,6 +229,9 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
             calls.extend(done.map_err(|e| Failure::new("PUBLISH_FAILED", e.to_string()))??);
         }
         let published = started.elapsed();
+        for (subscriber, state) in start_later.drain(..) {
+            consumers.spawn(consume(subscriber, state));
+        }
         let mut first = None::<Instant>;
         let mut last = started;
         let mut samples = Vec::with_capacity(args.messages as usize);
@@ -256,6 +276,7 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
         consumers: args.consumers,
         batch: args.batch,
         consume_batch: args.consume_batch,
+        backlog: args.backlog,
         publish_seconds: published.as_secs_f64(),
         publish_per_second: per_second(published),
         consume_seconds: consume_time.as_secs_f64(),
