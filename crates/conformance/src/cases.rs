@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use polybus::{
-    Capabilities, ConsumeOptions, ConsumeStats, Delivery, HandlerError, Message, SubscribeOptions, wire,
+    BatchError, Capabilities, ConsumeOptions, ConsumeStats, Delivery, HandlerError, Message,
+    SubscribeOptions, wire,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -191,6 +192,13 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: Some(5),
         limit: NORMAL,
         run: |ctx, caps| Box::pin(consume_dead_letters_a_permanent_failure_at_once(ctx, caps)),
+    },
+    Case {
+        name: "consume_batch_dead_letters_only_the_failed_message_and_acks_the_rest",
+        needs: &[Need::AtLeastOnce],
+        max_attempts: Some(5),
+        limit: NORMAL,
+        run: |ctx, _| Box::pin(consume_batch_dead_letters_only_the_failed_message_and_acks_the_rest(ctx)),
     },
     Case {
         name: "graceful_shutdown_settles_in_flight_messages",
@@ -894,6 +902,54 @@ async fn consume_one_failing(ctx: &Ctx, group: &str, error: fn() -> HandlerError
     let message = dead_letter.message().clone();
     dead_letter.ack().await.or_fail("acking the dead letter");
     FailedOne { id, dead_letter: message, calls: calls.load(Ordering::SeqCst), stats }
+}
+
+async fn consume_batch_dead_letters_only_the_failed_message_and_acks_the_rest(ctx: Ctx) {
+    const ERROR: &str = "row 3 violates a constraint";
+    let what = "subscribing to the dead letters";
+    let mut dead = within(WAIT, what, ctx.bus.dead_letters(ENV, &ctx.event, ctx.options("dead-reader")))
+        .await
+        .or_fail(what);
+    let handler = |batch: Vec<Message>| {
+        let poison = batch.iter().position(|m| m.payload_str() == Some("poison"));
+        async move {
+            match poison {
+                Some(i) => Err(BatchError::only([(i, HandlerError::permanent(ERROR))])),
+                None => Ok(()),
+            }
+        }
+    };
+    let options = ConsumeOptions::new(ctx.group("loader"))
+        .batch(8, Duration::from_millis(200))
+        .ack_deadline(ACK_DEADLINE);
+    let what = "starting the batch consume loop";
+    let consumer =
+        within(WAIT, what, ctx.bus.consume_batch(ENV, &ctx.event, options, handler)).await.or_fail(what);
+    let batch: Vec<_> = ["a", "b", "c", "poison", "d", "e"].into_iter().map(Message::text).collect();
+    let poison_id = batch[3].id.clone();
+    let what = "publishing a batch";
+    within(WAIT, what, ctx.bus.publish_batch(ENV, &ctx.event, batch)).await.or_fail(what);
+
+    let dead_letter = receive(&mut dead, "the dead-lettered message").await;
+    assert_eq!(dead_letter.id, poison_id, "only the failed message is dead-lettered");
+    let reason = dead_letter.headers.get(wire::DEAD_LETTER_REASON).map(String::as_str);
+    assert_eq!(reason, Some(ERROR), "reason");
+    dead_letter.ack().await.or_fail("acking the dead letter");
+    within(WAIT, "the other five acked", async {
+        while consumer.stats().acked < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Long enough for a redelivery, had an ack not held: it would be handled and counted again.
+    tokio::time::sleep(ACK_DEADLINE + LINGER).await;
+    let stats = within(WAIT, "shutting down", consumer.shutdown()).await.or_fail("shutting down");
+    assert_eq!(
+        stats,
+        ConsumeStats { acked: 5, retried: 0, dead_lettered: 1, settle_errors: 0 },
+        "consume stats"
+    );
+    expect_nothing(&mut dead, LINGER, "the dead letters after the one").await;
 }
 
 async fn graceful_shutdown_settles_in_flight_messages(ctx: Ctx) {
