@@ -11,7 +11,6 @@ use polybus_core::{Message, Result, SubscribeOptions};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
 
-use crate::batch::Batch;
 use crate::bus::Bus;
 use crate::delivery::{Delivery, Settled, Subscriber};
 
@@ -329,23 +328,24 @@ where
                 Err(_) => break,
             },
         };
-        let receive = async {
-            match batch {
-                None => subscriber.next().await.map(|next| next.map(|d| vec![d])),
-                Some((max, wait)) => {
-                    subscriber.next_batch_within(max, wait).await.map(|next| next.map(Batch::into_deliveries))
-                }
-            }
-        };
+        // Only the wait for a first delivery is raced against the stop (`next` is cancel-safe);
+        // the gathering of a batch after it is not, so that nothing taken is dropped.
         let next = tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
-            next = receive => next,
+            next = subscriber.next() => next,
         };
         let deliveries = match next {
             None => break,
-            Some(Ok(d)) => {
+            Some(Ok(first)) => {
                 receive_failures = 0;
-                d
+                let mut deliveries = vec![first];
+                if let Some((max, wait)) = batch.filter(|(max, _)| *max > 1) {
+                    match subscriber.next_ready(max - 1, wait).await {
+                        Ok(more) => deliveries.extend(more),
+                        Err(e) => tracing::warn!(error = %e, "receiving the rest of a batch failed"),
+                    }
+                }
+                deliveries
             }
             Some(Err(e)) => {
                 receive_failures += 1;

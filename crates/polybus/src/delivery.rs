@@ -220,7 +220,9 @@ impl Subscriber {
     }
 
     /// As [`next_batch`](Self::next_batch), but after the first delivery waits up to `wait`
-    /// for more until `max` are taken: fuller batches for a little latency.
+    /// for more until `max` are taken: fuller batches for a little latency. Cancel-safe only
+    /// while it waits for the first: a caller that drops it while it gathers (`select!`)
+    /// drops the deliveries taken, and they come back after their ack deadline.
     pub async fn next_batch_within(&mut self, max: usize, wait: Duration) -> Option<Result<Batch>> {
         loop {
             let received = match self.inner.next_batch(max.max(1), wait).await? {
