@@ -245,3 +245,59 @@ fn bench_reports_the_time_of_each_awaited_publish() {
         assert!(max <= total_ms, "a call took longer than the whole run: {report}");
     }
 }
+
+#[test]
+fn consume_takes_ready_messages_in_batches_but_never_more_than_count() {
+    let sandbox = Sandbox::new();
+    let event = sandbox.embedded_topic("batched");
+    sandbox.run(&["publish", "--env", "dev", &event, "--data", "x", "--count", "20"]).ok();
+    let consume = |count: &str| {
+        sandbox
+            .run(&["consume", "--env", "dev", &event, "--group", "g", "--count", count, "--output", "json"])
+    };
+    let first = json_lines(consume("12").ok());
+    let rest = json_lines(consume("8").ok());
+    assert_eq!((first.len(), rest.len()), (12, 8));
+    let ids: HashSet<&Value> = first.iter().chain(&rest).map(|m| &m["id"]).collect();
+    assert_eq!(ids.len(), 20, "every message once: the first run acked all it printed, took no more");
+    let again = sandbox.run(&[
+        "consume",
+        "--env",
+        "dev",
+        &event,
+        "--group",
+        "g",
+        "--count",
+        "1",
+        "--timeout",
+        "300ms",
+    ]);
+    assert_eq!(again.failed(3), "error: TIMEOUT: received 0 of 1 messages within 300ms");
+}
+
+#[test]
+fn bench_consumes_a_backlog_in_batches_when_asked() {
+    let sandbox = Sandbox::new();
+    let event = sandbox.embedded_topic("bench-batches");
+    let run = sandbox.run(&[
+        "--output",
+        "json",
+        "bench",
+        "--env",
+        "dev",
+        &event,
+        "--messages",
+        "60",
+        "--consume-batch",
+        "16",
+        "--backlog",
+        "--timeout",
+        "30s",
+    ]);
+    let report: Value = serde_json::from_str(run.ok()).expect("one JSON report");
+    assert_eq!(
+        (&report["messages"], &report["consume_batch"], &report["backlog"]),
+        (&json!(60), &json!(16), &json!(true))
+    );
+    assert!(report["consume_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
+}

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use polybus::{
-    Capabilities, ConsumeOptions, ConsumeStats, Delivery, HandlerError, Message, SubscribeOptions, wire,
+    BatchError, Capabilities, ConsumeOptions, ConsumeStats, Delivery, HandlerError, Message,
+    SubscribeOptions, wire,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -166,6 +167,13 @@ pub(crate) static CASES: &[Case] = &[
         run: |ctx, caps| Box::pin(prefetch_bounds_unacked_deliveries(ctx, caps)),
     },
     Case {
+        name: "next_batch_takes_ready_deliveries_up_to_max_and_settles_each",
+        needs: &[Need::AtLeastOnce],
+        max_attempts: None,
+        limit: NORMAL,
+        run: |ctx, caps| Box::pin(next_batch_takes_ready_deliveries_up_to_max_and_settles_each(ctx, caps)),
+    },
+    Case {
         name: "consume_retries_with_backoff_then_succeeds",
         needs: &[Need::AtLeastOnce, Need::CountsAttempts, Need::NackDelay],
         max_attempts: None,
@@ -192,6 +200,13 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: Some(5),
         limit: NORMAL,
         run: |ctx, caps| Box::pin(consume_dead_letters_a_permanent_failure_at_once(ctx, caps)),
+    },
+    Case {
+        name: "consume_batch_dead_letters_only_the_failed_message_and_acks_the_rest",
+        needs: &[Need::AtLeastOnce],
+        max_attempts: Some(5),
+        limit: NORMAL,
+        run: |ctx, _| Box::pin(consume_batch_dead_letters_only_the_failed_message_and_acks_the_rest(ctx)),
     },
     Case {
         name: "graceful_shutdown_settles_in_flight_messages",
@@ -728,6 +743,60 @@ async fn prefetch_bounds_unacked_deliveries(ctx: Ctx, caps: Capabilities) {
     sub.close().await.or_fail("closing");
 }
 
+async fn next_batch_takes_ready_deliveries_up_to_max_and_settles_each(ctx: Ctx, caps: Capabilities) {
+    const SENT: usize = 8;
+    const MAX: usize = 5;
+    let options = SubscribeOptions { prefetch: 2 * SENT, ..ctx.options("batches") };
+    let mut sub = ctx.subscribe_with(&ctx.event, options).await;
+    let batch: Vec<_> = (0..SENT).map(|i| Message::text(format!("batch-{i}"))).collect();
+    let what = "publishing a batch";
+    let ids = within(WAIT, what, ctx.bus.publish_batch(ENV, &ctx.event, batch)).await.or_fail(what);
+
+    // Gathering for up to WAIT: all SENT are ready well before, so the first batch is full.
+    let what = "the first batch";
+    let first = match within(WAIT * 2, what, sub.next_batch_within(MAX, WAIT)).await {
+        Some(Ok(batch)) => batch,
+        other => panic!("receiving {what}: {other:?}"),
+    };
+    assert_eq!(first.len(), MAX, "a batch of at most {MAX} with {SENT} ready");
+    // The rest without waiting: batches of what is ready, never more than asked.
+    let mut rest = Vec::new();
+    while rest.len() < SENT - MAX {
+        let what = "the rest of the messages";
+        match within(WAIT, what, sub.next_batch(SENT)).await {
+            Some(Ok(batch)) => {
+                assert!(
+                    batch.len() <= SENT - MAX - rest.len(),
+                    "a batch of {} with {} left",
+                    batch.len(),
+                    SENT - MAX - rest.len()
+                );
+                rest.extend(batch);
+            }
+            other => panic!("receiving {what}: {other:?}"),
+        }
+    }
+    let mut got: Vec<String> = first.iter().chain(&rest).map(|d| d.id.clone()).collect();
+    got.sort();
+    let mut sent = ids.clone();
+    sent.sort();
+    assert_eq!(got, sent, "the batches hold every message once");
+
+    // One of the first batch is nacked, all others acked together.
+    let mut first = first.into_deliveries();
+    let nacked = first.remove(1);
+    let nacked_id = nacked.id.clone();
+    nacked.nack().await.or_fail("nacking one of a batch");
+    polybus::Batch::from(first).ack_all().await.or_fail("acking the first batch");
+    polybus::Batch::from(rest).ack_all().await.or_fail("acking the rest");
+
+    let again = receive(&mut sub, "the redelivery of the nacked message").await;
+    assert_eq!(again.id, nacked_id, "only the nacked message comes back");
+    assert_attempt(&caps, &again, 2, "the redelivery");
+    again.ack().await.or_fail("acking the redelivery");
+    expect_nothing(&mut sub, ACK_DEADLINE + LINGER, "the topic after the batches were settled").await;
+}
+
 async fn consume_retries_with_backoff_then_succeeds(ctx: Ctx) {
     let base = Duration::from_millis(100);
     let (tx, mut calls) = mpsc::unbounded_channel();
@@ -844,6 +913,54 @@ async fn consume_one_failing(ctx: &Ctx, group: &str, error: fn() -> HandlerError
     let message = dead_letter.message().clone();
     dead_letter.ack().await.or_fail("acking the dead letter");
     FailedOne { id, dead_letter: message, calls: calls.load(Ordering::SeqCst), stats }
+}
+
+async fn consume_batch_dead_letters_only_the_failed_message_and_acks_the_rest(ctx: Ctx) {
+    const ERROR: &str = "row 3 violates a constraint";
+    let what = "subscribing to the dead letters";
+    let mut dead = within(WAIT, what, ctx.bus.dead_letters(ENV, &ctx.event, ctx.options("dead-reader")))
+        .await
+        .or_fail(what);
+    let handler = |batch: Vec<Message>| {
+        let poison = batch.iter().position(|m| m.payload_str() == Some("poison"));
+        async move {
+            match poison {
+                Some(i) => Err(BatchError::only([(i, HandlerError::permanent(ERROR))])),
+                None => Ok(()),
+            }
+        }
+    };
+    let options = ConsumeOptions::new(ctx.group("loader"))
+        .batch(8, Duration::from_millis(200))
+        .ack_deadline(ACK_DEADLINE);
+    let what = "starting the batch consume loop";
+    let consumer =
+        within(WAIT, what, ctx.bus.consume_batch(ENV, &ctx.event, options, handler)).await.or_fail(what);
+    let batch: Vec<_> = ["a", "b", "c", "poison", "d", "e"].into_iter().map(Message::text).collect();
+    let poison_id = batch[3].id.clone();
+    let what = "publishing a batch";
+    within(WAIT, what, ctx.bus.publish_batch(ENV, &ctx.event, batch)).await.or_fail(what);
+
+    let dead_letter = receive(&mut dead, "the dead-lettered message").await;
+    assert_eq!(dead_letter.id, poison_id, "only the failed message is dead-lettered");
+    let reason = dead_letter.headers.get(wire::DEAD_LETTER_REASON).map(String::as_str);
+    assert_eq!(reason, Some(ERROR), "reason");
+    dead_letter.ack().await.or_fail("acking the dead letter");
+    within(WAIT, "the other five acked", async {
+        while consumer.stats().acked < 5 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // Long enough for a redelivery, had an ack not held: it would be handled and counted again.
+    tokio::time::sleep(ACK_DEADLINE + LINGER).await;
+    let stats = within(WAIT, "shutting down", consumer.shutdown()).await.or_fail("shutting down");
+    assert_eq!(
+        stats,
+        ConsumeStats { acked: 5, retried: 0, dead_lettered: 1, settle_errors: 0 },
+        "consume stats"
+    );
+    expect_nothing(&mut dead, LINGER, "the dead letters after the one").await;
 }
 
 async fn graceful_shutdown_settles_in_flight_messages(ctx: Ctx) {

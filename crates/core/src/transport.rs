@@ -6,6 +6,7 @@
 //! and concurrency are not here: they live once, in the `polybus` crate.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +135,60 @@ impl fmt::Debug for Delivery {
 pub trait Subscription: Send {
     /// The next delivery; waits until one is available. `None` once closed.
     async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Up to `max` deliveries (at least one): waits for the first as [`next`](Self::next)
+    /// does, then takes what else is ready ([`next_ready`](Self::next_ready) with `max - 1`
+    /// and `wait`). `None` once closed. Cancel-safe while it waits for the first delivery;
+    /// once it has one it returns within `wait`.
+    async fn next_batch(&mut self, max: usize, wait: Duration) -> Option<Result<Vec<Delivery>>> {
+        let first = match self.next().await? {
+            Ok(delivery) => delivery,
+            Err(e) => return Some(Err(e)),
+        };
+        let mut batch = vec![first];
+        if max > 1 {
+            // An error now ends the batch; if it persists, the next call returns it.
+            batch.extend(self.next_ready(max - 1, wait).await.unwrap_or_default());
+        }
+        Some(Ok(batch))
+    }
+
+    /// Up to `max` deliveries that are ready now or arrive within `wait`, without waiting
+    /// for any in particular: empty when none came, or the subscription is closed. Returns
+    /// within `wait`; when it is zero, without ever pending (so `next_batch` with no wait is
+    /// cancel-safe throughout). An error only when nothing was taken.
+    ///
+    /// The default is built on `next`; an adapter that buffers fetched messages overrides it
+    /// to take them in one go.
+    async fn next_ready(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        let until = tokio::time::Instant::now() + wait;
+        while batch.len() < max {
+            // `next` is cancel-safe. With no wait it is polled once, not raced against a timer:
+            // a timer whose deadline has passed still fires only on the runtime's next tick, so
+            // the call would pend, and a caller racing it could drop the deliveries taken.
+            let next = if wait.is_zero() {
+                let mut next = std::pin::pin!(self.next());
+                let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+                match next.as_mut().poll(&mut cx) {
+                    std::task::Poll::Ready(next) => next,
+                    std::task::Poll::Pending => break,
+                }
+            } else {
+                match tokio::time::timeout_at(until, self.next()).await {
+                    Ok(next) => next,
+                    Err(_) => break,
+                }
+            };
+            match next {
+                Some(Ok(delivery)) => batch.push(delivery),
+                Some(Err(e)) if batch.is_empty() => return Err(e),
+                Some(Err(_)) | None => break,
+            }
+        }
+        Ok(batch)
+    }
+
     /// Stops fetching; deliveries already handed out can still be settled.
     async fn close(&mut self) -> Result<()>;
 }
@@ -195,4 +250,62 @@ impl fmt::Debug for ConnectTarget {
 pub trait Connector: BrokerKind {
     /// Connects to the broker env described by `target`.
     async fn connect(&self, target: &ConnectTarget) -> Result<Arc<dyn Transport>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    use super::*;
+
+    /// Hands out what it holds, then waits for ever.
+    struct Queued(VecDeque<Delivery>);
+
+    struct NoAcker;
+
+    #[async_trait]
+    impl Acker for NoAcker {
+        async fn ack(self: Box<Self>) -> Result<()> {
+            Ok(())
+        }
+        async fn nack(self: Box<Self>, _: Option<Duration>) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl Subscription for Queued {
+        async fn next(&mut self) -> Option<Result<Delivery>> {
+            match self.0.pop_front() {
+                Some(delivery) => Some(Ok(delivery)),
+                None => std::future::pending().await,
+            }
+        }
+        async fn close(&mut self) -> Result<()> {
+            Ok(())
+        }
+    }
+
+    fn queued(n: usize) -> Queued {
+        Queued((0..n).map(|i| Delivery::new(Message::text(i.to_string()), Box::new(NoAcker))).collect())
+    }
+
+    /// A batch with no wait is taken in one poll: racing it (`select!`) can never drop deliveries.
+    #[tokio::test]
+    async fn next_batch_without_wait_takes_what_is_ready_in_one_poll() {
+        let mut sub = queued(3);
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut batch = std::pin::pin!(sub.next_batch(10, Duration::ZERO));
+        let Poll::Ready(Some(Ok(batch))) = batch.as_mut().poll(&mut cx) else {
+            panic!("the batch was not ready at once")
+        };
+        assert_eq!(batch.len(), 3);
+        let mut sub = queued(5);
+        let batch = sub.next_batch(2, Duration::ZERO).await.expect("open").expect("batch");
+        assert_eq!(batch.len(), 2, "never more than max");
+        let rest = sub.next_ready(10, Duration::from_millis(20)).await.expect("ready");
+        assert_eq!(rest.len(), 3);
+    }
 }

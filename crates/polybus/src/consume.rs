@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use polybus_core::{Message, Result, SubscribeOptions};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
@@ -58,6 +59,47 @@ impl std::fmt::Display for HandlerError {
     }
 }
 
+/// What a batch handler returns when messages of its batch could not be processed: all of
+/// them (any error converts into this, `?`), or only some, by their index in the batch.
+/// Each failed message is retried or dead-lettered on its own, as a [`HandlerError`] would
+/// have it in the single form; the others are acked.
+#[derive(Debug)]
+pub struct BatchError {
+    failed: Failed,
+}
+
+#[derive(Debug)]
+enum Failed {
+    All(HandlerError),
+    Only(Vec<(usize, HandlerError)>),
+}
+
+impl BatchError {
+    /// Every message of the batch failed with `error`.
+    pub fn all(error: impl Into<HandlerError>) -> Self {
+        BatchError { failed: Failed::All(error.into()) }
+    }
+
+    /// Only the messages at these indexes of the batch failed; the others are acked.
+    pub fn only(failed: impl IntoIterator<Item = (usize, HandlerError)>) -> Self {
+        BatchError { failed: Failed::Only(failed.into_iter().collect()) }
+    }
+
+    /// The error of the message at `index`, if it failed.
+    fn of(&self, index: usize) -> Option<&HandlerError> {
+        match &self.failed {
+            Failed::All(error) => Some(error),
+            Failed::Only(failed) => failed.iter().find(|(i, _)| *i == index).map(|(_, e)| e),
+        }
+    }
+}
+
+impl<E: Into<Box<dyn std::error::Error + Send + Sync>>> From<E> for BatchError {
+    fn from(error: E) -> Self {
+        BatchError::all(HandlerError::transient(error))
+    }
+}
+
 /// How a consume loop runs.
 #[derive(Debug, Clone)]
 pub struct ConsumeOptions {
@@ -69,18 +111,34 @@ pub struct ConsumeOptions {
     pub retry_base: Duration,
     /// Longest delay between retries.
     pub retry_max: Duration,
+    /// Most messages per call of a batch handler ([`Bus::consume_batch`]).
+    pub batch_max: usize,
+    /// How long a batch waits for more messages after its first (zero: it takes what is ready).
+    pub batch_wait: Duration,
 }
 
 impl ConsumeOptions {
-    /// Defaults for `group`: 8 at a time, retries after 1 s, 2 s, 4 s … up to 5 min.
+    /// Defaults for `group`: 8 at a time, retries after 1 s, 2 s, 4 s … up to 5 min; batches
+    /// of what is ready, up to the prefetch (32).
     pub fn new(group: impl Into<String>) -> Self {
         let subscribe = SubscribeOptions::new(group);
         ConsumeOptions {
             concurrency: 8,
             retry_base: Duration::from_secs(1),
             retry_max: Duration::from_secs(300),
+            batch_max: subscribe.prefetch,
+            batch_wait: Duration::ZERO,
             subscribe,
         }
+    }
+
+    /// Sets the most messages per batch (at least 1; prefetch grows to match) and how long a
+    /// batch waits for more after its first message.
+    pub fn batch(mut self, max: usize, wait: Duration) -> Self {
+        self.batch_max = max.max(1);
+        self.batch_wait = wait;
+        self.subscribe.prefetch = self.subscribe.prefetch.max(self.batch_max);
+        self
     }
 
     /// Sets the concurrency (at least 1); prefetch grows to match.
@@ -123,6 +181,7 @@ pub struct ConsumeStats {
     pub settle_errors: u64,
 }
 
+/// The consume loop's counters, shared with its handler tasks.
 #[derive(Default)]
 struct Counters {
     acked: AtomicU64,
@@ -187,24 +246,76 @@ impl Bus {
         H: Fn(Message) -> F + Send + Sync + 'static,
         F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
+        let handler = Arc::new(handler);
+        self.start(env, event, options, None, move |mut deliveries, options, counters| {
+            let handler = handler.clone();
+            Box::pin(async move {
+                if let Some(delivery) = deliveries.pop() {
+                    handle(delivery, handler, &options, &counters).await;
+                }
+            })
+        })
+        .await
+    }
+
+    /// Runs `handler` for batches of messages of `event` in `env`: each call gets up to
+    /// `options.batch_max` messages, those ready at once (or within `options.batch_wait`).
+    ///
+    /// The policy is the single form's, per message: `Ok` acks the whole batch (together, see
+    /// [`Batch::ack_all`](crate::Batch::ack_all)); a [`BatchError`] retries with backoff, or
+    /// dead-letters, each failed message by its own attempt count and acks the rest. A panic
+    /// fails the whole batch. `options.concurrency` batches are handled at the same time.
+    pub async fn consume_batch<H, F>(
+        &self,
+        env: &str,
+        event: &str,
+        options: ConsumeOptions,
+        handler: H,
+    ) -> Result<Consumer>
+    where
+        H: Fn(Vec<Message>) -> F + Send + Sync + 'static,
+        F: Future<Output = std::result::Result<(), BatchError>> + Send + 'static,
+    {
+        let handler = Arc::new(handler);
+        let batch = Some((options.batch_max.max(1), options.batch_wait));
+        self.start(env, event, options, batch, move |deliveries, options, counters| {
+            let handler = handler.clone();
+            Box::pin(async move { handle_batch(deliveries, handler, &options, &counters).await })
+        })
+        .await
+    }
+
+    async fn start<D>(
+        &self,
+        env: &str,
+        event: &str,
+        options: ConsumeOptions,
+        batch: Option<(usize, Duration)>,
+        dispatch: D,
+    ) -> Result<Consumer>
+    where
+        D: Fn(Vec<Delivery>, Arc<ConsumeOptions>, Arc<Counters>) -> BoxFuture<'static, ()> + Send + 'static,
+    {
         let subscriber = self.subscribe(env, event, options.subscribe.clone()).await?;
         let (stop, stopped) = watch::channel(false);
         let counters = Arc::new(Counters::default());
-        let task = tokio::spawn(run(subscriber, options, Arc::new(handler), stopped, counters.clone()));
+        let task = tokio::spawn(run(subscriber, options, batch, dispatch, stopped, counters.clone()));
         Ok(Consumer { stop, task, counters })
     }
 }
 
-async fn run<H, F>(
+/// Takes deliveries (one, or a batch of up to `batch.0` gathering for `batch.1`) while a
+/// concurrency slot is free, and hands each take to `dispatch` on a task of its own.
+async fn run<D>(
     mut subscriber: Subscriber,
     options: ConsumeOptions,
-    handler: Arc<H>,
+    batch: Option<(usize, Duration)>,
+    dispatch: D,
     mut stopped: watch::Receiver<bool>,
     counters: Arc<Counters>,
 ) -> Result<()>
 where
-    H: Fn(Message) -> F + Send + Sync + 'static,
-    F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
+    D: Fn(Vec<Delivery>, Arc<ConsumeOptions>, Arc<Counters>) -> BoxFuture<'static, ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(options.concurrency));
     let options = Arc::new(options);
@@ -217,15 +328,24 @@ where
                 Err(_) => break,
             },
         };
+        // Only the wait for a first delivery is raced against the stop (`next` is cancel-safe);
+        // the gathering of a batch after it is not, so that nothing taken is dropped.
         let next = tokio::select! {
             _ = stopped.wait_for(|s| *s) => break,
             next = subscriber.next() => next,
         };
-        let delivery = match next {
+        let deliveries = match next {
             None => break,
-            Some(Ok(d)) => {
+            Some(Ok(first)) => {
                 receive_failures = 0;
-                d
+                let mut deliveries = vec![first];
+                if let Some((max, wait)) = batch.filter(|(max, _)| *max > 1) {
+                    match subscriber.next_ready(max - 1, wait).await {
+                        Ok(more) => deliveries.extend(more),
+                        Err(e) => tracing::warn!(error = %e, "receiving the rest of a batch failed"),
+                    }
+                }
+                deliveries
             }
             Some(Err(e)) => {
                 receive_failures += 1;
@@ -235,9 +355,9 @@ where
                 continue;
             }
         };
-        let (handler, options, counters) = (handler.clone(), options.clone(), counters.clone());
+        let work = dispatch(deliveries, options.clone(), counters.clone());
         tokio::spawn(async move {
-            handle(delivery, handler, &options, &counters).await;
+            work.await;
             drop(permit);
         });
     }
@@ -252,16 +372,49 @@ where
     F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
 {
     let message = delivery.message().clone();
-    let (id, attempt) = (message.id.clone(), message.attempt);
     let outcome = match tokio::spawn(handler(message)).await {
         Ok(result) => result,
         Err(e) => Err(format!("handler panicked: {e}").into()),
     };
-    let settled = match outcome {
-        Ok(()) => delivery.ack().await.map(|_| &counters.acked),
-        Err(e) => {
+    settle(delivery, outcome.as_ref().err(), options, counters).await;
+}
+
+async fn handle_batch<H, F>(
+    deliveries: Vec<Delivery>,
+    handler: Arc<H>,
+    options: &ConsumeOptions,
+    counters: &Counters,
+) where
+    H: Fn(Vec<Message>) -> F + Send + Sync + 'static,
+    F: Future<Output = std::result::Result<(), BatchError>> + Send + 'static,
+{
+    let messages = deliveries.iter().map(|d| d.message().clone()).collect();
+    let outcome = match tokio::spawn(handler(messages)).await {
+        Ok(result) => result,
+        Err(e) => Err(BatchError::all(format!("handler panicked: {e}"))),
+    };
+    let failed = outcome.as_ref().err();
+    // Settled together, so that adapters coalescing settlements send few broker calls.
+    let settling = deliveries
+        .into_iter()
+        .enumerate()
+        .map(|(i, delivery)| settle(delivery, failed.and_then(|f| f.of(i)), options, counters));
+    futures::future::join_all(settling).await;
+}
+
+/// Acks a processed message, or retries or dead-letters one that failed with `failed`.
+async fn settle(
+    delivery: Delivery,
+    failed: Option<&HandlerError>,
+    options: &ConsumeOptions,
+    counters: &Counters,
+) {
+    let (id, attempt) = (delivery.id.clone(), delivery.attempt);
+    let settled = match failed {
+        None => delivery.ack().await.map(|_| &counters.acked),
+        Some(e) => {
             let delay = options.backoff(attempt);
-            match delivery.fail(&e, Some(delay)).await {
+            match delivery.fail(e, Some(delay)).await {
                 Ok(Settled::Retried) => {
                     tracing::info!(%id, attempt, retry_in = ?delay, error = %e, "handler failed; will retry");
                     Ok(&counters.retried)

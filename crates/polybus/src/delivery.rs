@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use polybus_core::{Acker, Message, Result, Subscription, TopicSpec, Transport, wire};
 
+use crate::batch::Batch;
 use crate::consume::HandlerError;
 
 /// Where a group's given-up messages go.
@@ -194,15 +195,8 @@ impl Subscriber {
     pub async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
             let delivery = match self.inner.next().await? {
-                Ok(d) => d,
+                Ok(d) => self.wrap(d),
                 Err(e) => return Some(Err(e)),
-            };
-            let (message, acker) = delivery.into_parts();
-            let delivery = Delivery {
-                message,
-                acker,
-                max_attempts: self.max_attempts,
-                dead_letter: self.dead_letter.clone(),
             };
             if let Some(reason) = delivery.policy().on_receipt(delivery.message.attempt) {
                 if let Err(e) = delivery.dead_letter(&reason).await {
@@ -212,6 +206,75 @@ impl Subscriber {
             }
             return Some(Ok(delivery));
         }
+    }
+
+    /// Up to `max` deliveries (at least one): waits for the first as [`next`](Self::next)
+    /// does, then takes the others that are ready at once, without waiting for more.
+    /// `None` once the subscription is closed. Settle them one by one or together
+    /// ([`Batch::ack_all`]); at most the subscription's `prefetch` are ever unsettled, so a
+    /// batch is never larger than that either.
+    ///
+    /// Cancel-safe while it waits for the first delivery (as `next`); once it has one, it
+    /// returns without waiting.
+    pub async fn next_batch(&mut self, max: usize) -> Option<Result<Batch>> {
+        self.next_batch_within(max, Duration::ZERO).await
+    }
+
+    /// As [`next_batch`](Self::next_batch), but after the first delivery waits up to `wait`
+    /// for more until `max` are taken: fuller batches for a little latency. Cancel-safe only
+    /// while it waits for the first: a caller that drops it while it gathers (`select!`)
+    /// drops the deliveries taken, and they come back after their ack deadline.
+    pub async fn next_batch_within(&mut self, max: usize, wait: Duration) -> Option<Result<Batch>> {
+        loop {
+            let received = match self.inner.next_batch(max.max(1), wait).await? {
+                Ok(received) => received,
+                Err(e) => return Some(Err(e)),
+            };
+            match self.admit(received).await {
+                (batch, Some(e)) if batch.is_empty() => return Some(Err(e)),
+                (batch, _) if batch.is_empty() => continue,
+                (batch, _) => return Some(Ok(batch)),
+            }
+        }
+    }
+
+    /// Up to `max` deliveries that are ready now or arrive within `wait`, without waiting for
+    /// a first one: empty when none came (or the subscription is closed). Returns within
+    /// `wait`, at once when it is zero; for polling, or to top up a batch.
+    pub async fn next_ready(&mut self, max: usize, wait: Duration) -> Result<Batch> {
+        let received = self.inner.next_ready(max, wait).await?;
+        match self.admit(received).await {
+            (batch, Some(e)) if batch.is_empty() => Err(e),
+            (batch, _) => Ok(batch),
+        }
+    }
+
+    /// Wraps received deliveries, dead-lettering those delivered too often (see
+    /// [`next`](Self::next)); with the first error of that, if any.
+    async fn admit(&mut self, received: Vec<polybus_core::Delivery>) -> (Batch, Option<polybus_core::Error>) {
+        let mut batch = Vec::with_capacity(received.len());
+        let mut failed = None;
+        for delivery in received {
+            let delivery = self.wrap(delivery);
+            match delivery.policy().on_receipt(delivery.message.attempt) {
+                None => batch.push(delivery),
+                Some(reason) => {
+                    if let Err(e) = delivery.dead_letter(&reason).await {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if let (false, Some(e)) = (batch.is_empty(), &failed) {
+            // The message stays unsettled and comes back after its ack deadline.
+            tracing::warn!(error = %e, "dead-lettering an over-delivered message failed");
+        }
+        (Batch::from(batch), failed)
+    }
+
+    fn wrap(&self, delivery: polybus_core::Delivery) -> Delivery {
+        let (message, acker) = delivery.into_parts();
+        Delivery { message, acker, max_attempts: self.max_attempts, dead_letter: self.dead_letter.clone() }
     }
 
     /// Stops fetching; deliveries already handed out can still be settled.

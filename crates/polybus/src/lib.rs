@@ -15,6 +15,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 mod bus;
 mod consume;
 mod delivery;
@@ -22,8 +23,9 @@ mod dlq;
 pub mod files;
 mod secrets;
 
+pub use batch::Batch;
 pub use bus::{Bus, BusBuilder, Group};
-pub use consume::{ConsumeOptions, ConsumeStats, Consumer, HandlerError};
+pub use consume::{BatchError, ConsumeOptions, ConsumeStats, Consumer, HandlerError};
 pub use delivery::{Delivery, SettlePolicy, Settled, Subscriber};
 pub use dlq::{DeadLetter, DeadLetterFilter, DeadLetterOutcome, SCAN_MAX as DEAD_LETTER_SCAN_MAX};
 pub use files::FilePolicy;

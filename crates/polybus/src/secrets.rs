@@ -267,20 +267,24 @@ struct ScrubbedSubscription {
 impl Subscription for ScrubbedSubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         let next = self.inner.next().await?;
-        Some(match next {
-            Ok(delivery) => {
-                let (message, acker) = delivery.into_parts();
-                Ok(Delivery::new(
-                    message,
-                    Box::new(ScrubbedAcker { inner: acker, scrubber: self.scrubber.clone() }),
-                ))
-            }
-            Err(e) => Err(self.scrubber.scrub(e)),
-        })
+        Some(next.map(|delivery| self.wrap(delivery)).map_err(|e| self.scrubber.scrub(e)))
+    }
+
+    // Forwarded, so that the adapter's own batching is kept.
+    async fn next_ready(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let ready = self.inner.next_ready(max, wait).await.map_err(|e| self.scrubber.scrub(e))?;
+        Ok(ready.into_iter().map(|delivery| self.wrap(delivery)).collect())
     }
 
     async fn close(&mut self) -> Result<()> {
         self.inner.close().await.map_err(|e| self.scrubber.scrub(e))
+    }
+}
+
+impl ScrubbedSubscription {
+    fn wrap(&self, delivery: Delivery) -> Delivery {
+        let (message, acker) = delivery.into_parts();
+        Delivery::new(message, Box::new(ScrubbedAcker { inner: acker, scrubber: self.scrubber.clone() }))
     }
 }
 

@@ -347,3 +347,21 @@ async fn pull_and_ack_requests_are_validated() {
         .await;
     assert_eq!((status, body["error"]["field"].as_str()), (StatusCode::BAD_REQUEST, Some("prefetch")));
 }
+
+#[tokio::test]
+async fn pull_takes_up_to_max_ready_messages_in_one_request() {
+    let api = TestApi::new().await;
+    let event = api.embedded_topic("bus", "pulled").await;
+    let messages: Vec<Value> = (0..30).map(|n| json!({"payload": {"n": n}})).collect();
+    let ids = api.publish(&event, json!({ "messages": messages })).await;
+    let first = api.pull(&event, "g", json!({"max": 12, "waitMs": 5000})).await;
+    assert_eq!(first.len(), 12, "all 30 are ready: a pull takes as many as it may");
+    let rest = api.pull(&event, "g", json!({"max": 100, "waitMs": 5000})).await;
+    let pulled: Vec<Value> = first.iter().chain(&rest).map(|m| m["id"].clone()).collect();
+    let published: Vec<Value> = ids.iter().map(|id| json!(id)).collect();
+    assert_eq!(pulled, published, "every message once, in publish order");
+    let leases: Vec<&Value> = first.iter().chain(&rest).map(|m| &m["leaseId"]).collect();
+    let acked = api.ack(&event, "g", json!({ "leaseIds": leases })).await;
+    assert_eq!((acked["settled"].as_array().map(Vec::len), &acked["failed"]), (Some(30), &json!([])));
+    assert!(api.pull(&event, "g", json!({"waitMs": 300})).await.is_empty(), "nothing comes back");
+}

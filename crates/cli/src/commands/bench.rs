@@ -1,4 +1,5 @@
-//! `polybus bench --env SLUG EVENT [--messages N] [--size BYTES] [--publishers P] [--consumers C] [--batch B]`
+//! `polybus bench --env SLUG EVENT [--messages N] [--size BYTES] [--publishers P] [--consumers C] [--batch B]
+//! [--consume-batch K] [--backlog]`
 //!
 //! Joins a fresh group, then publishes and consumes at the same time, and reports publish and
 //! consume+ack throughput and publish→deliver latency.
@@ -8,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
-use polybus::{Bus, Delivery, Message, SubscribeOptions, Subscriber};
+use polybus::{Batch, Bus, Delivery, Message, SubscribeOptions, Subscriber};
 use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -41,6 +42,13 @@ pub struct BenchArgs {
     /// Messages per publish batch.
     #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub batch: u64,
+    /// Messages each consumer takes at once (`Subscriber::next_batch`) and acks together
+    /// (`Batch::ack_all`); 1 takes and acks them one by one.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub consume_batch: u64,
+    /// Publish every message before consuming any: consumption measured alone, from a backlog.
+    #[arg(long)]
+    pub backlog: bool,
     /// Most unacked messages each consumer holds.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub prefetch: u64,
@@ -60,6 +68,8 @@ struct Report {
     publishers: u64,
     consumers: u64,
     batch: u64,
+    consume_batch: u64,
+    backlog: bool,
     publish_seconds: f64,
     publish_per_second: f64,
     consume_seconds: f64,
@@ -142,8 +152,16 @@ pub async fn run(ctx: &Context, args: BenchArgs) -> CliResult {
 
 fn workload(r: &Report) -> String {
     format!(
-        "{} × {} B to `{}` in `{}`, {} publisher(s) in batches of {}, {} consumer(s)",
-        r.messages, r.size, r.event, r.env, r.publishers, r.batch, r.consumers
+        "{} × {} B to `{}` in `{}`, {} publisher(s) in batches of {}, {} consumer(s) taking up to {} at once{}",
+        r.messages,
+        r.size,
+        r.event,
+        r.env,
+        r.publishers,
+        r.batch,
+        r.consumers,
+        r.consume_batch,
+        if r.backlog { ", once all are published (latency includes the wait)" } else { "" }
     )
 }
 
@@ -161,6 +179,7 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
     let (done_tx, done_rx) = watch::channel(false);
     let stamped = args.size >= 8;
     let mut consumers = JoinSet::new();
+    let mut states = Vec::new();
     for subscriber in subscribers {
         let state = ConsumerState {
             consumed: consumed.clone(),
@@ -170,7 +189,12 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
             bar: bar.clone(),
             stamped,
             in_flight: args.prefetch as usize,
+            take: args.consume_batch as usize,
         };
+        states.push((subscriber, state));
+    }
+    let (start_now, mut start_later) = if args.backlog { (Vec::new(), states) } else { (states, Vec::new()) };
+    for (subscriber, state) in start_now {
         consumers.spawn(consume(subscriber, state));
     }
 
@@ -205,6 +229,9 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
             calls.extend(done.map_err(|e| Failure::new("PUBLISH_FAILED", e.to_string()))??);
         }
         let published = started.elapsed();
+        for (subscriber, state) in start_later.drain(..) {
+            consumers.spawn(consume(subscriber, state));
+        }
         let mut first = None::<Instant>;
         let mut last = started;
         let mut samples = Vec::with_capacity(args.messages as usize);
@@ -248,6 +275,8 @@ async fn bench(bus: &Bus, args: &BenchArgs) -> CliResult<Report> {
         publishers: args.publishers,
         consumers: args.consumers,
         batch: args.batch,
+        consume_batch: args.consume_batch,
+        backlog: args.backlog,
         publish_seconds: published.as_secs_f64(),
         publish_per_second: per_second(published),
         consume_seconds: consume_time.as_secs_f64(),
@@ -269,6 +298,8 @@ struct ConsumerState {
     bar: indicatif::ProgressBar,
     stamped: bool,
     in_flight: usize,
+    /// Deliveries taken at once; 1 takes them with `next`.
+    take: usize,
 }
 
 /// What one consumer saw.
@@ -281,35 +312,46 @@ struct Consumed {
 /// Receives and acks until the group as a whole has every message.
 async fn consume(mut subscriber: Subscriber, mut state: ConsumerState) -> CliResult<Consumed> {
     let mut seen = Consumed { first: None, last: Instant::now(), latencies_us: Vec::new() };
-    let mut acks = JoinSet::new();
+    // Each ack task settles one delivery or one batch and says how many messages it settled.
+    let mut acks: JoinSet<(usize, polybus::Result<()>)> = JoinSet::new();
+    let mut unsettled = 0usize;
     let outcome = async {
         loop {
             if *state.done_rx.borrow() {
                 break;
             }
+            let take = async {
+                if state.take <= 1 {
+                    subscriber.next().await.map(|next| next.map(|d| Batch::from(vec![d])))
+                } else {
+                    subscriber.next_batch(state.take).await
+                }
+            };
             let next = tokio::select! {
-                next = subscriber.next() => next,
+                next = take => next,
                 Some(done) = acks.join_next(), if !acks.is_empty() => {
-                    settled(done, &state, &mut seen)?;
+                    unsettled -= settled(done, &state, &mut seen)?;
                     continue;
                 }
                 _ = state.done_rx.changed() => break,
             };
-            let delivery = match next {
+            let batch = match next {
                 None => {
                     return Err(Failure::new(
                         "CLOSED",
                         "the subscription ended before every message came back",
                     ));
                 }
-                Some(delivery) => delivery?,
+                Some(batch) => batch?,
             };
             seen.first.get_or_insert_with(Instant::now);
-            seen.latencies_us.push(latency_us(&delivery, state.stamped));
-            acks.spawn(delivery.ack());
-            while acks.len() >= state.in_flight.max(1) {
+            seen.latencies_us.extend(batch.iter().map(|d| latency_us(d, state.stamped)));
+            let n = batch.len();
+            unsettled += n;
+            acks.spawn(async move { (n, batch.ack_all().await) });
+            while unsettled >= state.in_flight.max(1) {
                 if let Some(done) = acks.join_next().await {
-                    settled(done, &state, &mut seen)?;
+                    unsettled -= settled(done, &state, &mut seen)?;
                 }
             }
         }
@@ -325,19 +367,21 @@ async fn consume(mut subscriber: Subscriber, mut state: ConsumerState) -> CliRes
     outcome.map(|()| seen)
 }
 
-/// Counts one finished ack; tells every consumer to stop once all messages are acked.
+/// Counts a finished ack of `n` messages (and returns `n`); tells every consumer to stop once
+/// all messages are acked.
 fn settled(
-    done: Result<polybus::Result<()>, tokio::task::JoinError>,
+    done: Result<(usize, polybus::Result<()>), tokio::task::JoinError>,
     state: &ConsumerState,
     seen: &mut Consumed,
-) -> CliResult {
-    done.map_err(|e| Failure::new("ACK_FAILED", e.to_string()))??;
+) -> CliResult<usize> {
+    let (n, acked) = done.map_err(|e| Failure::new("ACK_FAILED", e.to_string()))?;
+    acked?;
     seen.last = Instant::now();
-    state.bar.inc(1);
-    if state.consumed.fetch_add(1, Ordering::Relaxed) + 1 >= state.total {
+    state.bar.inc(n as u64);
+    if state.consumed.fetch_add(n as u64, Ordering::Relaxed) + n as u64 >= state.total {
         let _ = state.done_tx.send(true);
     }
-    Ok(())
+    Ok(n)
 }
 
 fn latency_us(delivery: &Delivery, stamped: bool) -> u64 {

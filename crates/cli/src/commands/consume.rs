@@ -1,7 +1,7 @@
 //! `polybus consume --env SLUG EVENT --group G [--count N] [--timeout DURATION]`
 
 use base64::Engine;
-use polybus::{Delivery, Message, SubscribeOptions, wire};
+use polybus::{Batch, Message, SubscribeOptions, wire};
 use serde_json::{Map, Value, json};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -14,7 +14,7 @@ use crate::remote::{Client, MAX_PULL_WAIT};
 
 /// Most deliveries fetched ahead of printing; small counts fetch no more than they need.
 const PREFETCH: u64 = 64;
-/// Acks sent to the broker at the same time, behind the printing.
+/// Batches of acks sent to the broker at the same time, behind the printing.
 const ACKS_IN_FLIGHT: usize = 16;
 
 /// Why the receiving stopped.
@@ -53,28 +53,36 @@ async fn consume(ctx: &Context, bus: &polybus::Bus, args: &ConsumeArgs) -> CliRe
 
     let mut received = 0u64;
     let mut acks = Acks::default();
-    let stop = loop {
-        if args.count == Some(received) {
-            break Stop::Done;
-        }
+    let stop = 'receiving: loop {
+        let max = match args.count {
+            Some(count) if count == received => break Stop::Done,
+            Some(count) => (count - received).min(PREFETCH),
+            None => PREFETCH,
+        };
+        // What is ready is taken, printed and acked together.
         let next = tokio::select! {
             biased;
             _ = &mut interrupted => break Stop::Interrupted,
             _ = &mut timeout => break Stop::TimedOut,
-            next = subscriber.next() => next,
+            next = subscriber.next_batch(max as usize) => next,
         };
-        let delivery = match next {
+        let batch = match next {
             None => break Stop::Ended,
             Some(Err(e)) => break Stop::Failed(e.into()),
-            Some(Ok(delivery)) => delivery,
+            Some(Ok(batch)) => batch,
         };
-        // Printed first, acked after: a message that could not be shown is redelivered.
-        if let Err(e) = bar.suspend(|| print(ctx, &delivery)) {
-            break Stop::Failed(e);
+        let mut printed = Vec::with_capacity(batch.len());
+        for delivery in batch {
+            // Printed first, acked after: a message that could not be shown is redelivered.
+            if let Err(e) = bar.suspend(|| print(ctx, &delivery)) {
+                acks.send(printed.into()).await;
+                break 'receiving Stop::Failed(e);
+            }
+            received += 1;
+            bar.inc(1);
+            printed.push(delivery);
         }
-        received += 1;
-        bar.inc(1);
-        acks.send(delivery).await;
+        acks.send(printed.into()).await;
     };
     bar.finish_and_clear();
 
@@ -189,16 +197,29 @@ fn outcome(stop: Stop, received: u64, failed_acks: u64, args: &ConsumeArgs) -> C
     }
 }
 
-/// Acks sent behind the printing, a few at a time.
+/// Acks sent behind the printing, a batch at a time, a few batches at once.
 #[derive(Default)]
 struct Acks {
-    pending: JoinSet<polybus::Result<()>>,
+    /// Each task acks one printed batch; its output is how many of those acks failed.
+    pending: JoinSet<u64>,
     failed: u64,
 }
 
 impl Acks {
-    async fn send(&mut self, delivery: Delivery) {
-        self.pending.spawn(delivery.ack());
+    async fn send(&mut self, printed: Batch) {
+        if printed.is_empty() {
+            return;
+        }
+        self.pending.spawn(async move {
+            let mut failed = 0;
+            for outcome in printed.ack_each().await {
+                if let Err(e) = outcome {
+                    failed += 1;
+                    tracing::warn!(error = %e, "ack failed; the message will be redelivered");
+                }
+            }
+            failed
+        });
         while self.pending.len() > ACKS_IN_FLIGHT {
             self.settle_one().await;
         }
@@ -206,14 +227,12 @@ impl Acks {
 
     async fn settle_one(&mut self) {
         match self.pending.join_next().await {
-            Some(Ok(Ok(()))) | None => {}
-            Some(Ok(Err(e))) => {
-                self.failed += 1;
-                tracing::warn!(error = %e, "ack failed; the message will be redelivered");
-            }
+            Some(Ok(failed)) => self.failed += failed,
+            None => {}
             Some(Err(e)) => {
+                // How many messages that task held is unknown here; at least one was not acked.
                 self.failed += 1;
-                tracing::warn!(error = %e, "ack task failed; the message will be redelivered");
+                tracing::warn!(error = %e, "ack task failed; its messages will be redelivered");
             }
         }
     }

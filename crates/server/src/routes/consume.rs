@@ -34,7 +34,7 @@ const ACK_DEADLINE_MS: (u64, u64) = (100, 600_000);
 const MAX_PULL: usize = 256;
 /// Longest a pull waits for its first message.
 const MAX_WAIT_MS: u64 = 30_000;
-/// Once a pull has a message, how long it waits for each further one.
+/// Once a pull has a message, how long it waits for more.
 const GATHER: Duration = Duration::from_millis(20);
 /// Unsettled deliveries a pull member holds.
 const PULL_PREFETCH: usize = MAX_PULL;
@@ -278,25 +278,30 @@ async fn pull(
     let Ok(mut subscriber) = tokio::time::timeout_at(until, puller.subscriber.lock()).await else {
         return Ok(Json(Pulled { messages }));
     };
-    while messages.len() < max {
-        let wait_until = if messages.is_empty() { until } else { Instant::now() + GATHER };
-        match tokio::time::timeout_at(wait_until, subscriber.next()).await {
-            Err(_) => break,
-            Ok(None) => {
-                state.leases().drop_puller(&key, &puller);
-                break;
-            }
-            Ok(Some(Err(e))) => {
+    // The first message is awaited until `until` (`next` is cancel-safe), the rest taken
+    // together: what is ready, and what comes within GATHER.
+    let first = match tokio::time::timeout_at(until, subscriber.next()).await {
+        Err(_) => None,
+        Ok(None) => {
+            state.leases().drop_puller(&key, &puller);
+            None
+        }
+        Ok(Some(Err(e))) => {
+            state.leases().drop_puller(&key, &puller);
+            state.metrics().connection_error(&labels.broker, &scope.env, &e);
+            return Err(e.into());
+        }
+        Ok(Some(Ok(delivery))) => Some(delivery),
+    };
+    if let Some(first) = first {
+        messages.push(lease(&state, first, (&scope, &labels), &caller, deadline));
+        match subscriber.next_ready(max - 1, GATHER).await {
+            Ok(more) => messages
+                .extend(more.into_iter().map(|d| lease(&state, d, (&scope, &labels), &caller, deadline))),
+            Err(e) => {
                 state.leases().drop_puller(&key, &puller);
                 state.metrics().connection_error(&labels.broker, &scope.env, &e);
-                if messages.is_empty() {
-                    return Err(e.into());
-                }
                 tracing::warn!(error = %e, "pull member failed after handing out messages");
-                break;
-            }
-            Ok(Some(Ok(delivery))) => {
-                messages.push(lease(&state, delivery, (&scope, &labels), &caller, deadline));
             }
         }
     }

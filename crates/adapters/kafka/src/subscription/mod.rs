@@ -229,6 +229,39 @@ impl KafkaSubscription {
         let acker = KafkaAcker { shared: self.shared.clone(), slot, id: message.id.clone() };
         Some(Delivery::new(message, Box::new(acker)))
     }
+
+    /// Hands out several fetched messages under one lock and with one wake of the consumer
+    /// thread; those of partitions revoked meanwhile are dropped.
+    fn hand_out_all(&self, fetched: Vec<(Slot, Message)>, into: &mut Vec<Delivery>) {
+        if fetched.is_empty() {
+            return;
+        }
+        let deadline = Instant::now() + self.shared.options.ack_deadline;
+        let mut state = self.shared.lock();
+        for (slot, message) in fetched {
+            if !state.offsets.is_current(&slot) {
+                state.outstanding = state.outstanding.saturating_sub(1);
+                continue;
+            }
+            state.offsets.handed_out(&slot, message.attempt);
+            state.in_flight.insert(slot, message.clone(), deadline);
+            let acker = KafkaAcker { shared: self.shared.clone(), slot, id: message.id.clone() };
+            into.push(Delivery::new(message, Box::new(acker)));
+        }
+        drop(state);
+        self.shared.wake();
+    }
+
+    /// A message to hand out, or `None` for a delayed one, sent off to wait on the retry topic.
+    fn deliverable(&self, fetched: Fetched) -> Option<(Slot, Message)> {
+        match fetched {
+            Fetched::Deliver(slot, message) => Some((slot, message)),
+            Fetched::Defer(slot, message, not_before) => {
+                tokio::spawn(defer(self.shared.clone(), slot, message, not_before));
+                None
+            }
+        }
+    }
 }
 
 #[async_trait]
@@ -249,6 +282,33 @@ impl Subscription for KafkaSubscription {
                 }
             }
         }
+    }
+
+    // Takes what the consumer thread handed over in one go (one lock, one wake) rather than
+    // a delivery at a time.
+    async fn next_ready(&mut self, max: usize, wait: Duration) -> Result<Vec<Delivery>> {
+        let mut batch = Vec::new();
+        let until = tokio::time::Instant::now() + wait;
+        while batch.len() < max && !self.closed {
+            let mut ready = Vec::new();
+            while batch.len() + ready.len() < max {
+                match self.rx.try_recv() {
+                    Ok(fetched) => ready.extend(self.deliverable(fetched)),
+                    Err(_) => break,
+                }
+            }
+            if ready.is_empty() {
+                if wait.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout_at(until, self.rx.recv()).await {
+                    Ok(Some(fetched)) => ready.extend(self.deliverable(fetched)),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            self.hand_out_all(ready, &mut batch);
+        }
+        Ok(batch)
     }
 
     async fn close(&mut self) -> Result<()> {
