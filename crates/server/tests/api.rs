@@ -11,7 +11,7 @@ use polybus_server::Options;
 use serde_json::{Value, json};
 
 /// Every route the server has, as `(METHOD, path)`.
-const ROUTES: [(&str, &str); 25] = [
+const ROUTES: [(&str, &str); 29] = [
     ("GET", "/"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -37,6 +37,10 @@ const ROUTES: [(&str, &str); 25] = [
     ("POST", "/v1/envs/{env}/events/{event}/messages"),
     ("POST", "/v1/envs/{env}/events/{event}/subscriptions/{group}/pull"),
     ("POST", "/v1/envs/{env}/events/{event}/subscriptions/{group}/ack"),
+    ("GET", "/v1/envs/{env}/events/{event}/dead-letters"),
+    ("GET", "/v1/envs/{env}/events/{event}/dead-letters/{id}"),
+    ("POST", "/v1/envs/{env}/events/{event}/dead-letters/redrive"),
+    ("POST", "/v1/envs/{env}/events/{event}/dead-letters/purge"),
 ];
 
 #[tokio::test]
@@ -98,7 +102,8 @@ async fn every_api_route_needs_a_key_but_health_readiness_and_the_page() {
             .replace("{event}", "bus:orders")
             .replace("{env}", "dev")
             .replace("{group}", "g")
-            .replace("{name}", "pw");
+            .replace("{name}", "pw")
+            .replace("{id}", "m1");
         let (status, body) = api.call(method, &path, None, None).await;
         if ["/", "/healthz", "/readyz"].contains(&path.as_str()) {
             assert_eq!(status, StatusCode::OK, "{method} {path}: {body}");
