@@ -151,6 +151,9 @@ fn named(case: &Case) -> Trial {
 }
 
 fn skip_reason(case: &Case, caps: &Capabilities, target: &Target) -> Option<String> {
+    if let Some((_, defect)) = target.known_defects.iter().find(|(name, _)| *name == case.name) {
+        return Some(format!("known defect of this adapter: {defect}"));
+    }
     case.needs.iter().find_map(|need| need.unmet(caps, target))
 }
 

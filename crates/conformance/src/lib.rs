@@ -55,6 +55,8 @@ pub struct Target {
     /// A broker instance of the suite's own that the restart cases stop and start, or why
     /// there is none (the reason those cases are skipped with).
     pub private: Result<Arc<PrivateBroker>, String>,
+    /// Cases skipped on this target for a defect of its adapter, with the defect (printed).
+    pub known_defects: Vec<(&'static str, String)>,
 }
 
 /// Which of the process-fault cases (a member process killed with SIGKILL, a whole group
@@ -82,6 +84,7 @@ impl Target {
             restart: None,
             process_faults: ProcessFaults::Run,
             private: Err("no private broker for this target".into()),
+            known_defects: Vec::new(),
         }
     }
 
@@ -115,6 +118,12 @@ impl Target {
     /// Says why this target has no private broker (the restart cases are skipped with it).
     pub fn no_private(mut self, reason: impl Into<String>) -> Self {
         self.private = Err(reason.into());
+        self
+    }
+
+    /// Skips `case` on this target, visibly, for a known defect of its adapter.
+    pub fn known_defect(mut self, case: &'static str, defect: impl Into<String>) -> Self {
+        self.known_defects.push((case, defect.into()));
         self
     }
 }
