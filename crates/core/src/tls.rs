@@ -14,7 +14,7 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -223,7 +223,7 @@ impl TlsPem {
                 .map_err(|e| TlsError::new("ca", format!("is not a usable CA ({e})")))?;
             ClientConfig::builder()
                 .dangerous()
-                .with_custom_certificate_verifier(Arc::new(FixedName { inner, name }))
+                .with_custom_certificate_verifier(Arc::new(NameCheck { inner, name: Some(name) }))
         } else {
             ClientConfig::builder().with_root_certificates(self.roots()?)
         };
@@ -344,23 +344,39 @@ impl ServerCertVerifier for AcceptAnyServer {
     }
 }
 
-/// The verifier of `serverName`: the server's certificate is checked against that name.
+/// A chain verifier whose certificate-name check is set: against `serverName` (`Some`), or
+/// none at all (`None`: PostgreSQL's `verify-ca`).
 #[derive(Debug)]
-struct FixedName {
+struct NameCheck {
     inner: Arc<WebPkiServerVerifier>,
-    name: ServerName<'static>,
+    name: Option<ServerName<'static>>,
 }
 
-impl ServerCertVerifier for FixedName {
+/// A verifier of the server's chain against `roots` that does not check the name the
+/// certificate is for (libpq's `verify-ca`).
+pub fn chain_only_verifier(roots: RootCertStore) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+    let inner = WebPkiServerVerifier::builder(Arc::new(roots))
+        .build()
+        .map_err(|e| TlsError::new("ca", format!("is not a usable CA ({e})")))?;
+    Ok(Arc::new(NameCheck { inner, name: None }))
+}
+
+impl ServerCertVerifier for NameCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
+        server_name: &ServerName<'_>,
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.inner.verify_server_cert(end_entity, intermediates, &self.name, ocsp_response, now)
+        let name = self.name.as_ref().unwrap_or(server_name);
+        match self.inner.verify_server_cert(end_entity, intermediates, name, ocsp_response, now) {
+            Err(rustls::Error::InvalidCertificate(
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+            )) if self.name.is_none() => Ok(ServerCertVerified::assertion()),
+            other => other,
+        }
     }
 
     fn verify_tls12_signature(

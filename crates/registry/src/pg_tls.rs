@@ -8,13 +8,7 @@
 //! `sslrootcert`'s certificates, or the system's (`sslrootcert=system`, or none given with a
 //! `verify-*` mode).
 
-use std::sync::Arc;
-
-use polybus_core::tls::TlsBlock;
-use rustls::client::WebPkiServerVerifier;
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{CertificateError, DigitallySignedStruct, SignatureScheme};
+use polybus_core::tls::{TlsBlock, chain_only_verifier};
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -133,7 +127,7 @@ impl PgTls {
         };
         let rename = |e: polybus_core::tls::TlsError| {
             let field = match e.field.as_str() {
-                "tls.caFile" => "sslrootcert",
+                "tls.caFile" | "tls.ca" => "sslrootcert",
                 "tls.certFile" | "tls.cert" => "sslcert",
                 "tls.keyFile" | "tls.key" => "sslkey",
                 other => other,
@@ -143,57 +137,10 @@ impl PgTls {
         let pem = block.load().map_err(rename)?;
         let mut config = pem.client_config().map_err(rename)?;
         if verify == Some(false) {
-            let roots = Arc::new(pem.roots().map_err(rename)?);
-            let chain = WebPkiServerVerifier::builder(roots)
-                .build()
-                .map_err(|e| format!("`sslrootcert`: no usable root certificate ({e})"))?;
-            config.dangerous().set_certificate_verifier(Arc::new(AnyHostName(chain)));
+            let chain = chain_only_verifier(pem.roots().map_err(rename)?).map_err(rename)?;
+            config.dangerous().set_certificate_verifier(chain);
         }
         Ok(Some(MakeRustlsConnect::new(config)))
-    }
-}
-
-/// `verify-ca`: the chain is checked, the name the certificate is for is not.
-#[derive(Debug)]
-struct AnyHostName(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for AnyHostName {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        match self.0.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
-            Err(rustls::Error::InvalidCertificate(
-                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
-            )) => Ok(ServerCertVerified::assertion()),
-            other => other,
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
     }
 }
 
