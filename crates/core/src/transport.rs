@@ -18,6 +18,7 @@ use crate::broker::BrokerType;
 use crate::error::Result;
 use crate::kind::BrokerKind;
 use crate::message::Message;
+use crate::ops::{GroupInfo, MessageQuery, ReplayFrom, StoredMessage};
 use crate::secret;
 use crate::topic::TopicSpec;
 
@@ -214,8 +215,25 @@ pub trait Transport: Send + Sync {
     -> Result<Box<dyn Subscription>>;
     /// Checks the broker answers.
     async fn ping(&self) -> Result<()>;
+    /// The topic's consumer groups with members, pending and lag, as far as the broker can tell.
+    async fn groups(&self, _topic: &TopicSpec) -> Result<Vec<GroupInfo>> {
+        Err(unsupported("listing consumer groups"))
+    }
+    /// Moves `group` back (or forward) so its next deliveries start at `from`.
+    async fn replay(&self, _topic: &TopicSpec, _group: &str, _from: ReplayFrom) -> Result<()> {
+        Err(unsupported("replay (it does not retain consumed messages)"))
+    }
+    /// Reads stored messages back without consuming them.
+    async fn messages(&self, _topic: &TopicSpec, _query: &MessageQuery) -> Result<Vec<StoredMessage>> {
+        Err(unsupported("message query (it does not retain consumed messages)"))
+    }
     /// Flushes pending publishes and closes the connection.
     async fn close(&self) -> Result<()>;
+}
+
+/// The error of an operation an adapter does not provide; `Bus` names the broker type.
+pub fn unsupported(what: &str) -> crate::error::Error {
+    crate::error::Error::Unsupported { broker_type: String::new(), what: what.to_string() }
 }
 
 /// Where to connect: a broker env with its secrets already resolved.

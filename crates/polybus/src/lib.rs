@@ -21,6 +21,7 @@ mod consume;
 mod delivery;
 mod dlq;
 pub mod files;
+mod ops;
 mod secrets;
 
 pub use batch::Batch;
@@ -33,8 +34,8 @@ pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
 
 pub use polybus_core::{
     self as core, Broker, BrokerEnv, BrokerKind, BrokerPatch, BrokerType, Capabilities, Cause, Connector,
-    Error, EventRef, FailureKind, Kinds, Message, Result, SubscribeOptions, Support, Topic, TopicPatch,
-    TopicSpec, Transport, wire,
+    Error, EventRef, FailureKind, GroupInfo, Kinds, Message, MessageQuery, ReplayFrom, Result, StoredMessage,
+    SubscribeOptions, Support, Topic, TopicPatch, TopicSpec, Transport, wire,
 };
 pub use polybus_registry::{
     Registry, SecretInfo, Secrets, SecretsKey, SqliteStore, Store, find_key as find_secrets_key,
