@@ -1,10 +1,12 @@
-//! The dashboard at `/`: brokers with their envs and types, topics, per-env health and live
-//! throughput. Plain HTML rendered here, a little inline JavaScript, no external assets.
+//! The operations console at `/`: brokers with their envs, types and health; topics with live
+//! counters and throughput charts; for one topic in one env, its consumer groups with lag, its
+//! dead letters (with reason, and redrive and purge buttons) and a browser of its stored
+//! messages. Plain HTML rendered here, inline JavaScript, no external assets.
 //!
-//! The page needs an API key (a read-only one is enough): open `/?key=KEY` or type it into the
-//! sign-in field. The page then keeps the key in the browser's localStorage, removes it from
-//! the address bar, and uses it as a Bearer token to poll `/v1/stats` every second and to run
-//! each env's connection test.
+//! The page needs an API key (a read-only one is enough to see): open `/?key=KEY` or type it
+//! into the sign-in field. The page then keeps the key in the browser's localStorage, removes it
+//! from the address bar, and uses it as a Bearer token for the same `/v1` routes the CLI uses.
+//! With a read-only key the page offers no redrive or purge (the routes refuse them anyway).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -25,6 +27,9 @@ use crate::state::AppState;
 const STYLE: &str = include_str!("dashboard/style.css");
 const SCRIPT: &str = include_str!("dashboard/dashboard.js");
 const SIGN_IN_SCRIPT: &str = include_str!("dashboard/sign-in.js");
+
+/// The panel for one topic in one env, filled by the script when a topic's Operate is pressed.
+const DETAIL: &str = include_str!("dashboard/detail.html");
 
 /// The dashboard route (no key needed for the page itself; it asks for one).
 pub fn router() -> OpenApiRouter<AppState> {
@@ -51,11 +56,11 @@ async fn dashboard(State(state): State<AppState>, ApiQuery(query): ApiQuery<Dash
     let Some(key) = query.key.filter(|k| !k.trim().is_empty()) else {
         return page(StatusCode::OK, sign_in(None, query.signout.is_some()));
     };
-    match state.keys().verify(key.trim()).await {
-        Ok(Some(_)) => {}
+    let can_write = match state.keys().verify(key.trim()).await {
+        Ok(Some(info)) => !info.read_only,
         Ok(None) => return page(StatusCode::UNAUTHORIZED, sign_in(Some("That key is not valid."), true)),
         Err(e) => return page(StatusCode::SERVICE_UNAVAILABLE, sign_in(Some(&e.to_string()), true)),
-    }
+    };
     let registry = state.registry();
     let loaded = async {
         Ok::<_, polybus::Error>((registry.fetch_brokers().await?, registry.fetch_topics(None).await?))
@@ -63,7 +68,7 @@ async fn dashboard(State(state): State<AppState>, ApiQuery(query): ApiQuery<Dash
     match loaded.await {
         Ok((brokers, topics)) => {
             let stats = state.metrics().stats();
-            page(StatusCode::OK, overview(key.trim(), &brokers, &topics, &stats.topics))
+            page(StatusCode::OK, overview(key.trim(), can_write, &brokers, &topics, &stats.topics))
         }
         Err(e) => {
             page(StatusCode::SERVICE_UNAVAILABLE, sign_in(Some(&format!("The registry failed: {e}")), true))
@@ -122,7 +127,13 @@ fn sign_in(problem: Option<&str>, no_reuse: bool) -> String {
     shell("polybus — sign in", attrs, &body, SIGN_IN_SCRIPT)
 }
 
-fn overview(key: &str, brokers: &[Broker], topics: &[Topic], stats: &[TopicStats]) -> String {
+fn overview(
+    key: &str,
+    can_write: bool,
+    brokers: &[Broker],
+    topics: &[Topic],
+    stats: &[TopicStats],
+) -> String {
     let counts: BTreeMap<(&str, &str), &TopicStats> =
         stats.iter().map(|t| ((t.env.as_str(), t.event.as_str()), t)).collect();
     let mut body = String::from(
@@ -160,7 +171,7 @@ fn overview(key: &str, brokers: &[Broker], topics: &[Topic], stats: &[TopicStats
     } else {
         body.push_str(
             "<table id=\"topics\"><thead><tr><th>Event</th><th>Env</th><th>Published</th><th>Delivered</th>\
-             <th>Acked</th><th>Nacked</th><th>Dead-lettered</th><th>Throughput (msg/s)</th><th></th></tr></thead><tbody>",
+             <th>Acked</th><th>Nacked</th><th>Dead-lettered</th><th>Throughput (msg/s)</th><th>Last 5 minutes</th><th></th></tr></thead><tbody>",
         );
         for topic in topics {
             let broker_tag = topic.event().map(|e| e.broker).unwrap_or_default();
@@ -177,7 +188,8 @@ fn overview(key: &str, brokers: &[Broker], topics: &[Topic], stats: &[TopicStats
                     "<tr class=\"topic\" data-event=\"{event}\" data-env=\"{env}\"><td class=\"event\">{event}</td><td>{env}</td>\
                      <td class=\"published\">{}</td><td class=\"delivered\">{}</td><td class=\"acked\">{}</td>\
                      <td class=\"nacked\">{}</td><td class=\"dead-lettered\">{}</td><td class=\"rate\">–</td>\
-                     <td><canvas class=\"chart\" width=\"180\" height=\"36\"></canvas></td></tr>",
+                     <td><canvas class=\"chart\" width=\"300\" height=\"48\"></canvas></td>\
+                     <td><button type=\"button\" class=\"open\">Operate</button></td></tr>",
                     n(|t| t.published),
                     n(|t| t.delivered),
                     n(|t| t.acked),
@@ -190,8 +202,11 @@ fn overview(key: &str, brokers: &[Broker], topics: &[Topic], stats: &[TopicStats
         }
         body.push_str("</tbody></table>");
     }
-    body.push_str("</section>\n</main>");
-    shell("polybus dashboard", &format!(" data-key=\"{}\"", esc(key)), &body, SCRIPT)
+    body.push_str("</section>\n");
+    body.push_str(DETAIL);
+    body.push_str("</main>");
+    let attrs = format!(" data-key=\"{}\" data-write=\"{}\"", esc(key), if can_write { "1" } else { "0" });
+    shell("polybus console", &attrs, &body, SCRIPT)
 }
 
 #[cfg(test)]
@@ -222,10 +237,12 @@ mod tests {
             dead_lettered: 0,
             publish_latency_ms: 1.0,
         };
-        let html = overview("pbk_x", &[broker], &[topic], &[stats]);
+        let html = overview("pbk_x", false, &[broker], &[topic], &[stats]);
         assert!(html.contains("&lt;Bus&gt;"));
         assert!(html.contains("<td class=\"env-type\">embedded</td>"));
         assert!(html.contains("<td class=\"published\">7</td>"));
         assert!(html.contains("data-event=\"bus:orders\""));
+        assert!(html.contains("data-write=\"0\""), "a read-only key is told to the page");
+        assert!(html.contains("id=\"dead-letters\""));
     }
 }

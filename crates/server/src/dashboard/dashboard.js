@@ -1,19 +1,68 @@
-// Keeps the key in localStorage (not in the address bar), polls /v1/stats every second for
-// counters and throughput, and runs each env's connection test every 30 seconds.
+// The operations console. Keeps the key in localStorage (not in the address bar); polls
+// /v1/stats every second for counters and the throughput charts; runs each env's connection
+// test every 30 seconds; and, for the topic whose Operate button was pressed, shows its groups
+// (refreshed every 5 seconds), its dead letters with redrive and purge, and a message browser.
 (function () {
   "use strict";
   var key = document.body.dataset.key;
+  var canWrite = document.body.dataset.write === "1";
   try { localStorage.setItem("polybusKey", key); } catch (e) {}
   history.replaceState(null, "", location.pathname);
   var auth = { Authorization: "Bearer " + key };
-  var POINTS = 60;
+  var POINTS = 300;
   var previous = {};
   var series = {};
+  var open = null;
+  var groupsTimer = null;
 
-  document.getElementById("sign-out").addEventListener("click", function () {
+  function $(id) { return document.getElementById(id); }
+
+  $("sign-out").addEventListener("click", function () {
     try { localStorage.removeItem("polybusKey"); } catch (e) {}
     location.replace("/?signout=1");
   });
+
+  // One call to the API: resolves with the JSON body, rejects with "CODE: message".
+  function api(method, path, body) {
+    var init = { method: method, headers: { Authorization: auth.Authorization } };
+    if (body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(body);
+    }
+    return fetch(path, init).then(function (r) {
+      return r.text().then(function (text) {
+        var parsed = null;
+        try { parsed = text ? JSON.parse(text) : null; } catch (e) {}
+        if (!r.ok) {
+          var error = parsed && parsed.error;
+          var err = new Error(error ? error.code + ": " + error.message : "HTTP " + r.status);
+          err.code = error && error.code;
+          throw err;
+        }
+        return parsed;
+      });
+    });
+  }
+
+  function cell(row, text, className) {
+    var td = document.createElement("td");
+    td.textContent = text === null || text === undefined ? "–" : String(text);
+    if (className) { td.className = className; }
+    row.appendChild(td);
+    return td;
+  }
+
+  function clear(tbody) {
+    while (tbody.firstChild) { tbody.removeChild(tbody.firstChild); }
+  }
+
+  function preview(payload, encoding) {
+    if (encoding === "base64") {
+      return "(binary, " + Math.floor(String(payload).length * 3 / 4) + " bytes)";
+    }
+    var text = typeof payload === "string" ? payload : JSON.stringify(payload);
+    return text.length > 80 ? text.slice(0, 79) + "…" : text;
+  }
 
   function rows() {
     return Array.prototype.slice.call(document.querySelectorAll("tr.topic"));
@@ -36,13 +85,13 @@
       });
       ctx.stroke();
     });
+    ctx.fillStyle = "#6b7280";
+    ctx.font = "10px system-ui, sans-serif";
+    ctx.fillText(top.toFixed(top < 10 ? 1 : 0) + "/s", 2, 10);
   }
 
   function poll() {
-    fetch("/v1/stats", { headers: auth }).then(function (r) {
-      if (!r.ok) { throw new Error("stats: HTTP " + r.status); }
-      return r.json();
-    }).then(function (stats) {
+    api("GET", "/v1/stats").then(function (stats) {
       var now = Date.now();
       var byId = {};
       stats.topics.forEach(function (t) { byId[t.env + "|" + t.event] = t; });
@@ -69,32 +118,195 @@
           point.published.toFixed(1) + " in / " + point.delivered.toFixed(1) + " out";
         draw(row.querySelector("canvas"), points);
       });
-      document.getElementById("status").textContent =
+      $("status").textContent =
         "up " + Math.round(stats.uptimeSeconds) + " s, " + stats.openLeases + " open leases";
     }).catch(function (e) {
-      document.getElementById("status").textContent = String(e.message || e);
+      $("status").textContent = String(e.message || e);
     });
   }
 
   function checkHealth() {
-    Array.prototype.forEach.call(document.querySelectorAll("td.health"), function (cell) {
-      var url = "/v1/brokers/" + encodeURIComponent(cell.dataset.broker) +
-        "/test?env=" + encodeURIComponent(cell.dataset.env);
-      fetch(url, { method: "POST", headers: auth }).then(function (r) {
-        return r.json().then(function (body) { return { ok: r.ok, body: body }; });
-      }).then(function (answer) {
-        if (answer.ok) {
-          cell.className = "health ok";
-          cell.textContent = "ok, " + answer.body.latencyMs.toFixed(1) + " ms";
-        } else {
-          cell.className = "health down";
-          cell.textContent = answer.body.error.code + ": " + answer.body.error.message;
-        }
+    Array.prototype.forEach.call(document.querySelectorAll("td.health"), function (td) {
+      var url = "/v1/brokers/" + encodeURIComponent(td.dataset.broker) +
+        "/test?env=" + encodeURIComponent(td.dataset.env);
+      api("POST", url).then(function (body) {
+        td.className = "health ok";
+        td.textContent = "ok, " + body.latencyMs.toFixed(1) + " ms";
       }).catch(function (e) {
-        cell.className = "health down";
-        cell.textContent = String(e.message || e);
+        td.className = "health down";
+        td.textContent = String(e.message || e);
       });
     });
+  }
+
+  // The API path of the open topic, followed by `rest`.
+  function topicPath(rest) {
+    return "/v1/envs/" + encodeURIComponent(open.env) + "/events/" +
+      encodeURIComponent(open.event) + rest;
+  }
+
+  function loadGroups() {
+    if (!open) { return; }
+    var tbody = $("groups").querySelector("tbody");
+    api("GET", topicPath("/groups")).then(function (body) {
+      var groups = (body && body.groups) || [];
+      clear(tbody);
+      $("groups-note").textContent = groups.length ? "" : "No consumer groups yet.";
+      groups.forEach(function (g) {
+        var tr = document.createElement("tr");
+        tr.className = "group";
+        tr.dataset.group = g.group;
+        cell(tr, g.group, "name");
+        cell(tr, g.members, "members");
+        cell(tr, g.pending, "pending");
+        cell(tr, g.lag, "lag");
+        cell(tr, g.oldestUnackedMs === null || g.oldestUnackedMs === undefined ? null :
+          (g.oldestUnackedMs / 1000).toFixed(1) + " s", "oldest");
+        tbody.appendChild(tr);
+      });
+    }).catch(function (e) {
+      clear(tbody);
+      $("groups-note").textContent = String(e.message || e);
+    });
+  }
+
+  function settled(outcome, what) {
+    var text = outcome.done.length + " " + what;
+    if (outcome.failed.length) {
+      text += ", " + outcome.failed.length + " failed (" + outcome.failed.map(function (f) {
+        return f.id + ": " + f.error;
+      }).join("; ") + ")";
+    }
+    return text + ".";
+  }
+
+  function act(action, ids) {
+    var body = ids ? { ids: ids } : {};
+    var what = action === "redrive" ? "redriven" : "purged";
+    $("dlq-note").textContent = (action === "redrive" ? "Redriving" : "Purging") + "…";
+    return api("POST", topicPath("/dead-letters/" + action), body).then(function (outcome) {
+      outcome.done.forEach(function (id) {
+        var tr = document.querySelector("#dead-letters tr[data-id=\"" + CSS.escape(id) + "\"]");
+        if (tr) {
+          tr.classList.add(what);
+          tr.querySelector(".state").textContent = what;
+        }
+      });
+      $("dlq-note").textContent = settled(outcome, what);
+    }).catch(function (e) {
+      $("dlq-note").textContent = String(e.message || e);
+    });
+  }
+
+  function loadDeadLetters() {
+    if (!open) { return; }
+    var tbody = $("dead-letters").querySelector("tbody");
+    $("dlq-note").textContent = "Reading dead letters…";
+    api("GET", topicPath("/dead-letters?limit=100")).then(function (body) {
+      var letters = (body && body.deadLetters) || [];
+      clear(tbody);
+      $("dlq-note").textContent = letters.length ? letters.length + " dead letters." : "No dead letters.";
+      letters.forEach(function (l) {
+        var tr = document.createElement("tr");
+        tr.className = "dead-letter";
+        tr.dataset.id = l.id;
+        cell(tr, l.id, "id");
+        cell(tr, l.reason, "reason");
+        cell(tr, l.attempts, "attempts");
+        cell(tr, l.group, "group");
+        cell(tr, l.deadLetteredAt, "when");
+        cell(tr, preview(l.payload, l.encoding), "payload");
+        var actions = cell(tr, "", "state");
+        if (canWrite) {
+          var redrive = document.createElement("button");
+          redrive.type = "button";
+          redrive.className = "redrive";
+          redrive.textContent = "Redrive";
+          redrive.addEventListener("click", function () { act("redrive", [l.id]); });
+          actions.appendChild(redrive);
+          var purge = document.createElement("button");
+          purge.type = "button";
+          purge.className = "purge danger";
+          purge.textContent = "Purge";
+          purge.addEventListener("click", function () {
+            if (confirm("Delete dead letter " + l.id + " for good?")) { act("purge", [l.id]); }
+          });
+          actions.appendChild(purge);
+        }
+        tbody.appendChild(tr);
+      });
+    }).catch(function (e) {
+      clear(tbody);
+      $("dlq-note").textContent = String(e.message || e);
+    });
+  }
+
+  function browse(event) {
+    if (event) { event.preventDefault(); }
+    if (!open) { return; }
+    var form = $("messages-form");
+    var query = [];
+    ["key", "since", "until", "limit"].forEach(function (name) {
+      var value = form.elements[name].value.trim();
+      if (value) { query.push(name + "=" + encodeURIComponent(value)); }
+    });
+    var tbody = $("messages").querySelector("tbody");
+    $("messages-note").textContent = "Reading…";
+    api("GET", topicPath("/messages" + (query.length ? "?" + query.join("&") : ""))).then(function (body) {
+      var messages = (body && body.messages) || [];
+      clear(tbody);
+      $("messages-note").textContent = messages.length ? "" : "No messages match.";
+      messages.forEach(function (m) {
+        var tr = document.createElement("tr");
+        tr.className = "message";
+        cell(tr, m.id, "id");
+        cell(tr, m.key, "key");
+        cell(tr, m.publishedAt, "when");
+        cell(tr, m.position, "position");
+        cell(tr, preview(m.payload, m.encoding), "payload");
+        tbody.appendChild(tr);
+      });
+    }).catch(function (e) {
+      clear(tbody);
+      $("messages-note").textContent = e.code === "UNSUPPORTED" ?
+        "This broker does not keep consumed messages, so there is nothing to browse (" + e.message + ")." :
+        String(e.message || e);
+    });
+  }
+
+  function operate(row) {
+    open = { env: row.dataset.env, event: row.dataset.event };
+    $("detail-event").textContent = open.event;
+    $("detail-env").textContent = open.env;
+    $("detail").hidden = false;
+    clear($("messages").querySelector("tbody"));
+    $("messages-note").textContent = "";
+    loadGroups();
+    loadDeadLetters();
+    if (groupsTimer) { clearInterval(groupsTimer); }
+    groupsTimer = setInterval(loadGroups, 5000);
+    $("detail").scrollIntoView();
+  }
+
+  rows().forEach(function (row) {
+    row.querySelector("button.open").addEventListener("click", function () { operate(row); });
+  });
+  $("detail-close").addEventListener("click", function () {
+    open = null;
+    if (groupsTimer) { clearInterval(groupsTimer); groupsTimer = null; }
+    $("detail").hidden = true;
+  });
+  $("groups-refresh").addEventListener("click", loadGroups);
+  $("dlq-refresh").addEventListener("click", loadDeadLetters);
+  $("dlq-redrive-all").addEventListener("click", function () { act("redrive", null); });
+  $("dlq-purge-all").addEventListener("click", function () {
+    if (confirm("Delete every dead letter of " + open.event + " in " + open.env + " for good?")) {
+      act("purge", null);
+    }
+  });
+  $("messages-form").addEventListener("submit", browse);
+  if (!canWrite) {
+    Array.prototype.forEach.call(document.querySelectorAll(".write"), function (b) { b.hidden = true; });
   }
 
   poll();
