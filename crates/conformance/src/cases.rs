@@ -23,6 +23,7 @@ use crate::operations::{DLQ_CASE, dead_letters_are_listed_redriven_and_purged};
 use crate::private::Stop;
 use crate::process;
 use crate::restart::{CRASH_CASE, RESTART_CASE, RESTART_LIMIT, broker_restart_mid_publish_and_mid_consume};
+use crate::telemetry::{a_batch_span_links_to_each_publisher, a_handler_span_continues_the_publishers_trace};
 
 /// One behaviour to prove.
 pub(crate) struct Case {
@@ -186,6 +187,20 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: Some(2),
         limit: NORMAL,
         run: |ctx, _| Box::pin(consume_dead_letters_with_the_handler_error_as_reason(ctx)),
+    },
+    Case {
+        name: "a_handler_span_continues_the_publishers_trace",
+        needs: &[Need::AtLeastOnce, Need::CountsAttempts, Need::NackDelay],
+        max_attempts: None,
+        limit: NORMAL,
+        run: |ctx, _| Box::pin(a_handler_span_continues_the_publishers_trace(ctx)),
+    },
+    Case {
+        name: "a_batch_span_links_to_each_publisher",
+        needs: &[Need::AtLeastOnce],
+        max_attempts: None,
+        limit: NORMAL,
+        run: |ctx, _| Box::pin(a_batch_span_links_to_each_publisher(ctx)),
     },
     Case {
         name: DLQ_CASE,

@@ -94,13 +94,9 @@ pub fn run_all(targets: Vec<Target>) -> ExitCode {
     {
         return code;
     }
-    // `RUST_LOG=polybus_kafka=debug` (say) shows what the adapters log while the cases run.
-    if std::env::var_os("RUST_LOG").is_some() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_writer(std::io::stderr)
-            .try_init();
-    }
+    // `RUST_LOG=polybus_kafka=debug` (say) shows what the adapters log while the cases run;
+    // polybus's spans are kept in memory for the trace cases.
+    crate::telemetry::install();
     let args = Arguments::from_args();
     // Every target runs, whatever the ones before it did.
     let failed: Vec<bool> = targets.into_iter().map(|target| run_one(&args, target)).collect();

@@ -24,6 +24,7 @@ pub mod private;
 mod process;
 pub mod reliability;
 mod restart;
+mod telemetry;
 pub mod tls;
 
 use std::sync::Arc;

@@ -10,10 +10,12 @@ use polybus_core::{
 };
 use polybus_registry::Registry;
 use tokio::sync::Mutex;
+use tracing::Instrument;
 
 use crate::delivery::{DeadLetterTarget, Subscriber};
 use crate::files::FilePolicy;
 use crate::secrets::{self, SecretPolicy};
+use crate::telemetry;
 
 /// How long a resolved topic or connection is trusted before the registry is asked again.
 const REFRESH_AFTER: Duration = Duration::from_secs(1);
@@ -168,9 +170,14 @@ impl Bus {
     /// Publishes one message to `event` in `env`; returns its id.
     pub async fn publish(&self, env: &str, event: &str, message: Message) -> Result<String> {
         let route = self.resolve(env, event).await?;
-        let message = prepare(message, &route)?;
+        let span = telemetry::publish_span(route.broker_type.as_str(), event, 1);
+        let mut message = prepare(message, &route)?;
+        telemetry::inject(&span, &mut message);
+        span.record("messaging.message.id", message.id.as_str());
         let id = message.id.clone();
-        route.transport.publish(&route.spec, message).await?;
+        let published = route.transport.publish(&route.spec, message).instrument(span.clone()).await;
+        telemetry::outcome(&span, &published);
+        published?;
         tracing::debug!(env, event, %id, "published");
         Ok(id)
     }
@@ -178,13 +185,20 @@ impl Bus {
     /// Publishes several messages to `event` in `env`, in order; returns their ids.
     pub async fn publish_batch(&self, env: &str, event: &str, messages: Vec<Message>) -> Result<Vec<String>> {
         let route = self.resolve(env, event).await?;
+        let span = telemetry::publish_span(route.broker_type.as_str(), event, messages.len());
         let messages = messages
             .into_iter()
             .enumerate()
-            .map(|(i, m)| prepare(m, &route).map_err(|e| in_batch(e, i)))
+            .map(|(i, m)| {
+                let mut message = prepare(m, &route).map_err(|e| in_batch(e, i))?;
+                telemetry::inject(&span, &mut message);
+                Ok(message)
+            })
             .collect::<Result<Vec<_>>>()?;
         let ids = messages.iter().map(|m| m.id.clone()).collect();
-        route.transport.publish_batch(&route.spec, messages).await?;
+        let published = route.transport.publish_batch(&route.spec, messages).instrument(span.clone()).await;
+        telemetry::outcome(&span, &published);
+        published?;
         Ok(ids)
     }
 

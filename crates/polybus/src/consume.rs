@@ -10,9 +10,11 @@ use futures::future::BoxFuture;
 use polybus_core::{Message, Result, SubscribeOptions};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 
 use crate::bus::Bus;
 use crate::delivery::{Delivery, Settled, Subscriber};
+use crate::telemetry::{self, Destination};
 
 /// What a handler returns when it could not process a message.
 ///
@@ -247,11 +249,11 @@ impl Bus {
         F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
     {
         let handler = Arc::new(handler);
-        self.start(env, event, options, None, move |mut deliveries, options, counters| {
+        self.start(env, event, options, None, move |mut deliveries, options, context| {
             let handler = handler.clone();
             Box::pin(async move {
                 if let Some(delivery) = deliveries.pop() {
-                    handle(delivery, handler, &options, &counters).await;
+                    handle(delivery, handler, &options, &context).await;
                 }
             })
         })
@@ -278,9 +280,9 @@ impl Bus {
     {
         let handler = Arc::new(handler);
         let batch = Some((options.batch_max.max(1), options.batch_wait));
-        self.start(env, event, options, batch, move |deliveries, options, counters| {
+        self.start(env, event, options, batch, move |deliveries, options, context| {
             let handler = handler.clone();
-            Box::pin(async move { handle_batch(deliveries, handler, &options, &counters).await })
+            Box::pin(async move { handle_batch(deliveries, handler, &options, &context).await })
         })
         .await
     }
@@ -294,14 +296,28 @@ impl Bus {
         dispatch: D,
     ) -> Result<Consumer>
     where
-        D: Fn(Vec<Delivery>, Arc<ConsumeOptions>, Arc<Counters>) -> BoxFuture<'static, ()> + Send + 'static,
+        D: Fn(Vec<Delivery>, Arc<ConsumeOptions>, Context) -> BoxFuture<'static, ()> + Send + 'static,
     {
         let subscriber = self.subscribe(env, event, options.subscribe.clone()).await?;
+        let (broker_type, _) = self.topic_spec(env, event).await?;
+        let destination = Arc::new(Destination {
+            system: broker_type.to_string(),
+            event: event.to_owned(),
+            group: options.subscribe.group.clone(),
+        });
         let (stop, stopped) = watch::channel(false);
         let counters = Arc::new(Counters::default());
-        let task = tokio::spawn(run(subscriber, options, batch, dispatch, stopped, counters.clone()));
+        let context = Context { counters: counters.clone(), destination };
+        let task = tokio::spawn(run(subscriber, options, batch, dispatch, stopped, context));
         Ok(Consumer { stop, task, counters })
     }
+}
+
+/// What every handling of a consumer shares: its counters and where its deliveries come from.
+#[derive(Clone)]
+struct Context {
+    counters: Arc<Counters>,
+    destination: Arc<Destination>,
 }
 
 /// Takes deliveries (one, or a batch of up to `batch.0` gathering for `batch.1`) while a
@@ -312,10 +328,10 @@ async fn run<D>(
     batch: Option<(usize, Duration)>,
     dispatch: D,
     mut stopped: watch::Receiver<bool>,
-    counters: Arc<Counters>,
+    context: Context,
 ) -> Result<()>
 where
-    D: Fn(Vec<Delivery>, Arc<ConsumeOptions>, Arc<Counters>) -> BoxFuture<'static, ()> + Send + 'static,
+    D: Fn(Vec<Delivery>, Arc<ConsumeOptions>, Context) -> BoxFuture<'static, ()> + Send + 'static,
 {
     let slots = Arc::new(Semaphore::new(options.concurrency));
     let options = Arc::new(options);
@@ -355,7 +371,7 @@ where
                 continue;
             }
         };
-        let work = dispatch(deliveries, options.clone(), counters.clone());
+        let work = dispatch(deliveries, options.clone(), context.clone());
         tokio::spawn(async move {
             work.await;
             drop(permit);
@@ -366,40 +382,47 @@ where
     subscriber.close().await
 }
 
-async fn handle<H, F>(delivery: Delivery, handler: Arc<H>, options: &ConsumeOptions, counters: &Counters)
+async fn handle<H, F>(delivery: Delivery, handler: Arc<H>, options: &ConsumeOptions, context: &Context)
 where
     H: Fn(Message) -> F + Send + Sync + 'static,
     F: Future<Output = std::result::Result<(), HandlerError>> + Send + 'static,
 {
     let message = delivery.message().clone();
-    let outcome = match tokio::spawn(handler(message)).await {
+    let span = telemetry::process_span(&context.destination, &message);
+    let outcome = match tokio::spawn(handler(message).instrument(span.clone())).await {
         Ok(result) => result,
         Err(e) => Err(format!("handler panicked: {e}").into()),
     };
-    settle(delivery, outcome.as_ref().err(), options, counters).await;
+    telemetry::outcome(&span, &outcome);
+    settle(delivery, outcome.as_ref().err(), options, &context.counters).instrument(span).await;
 }
 
 async fn handle_batch<H, F>(
     deliveries: Vec<Delivery>,
     handler: Arc<H>,
     options: &ConsumeOptions,
-    counters: &Counters,
+    context: &Context,
 ) where
     H: Fn(Vec<Message>) -> F + Send + Sync + 'static,
     F: Future<Output = std::result::Result<(), BatchError>> + Send + 'static,
 {
-    let messages = deliveries.iter().map(|d| d.message().clone()).collect();
-    let outcome = match tokio::spawn(handler(messages)).await {
+    let messages: Vec<Message> = deliveries.iter().map(|d| d.message().clone()).collect();
+    let span = telemetry::process_batch_span(&context.destination, &messages);
+    let outcome = match tokio::spawn(handler(messages).instrument(span.clone())).await {
         Ok(result) => result,
         Err(e) => Err(BatchError::all(format!("handler panicked: {e}"))),
     };
     let failed = outcome.as_ref().err();
+    if failed.is_some() {
+        span.record("otel.status_code", "ERROR");
+    }
     // Settled together, so that adapters coalescing settlements send few broker calls.
+    let counters = &context.counters;
     let settling = deliveries
         .into_iter()
         .enumerate()
         .map(|(i, delivery)| settle(delivery, failed.and_then(|f| f.of(i)), options, counters));
-    futures::future::join_all(settling).await;
+    futures::future::join_all(settling).instrument(span).await;
 }
 
 /// Acks a processed message, or retries or dead-letters one that failed with `failed`.
@@ -419,7 +442,10 @@ async fn settle(
                     tracing::info!(%id, attempt, retry_in = ?delay, error = %e, "handler failed; will retry");
                     Ok(&counters.retried)
                 }
-                Ok(Settled::DeadLettered) => Ok(&counters.dead_lettered),
+                Ok(Settled::DeadLettered) => {
+                    tracing::info!(%id, attempt, error = %e, "handler failed; dead-lettered");
+                    Ok(&counters.dead_lettered)
+                }
                 Err(e) => Err(e),
             }
         }

@@ -23,6 +23,7 @@ mod dlq;
 pub mod files;
 mod ops;
 mod secrets;
+pub mod telemetry;
 
 pub use batch::Batch;
 pub use bus::{Bus, BusBuilder, Group};
@@ -31,6 +32,9 @@ pub use delivery::{Delivery, SettlePolicy, Settled, Subscriber};
 pub use dlq::{DeadLetter, DeadLetterFilter, DeadLetterOutcome, SCAN_MAX as DEAD_LETTER_SCAN_MAX};
 pub use files::FilePolicy;
 pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
+
+/// The OpenTelemetry crates polybus's spans are bridged to, at the versions it was built with.
+pub use {opentelemetry, opentelemetry_sdk, tracing_opentelemetry};
 
 pub use polybus_core::{
     self as core, Broker, BrokerEnv, BrokerKind, BrokerPatch, BrokerType, Capabilities, Cause, Connector,

@@ -81,6 +81,8 @@ impl Sandbox {
             .env_remove("POLYBUS_SERVER_CA")
             .env_remove("POLYBUS_TLS_CERT")
             .env_remove("POLYBUS_TLS_KEY")
+            .env_remove("POLYBUS_LOG_FORMAT")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .env_remove("RUST_LOG")
             .env_remove("RUST_BACKTRACE");
         command

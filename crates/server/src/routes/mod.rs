@@ -105,7 +105,11 @@ pub fn router(state: AppState) -> Router {
             TraceLayer::new_for_http()
                 .make_span_with(|request: &Request| {
                     // The path only: a dashboard URL may carry a key in its query.
-                    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), key = tracing::field::Empty)
+                    let span = tracing::info_span!("request", otel.kind = "server", method = %request.method(), path = %request.uri().path(), key = tracing::field::Empty);
+                    // A caller's W3C trace context makes this request (and what it publishes) part of its trace.
+                    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok());
+                    polybus::telemetry::continue_trace(&span, header("traceparent"), header("tracestate"));
+                    span
                 })
                 .on_response(DefaultOnResponse::new().level(tracing::Level::INFO)),
         )
