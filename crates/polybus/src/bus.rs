@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::delivery::{DeadLetterTarget, Subscriber};
 use crate::files::FilePolicy;
+use crate::metrics::{ConsumerMetrics, PublishMetrics};
 use crate::secrets::{self, SecretPolicy};
 use crate::telemetry;
 
@@ -43,12 +44,25 @@ struct Route {
     spec: TopicSpec,
     topic_version: u64,
     checked: Instant,
+    /// The publish series of this route, labelled with the broker type of `system`.
+    metrics: PublishMetrics,
+    system: BrokerType,
 }
 
-/// What a resolve already knows of the topic: its spec (the route is fresh) or its definition,
-/// just read.
+impl Route {
+    /// The publish series for `broker_type`: this route's, unless its broker changed type.
+    fn metrics(&self, broker_type: &BrokerType, env: &str) -> PublishMetrics {
+        if &self.system == broker_type {
+            self.metrics.clone()
+        } else {
+            PublishMetrics::new(broker_type.as_str(), env, &self.spec.event)
+        }
+    }
+}
+
+/// What a resolve already knows of the topic: its route (fresh) or its definition, just read.
 enum Known {
-    Spec(TopicSpec),
+    Route(Box<Route>),
     Topic(Box<polybus_core::Topic>),
 }
 
@@ -58,6 +72,7 @@ pub(crate) struct Resolved {
     pub transport: Arc<dyn Transport>,
     pub spec: TopicSpec,
     pub broker_type: BrokerType,
+    pub metrics: PublishMetrics,
 }
 
 /// Builds a [`Bus`] with extra or replacement connectors.
@@ -175,8 +190,10 @@ impl Bus {
         telemetry::inject(&span, &mut message);
         span.record("messaging.message.id", message.id.as_str());
         let id = message.id.clone();
+        let started = Instant::now();
         let published = route.transport.publish(&route.spec, message).instrument(span.clone()).await;
         telemetry::outcome(&span, &published);
+        route.metrics.observe(&published, 1, started);
         published?;
         tracing::debug!(env, event, %id, "published");
         Ok(id)
@@ -196,8 +213,11 @@ impl Bus {
             })
             .collect::<Result<Vec<_>>>()?;
         let ids = messages.iter().map(|m| m.id.clone()).collect();
+        let count = messages.len();
+        let started = Instant::now();
         let published = route.transport.publish_batch(&route.spec, messages).instrument(span.clone()).await;
         telemetry::outcome(&span, &published);
+        route.metrics.observe(&published, count, started);
         published?;
         Ok(ids)
     }
@@ -222,7 +242,9 @@ impl Bus {
             group: options.group.clone(),
             ensured: tokio::sync::OnceCell::new(),
         };
-        Ok(Subscriber::new(inner, route.spec.max_attempts, Arc::new(dead_letter)))
+        let metrics =
+            ConsumerMetrics::new(route.broker_type.as_str(), env, &route.spec.event, &options.group);
+        Ok(Subscriber::new(inner, route.spec.max_attempts, Arc::new(dead_letter), Arc::new(metrics)))
     }
 
     /// Joins a consumer group on the dead-letter destination of `event` in `env`.
@@ -247,7 +269,8 @@ impl Bus {
             group: options.group.clone(),
             ensured: tokio::sync::OnceCell::new(),
         };
-        Ok(Subscriber::new(inner, u32::MAX, Arc::new(nowhere)))
+        let metrics = ConsumerMetrics::new(route.broker_type.as_str(), env, &spec.event, &options.group);
+        Ok(Subscriber::new(inner, u32::MAX, Arc::new(nowhere), Arc::new(metrics)))
     }
 
     /// What the adapter serving `event` in `env` can do.
@@ -299,12 +322,13 @@ impl Bus {
             && let Some((transport, broker_type)) =
                 self.cached_connection(&conn_key, &route.spec, None).await?
         {
-            return Ok(Resolved { transport, spec: route.spec.clone(), broker_type });
+            let metrics = route.metrics(&broker_type, env);
+            return Ok(Resolved { transport, spec: route.spec.clone(), broker_type, metrics });
         }
         // Something is stale: read what is, once (the topic first: an unknown event is
         // TOPIC_NOT_FOUND whether or not its broker exists).
         let known = match fresh_route {
-            Some(route) => Known::Spec(route.spec.clone()),
+            Some(route) => Known::Route(Box::new(route.clone())),
             None => Known::Topic(Box::new(self.inner.registry.fetch_topic(&route_key.1).await?)),
         };
         let broker = self.inner.registry.fetch_broker(&event_ref.broker).await?;
@@ -315,8 +339,8 @@ impl Bus {
                 available: broker.env_slugs(),
             });
         };
-        let spec = match known {
-            Known::Spec(spec) => spec,
+        let route = match known {
+            Known::Route(route) => *route,
             Known::Topic(topic) => {
                 if !self.inner.connectors.contains_key(&broker_env.broker_type) {
                     return Err(Error::NoAdapter(broker_env.broker_type.to_string()));
@@ -329,14 +353,17 @@ impl Bus {
                 {
                     tracing::info!(env, event, version = topic.version, "topic definition changed");
                 }
+                let system = broker_env.broker_type.clone();
+                let metrics = PublishMetrics::new(system.as_str(), env, &spec.event);
                 let route =
-                    Route { spec: spec.clone(), topic_version: topic.version, checked: Instant::now() };
-                self.inner.routes.lock().await.insert(route_key, route);
-                spec
+                    Route { spec, topic_version: topic.version, checked: Instant::now(), metrics, system };
+                self.inner.routes.lock().await.insert(route_key, route.clone());
+                route
             }
         };
-        let (transport, broker_type) = self.route_connection(&broker, broker_env, &spec).await?;
-        Ok(Resolved { transport, spec, broker_type })
+        let (transport, broker_type) = self.route_connection(&broker, broker_env, &route.spec).await?;
+        let metrics = route.metrics(&broker_type, env);
+        Ok(Resolved { transport, spec: route.spec, broker_type, metrics })
     }
 
     /// The cached connection of `key`: one checked against the registry lately (`version`

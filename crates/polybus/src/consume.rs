@@ -14,6 +14,7 @@ use tracing::Instrument;
 
 use crate::bus::Bus;
 use crate::delivery::{Delivery, Settled, Subscriber};
+use crate::metrics::ConsumerMetrics;
 use crate::telemetry::{self, Destination};
 
 /// What a handler returns when it could not process a message.
@@ -307,7 +308,8 @@ impl Bus {
         });
         let (stop, stopped) = watch::channel(false);
         let counters = Arc::new(Counters::default());
-        let context = Context { counters: counters.clone(), destination };
+        let metrics = subscriber.metrics();
+        let context = Context { counters: counters.clone(), destination, metrics };
         let task = tokio::spawn(run(subscriber, options, batch, dispatch, stopped, context));
         Ok(Consumer { stop, task, counters })
     }
@@ -318,6 +320,7 @@ impl Bus {
 struct Context {
     counters: Arc<Counters>,
     destination: Arc<Destination>,
+    metrics: Arc<ConsumerMetrics>,
 }
 
 /// Takes deliveries (one, or a batch of up to `batch.0` gathering for `batch.1`) while a
@@ -389,10 +392,12 @@ where
 {
     let message = delivery.message().clone();
     let span = telemetry::process_span(&context.destination, &message);
+    let timer = HandlerTimer::start(&context.metrics);
     let outcome = match tokio::spawn(handler(message).instrument(span.clone())).await {
         Ok(result) => result,
         Err(e) => Err(format!("handler panicked: {e}").into()),
     };
+    drop(timer);
     telemetry::outcome(&span, &outcome);
     settle(delivery, outcome.as_ref().err(), options, &context.counters).instrument(span).await;
 }
@@ -408,10 +413,12 @@ async fn handle_batch<H, F>(
 {
     let messages: Vec<Message> = deliveries.iter().map(|d| d.message().clone()).collect();
     let span = telemetry::process_batch_span(&context.destination, &messages);
+    let timer = HandlerTimer::start(&context.metrics);
     let outcome = match tokio::spawn(handler(messages).instrument(span.clone())).await {
         Ok(result) => result,
         Err(e) => Err(BatchError::all(format!("handler panicked: {e}"))),
     };
+    drop(timer);
     let failed = outcome.as_ref().err();
     if failed.is_some() {
         span.record("otel.status_code", "ERROR");
@@ -423,6 +430,26 @@ async fn handle_batch<H, F>(
         .enumerate()
         .map(|(i, delivery)| settle(delivery, failed.and_then(|f| f.of(i)), options, counters));
     futures::future::join_all(settling).instrument(span).await;
+}
+
+/// Counts a handler call in flight while it lives, and records its time when dropped.
+struct HandlerTimer<'a> {
+    metrics: &'a ConsumerMetrics,
+    started: std::time::Instant,
+}
+
+impl<'a> HandlerTimer<'a> {
+    fn start(metrics: &'a ConsumerMetrics) -> Self {
+        metrics.in_flight.increment(1.0);
+        HandlerTimer { metrics, started: std::time::Instant::now() }
+    }
+}
+
+impl Drop for HandlerTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.in_flight.decrement(1.0);
+        self.metrics.handler_seconds.record(self.started.elapsed().as_secs_f64());
+    }
 }
 
 /// Acks a processed message, or retries or dead-letters one that failed with `failed`.

@@ -8,6 +8,7 @@ use polybus_core::{Acker, Message, Result, Subscription, TopicSpec, Transport, w
 
 use crate::batch::Batch;
 use crate::consume::HandlerError;
+use crate::metrics::ConsumerMetrics;
 
 /// Where a group's given-up messages go.
 pub(crate) struct DeadLetterTarget {
@@ -99,6 +100,7 @@ pub struct Delivery {
     acker: Box<dyn Acker>,
     max_attempts: u32,
     dead_letter: Arc<DeadLetterTarget>,
+    metrics: Arc<ConsumerMetrics>,
 }
 
 impl Deref for Delivery {
@@ -123,7 +125,9 @@ impl Delivery {
 
     /// Acknowledges: this group will not see the message again.
     pub async fn ack(self) -> Result<()> {
-        self.acker.ack().await
+        self.acker.ack().await?;
+        self.metrics.acked.increment(1);
+        Ok(())
     }
 
     /// Redelivers the message now, or dead-letters it when this was its last attempt.
@@ -151,7 +155,11 @@ impl Delivery {
     async fn settle_failure(self, delay: Option<Duration>, reason: &str, permanent: bool) -> Result<Settled> {
         match self.policy().after_failure(self.message.attempt, permanent) {
             Settled::DeadLettered => self.dead_letter(reason).await.map(|_| Settled::DeadLettered),
-            Settled::Retried => self.acker.nack(delay).await.map(|_| Settled::Retried),
+            Settled::Retried => {
+                self.acker.nack(delay).await?;
+                self.metrics.retried.increment(1);
+                Ok(Settled::Retried)
+            }
         }
     }
 
@@ -163,7 +171,9 @@ impl Delivery {
     /// Sends the message to the topic's dead-letter destination with `reason`, then acks it.
     pub async fn dead_letter(self, reason: &str) -> Result<()> {
         self.dead_letter.send(&self.message, reason).await?;
-        self.acker.ack().await
+        self.acker.ack().await?;
+        self.metrics.dead_lettered.increment(1);
+        Ok(())
     }
 
     /// The attempt limit after which the message is dead-lettered.
@@ -177,6 +187,7 @@ pub struct Subscriber {
     inner: Box<dyn Subscription>,
     max_attempts: u32,
     dead_letter: Arc<DeadLetterTarget>,
+    metrics: Arc<ConsumerMetrics>,
 }
 
 impl Subscriber {
@@ -184,8 +195,14 @@ impl Subscriber {
         inner: Box<dyn Subscription>,
         max_attempts: u32,
         dead_letter: Arc<DeadLetterTarget>,
+        metrics: Arc<ConsumerMetrics>,
     ) -> Self {
-        Subscriber { inner, max_attempts, dead_letter }
+        Subscriber { inner, max_attempts, dead_letter, metrics }
+    }
+
+    /// This member's metric series.
+    pub(crate) fn metrics(&self) -> Arc<ConsumerMetrics> {
+        self.metrics.clone()
     }
 
     /// The next delivery; waits for one. `None` once the subscription is closed.
@@ -274,7 +291,14 @@ impl Subscriber {
 
     fn wrap(&self, delivery: polybus_core::Delivery) -> Delivery {
         let (message, acker) = delivery.into_parts();
-        Delivery { message, acker, max_attempts: self.max_attempts, dead_letter: self.dead_letter.clone() }
+        self.metrics.delivered.increment(1);
+        Delivery {
+            message,
+            acker,
+            max_attempts: self.max_attempts,
+            dead_letter: self.dead_letter.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 
     /// Stops fetching; deliveries already handed out can still be settled.
