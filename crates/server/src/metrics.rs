@@ -181,7 +181,7 @@ impl Metrics {
                 })
                 .collect()
         });
-        active.sort_by(|a, b| b.0.cmp(&a.0));
+        active.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
         let topics = active.into_iter().take(crate::lag::MAX_TOPICS).map(|(_, labels)| labels).collect();
         self.groups.refresh(bus, topics).await;
     }
