@@ -72,6 +72,8 @@ pub enum Command {
     /// Dead letters of a topic in an env: list, show, send back (redrive) or delete (purge).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Consumer groups of a topic in an env: members, pending, lag and oldest unacked age.
+    Groups(GroupsArgs),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
     /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
@@ -112,6 +114,7 @@ impl Command {
             Command::Publish(_) => "publish",
             Command::Consume(_) => "consume",
             Command::Dlq(_) => "dlq",
+            Command::Groups(_) => "groups",
             Command::Quickstart => "quickstart",
             Command::Serve(_) => "serve",
             Command::Key(_) => "key",
@@ -317,6 +320,16 @@ pub struct PublishArgs {
     /// Publish this many copies, each with its own id.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
+}
+
+/// `polybus groups …`
+#[derive(Debug, Args)]
+pub struct GroupsArgs {
+    /// The env.
+    #[arg(long)]
+    pub env: String,
+    /// The event, `broker-tag:topic-tag`.
+    pub event: String,
 }
 
 /// Which dead letters a `polybus dlq` command acts on.

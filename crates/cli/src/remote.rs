@@ -562,6 +562,19 @@ impl Client {
     }
 }
 
+impl Client {
+    /// `GET …/groups`: the topic's consumer groups.
+    pub async fn groups(&self, env: &str, event: &str) -> CliResult<Vec<polybus::GroupInfo>> {
+        #[derive(serde::Deserialize)]
+        struct GroupsIn {
+            groups: Vec<polybus::GroupInfo>,
+        }
+        let path = ["envs", env, "events", event, "groups"];
+        let GroupsIn { groups } = self.call(Method::GET, &path, &[], NO_BODY, REQUEST_TIMEOUT).await?;
+        Ok(groups)
+    }
+}
+
 fn bad_response(message: String) -> Failure {
     Failure::new("BAD_RESPONSE", message)
 }

@@ -404,3 +404,30 @@ fn dead_letters_are_listed_shown_redriven_and_purged_through_the_server() {
     assert_eq!(purged.ok(), "purged 2 dead letters; 0 not selected stay\n");
     assert!(run(&["dlq", "list", "--env", "dev", "bus:orders", "--output", "json"]).ok().is_empty());
 }
+
+#[test]
+fn groups_are_listed_through_the_server_as_locally() {
+    let server = Server::start();
+    let client = Sandbox::new();
+    let run = |args: &[&str]| remote(&client, &server, Some(server.key.as_str()), args);
+    let broker = client.write(
+        "b.yaml",
+        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: groups.db\n",
+    );
+    run(&["broker", "create", "-f", &broker]).ok();
+    let topic = client.write("t.yaml", "tag: bus:orders\n");
+    run(&["topic", "create", "-f", &topic]).ok();
+    run(&["publish", "--env", "dev", "bus:orders", "--data", "1"]).ok();
+    run(&["publish", "--env", "dev", "bus:orders", "--data", "2"]).ok();
+    run(&["consume", "--env", "dev", "bus:orders", "--group", "billing", "--count", "2"]).ok();
+
+    let listed = json_lines(run(&["groups", "--env", "dev", "bus:orders", "--output", "json"]).ok());
+    assert_eq!(
+        listed,
+        [json!({"group": "billing", "members": null, "pending": 0, "lag": 0, "oldestUnackedMs": null})]
+    );
+    let table = run(&["groups", "--env", "dev", "bus:orders"]);
+    assert!(table.ok().lines().nth(1).is_some_and(|row| row.starts_with("billing")), "{}", table.ok());
+    let gone = run(&["groups", "--env", "dev", "bus:nothing"]);
+    assert_eq!(gone.failed(1), "error: TOPIC_NOT_FOUND: topic `bus:nothing` not found");
+}

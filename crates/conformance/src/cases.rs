@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use crate::fixture::{
     ACK_DEADLINE, Ctx, ENV, Members, OrFail, TIMER_SLACK, WAIT, expect_nothing, receive, within,
 };
+use crate::groups::{GROUPS_CASE, groups_show_lag_and_pending_until_the_group_catches_up};
 use crate::harness::Need;
 use crate::load::{LOAD_CASE, load_lose_nothing};
 use crate::operations::{DLQ_CASE, dead_letters_are_listed_redriven_and_purged};
@@ -208,6 +209,13 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: None,
         limit: Duration::from_secs(150),
         run: |ctx, _| Box::pin(dead_letters_are_listed_redriven_and_purged(ctx)),
+    },
+    Case {
+        name: GROUPS_CASE,
+        needs: &[],
+        max_attempts: None,
+        limit: Duration::from_secs(90),
+        run: |ctx, _| Box::pin(groups_show_lag_and_pending_until_the_group_catches_up(ctx)),
     },
     Case {
         name: "consume_dead_letters_a_permanent_failure_at_once",

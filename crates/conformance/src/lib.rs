@@ -17,6 +17,7 @@
 mod cases;
 pub mod failures;
 mod fixture;
+mod groups;
 mod harness;
 mod load;
 mod operations;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::message::{Message, Timestamp};
 
@@ -10,7 +10,7 @@ use crate::message::{Message, Timestamp};
 ///
 /// A field is `None` when the broker cannot tell it; a number the broker only estimates
 /// (SQS, RabbitMQ) is reported as it is given.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct GroupInfo {
     /// Group name as given to `subscribe`.
@@ -21,8 +21,8 @@ pub struct GroupInfo {
     pub pending: Option<u64>,
     /// Published and not yet delivered to this group.
     pub lag: Option<u64>,
-    /// Age of the oldest delivered-but-unsettled message.
-    #[serde(with = "opt_millis", rename = "oldestUnackedMs")]
+    /// Age (since it was published) of the oldest delivered-but-unsettled message.
+    #[serde(with = "opt_millis", rename = "oldestUnackedMs", default)]
     pub oldest_unacked: Option<Duration>,
 }
 
@@ -74,12 +74,16 @@ pub struct StoredMessage {
 mod opt_millis {
     use std::time::Duration;
 
-    use serde::Serializer;
+    use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
         match value {
             Some(d) => s.serialize_some(&(d.as_millis() as u64)),
             None => s.serialize_none(),
         }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
     }
 }

@@ -18,6 +18,7 @@ mod auth;
 mod dashboard;
 mod error;
 pub mod keys;
+mod lag;
 mod leases;
 mod metrics;
 mod routes;

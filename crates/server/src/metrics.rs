@@ -64,6 +64,8 @@ struct TopicCounters {
     nacked: u64,
     dead_lettered: u64,
     latency: Histogram,
+    /// When anything last happened on the topic.
+    active: Option<Instant>,
 }
 
 #[derive(Debug, Clone)]
@@ -85,11 +87,16 @@ struct Counters {
 pub struct Metrics {
     started: Instant,
     counters: Mutex<Counters>,
+    groups: crate::lag::GroupGauges,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
-        Metrics { started: Instant::now(), counters: Mutex::new(Counters::default()) }
+        Metrics {
+            started: Instant::now(),
+            counters: Mutex::new(Counters::default()),
+            groups: Default::default(),
+        }
     }
 }
 
@@ -157,7 +164,26 @@ impl Metrics {
     }
 
     fn topic(&self, labels: &TopicLabels, f: impl FnOnce(&mut TopicCounters)) {
-        self.with(|c| f(c.topics.entry(labels.clone()).or_default()));
+        self.with(|c| {
+            let counters = c.topics.entry(labels.clone()).or_default();
+            counters.active = Some(Instant::now());
+            f(counters)
+        });
+    }
+
+    /// Reads the groups of the topics with recent traffic again, for the group gauges.
+    pub async fn refresh_groups(&self, bus: &polybus::Bus) {
+        let mut active: Vec<(Instant, TopicLabels)> = self.with(|c| {
+            c.topics
+                .iter()
+                .filter_map(|(labels, t)| {
+                    t.active.filter(|at| at.elapsed() < crate::lag::RECENT).map(|at| (at, labels.clone()))
+                })
+                .collect()
+        });
+        active.sort_by_key(|(at, _)| std::cmp::Reverse(*at));
+        let topics = active.into_iter().take(crate::lag::MAX_TOPICS).map(|(_, labels)| labels).collect();
+        self.groups.refresh(bus, topics).await;
     }
 
     /// `n` messages published in `took`.
@@ -356,6 +382,7 @@ impl Metrics {
                 );
             }
         });
+        self.groups.render(&mut out);
         header(&mut out, "polybus_uptime_seconds", "Seconds since the server started.", "gauge");
         let _ = writeln!(out, "polybus_uptime_seconds {}", self.started.elapsed().as_secs_f64());
         out
@@ -367,16 +394,23 @@ fn header(out: &mut String, name: &str, help: &str, kind: &str) {
 }
 
 fn topic_labels(labels: &TopicLabels) -> String {
-    format!(
-        "broker=\"{}\",env=\"{}\",topic=\"{}\"",
-        escape(&labels.broker),
-        escape(&labels.env),
-        escape(&labels.topic)
-    )
+    labels.render()
+}
+
+impl TopicLabels {
+    /// The labels in Prometheus text format.
+    pub fn render(&self) -> String {
+        format!(
+            "broker=\"{}\",env=\"{}\",topic=\"{}\"",
+            escape(&self.broker),
+            escape(&self.env),
+            escape(&self.topic)
+        )
+    }
 }
 
 /// Escapes a label value: backslash, double quote and line feed.
-fn escape(value: &str) -> String {
+pub(crate) fn escape(value: &str) -> String {
     value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 

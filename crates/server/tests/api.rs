@@ -11,7 +11,7 @@ use polybus_server::Options;
 use serde_json::{Value, json};
 
 /// Every route the server has, as `(METHOD, path)`.
-const ROUTES: [(&str, &str); 29] = [
+const ROUTES: [(&str, &str); 30] = [
     ("GET", "/"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -41,6 +41,7 @@ const ROUTES: [(&str, &str); 29] = [
     ("GET", "/v1/envs/{env}/events/{event}/dead-letters/{id}"),
     ("POST", "/v1/envs/{env}/events/{event}/dead-letters/redrive"),
     ("POST", "/v1/envs/{env}/events/{event}/dead-letters/purge"),
+    ("GET", "/v1/envs/{env}/events/{event}/groups"),
 ];
 
 #[tokio::test]
@@ -150,6 +151,7 @@ async fn read_only_keys_read_and_test_but_cannot_write_publish_consume_or_ack() 
         "/v1/brokers/bus",
         "/v1/topics",
         &format!("/v1/topics/{event}"),
+        &format!("/v1/envs/dev/events/{event}/groups"),
         "/v1/stats",
         "/metrics",
     ] {

@@ -6,6 +6,7 @@
 //! [`EmbeddedTransport::open`].
 
 mod checkpoint;
+mod groups;
 mod kind;
 mod log;
 mod ownership;

@@ -8,7 +8,8 @@ use std::time::Duration;
 use crate::kind::{EmbeddedConfig, RetentionConfig};
 use async_trait::async_trait;
 use polybus_core::{
-    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
+    Capabilities, Error, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec,
+    Transport,
 };
 use rusqlite::Connection;
 use tokio::sync::watch;
@@ -238,6 +239,11 @@ impl Transport for EmbeddedTransport {
         let subscription =
             EmbeddedSubscription::join(Arc::clone(&self.inner), &topic.native_name, options).await?;
         Ok(Box::new(subscription))
+    }
+
+    async fn groups(&self, topic: &TopicSpec) -> Result<Vec<GroupInfo>> {
+        self.check_open(Op::Receive)?;
+        crate::groups::of_topic(&self.inner.store, &topic.native_name).await
     }
 
     async fn ping(&self) -> Result<()> {

@@ -13,6 +13,7 @@
 
 mod codec;
 mod config;
+mod groups;
 mod kind;
 mod offsets;
 mod refusal;

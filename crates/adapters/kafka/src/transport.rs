@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use polybus_core::{
-    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
+    Capabilities, Error, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec,
+    Transport,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
@@ -117,7 +118,7 @@ impl Client {
     }
 
     /// The current producer.
-    fn producer(&self) -> FutureProducer<Logger> {
+    pub(crate) fn producer(&self) -> FutureProducer<Logger> {
         self.producer.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
@@ -144,7 +145,7 @@ impl Client {
     }
 
     /// A context for a new client of this env.
-    fn logger(&self) -> Logger {
+    pub(crate) fn logger(&self) -> Logger {
         Logger { refusals: self.refusals.clone() }
     }
 
@@ -456,6 +457,10 @@ impl Transport for KafkaTransport {
         self.client.ensure(&retry, partitions).await?;
         let names = subscription::Names { main: topic.native_name.clone(), retry };
         Ok(Box::new(subscription::start(self.client.clone(), names, options.clone()).await?))
+    }
+
+    async fn groups(&self, topic: &TopicSpec) -> Result<Vec<GroupInfo>> {
+        crate::groups::of_topic(&self.client, &topic.native_name).await
     }
 
     async fn ping(&self) -> Result<()> {

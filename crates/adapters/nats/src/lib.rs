@@ -11,6 +11,7 @@
 
 mod codec;
 mod connect;
+mod groups;
 mod kind;
 mod mover;
 pub mod names;

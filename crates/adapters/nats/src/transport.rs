@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Datelike;
 use polybus_core::{
-    Capabilities, Error, FailureKind, Message, Op, Result, SubscribeOptions, Subscription, Support,
-    TopicSpec, Transport, wire,
+    Capabilities, Error, FailureKind, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription,
+    Support, TopicSpec, Transport, wire,
 };
 use tokio::sync::{RwLock, watch};
 use tokio::task::JoinHandle;
@@ -392,6 +392,12 @@ impl Transport for NatsTransport {
             consumer,
             options.prefetch.max(1),
         )))
+    }
+
+    async fn groups(&self, topic: &TopicSpec) -> Result<Vec<GroupInfo>> {
+        let names = TopicNames::of(&topic.native_name);
+        self.check_open(Op::Receive, &names)?;
+        crate::groups::of_topic(self.shared(), &names).await
     }
 
     async fn ping(&self) -> Result<()> {

@@ -13,6 +13,7 @@ mod acks;
 mod codec;
 mod connect;
 mod fail;
+mod groups;
 mod kind;
 pub mod names;
 mod subscription;

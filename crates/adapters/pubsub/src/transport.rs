@@ -14,7 +14,8 @@ use google_cloud_pubsub::model::DeadLetterPolicy;
 use google_cloud_pubsub::publisher::PublishFuture;
 use google_cloud_pubsub::retry_policy::RetryableErrors;
 use polybus_core::{
-    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
+    Capabilities, Error, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec,
+    Transport,
 };
 
 use crate::fail::{failure_kind, publish_kind};
@@ -55,7 +56,7 @@ fn server_ack_deadline(options: &SubscribeOptions) -> i32 {
 /// What a transport and its subscriptions share.
 pub(crate) struct Shared {
     pub names: Names,
-    topics: TopicAdmin,
+    pub topics: TopicAdmin,
     subscriptions: SubscriptionAdmin,
     publisher: BasePublisher,
     /// What the pull client is built with.
@@ -191,7 +192,7 @@ impl Shared {
 }
 
 /// A transport error keeping the client's error, of the kind its status says.
-fn client_error(op: Op, target: String, e: google_cloud_pubsub::Error) -> Error {
+pub(crate) fn client_error(op: Op, target: String, e: google_cloud_pubsub::Error) -> Error {
     Error::transport_from(op, target, failure_kind(&e), e)
 }
 
@@ -216,7 +217,7 @@ async fn send_all(publisher: &Publisher, messages: &[Message]) -> std::result::R
     first_error.map_or(Ok(()), Err)
 }
 
-fn has_code(error: &google_cloud_pubsub::Error, code: Code) -> bool {
+pub(crate) fn has_code(error: &google_cloud_pubsub::Error, code: Code) -> bool {
     error.status().is_some_and(|s| s.code == code)
 }
 
@@ -333,6 +334,11 @@ impl Transport for PubsubTransport {
             PubsubSubscription::start(self.shared.clone(), topic.clone(), options.clone(), server_deadline)
                 .await?;
         Ok(Box::new(subscription))
+    }
+
+    async fn groups(&self, topic: &TopicSpec) -> Result<Vec<GroupInfo>> {
+        self.check_open()?;
+        crate::groups::of_topic(&self.shared, &topic.native_name).await
     }
 
     async fn ping(&self) -> Result<()> {

@@ -11,6 +11,7 @@
 
 mod codec;
 mod config;
+mod groups;
 mod kind;
 mod link;
 mod subscription;

@@ -13,8 +13,8 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind, PublisherConfirm};
 use polybus_core::{
-    Capabilities, Error, FailureKind, Message, Op, Result, SubscribeOptions, Subscription, Support,
-    TopicSpec, Transport,
+    Capabilities, Error, FailureKind, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription,
+    Support, TopicSpec, Transport,
 };
 use tokio::sync::{Mutex, RwLock, RwLockReadGuard};
 
@@ -114,6 +114,8 @@ pub(crate) struct Inner {
     pub consumers: Link,
     channel: Mutex<Option<Channel>>,
     delay_queues: std::sync::Mutex<HashMap<String, Instant>>,
+    /// The groups joined through this transport, for `groups`.
+    pub joined: crate::groups::Joined,
     /// True once closed; publishes hold a read guard so `close` can wait for them.
     closed: RwLock<bool>,
 }
@@ -373,6 +375,7 @@ impl RabbitmqTransport {
             settings,
             channel: Mutex::new(None),
             delay_queues: std::sync::Mutex::new(HashMap::new()),
+            joined: Default::default(),
             closed: RwLock::new(false),
         });
         // Retried a little: a broker that is restarting or just dropped us will answer soon.
@@ -461,7 +464,13 @@ impl Transport for RabbitmqTransport {
         let _open = self.inner.open().await?;
         let subscription =
             crate::subscription::RabbitmqSubscription::start(self.inner.clone(), topic, options).await?;
+        self.inner.joined.add(topic, &options.group);
         Ok(Box::new(subscription))
+    }
+
+    async fn groups(&self, topic: &TopicSpec) -> Result<Vec<GroupInfo>> {
+        let _open = self.inner.open().await?;
+        crate::groups::of_topic(&self.inner, topic).await
     }
 
     async fn ping(&self) -> Result<()> {

@@ -11,6 +11,7 @@
 
 mod config;
 mod fields;
+mod groups;
 mod kind;
 mod scripts;
 mod settle;

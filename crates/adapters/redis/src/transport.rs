@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use polybus_core::{
-    Capabilities, Error, FailureKind, Message, Op, Result, SubscribeOptions, Subscription, Support,
-    TopicSpec, Transport,
+    Capabilities, Error, FailureKind, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription,
+    Support, TopicSpec, Transport,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
@@ -265,6 +265,11 @@ impl Transport for RedisTransport {
         let subscription =
             subscription::RedisSubscription::start(self.shared.clone(), topic, options).await?;
         Ok(Box::new(subscription))
+    }
+
+    async fn groups(&self, topic: &TopicSpec) -> Result<Vec<GroupInfo>> {
+        self.check_open(Op::Receive)?;
+        crate::groups::of_stream(&self.shared, &topic.native_name).await
     }
 
     async fn ping(&self) -> Result<()> {

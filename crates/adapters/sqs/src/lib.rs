@@ -15,6 +15,7 @@ mod connect;
 mod fail;
 mod groups;
 mod kind;
+mod lag;
 pub mod names;
 mod settle;
 mod subscription;

@@ -10,7 +10,8 @@ use aws_sdk_sqs::types::{QueueAttributeName, SendMessageBatchRequestEntry};
 use futures::future::join_all;
 use polybus_core::kit::coalesce::{Coalescer, Config, Flush};
 use polybus_core::{
-    Capabilities, Error, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
+    Capabilities, Error, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec,
+    Transport,
 };
 use tokio::sync::watch;
 
@@ -478,6 +479,14 @@ impl Transport for SqsTransport {
             visibility: visibility_seconds(options.ack_deadline).max(1),
             stop: self.stop.subscribe(),
         })))
+    }
+
+    async fn groups(&self, spec: &TopicSpec) -> Result<Vec<GroupInfo>> {
+        self.check_open()?;
+        match self.route(spec) {
+            Route::Single(url) => crate::lag::of_queue(&self.client, &url).await,
+            Route::Groups(queues) => crate::lag::of_topic(&self.client, &self.directory, &queues).await,
+        }
     }
 
     async fn ping(&self) -> Result<()> {

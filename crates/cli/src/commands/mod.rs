@@ -4,6 +4,7 @@ pub mod bench;
 mod broker;
 mod consume;
 mod dlq;
+mod groups;
 pub use dlq::Act as DlqAct;
 mod key;
 mod publish;
@@ -118,6 +119,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Publish(args) => publish::run(&ctx, args).await,
         Command::Consume(args) => consume::run(&ctx, args).await,
         Command::Dlq(command) => dlq::run(&ctx, command).await,
+        Command::Groups(args) => groups::run(&ctx, args).await,
         Command::Quickstart => quickstart::run(&ctx).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
         Command::Key(command) => key::run(&ctx, command).await,

@@ -61,11 +61,13 @@ async fn readyz(State(state): State<AppState>) -> ApiResult<Json<Health>> {
 }
 
 /// Prometheus metrics: per broker, env and topic counters of published, delivered, acked,
-/// nacked and dead-lettered messages, publish latency, connection state, HTTP requests.
+/// nacked and dead-lettered messages, publish latency, connection state, HTTP requests; per group
+/// lag, pending, members and oldest unacked age of topics with recent traffic.
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format 0.0.4", content_type = "text/plain", body = String)))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     state.metrics().set_leases(state.leases().len());
+    state.metrics().refresh_groups(state.bus()).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics().render())
 }
 
