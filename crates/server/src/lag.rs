@@ -6,7 +6,6 @@
 //! started; one that takes longer finishes in the background and the next scrape shows it.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -56,38 +55,43 @@ impl GroupGauges {
         }
     }
 
-    /// Appends the gauges in Prometheus text format.
-    pub fn render(&self, out: &mut String) {
+    /// Sets the gauges of the last readings in the current recorder.
+    pub fn record(&self) {
         let readings = self.readings.lock().unwrap_or_else(PoisonError::into_inner);
-        type Gauge = (&'static str, &'static str, fn(&GroupInfo) -> Option<f64>);
-        let gauges: [Gauge; 4] = [
-            ("polybus_group_lag", "Messages published and not yet delivered to the group.", |g| {
-                g.lag.map(|n| n as f64)
-            }),
-            ("polybus_group_pending", "Messages delivered to the group and not settled yet.", |g| {
-                g.pending.map(|n| n as f64)
-            }),
-            ("polybus_group_members", "Members of the group connected now.", |g| g.members.map(|n| n as f64)),
-            (
-                "polybus_group_oldest_unacked_seconds",
-                "Age (since publish) of the group's oldest delivered-but-unsettled message.",
-                |g| g.oldest_unacked.map(|age| age.as_secs_f64()),
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let _ =
-                writeln!(out, "# HELP {name} {help} Only where the broker tells it.\n# TYPE {name} gauge");
-            for (labels, groups) in readings.iter() {
-                for group in groups {
-                    if let Some(value) = value(group) {
-                        let labels =
-                            format!("{},group=\"{}\"", labels.render(), crate::metrics::escape(&group.group));
-                        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        for (labels, groups) in readings.iter() {
+            for group in groups {
+                let mut labels = labels.labels();
+                labels.push(metrics::Label::new("group", group.group.clone()));
+                for (name, value) in [
+                    (LAG, group.lag.map(|n| n as f64)),
+                    (PENDING, group.pending.map(|n| n as f64)),
+                    (MEMBERS, group.members.map(|n| n as f64)),
+                    (OLDEST, group.oldest_unacked.map(|age| age.as_secs_f64())),
+                ] {
+                    if let Some(value) = value {
+                        metrics::gauge!(name, labels.clone()).set(value);
                     }
                 }
             }
         }
     }
+}
+
+const LAG: &str = "polybus_group_lag";
+const PENDING: &str = "polybus_group_pending";
+const MEMBERS: &str = "polybus_group_members";
+const OLDEST: &str = "polybus_group_oldest_unacked_seconds";
+
+/// Describes the group gauges to the current recorder.
+pub fn describe() {
+    let only = "Only where the broker tells it.";
+    metrics::describe_gauge!(LAG, format!("Messages published and not yet delivered to the group. {only}"));
+    metrics::describe_gauge!(PENDING, format!("Messages delivered to the group and not settled yet. {only}"));
+    metrics::describe_gauge!(MEMBERS, format!("Members of the group connected now. {only}"));
+    metrics::describe_gauge!(
+        OLDEST,
+        format!("Age (since publish) of the group's oldest delivered-but-unsettled message. {only}")
+    );
 }
 
 /// Reads the groups of every topic in `topics`; forgets topics no longer among them.

@@ -34,7 +34,7 @@ use tokio::net::TcpListener;
 
 pub use error::{ApiError, ErrorBody, ErrorDetail};
 pub use keys::{ApiKeys, Caller, KeyInfo, NewKey};
-pub use metrics::{Metrics, Stats};
+pub use metrics::{Metrics, Stats, install_library_recorder};
 pub use routes::{openapi, router};
 pub use state::{AppState, DEFAULT_BODY_LIMIT, Options};
 pub use tls::{TlsFiles, TlsSetupError};

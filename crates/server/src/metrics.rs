@@ -1,12 +1,16 @@
-//! Counters kept by the server, exposed as Prometheus text at `/metrics` and as JSON at
-//! `/v1/stats` (what the dashboard polls).
+//! The server's metrics: its own series (traffic through it, connections, HTTP requests,
+//! leases, group gauges) in a Prometheus recorder of its own, and the series every `Bus` of the
+//! process emits (see [`polybus::metrics`]) in the process-wide recorder this module installs;
+//! `/metrics` writes both with metrics-exporter-prometheus. The same traffic counts are kept as
+//! JSON for `/v1/stats` (what the console polls).
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use metrics::{Label, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle, PrometheusRecorder};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -34,26 +38,10 @@ impl TopicLabels {
 }
 
 #[derive(Debug, Clone, Default)]
-struct Histogram {
-    buckets: [u64; LATENCY_BUCKETS.len()],
+struct Latency {
     count: u64,
     sum: f64,
 }
-
-impl Histogram {
-    fn observe(&mut self, seconds: f64) {
-        for (bucket, bound) in self.buckets.iter_mut().zip(LATENCY_BUCKETS) {
-            if seconds <= bound {
-                *bucket += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += seconds;
-    }
-}
-
-/// A counter's name, help text and how to read it.
-type Counter = (&'static str, &'static str, fn(&TopicCounters) -> u64);
 
 #[derive(Debug, Clone, Default)]
 struct TopicCounters {
@@ -63,7 +51,7 @@ struct TopicCounters {
     acked: u64,
     nacked: u64,
     dead_lettered: u64,
-    latency: Histogram,
+    latency: Latency,
     /// When anything last happened on the topic.
     active: Option<Instant>,
 }
@@ -79,7 +67,6 @@ struct Connection {
 struct Counters {
     topics: BTreeMap<TopicLabels, TopicCounters>,
     connections: BTreeMap<(String, String), Connection>,
-    http: BTreeMap<(String, String, u16), u64>,
     leases: usize,
 }
 
@@ -88,16 +75,90 @@ pub struct Metrics {
     started: Instant,
     counters: Mutex<Counters>,
     groups: crate::lag::GroupGauges,
+    /// This server's own series.
+    recorder: PrometheusRecorder,
 }
 
 impl Default for Metrics {
     fn default() -> Self {
+        let recorder = recorder();
+        metrics::with_local_recorder(&recorder, describe_server_series);
         Metrics {
             started: Instant::now(),
             counters: Mutex::new(Counters::default()),
             groups: Default::default(),
+            recorder,
         }
     }
+}
+
+/// A Prometheus recorder whose latency series are histograms with [`LATENCY_BUCKETS`].
+fn recorder() -> PrometheusRecorder {
+    let builder = PrometheusBuilder::new();
+    match builder.set_buckets(&LATENCY_BUCKETS) {
+        Ok(builder) => builder.build_recorder(),
+        // Only an empty bucket list is refused; the buckets are constant.
+        Err(e) => unreachable!("constant histogram buckets refused: {e}"),
+    }
+}
+
+/// The counters every topic with traffic through this server has.
+const TOPIC_COUNTERS: [&str; 6] = [
+    "polybus_messages_published_total",
+    "polybus_publish_errors_total",
+    "polybus_messages_delivered_total",
+    "polybus_messages_acked_total",
+    "polybus_messages_nacked_total",
+    "polybus_messages_dead_lettered_total",
+];
+
+static LIBRARY: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the process-wide recorder every `Bus` of this process emits its series into, once
+/// (unless the application installed a recorder of its own first); `/metrics` writes them.
+/// Call it before opening a `Bus`: a bus opened earlier keeps silent handles.
+pub fn install_library_recorder() {
+    LIBRARY.get_or_init(|| {
+        let recorder = recorder();
+        let handle = recorder.handle();
+        match metrics::set_global_recorder(recorder) {
+            Ok(()) => {
+                polybus::metrics::describe();
+                Some(handle)
+            }
+            Err(_) => {
+                tracing::info!(
+                    "a metrics recorder was installed already; /metrics shows the server's series only"
+                );
+                None
+            }
+        }
+    });
+}
+
+fn describe_server_series() {
+    describe_counter!("polybus_messages_published_total", "Messages published through this server.");
+    describe_counter!("polybus_publish_errors_total", "Publish requests that failed.");
+    describe_counter!("polybus_messages_delivered_total", "Messages handed to consumers.");
+    describe_counter!("polybus_messages_acked_total", "Deliveries acked.");
+    describe_counter!("polybus_messages_nacked_total", "Deliveries nacked or whose lease expired.");
+    describe_counter!(
+        "polybus_messages_dead_lettered_total",
+        "Deliveries sent to the dead-letter destination."
+    );
+    describe_histogram!(
+        "polybus_publish_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time to publish one request's messages to the broker."
+    );
+    describe_gauge!(
+        "polybus_connection_up",
+        "1 when the last operation on a broker env reached the broker, else 0."
+    );
+    describe_gauge!("polybus_open_leases", "Deliveries leased to HTTP consumers and not settled yet.");
+    describe_counter!("polybus_http_requests_total", "HTTP requests answered, by route and status.");
+    describe_gauge!("polybus_uptime_seconds", "Seconds since the server started.");
+    crate::lag::describe();
 }
 
 /// Counters of one topic in one env, for `/v1/stats`.
@@ -164,11 +225,30 @@ impl Metrics {
     }
 
     fn topic(&self, labels: &TopicLabels, f: impl FnOnce(&mut TopicCounters)) {
-        self.with(|c| {
+        let first = self.with(|c| {
+            let first = !c.topics.contains_key(labels);
             let counters = c.topics.entry(labels.clone()).or_default();
             counters.active = Some(Instant::now());
-            f(counters)
+            f(counters);
+            first
         });
+        if first {
+            // Every counter of a topic shows from its first traffic on, at 0 until it counts.
+            self.record(|| {
+                for name in TOPIC_COUNTERS {
+                    counter!(name, labels.labels()).absolute(0);
+                }
+            });
+        }
+    }
+
+    /// Runs `f` with this server's recorder as the one the `metrics` macros write to.
+    fn record<T>(&self, f: impl FnOnce() -> T) -> T {
+        metrics::with_local_recorder(&self.recorder, f)
+    }
+
+    fn count(&self, name: &'static str, labels: &TopicLabels, n: u64) {
+        self.record(|| counter!(name, labels.labels()).increment(n));
     }
 
     /// Reads the groups of the topics with recent traffic again, for the group gauges.
@@ -190,33 +270,43 @@ impl Metrics {
     pub fn published(&self, labels: &TopicLabels, n: usize, took: Duration) {
         self.topic(labels, |t| {
             t.published += n as u64;
-            t.latency.observe(took.as_secs_f64());
+            t.latency.count += 1;
+            t.latency.sum += took.as_secs_f64();
+        });
+        self.count("polybus_messages_published_total", labels, n as u64);
+        self.record(|| {
+            histogram!("polybus_publish_duration_seconds", labels.labels()).record(took.as_secs_f64())
         });
     }
 
     /// A publish request failed.
     pub fn publish_failed(&self, labels: &TopicLabels) {
         self.topic(labels, |t| t.publish_errors += 1);
+        self.count("polybus_publish_errors_total", labels, 1);
     }
 
     /// A message was handed to a consumer.
     pub fn delivered(&self, labels: &TopicLabels) {
         self.topic(labels, |t| t.delivered += 1);
+        self.count("polybus_messages_delivered_total", labels, 1);
     }
 
     /// A delivery was acked.
     pub fn acked(&self, labels: &TopicLabels) {
         self.topic(labels, |t| t.acked += 1);
+        self.count("polybus_messages_acked_total", labels, 1);
     }
 
     /// A delivery was nacked.
     pub fn nacked(&self, labels: &TopicLabels) {
         self.topic(labels, |t| t.nacked += 1);
+        self.count("polybus_messages_nacked_total", labels, 1);
     }
 
     /// A delivery was dead-lettered.
     pub fn dead_lettered(&self, labels: &TopicLabels) {
         self.topic(labels, |t| t.dead_lettered += 1);
+        self.count("polybus_messages_dead_lettered_total", labels, 1);
     }
 
     /// Records whether an operation on `broker`'s `env` reached the broker.
@@ -236,6 +326,8 @@ impl Metrics {
             entry.up = up;
             entry.error = error;
         });
+        let labels = [Label::new("broker", broker.to_owned()), Label::new("env", env.to_owned())];
+        self.record(|| gauge!("polybus_connection_up", labels.to_vec()).set(f64::from(u8::from(up))));
     }
 
     /// Records the outcome of an operation when it says something about the broker connection.
@@ -260,12 +352,18 @@ impl Metrics {
 
     /// An HTTP request was answered.
     pub fn http_request(&self, method: &str, route: &str, status: u16) {
-        self.with(|c| *c.http.entry((method.to_owned(), route.to_owned(), status)).or_default() += 1);
+        let labels = [
+            Label::new("method", method.to_owned()),
+            Label::new("route", route.to_owned()),
+            Label::new("status", status.to_string()),
+        ];
+        self.record(|| counter!("polybus_http_requests_total", labels.to_vec()).increment(1));
     }
 
     /// The number of open leases.
     pub fn set_leases(&self, open: usize) {
         self.with(|c| c.leases = open);
+        self.record(|| gauge!("polybus_open_leases").set(open as f64));
     }
 
     /// The published count of every topic in every env, keyed by `(env, event)`.
@@ -319,99 +417,27 @@ impl Metrics {
 
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        self.with(|c| {
-            let counters: [Counter; 6] = [
-                ("polybus_messages_published_total", "Messages published through this server.", |t| {
-                    t.published
-                }),
-                ("polybus_publish_errors_total", "Publish requests that failed.", |t| t.publish_errors),
-                ("polybus_messages_delivered_total", "Messages handed to consumers.", |t| t.delivered),
-                ("polybus_messages_acked_total", "Deliveries acked.", |t| t.acked),
-                ("polybus_messages_nacked_total", "Deliveries nacked or whose lease expired.", |t| t.nacked),
-                (
-                    "polybus_messages_dead_lettered_total",
-                    "Deliveries sent to the dead-letter destination.",
-                    |t| t.dead_lettered,
-                ),
-            ];
-            for (name, help, value) in counters {
-                header(&mut out, name, help, "counter");
-                for (labels, t) in &c.topics {
-                    let _ = writeln!(out, "{name}{{{}}} {}", topic_labels(labels), value(t));
-                }
-            }
-            let name = "polybus_publish_duration_seconds";
-            header(&mut out, name, "Time to publish one request's messages to the broker.", "histogram");
-            for (labels, t) in &c.topics {
-                let labels = topic_labels(labels);
-                for (bound, count) in LATENCY_BUCKETS.iter().zip(t.latency.buckets) {
-                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{bound}\"}} {count}");
-                }
-                let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {}", t.latency.count);
-                let _ = writeln!(out, "{name}_sum{{{labels}}} {}", t.latency.sum);
-                let _ = writeln!(out, "{name}_count{{{labels}}} {}", t.latency.count);
-            }
-            let name = "polybus_connection_up";
-            header(
-                &mut out,
-                name,
-                "1 when the last operation on a broker env reached the broker, else 0.",
-                "gauge",
-            );
-            for ((broker, env), conn) in &c.connections {
-                let _ = writeln!(
-                    out,
-                    "{name}{{broker=\"{}\",env=\"{}\"}} {}",
-                    escape(broker),
-                    escape(env),
-                    u8::from(conn.up)
-                );
-            }
-            let name = "polybus_open_leases";
-            header(&mut out, name, "Deliveries leased to HTTP consumers and not settled yet.", "gauge");
-            let _ = writeln!(out, "{name} {}", c.leases);
-            let name = "polybus_http_requests_total";
-            header(&mut out, name, "HTTP requests answered, by route and status.", "counter");
-            for ((method, route, status), n) in &c.http {
-                let _ = writeln!(
-                    out,
-                    "{name}{{method=\"{}\",route=\"{}\",status=\"{status}\"}} {n}",
-                    escape(method),
-                    escape(route)
-                );
-            }
+        self.record(|| {
+            gauge!("polybus_uptime_seconds").set(self.started.elapsed().as_secs_f64());
+            self.groups.record();
         });
-        self.groups.render(&mut out);
-        header(&mut out, "polybus_uptime_seconds", "Seconds since the server started.", "gauge");
-        let _ = writeln!(out, "polybus_uptime_seconds {}", self.started.elapsed().as_secs_f64());
+        let mut out = self.recorder.handle().render();
+        if let Some(Some(library)) = LIBRARY.get() {
+            out.push_str(&library.render());
+        }
         out
     }
 }
 
-fn header(out: &mut String, name: &str, help: &str, kind: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-}
-
-fn topic_labels(labels: &TopicLabels) -> String {
-    labels.render()
-}
-
 impl TopicLabels {
-    /// The labels in Prometheus text format.
-    pub fn render(&self) -> String {
-        format!(
-            "broker=\"{}\",env=\"{}\",topic=\"{}\"",
-            escape(&self.broker),
-            escape(&self.env),
-            escape(&self.topic)
-        )
+    /// The labels of this topic's series.
+    pub fn labels(&self) -> Vec<Label> {
+        vec![
+            Label::new("broker", self.broker.clone()),
+            Label::new("env", self.env.clone()),
+            Label::new("topic", self.topic.clone()),
+        ]
     }
-}
-
-/// Escapes a label value: backslash, double quote and line feed.
-pub(crate) fn escape(value: &str) -> String {
-    value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 #[cfg(test)]
@@ -432,11 +458,18 @@ mod tests {
         assert!(text.contains(&format!("polybus_publish_duration_seconds_bucket{{{l},le=\"0.001\"}} 0\n")));
         assert!(text.contains(&format!("polybus_publish_duration_seconds_bucket{{{l},le=\"0.0025\"}} 1\n")));
         assert!(text.contains(&format!("polybus_publish_duration_seconds_count{{{l}}} 1\n")));
+        assert!(
+            text.contains("# HELP polybus_messages_published_total Messages published through this server.")
+        );
         assert_eq!(metrics.stats().topics[0].event, "bus:orders");
     }
 
     #[test]
-    fn label_values_are_escaped() {
-        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    fn label_values_are_escaped_by_the_exporter() {
+        let metrics = Metrics::default();
+        let labels = TopicLabels { broker: "b".into(), env: "dev".into(), topic: "a\"b\\c\nd".into() };
+        metrics.acked(&labels);
+        let text = metrics.render();
+        assert!(text.contains(r#"topic="a\"b\\c\nd""#), "{text}");
     }
 }

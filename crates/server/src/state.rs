@@ -92,6 +92,7 @@ impl AppState {
     /// State over a bus on `registry` with the connectors compiled into this build, definitions
     /// confined to the data folder of `options`.
     pub async fn open(registry: Registry, options: Options) -> polybus::Result<Self> {
+        crate::metrics::install_library_recorder();
         let policy = options.secret_policy(&registry);
         let bus = Bus::builder(registry).secrets(policy).files(options.files()).build();
         Ok(AppState::new(bus, options))

@@ -470,3 +470,28 @@ async fn dashboard_asks_for_a_key_and_refuses_a_wrong_one() {
     let page = page.as_str().expect("html");
     assert!(page.contains("<td class=\"env-type\">embedded</td>") && page.contains("bus:orders"), "{page}");
 }
+
+#[tokio::test]
+async fn metrics_include_the_series_of_a_bus_the_server_does_not_drive() {
+    polybus_server::install_library_recorder();
+    let api = TestApi::new().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = polybus::SqliteStore::open(dir.path().join("registry.db")).await.expect("registry");
+    let registry = polybus::Registry::new(std::sync::Arc::new(store));
+    let broker = json!({"name": "Library", "tag": "library-bus", "envs": [
+        {"slug": "dev", "type": "embedded", "config": {"path": dir.path().join("broker.db")}}]});
+    registry.create_broker(polybus::Broker::from_value(broker).expect("broker")).await.expect("create broker");
+    let topic = polybus::Topic::from_value(json!({"tag": "library-bus:orders"})).expect("topic");
+    registry.create_topic(topic).await.expect("create topic");
+    let bus = polybus::Bus::open(registry).await.expect("a bus of the application's own");
+    for n in 0..2 {
+        bus.publish("dev", "library-bus:orders", polybus::Message::text(format!("{n}"))).await.expect("publish");
+    }
+
+    let (status, text) = api.call("GET", "/metrics", Some(&api.reader), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let text = text.as_str().expect("text");
+    let line = r#"polybus_published_total{system="embedded",env="dev",event="library-bus:orders"} 2"#;
+    assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
+    assert!(text.contains("# TYPE polybus_publish_seconds histogram"), "{text}");
+}

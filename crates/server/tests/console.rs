@@ -138,6 +138,9 @@ async fn a_dead_letter_is_redriven_by_clicking_and_then_consumed() {
     client.goto(&format!("http://{address}/?key={}", api.admin)).await.expect("open the console");
     let topic_row = format!("tr.topic[data-event=\"{event}\"][data-env=\"dev\"]");
     wait_for(&client, &format!("{topic_row} button.open")).await.click().await.expect("press Operate");
+    // The group that dead-lettered it is listed with its numbers.
+    let lag = wait_for(&client, "#groups tr.group[data-group=\"billing\"] td.lag").await;
+    assert_eq!(lag.text().await.expect("lag text"), "0", "billing has read everything");
     let letter_row = format!("#dead-letters tr.dead-letter[data-id=\"{id}\"]");
     let reason = wait_for(&client, &format!("{letter_row} td.reason")).await;
     assert_eq!(reason.text().await.expect("reason text"), "card declined: insufficient funds");
