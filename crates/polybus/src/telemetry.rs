@@ -102,9 +102,9 @@ fn producer(message: &Message) -> Option<opentelemetry::Context> {
     context.span().span_context().is_valid().then_some(context)
 }
 
-/// The consumer span of one delivery, a child of its producer's span.
-pub(crate) fn process_span(destination: &Destination, message: &Message) -> Span {
-    let span = tracing::info_span!(
+/// A consumer span with the attributes of `destination`; the rest are recorded by the callers.
+fn consumer_span(destination: &Destination) -> Span {
+    tracing::info_span!(
         "process",
         otel.name = format!("process {}", destination.event),
         otel.kind = "consumer",
@@ -112,11 +112,19 @@ pub(crate) fn process_span(destination: &Destination, message: &Message) -> Span
         messaging.destination.name = %destination.event,
         messaging.operation = "process",
         messaging.consumer.group.name = %destination.group,
-        messaging.message.id = %message.id,
-        messaging.message.attempt = message.attempt,
+        messaging.message.id = tracing::field::Empty,
+        messaging.message.attempt = tracing::field::Empty,
+        messaging.batch.message_count = tracing::field::Empty,
         otel.status_code = tracing::field::Empty,
         error.message = tracing::field::Empty,
-    );
+    )
+}
+
+/// The consumer span of one delivery, a child of its producer's span.
+pub(crate) fn process_span(destination: &Destination, message: &Message) -> Span {
+    let span = consumer_span(destination);
+    span.record("messaging.message.id", message.id.as_str());
+    span.record("messaging.message.attempt", message.attempt);
     if let Some(parent) = producer(message)
         && let Err(e) = span.set_parent(parent)
     {
@@ -127,18 +135,8 @@ pub(crate) fn process_span(destination: &Destination, message: &Message) -> Span
 
 /// The consumer span of a batch, linked to each message's producer span.
 pub(crate) fn process_batch_span(destination: &Destination, messages: &[Message]) -> Span {
-    let span = tracing::info_span!(
-        "process",
-        otel.name = format!("process {}", destination.event),
-        otel.kind = "consumer",
-        messaging.system = %destination.system,
-        messaging.destination.name = %destination.event,
-        messaging.operation = "process",
-        messaging.consumer.group.name = %destination.group,
-        messaging.batch.message_count = messages.len(),
-        otel.status_code = tracing::field::Empty,
-        error.message = tracing::field::Empty,
-    );
+    let span = consumer_span(destination);
+    span.record("messaging.batch.message_count", messages.len());
     for message in messages {
         if let Some(context) = producer(message) {
             span.add_link(context.span().span_context().clone());

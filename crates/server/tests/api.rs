@@ -480,12 +480,17 @@ async fn metrics_include_the_series_of_a_bus_the_server_does_not_drive() {
     let registry = polybus::Registry::new(std::sync::Arc::new(store));
     let broker = json!({"name": "Library", "tag": "library-bus", "envs": [
         {"slug": "dev", "type": "embedded", "config": {"path": dir.path().join("broker.db")}}]});
-    registry.create_broker(polybus::Broker::from_value(broker).expect("broker")).await.expect("create broker");
+    registry
+        .create_broker(polybus::Broker::from_value(broker).expect("broker"))
+        .await
+        .expect("create broker");
     let topic = polybus::Topic::from_value(json!({"tag": "library-bus:orders"})).expect("topic");
     registry.create_topic(topic).await.expect("create topic");
     let bus = polybus::Bus::open(registry).await.expect("a bus of the application's own");
     for n in 0..2 {
-        bus.publish("dev", "library-bus:orders", polybus::Message::text(format!("{n}"))).await.expect("publish");
+        bus.publish("dev", "library-bus:orders", polybus::Message::text(format!("{n}")))
+            .await
+            .expect("publish");
     }
 
     let (status, text) = api.call("GET", "/metrics", Some(&api.reader), None).await;

@@ -15,7 +15,6 @@ use std::time::Duration;
 use common::TestApi;
 use fantoccini::{Client, ClientBuilder, Locator};
 use polybus::Group;
-use polybus_server::Server;
 use serde_json::json;
 use tokio::process::{Child, Command};
 
@@ -121,13 +120,8 @@ async fn a_dead_letter_is_redriven_by_clicking_and_then_consumed() {
     assert_eq!(first.message().id, id);
     first.dead_letter("card declined: insufficient funds").await.expect("dead-lettered");
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let server = Server::with_listener(listener, api.state.clone());
-    let address = server.local_addr().expect("address");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let listening = api.listen().await;
+    let address = listening.address;
 
     let driver = chromedriver().await;
     let temp = tempfile::tempdir().expect("temporary folder");
@@ -193,6 +187,5 @@ async fn a_dead_letter_is_redriven_by_clicking_and_then_consumed() {
 
     client.close().await.expect("close the browser");
     billing.close().await.expect("close billing");
-    let _ = stop.send(());
-    serving.await.expect("server task").expect("server ran");
+    listening.stop().await;
 }

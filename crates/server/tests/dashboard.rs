@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use common::TestApi;
-use polybus_server::Server;
 use serde_json::json;
 
 /// The Chromium binary, from `$CHROMIUM` or the `PATH`.
@@ -41,13 +40,8 @@ async fn dashboard_shows_brokers_envs_topics_and_throughput_in_chromium() {
     api.publish(&event, json!({"payload": "one more", "encoding": "text"})).await;
     api.ok("GET", "/v1/stats", None, StatusCode::OK).await;
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let server = Server::with_listener(listener, api.state.clone());
-    let address = server.local_addr().expect("address");
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.run(async {
-        let _ = stopped.await;
-    }));
+    let listening = api.listen().await;
+    let address = listening.address;
 
     let profile = tempfile::tempdir().expect("profile directory");
     let url = format!("http://{address}/?key={}", api.reader);
@@ -73,8 +67,7 @@ async fn dashboard_shows_brokers_envs_topics_and_throughput_in_chromium() {
     .await
     .expect("Chromium finished within 2 minutes")
     .unwrap_or_else(|e| panic!("cannot run {chromium}: {e}; run `scripts/services chromium`"));
-    let _ = stop.send(());
-    serving.await.expect("server task").expect("server ran");
+    listening.stop().await;
 
     let dom = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "chromium failed: {}\n{dom}", String::from_utf8_lossy(&output.stderr));

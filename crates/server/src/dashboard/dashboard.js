@@ -52,6 +52,14 @@
     return td;
   }
 
+  // A table row of class `className` with one cell per [text, class] pair.
+  function row(className, cells) {
+    var tr = document.createElement("tr");
+    tr.className = className;
+    cells.forEach(function (c) { cell(tr, c[0], c[1]); });
+    return tr;
+  }
+
   function clear(tbody) {
     while (tbody.firstChild) { tbody.removeChild(tbody.firstChild); }
   }
@@ -153,15 +161,11 @@
       clear(tbody);
       $("groups-note").textContent = groups.length ? "" : "No consumer groups yet.";
       groups.forEach(function (g) {
-        var tr = document.createElement("tr");
-        tr.className = "group";
+        var oldest = g.oldestUnackedMs === null || g.oldestUnackedMs === undefined ? null :
+          (g.oldestUnackedMs / 1000).toFixed(1) + " s";
+        var tr = row("group", [[g.group, "name"], [g.members, "members"], [g.pending, "pending"],
+          [g.lag, "lag"], [oldest, "oldest"]]);
         tr.dataset.group = g.group;
-        cell(tr, g.group, "name");
-        cell(tr, g.members, "members");
-        cell(tr, g.pending, "pending");
-        cell(tr, g.lag, "lag");
-        cell(tr, g.oldestUnackedMs === null || g.oldestUnackedMs === undefined ? null :
-          (g.oldestUnackedMs / 1000).toFixed(1) + " s", "oldest");
         tbody.appendChild(tr);
       });
     }).catch(function (e) {
@@ -207,15 +211,9 @@
       clear(tbody);
       $("dlq-note").textContent = letters.length ? letters.length + " dead letters." : "No dead letters.";
       letters.forEach(function (l) {
-        var tr = document.createElement("tr");
-        tr.className = "dead-letter";
+        var tr = row("dead-letter", [[l.id, "id"], [l.reason, "reason"], [l.attempts, "attempts"],
+          [l.group, "group"], [l.deadLetteredAt, "when"], [preview(l.payload, l.encoding), "payload"]]);
         tr.dataset.id = l.id;
-        cell(tr, l.id, "id");
-        cell(tr, l.reason, "reason");
-        cell(tr, l.attempts, "attempts");
-        cell(tr, l.group, "group");
-        cell(tr, l.deadLetteredAt, "when");
-        cell(tr, preview(l.payload, l.encoding), "payload");
         var actions = cell(tr, "", "state");
         if (canWrite) {
           var redrive = document.createElement("button");
@@ -257,14 +255,8 @@
       clear(tbody);
       $("messages-note").textContent = messages.length ? "" : "No messages match.";
       messages.forEach(function (m) {
-        var tr = document.createElement("tr");
-        tr.className = "message";
-        cell(tr, m.id, "id");
-        cell(tr, m.key, "key");
-        cell(tr, m.publishedAt, "when");
-        cell(tr, m.position, "position");
-        cell(tr, preview(m.payload, m.encoding), "payload");
-        tbody.appendChild(tr);
+        tbody.appendChild(row("message", [[m.id, "id"], [m.key, "key"], [m.publishedAt, "when"],
+          [m.position, "position"], [preview(m.payload, m.encoding), "payload"]]));
       });
     }).catch(function (e) {
       clear(tbody);

@@ -17,6 +17,22 @@ use tower::ServiceExt;
 /// The embedded broker's file of test brokers, relative to the data folder.
 pub const BROKER_DB: &str = "broker.db";
 
+/// The API served on a loopback port, until stopped.
+pub struct Listening {
+    /// Where it listens.
+    pub address: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    serving: tokio::task::JoinHandle<Result<(), polybus_server::ServeError>>,
+}
+
+impl Listening {
+    /// Stops serving and waits for the server to finish.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.serving.await.expect("server task").expect("server ran");
+    }
+}
+
 /// A router with a read-write key and a read-only key.
 pub struct TestApi {
     dir: tempfile::TempDir,
@@ -132,6 +148,18 @@ impl TestApi {
             "{method} {path}: {value:#}"
         );
         value["error"].clone()
+    }
+
+    /// Serves this API over HTTP on a free loopback port (for a browser).
+    pub async fn listen(&self) -> Listening {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let server = polybus_server::Server::with_listener(listener, self.state.clone());
+        let address = server.local_addr().expect("address");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = tokio::spawn(server.run(async {
+            let _ = stopped.await;
+        }));
+        Listening { address, stop, serving }
     }
 
     /// Creates broker `tag` with one embedded env `dev`.
