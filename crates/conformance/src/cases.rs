@@ -18,6 +18,7 @@ use crate::fixture::{
     ACK_DEADLINE, Ctx, ENV, Members, OrFail, TIMER_SLACK, WAIT, expect_nothing, receive, within,
 };
 use crate::harness::Need;
+use crate::idempotency::{IDEMPOTENCY_CASE, a_key_published_twice_is_delivered_once};
 use crate::load::{LOAD_CASE, load_lose_nothing};
 use crate::operations::{DLQ_CASE, dead_letters_are_listed_redriven_and_purged};
 use crate::private::Stop;
@@ -193,6 +194,13 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: None,
         limit: Duration::from_secs(150),
         run: |ctx, _| Box::pin(dead_letters_are_listed_redriven_and_purged(ctx)),
+    },
+    Case {
+        name: IDEMPOTENCY_CASE,
+        needs: &[],
+        max_attempts: None,
+        limit: Duration::from_secs(60),
+        run: |ctx, _| Box::pin(a_key_published_twice_is_delivered_once(ctx)),
     },
     Case {
         name: "consume_dead_letters_a_permanent_failure_at_once",

@@ -18,6 +18,7 @@ mod cases;
 pub mod failures;
 mod fixture;
 mod harness;
+mod idempotency;
 mod load;
 mod operations;
 pub mod private;

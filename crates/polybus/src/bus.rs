@@ -165,27 +165,16 @@ impl Bus {
         &self.inner.files
     }
 
-    /// Publishes one message to `event` in `env`; returns its id.
+    /// Publishes one message to `event` in `env`; returns its id (with an idempotency key
+    /// published already, the first message's id: see [`Bus::publish_outcome`]).
     pub async fn publish(&self, env: &str, event: &str, message: Message) -> Result<String> {
-        let route = self.resolve(env, event).await?;
-        let message = prepare(message, &route)?;
-        let id = message.id.clone();
-        route.transport.publish(&route.spec, message).await?;
-        tracing::debug!(env, event, %id, "published");
-        Ok(id)
+        Ok(self.publish_outcome(env, event, message).await?.id)
     }
 
-    /// Publishes several messages to `event` in `env`, in order; returns their ids.
+    /// Publishes several messages to `event` in `env`, in order; returns their ids (see
+    /// [`Bus::publish_batch_outcome`]).
     pub async fn publish_batch(&self, env: &str, event: &str, messages: Vec<Message>) -> Result<Vec<String>> {
-        let route = self.resolve(env, event).await?;
-        let messages = messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| prepare(m, &route).map_err(|e| in_batch(e, i)))
-            .collect::<Result<Vec<_>>>()?;
-        let ids = messages.iter().map(|m| m.id.clone()).collect();
-        route.transport.publish_batch(&route.spec, messages).await?;
-        Ok(ids)
+        Ok(self.publish_batch_outcome(env, event, messages).await?.into_iter().map(|p| p.id).collect())
     }
 
     /// Joins a consumer group on `event` in `env`.
@@ -469,7 +458,7 @@ impl Bus {
     }
 }
 
-fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
+pub(crate) fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
     if message.id.is_empty() {
         message.id = uuid::Uuid::now_v7().to_string();
     }
@@ -486,7 +475,7 @@ fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
 }
 
 /// Names the message of a batch a validation error is about: `messages[3].headers`.
-fn in_batch(error: Error, index: usize) -> Error {
+pub(crate) fn in_batch(error: Error, index: usize) -> Error {
     match error {
         Error::Validation(mut v) => {
             v.field = format!("messages[{index}].{}", v.field);
