@@ -12,7 +12,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use polybus_core::{Error, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How often a store deletes the rows whose window ran out, at most.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
@@ -31,7 +31,7 @@ pub struct IdempotencyKey {
 }
 
 /// Where a claimed key stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IdempotencyState {
     /// Claimed by a publisher that has not finished publishing.
@@ -59,7 +59,7 @@ impl IdempotencyState {
 }
 
 /// What the registry holds for an idempotency key.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct IdempotencyRecord {
     /// The id of the first message published with the key.
@@ -71,7 +71,7 @@ pub struct IdempotencyRecord {
     /// When the key stops holding (the window's end).
     pub expires_at: DateTime<Utc>,
     /// While pending: when another publisher may take the claim over.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lease_expires_at: Option<DateTime<Utc>>,
 }
 

@@ -2,6 +2,7 @@
 
 pub mod consume;
 pub mod deadletters;
+pub mod idempotency;
 pub mod messages;
 pub mod ops;
 pub mod registry;
@@ -68,6 +69,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(messages::router())
         .merge(consume::router())
         .merge(deadletters::router())
+        .merge(idempotency::router())
         .merge(ops::protected())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .merge(ops::public())
