@@ -72,6 +72,9 @@ pub enum Command {
     /// Dead letters of a topic in an env: list, show, send back (redrive) or delete (purge).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Idempotency keys of a topic in an env: which message a key was published as.
+    #[command(subcommand)]
+    Idempotency(IdempotencyCommand),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
     /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
@@ -112,6 +115,7 @@ impl Command {
             Command::Publish(_) => "publish",
             Command::Consume(_) => "consume",
             Command::Dlq(_) => "dlq",
+            Command::Idempotency(_) => "idempotency",
             Command::Quickstart => "quickstart",
             Command::Serve(_) => "serve",
             Command::Key(_) => "key",
@@ -300,6 +304,26 @@ pub struct PublishArgs {
     /// Publish this many copies, each with its own id.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
+    /// Publish at most once with this key within the topic's `idempotencyWindow` (default
+    /// 24h): a later publish with it is not sent and prints the first message's id.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+}
+
+/// `polybus idempotency …`
+#[derive(Debug, Subcommand)]
+pub enum IdempotencyCommand {
+    /// Show which message an idempotency key was published as (pending or published, since
+    /// and until when), or that it is free.
+    Check {
+        /// The env.
+        #[arg(long)]
+        env: String,
+        /// The event, `broker-tag:topic-tag`.
+        event: String,
+        /// The idempotency key.
+        key: String,
+    },
 }
 
 /// Which dead letters a `polybus dlq` command acts on.

@@ -5,6 +5,7 @@ mod broker;
 mod consume;
 mod dlq;
 pub use dlq::Act as DlqAct;
+mod idempotency;
 mod key;
 mod publish;
 mod quickstart;
@@ -118,6 +119,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Publish(args) => publish::run(&ctx, args).await,
         Command::Consume(args) => consume::run(&ctx, args).await,
         Command::Dlq(command) => dlq::run(&ctx, command).await,
+        Command::Idempotency(command) => idempotency::run(&ctx, command).await,
         Command::Quickstart => quickstart::run(&ctx).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
         Command::Key(command) => key::run(&ctx, command).await,
