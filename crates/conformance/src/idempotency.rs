@@ -8,8 +8,7 @@ use crate::fixture::{Ctx, ENV, Members, OrFail, WAIT, within};
 pub(crate) const IDEMPOTENCY_CASE: &str = "a_key_published_twice_is_delivered_once";
 
 pub(crate) async fn a_key_published_twice_is_delivered_once(ctx: Ctx) {
-    let members = ctx.subscribe("billing").await;
-    let mut members = Members::spawn(vec![members]);
+    let mut members = Members::spawn(vec![ctx.subscribe("billing").await]);
     let key = format!("order-{}", ctx.id);
 
     let first = Message::text("first").idempotency_key(&key);
