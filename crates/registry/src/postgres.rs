@@ -440,9 +440,12 @@ impl IdempotencyStore for PostgresStore {
         lease: Duration,
         window: Duration,
     ) -> Result<bool> {
+        // Purging is housekeeping: its failure must not fail the publish.
         if self.inner.purge.due() {
-            let purged = self.purge_expired().await?;
-            tracing::debug!(purged, "purged expired idempotency keys");
+            match self.purge_expired().await {
+                Ok(purged) => tracing::debug!(purged, "purged expired idempotency keys"),
+                Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
+            }
         }
         let what = format!("claiming idempotency key `{}`", key.key);
         let (lease, window) = (millis(lease) as f64, millis(window) as f64);

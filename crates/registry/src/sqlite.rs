@@ -197,9 +197,12 @@ impl IdempotencyStore for SqliteStore {
         lease: Duration,
         window: Duration,
     ) -> Result<bool> {
+        // Purging is housekeeping: its failure must not fail the publish.
         if self.purge.due() {
-            let purged = self.purge_expired().await?;
-            tracing::debug!(purged, "purged expired idempotency keys");
+            match self.purge_expired().await {
+                Ok(purged) => tracing::debug!(purged, "purged expired idempotency keys"),
+                Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
+            }
         }
         let (env, event, k) = key_params(key);
         let (id, lease, window) = (message_id.to_owned(), millis(lease), millis(window));
