@@ -74,6 +74,9 @@ pub enum Command {
     Dlq(DlqCommand),
     /// Consumer groups of a topic in an env: members, pending, lag and oldest unacked age.
     Groups(GroupsArgs),
+    /// Idempotency keys of a topic in an env: which message a key was published as.
+    #[command(subcommand)]
+    Idempotency(IdempotencyCommand),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
     /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
@@ -115,6 +118,7 @@ impl Command {
             Command::Consume(_) => "consume",
             Command::Dlq(_) => "dlq",
             Command::Groups(_) => "groups",
+            Command::Idempotency(_) => "idempotency",
             Command::Quickstart => "quickstart",
             Command::Serve(_) => "serve",
             Command::Key(_) => "key",
@@ -320,6 +324,26 @@ pub struct PublishArgs {
     /// Publish this many copies, each with its own id.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub count: u64,
+    /// Publish at most once with this key within the topic's `idempotencyWindow` (default
+    /// 24h): a later publish with it is not sent and prints the first message's id.
+    #[arg(long, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+}
+
+/// `polybus idempotency …`
+#[derive(Debug, Subcommand)]
+pub enum IdempotencyCommand {
+    /// Show which message an idempotency key was published as (pending or published, since
+    /// and until when), or that it is free.
+    Check {
+        /// The env.
+        #[arg(long)]
+        env: String,
+        /// The event, `broker-tag:topic-tag`.
+        event: String,
+        /// The idempotency key.
+        key: String,
+    },
 }
 
 /// `polybus groups …`

@@ -71,6 +71,8 @@ pub struct OutgoingMessage {
     content_type: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     delay_ms: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    idempotency_key: Option<String>,
 }
 
 impl OutgoingMessage {
@@ -83,6 +85,7 @@ impl OutgoingMessage {
             key: message.key.clone(),
             content_type: message.content_type.clone(),
             delay_ms: message.delay.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            idempotency_key: message.idempotency_key.clone(),
         }
     }
 }
@@ -227,6 +230,14 @@ struct AckRequest<'a> {
 #[derive(Deserialize)]
 struct Ids {
     ids: Vec<String>,
+    /// Per message, whether it was a duplicate of an idempotency key (absent: none was).
+    #[serde(default)]
+    duplicates: Vec<bool>,
+}
+
+#[derive(Deserialize)]
+struct IdempotencyIn {
+    record: Option<polybus::IdempotencyRecord>,
 }
 
 #[derive(Deserialize)]
@@ -462,15 +473,16 @@ impl Client {
         Ok(())
     }
 
-    /// `POST /v1/envs/{env}/events/{event}/messages` with a batch; the ids, in order.
+    /// `POST /v1/envs/{env}/events/{event}/messages` with a batch; the ids, in order, and
+    /// which were duplicates not sent.
     pub async fn publish(
         &self,
         env: &str,
         event: &str,
         messages: &[OutgoingMessage],
-    ) -> CliResult<Vec<String>> {
+    ) -> CliResult<Vec<polybus::Published>> {
         let body = Batch { messages };
-        let Ids { ids } = self
+        let Ids { ids, duplicates } = self
             .call(
                 Method::POST,
                 &["envs", env, "events", event, "messages"],
@@ -479,7 +491,24 @@ impl Client {
                 REQUEST_TIMEOUT,
             )
             .await?;
-        Ok(ids)
+        let duplicate = |i: usize| duplicates.get(i).copied().unwrap_or(false);
+        Ok(ids
+            .into_iter()
+            .enumerate()
+            .map(|(i, id)| polybus::Published { id, duplicate: duplicate(i) })
+            .collect())
+    }
+
+    /// `GET …/idempotency/{key}`: what the server's registry holds for the key.
+    pub async fn check_idempotency(
+        &self,
+        env: &str,
+        event: &str,
+        key: &str,
+    ) -> CliResult<Option<polybus::IdempotencyRecord>> {
+        let path = ["envs", env, "events", event, "idempotency", key];
+        let IdempotencyIn { record } = self.call(Method::GET, &path, &[], NO_BODY, REQUEST_TIMEOUT).await?;
+        Ok(record)
     }
 
     /// `POST …/subscriptions/{group}/pull`: up to `max` messages, waiting up to `wait` for the

@@ -301,3 +301,51 @@ fn bench_consumes_a_backlog_in_batches_when_asked() {
     );
     assert!(report["consume_per_second"].as_f64().is_some_and(|r| r > 0.0), "{report}");
 }
+
+#[test]
+fn a_key_published_twice_is_sent_once_and_checked() {
+    let sandbox = Sandbox::new();
+    let event = sandbox.embedded_topic("payments");
+    let check = ["idempotency", "check", "--env", "dev", &event, "pay-1"];
+    assert_eq!(sandbox.run(&check).ok(), "key `pay-1` is free: a publish with it would be sent\n");
+
+    let publish = ["publish", "--env", "dev", &event, "--data", "charge", "--idempotency-key", "pay-1"];
+    let first = sandbox.run(&publish);
+    let id = first.ok().trim_end().to_owned();
+    assert_eq!(first.stderr, "");
+    let second = sandbox.run(&publish);
+    assert_eq!(second.ok().trim_end(), id, "the duplicate prints the first message's id");
+    assert!(second.stderr.contains("1 message was a duplicate"), "{second:?}");
+    let json = sandbox.run(&[&publish[..], &["--output", "json"]].concat()).json();
+    assert_eq!(json, json!({"id": id, "duplicate": true}));
+
+    let checked = sandbox.run(&[&check[..], &["--output", "json"]].concat()).json();
+    assert_eq!((checked["key"].clone(), checked["state"].clone()), (json!("pay-1"), json!("published")));
+    assert_eq!(checked["message_id"], json!(id));
+    let table = sandbox.run(&check);
+    assert!(
+        table.ok().lines().nth(1).is_some_and(|l| l.contains(&id) && l.contains("published")),
+        "{table:?}"
+    );
+
+    let consumed = sandbox.run(&[
+        "consume",
+        "--env",
+        "dev",
+        &event,
+        "--group",
+        "g",
+        "--count",
+        "2",
+        "--timeout",
+        "500ms",
+        "--output",
+        "json",
+    ]);
+    let messages = json_lines(&consumed.stdout);
+    assert_eq!(messages.len(), 1, "{consumed:?}");
+    assert_eq!(messages[0]["id"], json!(id));
+
+    let bad = sandbox.run(&["publish", "--env", "dev", &event, "--data", "x", "--idempotency-key", " "]);
+    assert!(bad.failed(1).contains("idempotencyKey"), "{bad:?}");
+}

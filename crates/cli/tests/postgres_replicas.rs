@@ -95,6 +95,23 @@ fn two_servers_on_one_postgres_registry_see_each_others_changes() {
     assert!(stale.failed(1).starts_with("error: CONFLICT: "), "{stale:?}");
     assert_eq!(via(&a, &["broker", "get", &tag]).json()["name"], "Renamed");
 
+    // An idempotency key holds across replicas: the registry's database keeps it. A short
+    // window (ten minutes) lets the rows this test leaves in the shared database expire and be purged.
+    let event = format!("{tag}:payments");
+    let topic = sandbox.write("topic.json", json!({"tag": event, "idempotencyWindow": "10m"}).to_string());
+    via(&a, &["topic", "create", "-f", &topic]).ok();
+    let publish = ["publish", "--env", "dev", &event, "--data", "charge", "--idempotency-key", "pay-1"];
+    let first = via(&a, &publish).json();
+    let second = via(&b, &publish).json();
+    assert_eq!((first["duplicate"].clone(), second["duplicate"].clone()), (json!(false), json!(true)));
+    assert_eq!(second["id"], first["id"], "the replica answers the first message's id");
+    let checked = via(&b, &["idempotency", "check", "--env", "dev", &event, "pay-1"]).json();
+    assert_eq!(
+        (checked["message_id"].clone(), checked["state"].clone()),
+        (first["id"].clone(), json!("published"))
+    );
+    via(&a, &["topic", "delete", &event]).ok();
+
     via(&a, &["broker", "delete", &tag]).ok();
     let gone = via(&b, &["broker", "get", &tag]);
     assert!(gone.failed(1).starts_with("error: BROKER_NOT_FOUND: "), "{gone:?}");

@@ -188,6 +188,43 @@ fn registry_publish_and_consume_work_through_the_server() {
     let lines = run(&["consume", "--env", "dev", "bus:orders", "--group", "billing", "--count", "3"]);
     assert!(lines.ok().lines().all(|l| l.ends_with("attempt 1  hi")), "{lines:?}");
 
+    // An idempotency key through the server: the second publish is a duplicate, checked alike.
+    let keyed = ["publish", "--env", "dev", "bus:orders", "--data", "once", "--idempotency-key", "k-1"];
+    let first = run(&[&keyed[..], &["--output", "json"]].concat()).json();
+    let second = run(&[&keyed[..], &["--output", "json"]].concat()).json();
+    assert_eq!((first["duplicate"].clone(), second["duplicate"].clone()), (json!(false), json!(true)));
+    assert_eq!(second["id"], first["id"]);
+    let checked =
+        run(&["idempotency", "check", "--env", "dev", "bus:orders", "k-1", "--output", "json"]).json();
+    assert_eq!(
+        (checked["message_id"].clone(), checked["state"].clone()),
+        (first["id"].clone(), json!("published"))
+    );
+    let local = server.sandbox.run(&[
+        "idempotency",
+        "check",
+        "--env",
+        "dev",
+        "bus:orders",
+        "k-1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(local.json(), checked, "the same answer as on the server's registry");
+    let once = run(&[
+        "consume",
+        "--env",
+        "dev",
+        "bus:orders",
+        "--group",
+        "billing",
+        "--count",
+        "1",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(json_lines(once.ok())[0]["id"], first["id"]);
+
     // Deletes.
     let in_use = run(&["broker", "delete", "bus"]);
     assert!(in_use.failed(1).starts_with("error: IN_USE: "), "{in_use:?}");

@@ -19,6 +19,7 @@ use crate::fixture::{
 };
 use crate::groups::{GROUPS_CASE, groups_show_lag_and_pending_until_the_group_catches_up};
 use crate::harness::Need;
+use crate::idempotency::{IDEMPOTENCY_CASE, a_key_published_twice_is_delivered_once};
 use crate::load::{LOAD_CASE, load_lose_nothing};
 use crate::operations::{DLQ_CASE, dead_letters_are_listed_redriven_and_purged};
 use crate::private::Stop;
@@ -216,6 +217,13 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: None,
         limit: Duration::from_secs(90),
         run: |ctx, _| Box::pin(groups_show_lag_and_pending_until_the_group_catches_up(ctx)),
+    },
+    Case {
+        name: IDEMPOTENCY_CASE,
+        needs: &[],
+        max_attempts: None,
+        limit: Duration::from_secs(60),
+        run: |ctx, _| Box::pin(a_key_published_twice_is_delivered_once(ctx)),
     },
     Case {
         name: "consume_dead_letters_a_permanent_failure_at_once",

@@ -19,6 +19,7 @@ pub mod failures;
 mod fixture;
 mod groups;
 mod harness;
+mod idempotency;
 mod load;
 mod operations;
 pub mod private;

@@ -304,6 +304,18 @@ pub enum Error {
     /// A delivery was already acknowledged or its lease expired and was taken by another member.
     #[error("delivery {0} is no longer held by this consumer (already settled, or its lease expired)")]
     LeaseLost(String),
+    /// Another publisher is publishing a message with this idempotency key right now.
+    #[error(
+        "idempotency key `{key}` of {event} is being published by another publisher (message {message_id}); retry shortly: you will get that message's id, or publish if it failed"
+    )]
+    IdempotencyPending {
+        /// The event.
+        event: String,
+        /// The idempotency key.
+        key: String,
+        /// The id of the message the other publisher is publishing.
+        message_id: String,
+    },
 }
 
 impl Error {
@@ -330,16 +342,18 @@ impl Error {
             Error::Storage(_) => "STORAGE_FAILED",
             Error::Closed(_) => "CLOSED",
             Error::LeaseLost(_) => "LEASE_LOST",
+            Error::IdempotencyPending { .. } => "IDEMPOTENCY_PENDING",
         }
     }
 
     /// True when the same operation may succeed if tried again later: a transport failure
     /// of a retryable [`FailureKind`], or the registry store failing. A definition, a
-    /// secret, a closed subscription or a lost lease do not get better by retrying.
+    /// secret, a closed subscription or a lost lease do not get better by retrying; a publish
+    /// whose idempotency key another publisher holds does.
     pub fn is_retryable(&self) -> bool {
         match self {
             Error::Transport { kind, .. } => kind.is_retryable(),
-            Error::Storage(_) => true,
+            Error::Storage(_) | Error::IdempotencyPending { .. } => true,
             _ => false,
         }
     }
@@ -433,6 +447,9 @@ impl Error {
             Error::Storage(message) => Error::Storage(f(message)),
             Error::Closed(message) => Error::Closed(f(message)),
             Error::LeaseLost(id) => Error::LeaseLost(f(id)),
+            Error::IdempotencyPending { event, key, message_id } => {
+                Error::IdempotencyPending { event: f(event), key: f(key), message_id }
+            }
         }
     }
 }

@@ -47,7 +47,8 @@ const RESERVED_PREFIXES: [(&str, &str); 5] = [
 const RESERVED_NAMES: [(&str, &str); 4] =
     [("x-death", "RabbitMQ"), ("x-delivery-count", "RabbitMQ"), ("cc", "RabbitMQ"), ("bcc", "RabbitMQ")];
 
-/// Checks the id, key, content type and headers of a message about to be published.
+/// Checks the id, key, content type, idempotency key and headers of a message about to be
+/// published.
 pub fn check(message: &Message) -> Result<(), ValidationError> {
     check_text("id", &message.id, 1, MAX_ID_BYTES)?;
     if let Some(key) = &message.key {
@@ -55,6 +56,9 @@ pub fn check(message: &Message) -> Result<(), ValidationError> {
     }
     if let Some(content_type) = &message.content_type {
         check_text("contentType", content_type, 0, MAX_CONTENT_TYPE_BYTES)?;
+    }
+    if let Some(key) = &message.idempotency_key {
+        crate::message::check_idempotency_key(key)?;
     }
     if message.headers.len() > MAX_HEADERS {
         return Err(ValidationError::field(
@@ -181,6 +185,23 @@ mod tests {
         refused(&Message::text("x").key("k\0"), "field `key`");
         refused(&Message::text("x").id("i\n"), "field `id`");
         refused(&Message::text("x").content_type("text/plain\r\n"), "field `contentType`");
+    }
+
+    #[test]
+    fn idempotency_keys_are_named_bounded_and_without_control_characters() {
+        check(&Message::text("x").idempotency_key("order-42 ✓")).unwrap();
+        check(&Message::text("x").idempotency_key("é".repeat(200))).unwrap();
+        for (key, says) in [
+            ("", "must not be empty"),
+            ("  ", "must not be empty"),
+            ("a\nb", "control character U+000A"),
+            ("\u{7f}", "control character U+007F"),
+        ] {
+            refused(&Message::text("x").idempotency_key(key), says);
+        }
+        let err = check(&Message::text("x").idempotency_key("k".repeat(201))).unwrap_err();
+        assert_eq!(err.field, "idempotencyKey");
+        assert!(err.message.contains("201 characters; at most 200"), "{err}");
     }
 
     #[test]

@@ -7,6 +7,8 @@ use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+use crate::error::ValidationError;
+
 /// A message: id, payload bytes, headers, optional key, content type, publish time, attempt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
@@ -26,6 +28,9 @@ pub struct Message {
     pub attempt: u32,
     /// Publish only: deliver no earlier than this long after publishing.
     pub delay: Option<Duration>,
+    /// Publish only: a second publish with this key to the same topic and env, within the
+    /// topic's `idempotencyWindow`, is not delivered again and answers the first message's id.
+    pub idempotency_key: Option<String>,
 }
 
 impl Message {
@@ -40,6 +45,7 @@ impl Message {
             published_at: Utc::now(),
             attempt: 0,
             delay: None,
+            idempotency_key: None,
         }
     }
 
@@ -83,6 +89,12 @@ impl Message {
         self
     }
 
+    /// Publishes this message at most once per `key` within the topic's idempotency window.
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
     /// The payload as UTF-8 text, when it is.
     pub fn payload_str(&self) -> Option<&str> {
         std::str::from_utf8(&self.payload).ok()
@@ -92,6 +104,26 @@ impl Message {
     pub fn payload_json<T: serde::de::DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_slice(&self.payload)
     }
+}
+
+/// Longest idempotency key, in characters.
+pub const MAX_IDEMPOTENCY_KEY_CHARS: usize = 200;
+
+/// Checks an idempotency key: 1 to [`MAX_IDEMPOTENCY_KEY_CHARS`] characters, not blank, no
+/// control characters.
+pub fn check_idempotency_key(key: &str) -> Result<(), ValidationError> {
+    let invalid = |why: String| ValidationError::field("idempotencyKey", why);
+    if key.trim().is_empty() {
+        return Err(invalid("must not be empty or blank".into()));
+    }
+    let chars = key.chars().count();
+    if chars > MAX_IDEMPOTENCY_KEY_CHARS {
+        return Err(invalid(format!("{chars} characters; at most {MAX_IDEMPOTENCY_KEY_CHARS} are allowed")));
+    }
+    if let Some(c) = key.chars().find(|c| c.is_control()) {
+        return Err(invalid(format!("holds the control character U+{:04X}", c as u32)));
+    }
+    Ok(())
 }
 
 /// A point in time, UTC.

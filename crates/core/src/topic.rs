@@ -1,5 +1,7 @@
 //! Topics: `broker-tag:topic-tag`, with optional per-env native names and settings.
 
+use std::time::Duration;
+
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -12,6 +14,28 @@ use crate::{limits, names};
 
 /// Attempts before a message is dead-lettered, unless the topic says otherwise.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+
+/// How long an idempotency key holds, unless the topic says otherwise: 24 hours.
+pub const DEFAULT_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+/// Shortest `idempotencyWindow`: 1 second.
+pub const MIN_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(1);
+/// Longest `idempotencyWindow`: 30 days.
+pub const MAX_IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Parses an `idempotencyWindow` (`24h`, `90m`, `7d`, `1h 30m`) and checks its bounds.
+pub fn parse_idempotency_window(text: &str) -> Result<Duration, ValidationError> {
+    let invalid = |why: String| ValidationError::field("idempotencyWindow", why);
+    let window = humantime::parse_duration(text.trim()).map_err(|e| {
+        invalid(format!("{} is not a duration like `24h`, `30m` or `7d`: {e}", limits::quote(text)))
+    })?;
+    if !(MIN_IDEMPOTENCY_WINDOW..=MAX_IDEMPOTENCY_WINDOW).contains(&window) {
+        return Err(invalid(format!(
+            "{} is out of range: from 1s to 30d",
+            humantime::format_duration(window)
+        )));
+    }
+    Ok(window)
+}
 
 /// Per-env settings of a topic.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -117,6 +141,10 @@ pub struct Topic {
     /// Native name of the dead-letter destination (default `<native>-dlq`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// How long a message published with an idempotency key keeps later publishes with the
+    /// same key from being delivered, e.g. `24h`, `30m`, `7d` (1s to 30d; default 24h).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_window: Option<String>,
     /// Per-env overrides.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub envs: Vec<TopicEnv>,
@@ -181,6 +209,9 @@ impl Topic {
         }
         if self.max_attempts == Some(0) {
             return Err(ValidationError::field("maxAttempts", "must be at least 1"));
+        }
+        if let Some(window) = &self.idempotency_window {
+            parse_idempotency_window(window)?;
         }
         if !self.name.is_empty() {
             limits::check_name("name", &self.name)?;
@@ -260,11 +291,16 @@ impl Topic {
         let overrides = self.envs.iter().find(|e| e.slug == env).cloned().unwrap_or_default();
         let native_name = overrides.native_name.clone().unwrap_or_else(|| event.topic.clone());
         let dead_letter = self.dead_letter.clone().unwrap_or_else(|| format!("{native_name}-dlq"));
+        let idempotency_window = match &self.idempotency_window {
+            Some(window) => parse_idempotency_window(window)?,
+            None => DEFAULT_IDEMPOTENCY_WINDOW,
+        };
         Ok(TopicSpec {
             event: self.tag.clone(),
             native_name,
             dead_letter,
             max_attempts: self.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+            idempotency_window,
             options: overrides.options,
         })
     }
@@ -286,6 +322,9 @@ pub struct TopicPatch {
     /// New dead-letter native name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dead_letter: Option<String>,
+    /// New idempotency window, e.g. `24h`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_window: Option<String>,
     /// Env overrides to replace (same slug) or add.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub envs: Vec<TopicEnv>,
@@ -336,6 +375,9 @@ impl TopicPatch {
         if let Some(v) = &self.dead_letter {
             next.dead_letter = Some(v.clone());
         }
+        if let Some(v) = &self.idempotency_window {
+            next.idempotency_window = Some(v.clone());
+        }
         if let Some(v) = &self.sample {
             next.sample = Some(v.clone());
         }
@@ -367,6 +409,8 @@ pub struct TopicSpec {
     pub dead_letter: String,
     /// Deliveries before dead-lettering.
     pub max_attempts: u32,
+    /// How long an idempotency key keeps later publishes with it from being delivered.
+    pub idempotency_window: Duration,
     /// The topic's options in this env, as its connector validated them.
     pub options: Map<String, Value>,
 }
@@ -380,6 +424,7 @@ impl TopicSpec {
             dead_letter: format!("{native_name}-dlq"),
             native_name,
             max_attempts: DEFAULT_MAX_ATTEMPTS,
+            idempotency_window: DEFAULT_IDEMPOTENCY_WINDOW,
             options: Map::new(),
         }
     }
@@ -511,6 +556,32 @@ mod tests {
         let t = in_prd(json!({"nativeName": "k".repeat(249)}));
         let err = t.validate(&on("kafka"), &test_kinds()).unwrap_err();
         assert!(err.field == "deadLetter" && err.message.contains("default"), "{err}");
+    }
+
+    #[test]
+    fn idempotency_window_defaults_to_a_day_and_is_bounded() {
+        let t = Topic::from_value(json!({"tag": "bus:orders"})).unwrap();
+        assert_eq!(t.spec("dev").unwrap().idempotency_window, DEFAULT_IDEMPOTENCY_WINDOW);
+        let t = Topic::from_value(json!({"tag": "bus:orders", "idempotencyWindow": "90m"})).unwrap();
+        t.validate(&on("redis"), &test_kinds()).unwrap();
+        assert_eq!(t.spec("dev").unwrap().idempotency_window, Duration::from_secs(90 * 60));
+        for bad in ["0s", "500ms", "31d", "soon", ""] {
+            let t = Topic::from_value(json!({"tag": "bus:orders", "idempotencyWindow": bad})).unwrap();
+            let err = t.validate(&on("redis"), &test_kinds()).unwrap_err();
+            assert_eq!(err.field, "idempotencyWindow", "{bad}: {err}");
+        }
+        let patch = TopicPatch::from_value(json!({"idempotencyWindow": "1h"})).unwrap();
+        let patched = patch.apply(&t_plain(), &on("redis"), &test_kinds()).unwrap();
+        assert_eq!(patched.idempotency_window.as_deref(), Some("1h"));
+        let patch = TopicPatch::from_value(json!({"idempotencyWindow": "0s"})).unwrap();
+        assert_eq!(
+            patch.apply(&t_plain(), &on("redis"), &test_kinds()).unwrap_err().field,
+            "idempotencyWindow"
+        );
+    }
+
+    fn t_plain() -> Topic {
+        Topic::from_value(json!({"tag": "bus:orders"})).unwrap()
     }
 
     #[test]

@@ -182,44 +182,16 @@ impl Bus {
         &self.inner.files
     }
 
-    /// Publishes one message to `event` in `env`; returns its id.
+    /// Publishes one message to `event` in `env`; returns its id (with an idempotency key
+    /// published already, the first message's id: see [`Bus::publish_outcome`]).
     pub async fn publish(&self, env: &str, event: &str, message: Message) -> Result<String> {
-        let route = self.resolve(env, event).await?;
-        let span = telemetry::publish_span(route.broker_type.as_str(), event, 1);
-        let mut message = prepare(message, &route)?;
-        telemetry::inject(&span, &mut message);
-        span.record("messaging.message.id", message.id.as_str());
-        let id = message.id.clone();
-        let started = Instant::now();
-        let published = route.transport.publish(&route.spec, message).instrument(span.clone()).await;
-        telemetry::outcome(&span, &published);
-        route.metrics.observe(&published, 1, started);
-        published?;
-        tracing::debug!(env, event, %id, "published");
-        Ok(id)
+        Ok(self.publish_outcome(env, event, message).await?.id)
     }
 
-    /// Publishes several messages to `event` in `env`, in order; returns their ids.
+    /// Publishes several messages to `event` in `env`, in order; returns their ids (see
+    /// [`Bus::publish_batch_outcome`]).
     pub async fn publish_batch(&self, env: &str, event: &str, messages: Vec<Message>) -> Result<Vec<String>> {
-        let route = self.resolve(env, event).await?;
-        let span = telemetry::publish_span(route.broker_type.as_str(), event, messages.len());
-        let messages = messages
-            .into_iter()
-            .enumerate()
-            .map(|(i, m)| {
-                let mut message = prepare(m, &route).map_err(|e| in_batch(e, i))?;
-                telemetry::inject(&span, &mut message);
-                Ok(message)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let ids = messages.iter().map(|m| m.id.clone()).collect();
-        let count = messages.len();
-        let started = Instant::now();
-        let published = route.transport.publish_batch(&route.spec, messages).instrument(span.clone()).await;
-        telemetry::outcome(&span, &published);
-        route.metrics.observe(&published, count, started);
-        published?;
-        Ok(ids)
+        Ok(self.publish_batch_outcome(env, event, messages).await?.into_iter().map(|p| p.id).collect())
     }
 
     /// Joins a consumer group on `event` in `env`.
@@ -510,7 +482,36 @@ impl Bus {
     }
 }
 
-fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
+impl Resolved {
+    /// Publishes prepared `message` to this route's topic in a producer span whose trace
+    /// context it carries, counting it in the route's metrics.
+    pub(crate) async fn send(&self, event: &str, mut message: Message) -> Result<()> {
+        let span = telemetry::publish_span(self.broker_type.as_str(), event, 1);
+        telemetry::inject(&span, &mut message);
+        span.record("messaging.message.id", message.id.as_str());
+        let started = Instant::now();
+        let published = self.transport.publish(&self.spec, message).instrument(span.clone()).await;
+        telemetry::outcome(&span, &published);
+        self.metrics.observe(&published, 1, started);
+        published
+    }
+
+    /// [`send`](Self::send) for several messages, in order, in one producer span.
+    pub(crate) async fn send_batch(&self, event: &str, mut messages: Vec<Message>) -> Result<()> {
+        let span = telemetry::publish_span(self.broker_type.as_str(), event, messages.len());
+        for message in &mut messages {
+            telemetry::inject(&span, message);
+        }
+        let count = messages.len();
+        let started = Instant::now();
+        let published = self.transport.publish_batch(&self.spec, messages).instrument(span.clone()).await;
+        telemetry::outcome(&span, &published);
+        self.metrics.observe(&published, count, started);
+        published
+    }
+}
+
+pub(crate) fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
     if message.id.is_empty() {
         message.id = uuid::Uuid::now_v7().to_string();
     }
@@ -527,7 +528,7 @@ fn prepare(mut message: Message, route: &Resolved) -> Result<Message> {
 }
 
 /// Names the message of a batch a validation error is about: `messages[3].headers`.
-fn in_batch(error: Error, index: usize) -> Error {
+pub(crate) fn in_batch(error: Error, index: usize) -> Error {
     match error {
         Error::Validation(mut v) => {
             v.field = format!("messages[{index}].{}", v.field);

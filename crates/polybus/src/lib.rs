@@ -21,6 +21,7 @@ mod consume;
 mod delivery;
 mod dlq;
 pub mod files;
+mod idempotency;
 pub mod metrics;
 mod ops;
 mod secrets;
@@ -32,6 +33,9 @@ pub use consume::{BatchError, ConsumeOptions, ConsumeStats, Consumer, HandlerErr
 pub use delivery::{Delivery, SettlePolicy, Settled, Subscriber};
 pub use dlq::{DeadLetter, DeadLetterFilter, DeadLetterOutcome, SCAN_MAX as DEAD_LETTER_SCAN_MAX};
 pub use files::FilePolicy;
+pub use idempotency::{
+    CLAIM_LEASE as IDEMPOTENCY_CLAIM_LEASE, PENDING_WAIT as IDEMPOTENCY_PENDING_WAIT, Published,
+};
 pub use secrets::{DEFAULT_ENV_PREFIX, SecretPolicy, scrub_log};
 
 /// The OpenTelemetry crates polybus's spans are bridged to, at the versions it was built with.
@@ -43,7 +47,8 @@ pub use polybus_core::{
     SubscribeOptions, Support, Topic, TopicPatch, TopicSpec, Transport, wire,
 };
 pub use polybus_registry::{
-    Registry, SecretInfo, Secrets, SecretsKey, SqliteStore, Store, find_key as find_secrets_key,
+    IdempotencyRecord, IdempotencyState, Registry, SecretInfo, Secrets, SecretsKey, SqliteStore, Store,
+    find_key as find_secrets_key,
 };
 
 /// The group that always exists on a dead-letter destination: read dead letters with

@@ -2,6 +2,7 @@
 //! patches and optimistic concurrency, over a pluggable [`Store`] (SQLite by default,
 //! PostgreSQL for several replicas).
 
+mod idempotency;
 mod pg_tls;
 mod postgres;
 mod secrets;
@@ -13,6 +14,7 @@ use async_trait::async_trait;
 use polybus_core::{Broker, BrokerPatch, Error, EventRef, Kinds, Result, Topic, TopicPatch};
 use serde_json::Value;
 
+pub use idempotency::{Claim, IdempotencyKey, IdempotencyRecord, IdempotencyState, IdempotencyStore};
 pub use postgres::PostgresStore;
 pub use secrets::{
     DEFAULT_KEY_FILE, KEY_BYTES, MAX_VALUE_BYTES, SecretInfo, Secrets, SecretsKey, default_key_path, find_key,
@@ -73,6 +75,10 @@ pub trait Store: Send + Sync {
     async fn delete(&self, kind: Kind, key: &str) -> Result<bool>;
     /// Checks the store answers.
     async fn ping(&self) -> Result<()>;
+    /// The store of idempotency keys in the same database, when this store keeps them.
+    fn idempotency(&self) -> Option<&dyn IdempotencyStore> {
+        None
+    }
 }
 
 /// Opens the store a registry URL names: `postgres://…` / `postgresql://…`, or a file path or
@@ -259,6 +265,14 @@ impl Registry {
     /// Checks the store answers.
     pub async fn ping(&self) -> Result<()> {
         self.store.ping().await
+    }
+
+    /// The idempotency keys kept in this registry's database.
+    pub fn idempotency(&self) -> Result<&dyn IdempotencyStore> {
+        self.store.idempotency().ok_or_else(|| Error::Unsupported {
+            broker_type: "this registry's store".into(),
+            what: "idempotency keys (use a SQLite or PostgreSQL registry)".into(),
+        })
     }
 }
 

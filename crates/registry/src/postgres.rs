@@ -20,7 +20,8 @@ use tokio_postgres::config::Host;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{Client, Config, NoTls, Row, Statement};
 
-use crate::{Kind, Record, Store, pg_tls};
+use crate::idempotency::{PurgeClock, millis, record};
+use crate::{IdempotencyKey, IdempotencyRecord, IdempotencyStore, Kind, Record, Store, pg_tls};
 
 /// How long one statement may take before the store gives up on it.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -43,7 +44,37 @@ const CREATE_TABLE: &str = r#"
         PRIMARY KEY (kind, key)
     );
     CREATE INDEX IF NOT EXISTS polybus_records_parent ON polybus_records (kind, parent, key);
+    CREATE TABLE IF NOT EXISTS polybus_idempotency (
+        env TEXT COLLATE "C" NOT NULL,
+        event TEXT COLLATE "C" NOT NULL,
+        key TEXT COLLATE "C" NOT NULL,
+        message_id TEXT NOT NULL,
+        state TEXT NOT NULL,
+        first_seen TIMESTAMPTZ NOT NULL,
+        lease_until TIMESTAMPTZ,
+        expires_at TIMESTAMPTZ NOT NULL,
+        PRIMARY KEY (env, event, key)
+    );
+    CREATE INDEX IF NOT EXISTS polybus_idempotency_expiry ON polybus_idempotency (expires_at);
 "#;
+
+/// Claims a key, or takes over a row whose window or pending lease ran out (the database's
+/// clock decides, so replicas with skewed clocks agree).
+const CLAIM: &str = "
+    INSERT INTO polybus_idempotency AS k
+        (env, event, key, message_id, state, first_seen, lease_until, expires_at)
+    VALUES ($1, $2, $3, $4, 'pending', now(),
+        now() + $5::float8 * interval '1 millisecond', now() + $6::float8 * interval '1 millisecond')
+    ON CONFLICT (env, event, key) DO UPDATE SET
+        message_id = EXCLUDED.message_id, state = 'pending', first_seen = EXCLUDED.first_seen,
+        lease_until = EXCLUDED.lease_until, expires_at = EXCLUDED.expires_at
+    WHERE k.expires_at <= now() OR (k.state = 'pending' AND k.lease_until <= now())";
+
+/// An idempotency row, times in milliseconds since the epoch.
+const GET_KEY: &str = "
+    SELECT message_id, state, (extract(epoch FROM first_seen) * 1000)::int8,
+        (extract(epoch FROM lease_until) * 1000)::int8, (extract(epoch FROM expires_at) * 1000)::int8
+    FROM polybus_idempotency WHERE env = $1 AND event = $2 AND key = $3 AND expires_at > now()";
 
 /// A registry store in a PostgreSQL database, shared by every process that opens it.
 #[derive(Clone)]
@@ -58,6 +89,7 @@ struct Inner {
     schema: Option<String>,
     shown: String,
     conn: Mutex<Option<Arc<Conn>>>,
+    purge: PurgeClock,
 }
 
 /// A live connection with its prepared statements.
@@ -68,6 +100,8 @@ struct Conn {
     insert: Statement,
     replace: Statement,
     delete: Statement,
+    claim: Statement,
+    get_key: Statement,
 }
 
 /// Whether an operation may be sent again after the connection was lost under it.
@@ -110,6 +144,7 @@ impl PostgresStore {
                 schema: schema.map(str::to_owned),
                 shown,
                 conn: Mutex::new(None),
+                purge: PurgeClock::default(),
             }),
         };
         store.conn().await?;
@@ -185,9 +220,10 @@ impl PostgresStore {
                 ),
                 client.prepare("DELETE FROM polybus_records WHERE kind = $1 AND key = $2"),
             )?;
-            Ok::<_, tokio_postgres::Error>((get, list, insert, replace, delete))
+            let (claim, get_key) = tokio::try_join!(client.prepare(CLAIM), client.prepare(GET_KEY))?;
+            Ok::<_, tokio_postgres::Error>((get, list, insert, replace, delete, claim, get_key))
         };
-        let (get, list, insert, replace, delete) = tokio::time::timeout(QUERY_TIMEOUT, setup)
+        let (get, list, insert, replace, delete, claim, get_key) = tokio::time::timeout(QUERY_TIMEOUT, setup)
             .await
             .map_err(|_| {
                 Error::Storage(format!(
@@ -199,7 +235,7 @@ impl PostgresStore {
                 Error::Storage(format!("cannot set up the PostgreSQL registry at {shown}: {}", describe(&e)))
             })?;
         tracing::debug!(registry = %shown, "connected to the PostgreSQL registry");
-        Ok(Conn { client, get, list, insert, replace, delete })
+        Ok(Conn { client, get, list, insert, replace, delete, claim, get_key })
     }
 
     /// Runs `op` on a connection with a time limit; a read is retried once on a fresh
@@ -384,6 +420,103 @@ impl Store for PostgresStore {
             Resend::Safe,
             |c| async move { c.client.simple_query("SELECT 1").await.map(drop) },
         )
+        .await
+    }
+
+    fn idempotency(&self) -> Option<&dyn IdempotencyStore> {
+        Some(self)
+    }
+}
+
+// Every idempotency operation may be sent again after a lost connection: a claim found held by
+// the same message id is that publisher's, completing twice marks it published twice, and a
+// release or purge that already landed finds nothing more to delete.
+#[async_trait]
+impl IdempotencyStore for PostgresStore {
+    async fn try_claim(
+        &self,
+        key: &IdempotencyKey,
+        message_id: &str,
+        lease: Duration,
+        window: Duration,
+    ) -> Result<bool> {
+        // Purging is housekeeping: its failure must not fail the publish.
+        if self.inner.purge.due() {
+            match self.purge_expired().await {
+                Ok(purged) => tracing::debug!(purged, "purged expired idempotency keys"),
+                Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
+            }
+        }
+        let what = format!("claiming idempotency key `{}`", key.key);
+        let (lease, window) = (millis(lease) as f64, millis(window) as f64);
+        let changed = self
+            .run(&what, Resend::Safe, |c| async move {
+                c.client
+                    .execute(&c.claim, &[&key.env, &key.event, &key.key, &message_id, &lease, &window])
+                    .await
+            })
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn complete(&self, key: &IdempotencyKey, message_id: &str, window: Duration) -> Result<bool> {
+        let what = format!("marking idempotency key `{}` published", key.key);
+        let window = millis(window) as f64;
+        let changed = self
+            .run(&what, Resend::Safe, |c| async move {
+                c.client
+                    .execute(
+                        "UPDATE polybus_idempotency SET state = 'published', lease_until = NULL,
+                            expires_at = now() + $5::float8 * interval '1 millisecond'
+                         WHERE env = $1 AND event = $2 AND key = $3 AND message_id = $4",
+                        &[&key.env, &key.event, &key.key, &message_id, &window],
+                    )
+                    .await
+            })
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn release(&self, key: &IdempotencyKey, message_id: &str) -> Result<bool> {
+        let what = format!("releasing idempotency key `{}`", key.key);
+        let deleted = self
+            .run(&what, Resend::Safe, |c| async move {
+                c.client
+                    .execute(
+                        "DELETE FROM polybus_idempotency
+                         WHERE env = $1 AND event = $2 AND key = $3 AND message_id = $4 AND state = 'pending'",
+                        &[&key.env, &key.event, &key.key, &message_id],
+                    )
+                    .await
+            })
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    async fn get(&self, key: &IdempotencyKey) -> Result<Option<IdempotencyRecord>> {
+        let what = format!("reading idempotency key `{}`", key.key);
+        let row = self
+            .run(&what, Resend::Safe, |c| async move {
+                let row = c.client.query_opt(&c.get_key, &[&key.env, &key.event, &key.key]).await?;
+                row.map(|r| {
+                    Ok::<_, tokio_postgres::Error>((
+                        r.try_get::<_, String>(0)?,
+                        r.try_get::<_, String>(1)?,
+                        r.try_get::<_, i64>(2)?,
+                        r.try_get::<_, Option<i64>>(3)?,
+                        r.try_get::<_, i64>(4)?,
+                    ))
+                })
+                .transpose()
+            })
+            .await?;
+        row.map(|(id, state, first, lease, expires)| record(id, &state, first, lease, expires)).transpose()
+    }
+
+    async fn purge_expired(&self) -> Result<u64> {
+        self.run("purging expired idempotency keys", Resend::Safe, |c| async move {
+            c.client.execute("DELETE FROM polybus_idempotency WHERE expires_at <= now()", &[]).await
+        })
         .await
     }
 }

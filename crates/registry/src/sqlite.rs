@@ -2,19 +2,22 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use polybus_core::{Error, Result};
 use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
-use crate::{Kind, Record, Store};
+use crate::idempotency::{PurgeClock, millis, record};
+use crate::{IdempotencyKey, IdempotencyRecord, IdempotencyStore, Kind, Record, Store};
 
 /// A registry store in one SQLite file.
 #[derive(Clone)]
 pub struct SqliteStore {
     path: PathBuf,
     conn: Arc<Mutex<Connection>>,
+    purge: Arc<PurgeClock>,
 }
 
 impl SqliteStore {
@@ -39,7 +42,19 @@ impl SqliteStore {
                         updated_at TEXT NOT NULL,
                         PRIMARY KEY (kind, key)
                     );
-                    CREATE INDEX IF NOT EXISTS records_parent ON records(kind, parent, key);",
+                    CREATE INDEX IF NOT EXISTS records_parent ON records(kind, parent, key);
+                    CREATE TABLE IF NOT EXISTS idempotency_keys (
+                        env TEXT NOT NULL,
+                        event TEXT NOT NULL,
+                        key TEXT NOT NULL,
+                        message_id TEXT NOT NULL,
+                        state TEXT NOT NULL,
+                        first_seen_ms INTEGER NOT NULL,
+                        lease_until_ms INTEGER,
+                        expires_at_ms INTEGER NOT NULL,
+                        PRIMARY KEY (env, event, key)
+                    );
+                    CREATE INDEX IF NOT EXISTS idempotency_keys_expiry ON idempotency_keys(expires_at_ms);",
                 )?;
                 Ok(conn)
             }
@@ -47,7 +62,7 @@ impl SqliteStore {
         .await
         .map_err(|e| Error::Storage(format!("opening {shown}: {e}")))?
         .map_err(|e| Error::Storage(format!("cannot open registry file {shown}: {e}")))?;
-        Ok(SqliteStore { path, conn: Arc::new(Mutex::new(conn)) })
+        Ok(SqliteStore { path, conn: Arc::new(Mutex::new(conn)), purge: Arc::default() })
     }
 
     /// The file this store lives in.
@@ -157,5 +172,121 @@ impl Store for SqliteStore {
 
     async fn ping(&self) -> Result<()> {
         self.with("checking", |c| c.query_row("SELECT 1", [], |_| Ok(()))).await
+    }
+
+    fn idempotency(&self) -> Option<&dyn IdempotencyStore> {
+        Some(self)
+    }
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The owned columns that name a key, for a blocking closure.
+fn key_params(key: &IdempotencyKey) -> (String, String, String) {
+    (key.env.clone(), key.event.clone(), key.key.clone())
+}
+
+#[async_trait]
+impl IdempotencyStore for SqliteStore {
+    async fn try_claim(
+        &self,
+        key: &IdempotencyKey,
+        message_id: &str,
+        lease: Duration,
+        window: Duration,
+    ) -> Result<bool> {
+        // Purging is housekeeping: its failure must not fail the publish.
+        if self.purge.due() {
+            match self.purge_expired().await {
+                Ok(purged) => tracing::debug!(purged, "purged expired idempotency keys"),
+                Err(e) => tracing::warn!(error = %e, "purging expired idempotency keys failed"),
+            }
+        }
+        let (env, event, k) = key_params(key);
+        let (id, lease, window) = (message_id.to_owned(), millis(lease), millis(window));
+        let changed = self
+            .with("claiming an idempotency key", move |c| {
+                c.execute(
+                    "INSERT INTO idempotency_keys
+                        (env, event, key, message_id, state, first_seen_ms, lease_until_ms, expires_at_ms)
+                     VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5 + ?6, ?5 + ?7)
+                     ON CONFLICT (env, event, key) DO UPDATE SET
+                        message_id = excluded.message_id, state = 'pending',
+                        first_seen_ms = excluded.first_seen_ms, lease_until_ms = excluded.lease_until_ms,
+                        expires_at_ms = excluded.expires_at_ms
+                     WHERE idempotency_keys.expires_at_ms <= ?5
+                        OR (idempotency_keys.state = 'pending' AND idempotency_keys.lease_until_ms <= ?5)",
+                    params![env, event, k, id, now_ms(), lease, window],
+                )
+            })
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn complete(&self, key: &IdempotencyKey, message_id: &str, window: Duration) -> Result<bool> {
+        let (env, event, k) = key_params(key);
+        let (id, window) = (message_id.to_owned(), millis(window));
+        let changed = self
+            .with("marking an idempotency key published", move |c| {
+                c.execute(
+                    "UPDATE idempotency_keys
+                     SET state = 'published', lease_until_ms = NULL, expires_at_ms = ?5 + ?6
+                     WHERE env = ?1 AND event = ?2 AND key = ?3 AND message_id = ?4",
+                    params![env, event, k, id, now_ms(), window],
+                )
+            })
+            .await?;
+        Ok(changed == 1)
+    }
+
+    async fn release(&self, key: &IdempotencyKey, message_id: &str) -> Result<bool> {
+        let (env, event, k) = key_params(key);
+        let id = message_id.to_owned();
+        let deleted = self
+            .with("releasing an idempotency key", move |c| {
+                c.execute(
+                    "DELETE FROM idempotency_keys
+                     WHERE env = ?1 AND event = ?2 AND key = ?3 AND message_id = ?4 AND state = 'pending'",
+                    params![env, event, k, id],
+                )
+            })
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    async fn get(&self, key: &IdempotencyKey) -> Result<Option<IdempotencyRecord>> {
+        let (env, event, k) = key_params(key);
+        let row = self
+            .with("reading an idempotency key", move |c| {
+                c.query_row(
+                    "SELECT message_id, state, first_seen_ms, lease_until_ms, expires_at_ms
+                     FROM idempotency_keys
+                     WHERE env = ?1 AND event = ?2 AND key = ?3 AND expires_at_ms > ?4",
+                    params![env, event, k, now_ms()],
+                    |r| {
+                        Ok((
+                            r.get::<_, String>(0)?,
+                            r.get::<_, String>(1)?,
+                            r.get::<_, i64>(2)?,
+                            r.get::<_, Option<i64>>(3)?,
+                            r.get::<_, i64>(4)?,
+                        ))
+                    },
+                )
+                .optional()
+            })
+            .await?;
+        row.map(|(id, state, first, lease, expires)| record(id, &state, first, lease, expires)).transpose()
+    }
+
+    async fn purge_expired(&self) -> Result<u64> {
+        let deleted = self
+            .with("purging expired idempotency keys", |c| {
+                c.execute("DELETE FROM idempotency_keys WHERE expires_at_ms <= ?1", params![now_ms()])
+            })
+            .await?;
+        Ok(deleted as u64)
     }
 }

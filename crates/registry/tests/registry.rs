@@ -9,7 +9,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use polybus_core::{Broker, BrokerPatch, Topic, TopicPatch};
-use polybus_registry::{Kind, PostgresStore, Record, Registry, Secrets, SecretsKey, SqliteStore};
+use polybus_registry::{
+    Claim, IdempotencyKey, IdempotencyState, Kind, PostgresStore, Record, Registry, Secrets, SecretsKey,
+    SqliteStore,
+};
 use serde_json::json;
 
 /// A registry on a store of its own, and what it takes to open a second handle on that store.
@@ -199,7 +202,118 @@ every_store!(
     any_kind_is_stored_by_key_with_compare_and_swap,
     secrets_are_encrypted_at_rest_listed_by_name_and_revealed_with_the_key_only,
     a_broker_update_cannot_turn_a_topic_name_into_a_wildcard,
+    of_concurrent_claimers_of_an_idempotency_key_exactly_one_wins,
+    a_released_claim_lets_a_retry_publish,
+    a_pending_claim_whose_lease_ran_out_is_taken_over,
+    an_idempotency_key_holds_for_its_window_then_is_purged,
 );
+
+/// A long lease and window, for the parts of a case that must not run out.
+const LONG: Duration = Duration::from_secs(600);
+
+fn idem_key(key: &str) -> IdempotencyKey {
+    IdempotencyKey { env: "dev".into(), event: "bus:orders".into(), key: key.into() }
+}
+
+/// Claims until `claim` succeeds, failing after 10 s.
+async fn claim_eventually(reg: &Registry, key: &IdempotencyKey, id: &str, lease: Duration) {
+    let store = reg.idempotency().unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.claim(key, id, lease, LONG).await.unwrap() != Claim::Claimed {
+        assert!(tokio::time::Instant::now() < deadline, "{id} never got {key:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn of_concurrent_claimers_of_an_idempotency_key_exactly_one_wins(a: Registry, fx: Fixture) {
+    let b = fx.reopen().await;
+    let key = idem_key("order-1");
+    let claims = (0..8).map(|i| {
+        let (registry, key) = (if i % 2 == 0 { a.clone() } else { b.clone() }, key.clone());
+        tokio::spawn(async move {
+            let claim = registry.idempotency().unwrap().claim(&key, &format!("m{i}"), LONG, LONG).await;
+            (format!("m{i}"), claim.unwrap())
+        })
+    });
+    let outcomes: Vec<_> = joined(claims).await;
+    let winners: Vec<_> = outcomes.iter().filter(|(_, c)| *c == Claim::Claimed).map(|(id, _)| id).collect();
+    assert_eq!(winners.len(), 1, "{outcomes:?}");
+    let winner = winners[0].clone();
+    for (_, claim) in &outcomes {
+        if let Claim::Taken(record) = claim {
+            assert_eq!(
+                (record.message_id.as_str(), record.state),
+                (winner.as_str(), IdempotencyState::Pending)
+            );
+        }
+    }
+    assert!(a.idempotency().unwrap().complete(&key, &winner, LONG).await.unwrap());
+    let seen = b.idempotency().unwrap().get(&key).await.unwrap().expect("the record");
+    assert_eq!((seen.message_id.as_str(), seen.state), (winner.as_str(), IdempotencyState::Published));
+    assert!(seen.first_seen < seen.expires_at && seen.lease_expires_at.is_none(), "{seen:?}");
+    match b.idempotency().unwrap().claim(&key, "late", LONG, LONG).await.unwrap() {
+        Claim::Taken(record) => assert_eq!(record, seen),
+        Claim::Claimed => panic!("a published key was claimed again"),
+    }
+    // Another env or event is another key.
+    let other = IdempotencyKey { env: "prd".into(), ..key.clone() };
+    assert_eq!(a.idempotency().unwrap().claim(&other, "m9", LONG, LONG).await.unwrap(), Claim::Claimed);
+}
+
+async fn joined<T: Send + 'static>(handles: impl Iterator<Item = tokio::task::JoinHandle<T>>) -> Vec<T> {
+    let mut out = Vec::new();
+    for handle in handles.collect::<Vec<_>>() {
+        out.push(handle.await.unwrap());
+    }
+    out
+}
+
+async fn a_released_claim_lets_a_retry_publish(reg: Registry, _fx: Fixture) {
+    let store = reg.idempotency().unwrap();
+    let key = idem_key("order-2");
+    assert_eq!(store.claim(&key, "first", LONG, LONG).await.unwrap(), Claim::Claimed);
+    // Claiming again with the same id (a claim resent after a lost connection) is still ours.
+    assert_eq!(store.claim(&key, "first", LONG, LONG).await.unwrap(), Claim::Claimed);
+    assert!(!store.release(&key, "someone-else").await.unwrap());
+    assert!(store.release(&key, "first").await.unwrap());
+    assert_eq!(store.get(&key).await.unwrap(), None);
+    assert_eq!(store.claim(&key, "retry", LONG, LONG).await.unwrap(), Claim::Claimed);
+    assert!(store.complete(&key, "retry", LONG).await.unwrap());
+    assert!(!store.release(&key, "retry").await.unwrap(), "a published key is never released");
+    assert_eq!(store.get(&key).await.unwrap().map(|r| r.message_id), Some("retry".to_owned()));
+}
+
+async fn a_pending_claim_whose_lease_ran_out_is_taken_over(reg: Registry, fx: Fixture) {
+    let other = fx.reopen().await;
+    let store = reg.idempotency().unwrap();
+    let live = idem_key("live");
+    assert_eq!(store.claim(&live, "holder", LONG, LONG).await.unwrap(), Claim::Claimed);
+    let taken = other.idempotency().unwrap().claim(&live, "waiter", LONG, LONG).await.unwrap();
+    assert!(matches!(&taken, Claim::Taken(r) if r.message_id == "holder" && r.lease_expires_at.is_some()));
+
+    let dead = idem_key("dead");
+    assert_eq!(store.claim(&dead, "died", Duration::from_millis(200), LONG).await.unwrap(), Claim::Claimed);
+    claim_eventually(&other, &dead, "successor", LONG).await;
+    assert!(!store.complete(&dead, "died", LONG).await.unwrap(), "the old claimant no longer holds it");
+    assert!(other.idempotency().unwrap().complete(&dead, "successor", LONG).await.unwrap());
+    let record = store.get(&dead).await.unwrap().expect("record");
+    assert_eq!((record.message_id.as_str(), record.state), ("successor", IdempotencyState::Published));
+}
+
+async fn an_idempotency_key_holds_for_its_window_then_is_purged(reg: Registry, _fx: Fixture) {
+    let store = reg.idempotency().unwrap();
+    let key = idem_key("short");
+    assert_eq!(store.claim(&key, "first", LONG, LONG).await.unwrap(), Claim::Claimed);
+    assert!(store.complete(&key, "first", Duration::from_millis(300)).await.unwrap());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while store.get(&key).await.unwrap().is_some() {
+        assert!(tokio::time::Instant::now() < deadline, "the window never ended");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.purge_expired().await.unwrap(), 1, "the expired row is purged");
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    assert_eq!(store.claim(&key, "next", LONG, LONG).await.unwrap(), Claim::Claimed, "a new window");
+}
 
 async fn a_broker_update_cannot_turn_a_topic_name_into_a_wildcard(reg: Registry, _fx: Fixture) {
     reg.create_broker(broker("bus")).await.unwrap();

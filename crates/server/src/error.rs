@@ -130,9 +130,11 @@ fn status_of(error: &Error) -> StatusCode {
         Error::BrokerNotFound(_) | Error::BrokerEnvNotFound { .. } | Error::TopicNotFound(_) => {
             StatusCode::NOT_FOUND
         }
-        Error::AlreadyExists { .. } | Error::Conflict { .. } | Error::InUse { .. } | Error::LeaseLost(_) => {
-            StatusCode::CONFLICT
-        }
+        Error::AlreadyExists { .. }
+        | Error::Conflict { .. }
+        | Error::InUse { .. }
+        | Error::LeaseLost(_)
+        | Error::IdempotencyPending { .. } => StatusCode::CONFLICT,
         Error::NoAdapter(_) => StatusCode::NOT_IMPLEMENTED,
         Error::Transport { .. } => StatusCode::BAD_GATEWAY,
         Error::MissingSecret { .. } | Error::Storage(_) | Error::Closed(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -162,7 +164,10 @@ impl From<Error> for ApiError {
                 field,
                 env,
                 kind,
-                retryable: kind.map(|_| error.is_retryable()),
+                retryable: match &error {
+                    Error::IdempotencyPending { .. } => Some(true),
+                    _ => kind.map(|_| error.is_retryable()),
+                },
             },
         }
     }

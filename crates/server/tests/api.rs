@@ -11,7 +11,7 @@ use polybus_server::Options;
 use serde_json::{Value, json};
 
 /// Every route the server has, as `(METHOD, path)`.
-const ROUTES: [(&str, &str); 30] = [
+const ROUTES: [(&str, &str); 31] = [
     ("GET", "/"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -42,6 +42,7 @@ const ROUTES: [(&str, &str); 30] = [
     ("POST", "/v1/envs/{env}/events/{event}/dead-letters/redrive"),
     ("POST", "/v1/envs/{env}/events/{event}/dead-letters/purge"),
     ("GET", "/v1/envs/{env}/events/{event}/groups"),
+    ("GET", "/v1/envs/{env}/events/{event}/idempotency/{key}"),
 ];
 
 #[tokio::test]
@@ -104,7 +105,8 @@ async fn every_api_route_needs_a_key_but_health_readiness_and_the_page() {
             .replace("{env}", "dev")
             .replace("{group}", "g")
             .replace("{name}", "pw")
-            .replace("{id}", "m1");
+            .replace("{id}", "m1")
+            .replace("{key}", "order-1");
         let (status, body) = api.call(method, &path, None, None).await;
         if ["/", "/healthz", "/readyz"].contains(&path.as_str()) {
             assert_eq!(status, StatusCode::OK, "{method} {path}: {body}");

@@ -365,3 +365,55 @@ async fn pull_takes_up_to_max_ready_messages_in_one_request() {
     assert_eq!((acked["settled"].as_array().map(Vec::len), &acked["failed"]), (Some(30), &json!([])));
     assert!(api.pull(&event, "g", json!({"waitMs": 300})).await.is_empty(), "nothing comes back");
 }
+
+#[tokio::test]
+async fn a_key_published_twice_is_sent_once_and_the_key_can_be_checked() {
+    let api = TestApi::new().await;
+    let event = api.embedded_topic("bus", "payments").await;
+    let path = format!("/v1/envs/dev/events/{event}/messages");
+    let check = format!("/v1/envs/dev/events/{event}/idempotency/pay-1");
+    let free = api.ok("GET", &check, None, StatusCode::OK).await;
+    assert_eq!(free, json!({"key": "pay-1", "record": null}));
+
+    let body = json!({"payload": "charge", "encoding": "text", "idempotencyKey": "pay-1"});
+    let first = api.ok("POST", &path, Some(body.clone()), StatusCode::OK).await;
+    assert_eq!((first["duplicate"].clone(), first["duplicates"].clone()), (json!(false), json!([false])));
+    let second = api.ok("POST", &path, Some(body), StatusCode::OK).await;
+    assert_eq!((second["duplicate"].clone(), second["ids"].clone()), (json!(true), first["ids"].clone()));
+    let batch = json!({"messages": [
+        {"payload": "again", "encoding": "text", "idempotencyKey": "pay-1"},
+        {"payload": "other", "encoding": "text", "idempotencyKey": "pay-2"},
+    ]});
+    let batch = api.ok("POST", &path, Some(batch), StatusCode::OK).await;
+    assert_eq!(batch["duplicates"], json!([true, false]));
+    assert_eq!(batch["ids"][0], first["ids"][0]);
+    assert!(batch.get("duplicate").is_none(), "{batch}");
+
+    let messages = api.pull(&event, "g", json!({"max": 10, "waitMs": 2000})).await;
+    let payloads: Vec<&Value> = messages.iter().map(|m| &m["payload"]).collect();
+    assert_eq!(payloads, [&json!("charge"), &json!("other")]);
+
+    let held = api.ok("GET", &check, None, StatusCode::OK).await;
+    assert_eq!(held["record"]["messageId"], first["ids"][0]);
+    assert_eq!(held["record"]["state"], "published");
+    assert!(held["record"]["expiresAt"].as_str().is_some_and(|t| t.ends_with('Z')), "{held}");
+
+    let error = api
+        .fails(
+            "POST",
+            &path,
+            Some(json!({"payload": 1, "idempotencyKey": "a\u{7}b"})),
+            StatusCode::BAD_REQUEST,
+            "VALIDATION_FAILED",
+        )
+        .await;
+    assert_eq!(error["field"], "idempotencyKey");
+    api.fails(
+        "GET",
+        "/v1/envs/dev/events/bus:nothing/idempotency/pay-1",
+        None,
+        StatusCode::NOT_FOUND,
+        "TOPIC_NOT_FOUND",
+    )
+    .await;
+}

@@ -266,6 +266,7 @@ fn lease_ready(
             published_at,
             attempt: u32::try_from(attempts.saturating_add(1)).unwrap_or(u32::MAX),
             delay: None,
+            idempotency_key: None,
         };
         leased.push(Leased { seq, lease, available_before, leased_at: std::time::Instant::now(), message });
     }

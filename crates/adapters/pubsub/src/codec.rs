@@ -65,6 +65,7 @@ pub fn decode(received: Received, attempt: Option<usize>) -> Message {
         published_at,
         attempt: attempt.and_then(|a| u32::try_from(a).ok()).filter(|a| *a > 0).unwrap_or(1),
         delay: None,
+        idempotency_key: None,
     }
 }
 

@@ -121,6 +121,7 @@ pub(crate) fn message(props: &BasicProperties, payload: Bytes, redelivered: bool
         published_at,
         attempt: base_attempt.unwrap_or(1).max(1).saturating_add(redeliveries),
         delay: None,
+        idempotency_key: None,
     }
 }
 

@@ -90,6 +90,7 @@ pub(crate) fn decode(entry_id: &str, fields: Fields, attempt: u32) -> Message {
         published_at: published_at.or_else(|| entry_time(entry_id)).unwrap_or_else(Utc::now),
         attempt,
         delay: None,
+        idempotency_key: None,
     }
 }
 

@@ -163,6 +163,7 @@ pub fn decode(received: &aws_sdk_sqs::types::Message) -> Message {
             .and_then(|n| n.parse().ok())
             .unwrap_or(1),
         delay: None,
+        idempotency_key: None,
     }
 }
 

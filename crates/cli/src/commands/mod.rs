@@ -6,6 +6,7 @@ mod consume;
 mod dlq;
 mod groups;
 pub use dlq::Act as DlqAct;
+mod idempotency;
 mod key;
 mod publish;
 mod quickstart;
@@ -120,6 +121,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Consume(args) => consume::run(&ctx, args).await,
         Command::Dlq(command) => dlq::run(&ctx, command).await,
         Command::Groups(args) => groups::run(&ctx, args).await,
+        Command::Idempotency(command) => idempotency::run(&ctx, command).await,
         Command::Quickstart => quickstart::run(&ctx).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
         Command::Key(command) => key::run(&ctx, command).await,

@@ -2,7 +2,7 @@
 
 use std::io::IsTerminal;
 
-use polybus::{Bus, Message};
+use polybus::{Bus, Message, Published};
 use serde_json::json;
 
 use super::{Context, Source, close, progress};
@@ -36,28 +36,30 @@ pub async fn run(ctx: &Context, args: PublishArgs) -> CliResult {
         message.key = args.key.clone();
         message.content_type = args.content_type.clone();
         message.headers.extend(args.headers.iter().cloned());
+        message.idempotency_key = args.idempotency_key.clone();
         match args.delay {
             Some(delay) => message.delay(delay),
             None => message,
         }
     };
 
+    let keyed = args.idempotency_key.is_some();
     let sender = match ctx.source() {
         Source::Local => Sender::Local(ctx.bus().await?),
         Source::Remote(client) => Sender::Remote(client),
     };
     let published = async {
         if args.count == 1 {
-            let ids = sender.send(&args.env, &args.event, vec![message()]).await?;
-            return print_ids(ctx, &ids);
+            let published = sender.send(&args.env, &args.event, vec![message()]).await?;
+            return print_published(ctx, &published, keyed);
         }
         let bar = progress(Some(args.count), "publishing");
         let mut left = args.count;
         while left > 0 {
             let n = left.min(BATCH);
             let batch: Vec<Message> = (0..n).map(|_| message()).collect();
-            let ids = sender.send(&args.env, &args.event, batch).await?;
-            bar.suspend(|| print_ids(ctx, &ids))?;
+            let published = sender.send(&args.env, &args.event, batch).await?;
+            bar.suspend(|| print_published(ctx, &published, keyed))?;
             bar.inc(n);
             left -= n;
         }
@@ -76,14 +78,14 @@ enum Sender<'a> {
 }
 
 impl Sender<'_> {
-    /// Publishes `messages` in order; their ids.
-    async fn send(&self, env: &str, event: &str, mut messages: Vec<Message>) -> CliResult<Vec<String>> {
+    /// Publishes `messages` in order; their ids, and which were duplicates not sent.
+    async fn send(&self, env: &str, event: &str, mut messages: Vec<Message>) -> CliResult<Vec<Published>> {
         match self {
             Sender::Local(bus) if messages.len() == 1 => match messages.pop() {
-                Some(message) => Ok(vec![bus.publish(env, event, message).await?]),
+                Some(message) => Ok(vec![bus.publish_outcome(env, event, message).await?]),
                 None => Ok(Vec::new()),
             },
-            Sender::Local(bus) => Ok(bus.publish_batch(env, event, messages).await?),
+            Sender::Local(bus) => Ok(bus.publish_batch_outcome(env, event, messages).await?),
             Sender::Remote(client) => {
                 let outgoing: Vec<OutgoingMessage> =
                     messages.iter().map(OutgoingMessage::from_message).collect();
@@ -101,11 +103,26 @@ impl Sender<'_> {
     }
 }
 
-fn print_ids(ctx: &Context, ids: &[String]) -> CliResult {
+/// Prints each id; with an idempotency key, whether it was a duplicate (on stderr in text, so
+/// stdout stays the ids).
+fn print_published(ctx: &Context, published: &[Published], keyed: bool) -> CliResult {
     let lines: Vec<String> = if ctx.json() {
-        ids.iter().map(|id| json!({ "id": id }).to_string()).collect()
+        let line = |p: &Published| match keyed {
+            true => json!({ "id": p.id, "duplicate": p.duplicate }).to_string(),
+            false => json!({ "id": p.id }).to_string(),
+        };
+        published.iter().map(line).collect()
     } else {
-        ids.to_vec()
+        published.iter().map(|p| p.id.clone()).collect()
     };
-    output::line(lines.join("\n"))
+    output::line(lines.join("\n"))?;
+    let duplicates = published.iter().filter(|p| p.duplicate).count();
+    if !ctx.json() && duplicates > 0 {
+        let what = if duplicates == 1 { "message was a duplicate" } else { "messages were duplicates" };
+        eprintln!(
+            "{duplicates} {what}: the idempotency key was published already (the id shown is the first \
+             message's); not sent again"
+        );
+    }
+    Ok(())
 }

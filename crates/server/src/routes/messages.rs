@@ -69,6 +69,10 @@ pub struct MessageIn {
     /// Deliver no earlier than this many milliseconds after publishing (at most 30 days).
     #[serde(default)]
     delay_ms: Option<u64>,
+    /// Publish at most once with this key (1 to 200 characters) within the topic's
+    /// `idempotencyWindow`: a later publish with it is not sent and answers the first id.
+    #[serde(default)]
+    idempotency_key: Option<String>,
 }
 
 /// Several messages to publish, in order.
@@ -97,11 +101,16 @@ enum Request {
     Batch(Vec<Message>),
 }
 
-/// The ids of the published messages, in order.
+/// The ids of the published messages, in order, and which were duplicates not sent.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Published {
-    /// Message ids.
+    /// Message ids; a duplicate's is the id of the first message published with its key.
     ids: Vec<String>,
+    /// Per message: true when its idempotency key was published already, so it was not sent.
+    duplicates: Vec<bool>,
+    /// For a one-message request: whether it was a duplicate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    duplicate: Option<bool>,
 }
 
 /// A delivered message, with the lease to settle it by.
@@ -208,6 +217,7 @@ impl MessageIn {
             message.headers.entry(name.clone()).or_insert_with(|| value.clone());
         }
         message.key = self.key;
+        message.idempotency_key = self.idempotency_key;
         message.content_type = self.content_type.or(default_type.map(str::to_owned));
         if let Some(ms) = self.delay_ms {
             if ms > MAX_DELAY_MS {
@@ -265,7 +275,9 @@ fn valid_traceparent(value: &str) -> bool {
 /// Publishes one message, or a batch in order; returns their ids.
 ///
 /// A W3C `traceparent` (and `tracestate`) header on the request is copied into each message's
-/// headers unless the message sets its own.
+/// headers unless the message sets its own. A message with an `idempotencyKey` published
+/// already within the topic's window is not sent again: its id is the first message's and
+/// `duplicates` says so.
 #[utoipa::path(post, path = "/v1/envs/{env}/events/{event}/messages", tag = "messages",
     params(
         ("env" = String, Path, description = "The env slug"),
@@ -276,6 +288,7 @@ fn valid_traceparent(value: &str) -> bool {
         (status = 200, description = "Published", body = Published),
         (status = 400, description = "`VALIDATION_FAILED` (names the field), `INVALID_JSON` or `UNSUPPORTED` (delay on a broker without delayed delivery)", body = ErrorBody),
         (status = 404, description = "`TOPIC_NOT_FOUND`, `BROKER_NOT_FOUND` or `BROKER_ENV_NOT_FOUND`", body = ErrorBody),
+        (status = 409, description = "`IDEMPOTENCY_PENDING`: another publisher is publishing a message with this idempotency key; retry shortly", body = ErrorBody),
         (status = 413, description = "`PAYLOAD_TOO_LARGE`", body = ErrorBody),
         (status = 502, description = "`PUBLISH_FAILED` or `CONNECT_FAILED`: the broker refused or is unreachable", body = ErrorBody),
     ))]
@@ -306,16 +319,21 @@ async fn publish(
         Request::One(from_value::<MessageIn>(body)?.into_message("", &trace)?)
     };
     let started = Instant::now();
-    let (n, result) = match request {
-        Request::One(message) => (1, state.bus().publish(&env, &event, message).await.map(|id| vec![id])),
-        Request::Batch(messages) => (messages.len(), state.bus().publish_batch(&env, &event, messages).await),
+    let (one, result) = match request {
+        Request::One(message) => {
+            (true, state.bus().publish_outcome(&env, &event, message).await.map(|p| vec![p]))
+        }
+        Request::Batch(messages) => (false, state.bus().publish_batch_outcome(&env, &event, messages).await),
     };
     state.metrics().connection_outcome(&labels.broker, &env, &result);
     match result {
-        Ok(ids) => {
+        Ok(outcomes) => {
+            let n = outcomes.iter().filter(|p| !p.duplicate).count();
             state.metrics().published(&labels, n, started.elapsed());
             tracing::debug!(env, event, n, "published");
-            Ok(Json(Published { ids }))
+            let duplicates: Vec<bool> = outcomes.iter().map(|p| p.duplicate).collect();
+            let duplicate = one.then(|| duplicates.first().copied().unwrap_or(false));
+            Ok(Json(Published { ids: outcomes.into_iter().map(|p| p.id).collect(), duplicates, duplicate }))
         }
         Err(e) => {
             // Only failures of an existing topic are counted: labels stay those of real topics.

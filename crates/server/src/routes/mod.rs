@@ -3,6 +3,7 @@
 pub mod consume;
 pub mod deadletters;
 pub mod groups;
+pub mod idempotency;
 pub mod messages;
 pub mod ops;
 pub mod registry;
@@ -71,6 +72,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(consume::router())
         .merge(deadletters::router())
         .merge(groups::router())
+        .merge(idempotency::router())
         .merge(ops::protected())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .merge(ops::public())
