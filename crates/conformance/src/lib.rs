@@ -23,6 +23,7 @@ mod operations;
 pub mod private;
 mod process;
 pub mod reliability;
+mod replay;
 mod restart;
 pub mod tls;
 

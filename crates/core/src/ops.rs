@@ -42,6 +42,21 @@ pub enum ReplayFrom {
     Time(Timestamp),
 }
 
+impl std::str::FromStr for ReplayFrom {
+    type Err = String;
+
+    /// `beginning`, or an RFC 3339 time such as `2026-05-01T12:00:00Z`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("beginning") {
+            return Ok(ReplayFrom::Beginning);
+        }
+        crate::wire::parse_time(s).map(ReplayFrom::Time).ok_or_else(|| {
+            format!("`{s}` is neither `beginning` nor an RFC 3339 time such as 2026-05-01T12:00:00Z")
+        })
+    }
+}
+
 /// Which stored messages to read back.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MessageQuery {

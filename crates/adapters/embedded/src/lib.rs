@@ -9,6 +9,7 @@ mod checkpoint;
 mod kind;
 mod log;
 mod ownership;
+mod replay;
 mod settle;
 mod store;
 mod subscription;

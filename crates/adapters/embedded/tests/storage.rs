@@ -46,7 +46,7 @@ async fn compaction_removes_only_what_every_group_has_acked() {
 #[tokio::test]
 async fn retention_keeps_the_newest_messages() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let retention = RetentionConfig { max_age_seconds: None, max_messages: Some(3) };
+    let retention = RetentionConfig { max_messages: Some(3), ..RetentionConfig::default() };
     let broker = EmbeddedTransport::open(&config(&dir, Some(retention))).await.expect("open");
     let orders = topic("retention");
     let mut sub = broker.subscribe(&orders, &options("g", 16, 5_000)).await.expect("subscribe");
