@@ -12,6 +12,7 @@
 mod config;
 mod fields;
 mod kind;
+mod replay;
 mod scripts;
 mod settle;
 mod subscription;
