@@ -15,6 +15,7 @@ mod kind;
 mod mover;
 pub mod names;
 mod puller;
+mod replay;
 mod subscription;
 mod transport;
 
