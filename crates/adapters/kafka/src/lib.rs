@@ -16,6 +16,7 @@ mod config;
 mod kind;
 mod offsets;
 mod refusal;
+mod replay;
 mod subscription;
 mod transport;
 
