@@ -72,6 +72,10 @@ pub enum Command {
     /// Dead letters of a topic in an env: list, show, send back (redrive) or delete (purge).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Move a consumer group back to the beginning or to a time (brokers that retain messages).
+    Replay(crate::commands::replay::ReplayArgs),
+    /// Read stored messages by id, key and time, oldest first (brokers that retain messages).
+    Messages(crate::commands::replay::MessagesArgs),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
     /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
@@ -112,6 +116,8 @@ impl Command {
             Command::Publish(_) => "publish",
             Command::Consume(_) => "consume",
             Command::Dlq(_) => "dlq",
+            Command::Replay(_) => "replay",
+            Command::Messages(_) => "messages",
             Command::Quickstart => "quickstart",
             Command::Serve(_) => "serve",
             Command::Key(_) => "key",

@@ -5,6 +5,7 @@ pub mod deadletters;
 pub mod messages;
 pub mod ops;
 pub mod registry;
+pub mod replay;
 pub mod secrets;
 
 use std::sync::Arc;
@@ -44,6 +45,7 @@ use crate::{auth, dashboard};
         (name = "secrets", description = "Secrets for `$Secret{name}` references: written, listed by name, never read back"),
         (name = "messages", description = "Publishing"),
         (name = "consume", description = "Consuming with leases: SSE stream or pull, then ack"),
+        (name = "replay", description = "Replay a group and read stored messages, on brokers that retain them"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "dashboard", description = "The web dashboard"),
     )
@@ -68,6 +70,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(messages::router())
         .merge(consume::router())
         .merge(deadletters::router())
+        .merge(replay::router())
         .merge(ops::protected())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .merge(ops::public())
