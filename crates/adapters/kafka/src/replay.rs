@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use polybus_core::{Error, FailureKind, MessageQuery, Op, ReplayFrom, Result, StoredMessage, TopicSpec};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message as _;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
@@ -143,16 +143,11 @@ fn commit_at(client: &Client, topic: &str, group: &str, since_ms: Option<i64>) -
     }
     match consumer.commit(&offsets, CommitMode::Sync) {
         Ok(()) => Ok(()),
-        Err(KafkaError::ConsumerCommit(code))
-            if matches!(
-                code,
-                rdkafka::types::RDKafkaErrorCode::UnknownMemberId
-                    | rdkafka::types::RDKafkaErrorCode::IllegalGeneration
-                    | rdkafka::types::RDKafkaErrorCode::RebalanceInProgress
-            ) =>
-        {
-            Err(members_connected(client, topic, group, 0))
-        }
+        Err(KafkaError::ConsumerCommit(
+            RDKafkaErrorCode::UnknownMemberId
+            | RDKafkaErrorCode::IllegalGeneration
+            | RDKafkaErrorCode::RebalanceInProgress,
+        )) => Err(members_connected(client, topic, group, 0)),
         Err(e) => Err(client.failed(Op::Subscribe, topic, e)),
     }
 }
