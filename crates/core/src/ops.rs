@@ -86,6 +86,20 @@ pub struct StoredMessage {
     pub position: Option<String>,
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_from_is_beginning_or_an_rfc3339_time() {
+        assert_eq!("Beginning".parse::<ReplayFrom>(), Ok(ReplayFrom::Beginning));
+        let at = crate::wire::parse_time("2026-05-01T12:00:00Z").expect("a time");
+        assert_eq!("2026-05-01T14:00:00+02:00".parse::<ReplayFrom>(), Ok(ReplayFrom::Time(at)));
+        let refused = "yesterday".parse::<ReplayFrom>().expect_err("not a time");
+        assert!(refused.contains("`yesterday` is neither `beginning` nor an RFC 3339 time"), "{refused}");
+    }
+}
+
 mod opt_millis {
     use std::time::Duration;
 

@@ -8,6 +8,8 @@
 //! the new start and goes on; subscribing later keeps the start too (see [`keep_start`]).
 //! A query reads the stream with an ordered consumer of its own, starting at `since`.
 
+use std::time::Duration;
+
 use async_nats::jetstream::ErrorCode;
 use async_nats::jetstream::consumer::{DeliverPolicy, FromConsumer, pull};
 use async_nats::jetstream::stream::{ConsumerError, ConsumerErrorKind};
@@ -15,7 +17,6 @@ use futures::StreamExt;
 use polybus_core::{
     FailureKind, MessageQuery, Op, ReplayFrom, Result, StoredMessage, SubscribeOptions, TopicSpec,
 };
-use std::time::Duration;
 
 use crate::codec::{self, Delivered};
 use crate::names::{self, TopicNames};
