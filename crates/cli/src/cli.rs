@@ -77,6 +77,10 @@ pub enum Command {
     /// Idempotency keys of a topic in an env: which message a key was published as.
     #[command(subcommand)]
     Idempotency(IdempotencyCommand),
+    /// Move a consumer group back to the beginning or to a time (brokers that retain messages).
+    Replay(crate::commands::replay::ReplayArgs),
+    /// Read stored messages by id, key and time, oldest first (brokers that retain messages).
+    Messages(crate::commands::replay::MessagesArgs),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
     /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
@@ -119,6 +123,8 @@ impl Command {
             Command::Dlq(_) => "dlq",
             Command::Groups(_) => "groups",
             Command::Idempotency(_) => "idempotency",
+            Command::Replay(_) => "replay",
+            Command::Messages(_) => "messages",
             Command::Quickstart => "quickstart",
             Command::Serve(_) => "serve",
             Command::Key(_) => "key",

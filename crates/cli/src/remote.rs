@@ -139,10 +139,10 @@ fn decode_payload(id: &str, encoding: &str, payload: &Value) -> CliResult<Vec<u8
     }
 }
 
-/// A dead letter as the server writes it.
+/// A message as the server writes it in dead letters and stored messages.
 #[derive(Debug, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct DeadLetterIn {
+struct MessageIn {
     id: String,
     payload: Value,
     encoding: String,
@@ -151,6 +151,28 @@ struct DeadLetterIn {
     key: Option<String>,
     content_type: Option<String>,
     published_at: String,
+}
+
+impl MessageIn {
+    fn into_message(self) -> CliResult<Message> {
+        let mut message = Message::new(decode_payload(&self.id, &self.encoding, &self.payload)?);
+        message.published_at = wire::parse_time(&self.published_at).ok_or_else(|| {
+            bad_response(format!("message `{}` has a bad publish time `{}`", self.id, self.published_at))
+        })?;
+        message.id = self.id;
+        message.headers = self.headers;
+        message.key = self.key;
+        message.content_type = self.content_type;
+        Ok(message)
+    }
+}
+
+/// A dead letter as the server writes it.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct DeadLetterIn {
+    #[serde(flatten)]
+    message: MessageIn,
     reason: Option<String>,
     attempts: Option<u32>,
     group: Option<String>,
@@ -159,16 +181,8 @@ struct DeadLetterIn {
 
 impl DeadLetterIn {
     fn into_dead_letter(self, event: &str) -> CliResult<polybus::DeadLetter> {
-        let mut message = Message::new(decode_payload(&self.id, &self.encoding, &self.payload)?);
-        message.published_at = wire::parse_time(&self.published_at).ok_or_else(|| {
-            bad_response(format!("dead letter `{}` has a bad publish time `{}`", self.id, self.published_at))
-        })?;
-        message.id = self.id;
-        message.headers = self.headers;
-        message.key = self.key;
-        message.content_type = self.content_type;
         Ok(polybus::DeadLetter {
-            message,
+            message: self.message.into_message()?,
             reason: self.reason,
             attempts: self.attempts,
             group: self.group,
@@ -176,6 +190,19 @@ impl DeadLetterIn {
             dead_lettered_at: self.dead_lettered_at.as_deref().and_then(wire::parse_time),
         })
     }
+}
+
+/// A stored message as the server writes it.
+#[derive(Debug, Deserialize)]
+struct StoredIn {
+    #[serde(flatten)]
+    message: MessageIn,
+    position: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct StoredMessagesIn {
+    messages: Vec<StoredIn>,
 }
 
 #[derive(Deserialize)]
@@ -601,6 +628,37 @@ impl Client {
         let path = ["envs", env, "events", event, "groups"];
         let GroupsIn { groups } = self.call(Method::GET, &path, &[], NO_BODY, REQUEST_TIMEOUT).await?;
         Ok(groups)
+    }
+
+    /// `POST …/replay`: moves `group` so its next deliveries start at `from`.
+    pub async fn replay(&self, env: &str, event: &str, group: &str, from: &str) -> CliResult<()> {
+        let body = serde_json::json!({"group": group, "from": from});
+        let path = ["envs", env, "events", event, "replay"];
+        let _: Value = self.call(Method::POST, &path, &[], Some(&body), REQUEST_TIMEOUT).await?;
+        Ok(())
+    }
+
+    /// `GET …/messages`: the stored messages `query` selects, oldest first.
+    pub async fn messages(
+        &self,
+        env: &str,
+        event: &str,
+        query: &polybus::MessageQuery,
+    ) -> CliResult<Vec<polybus::StoredMessage>> {
+        let (since, until) = (query.since.map(wire::format_time), query.until.map(wire::format_time));
+        let limit = query.limit.to_string();
+        let mut pairs = vec![("limit", limit.as_str())];
+        pairs.extend(query.id.as_deref().map(|v| ("id", v)));
+        pairs.extend(query.key.as_deref().map(|v| ("key", v)));
+        pairs.extend(since.as_deref().map(|v| ("since", v)));
+        pairs.extend(until.as_deref().map(|v| ("until", v)));
+        let path = ["envs", env, "events", event, "messages"];
+        let StoredMessagesIn { messages } =
+            self.call(Method::GET, &path, &pairs, NO_BODY, REQUEST_TIMEOUT).await?;
+        messages
+            .into_iter()
+            .map(|m| Ok(polybus::StoredMessage { message: m.message.into_message()?, position: m.position }))
+            .collect()
     }
 }
 

@@ -468,3 +468,66 @@ fn groups_are_listed_through_the_server_as_locally() {
     let gone = run(&["groups", "--env", "dev", "bus:nothing"]);
     assert_eq!(gone.failed(1), "error: TOPIC_NOT_FOUND: topic `bus:nothing` not found");
 }
+
+#[test]
+fn replay_and_messages_work_through_the_server() {
+    let server = Server::start();
+    let client = Sandbox::new();
+    let key = Some(server.key.as_str());
+    let run = |args: &[&str]| remote(&client, &server, key, args);
+    let broker = client.write(
+        "b.yaml",
+        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: replay.db\n      \
+         retention:\n        keepAcked: true\n",
+    );
+    run(&["broker", "create", "-f", &broker]).ok();
+    let topic = client.write("t.yaml", "tag: bus:orders\n");
+    run(&["topic", "create", "-f", &topic]).ok();
+    let mut ids = Vec::new();
+    for key in ["a", "b"] {
+        let published =
+            run(&["publish", "--env", "dev", "bus:orders", "--data", "\u{1}binary", "--key", key]);
+        ids.push(published.ok().trim_end().to_owned());
+    }
+    let consume =
+        ["consume", "--env", "dev", "bus:orders", "--group", "billing", "--count", "2", "--output", "json"];
+    let first: Vec<Value> = json_lines(run(&consume).ok());
+    assert_eq!(first.len(), 2);
+
+    let replayed = run(&[
+        "replay",
+        "--env",
+        "dev",
+        "bus:orders",
+        "--group",
+        "billing",
+        "--from",
+        "beginning",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(replayed.json(), json!({"group": "billing", "from": "beginning"}));
+    let again: Vec<String> =
+        json_lines(run(&consume).ok()).iter().map(|m| m["id"].as_str().expect("id").to_owned()).collect();
+    assert_eq!(again, ids, "both again, in order");
+
+    let stored =
+        json_lines(run(&["messages", "--env", "dev", "bus:orders", "--key", "b", "--output", "json"]).ok());
+    assert_eq!(stored.len(), 1, "{stored:?}");
+    assert_eq!(stored[0]["id"], ids[1].as_str());
+    assert_eq!(stored[0]["payload"], "\u{1}binary", "{}", stored[0]);
+    assert!(stored[0]["position"].is_string(), "{}", stored[0]);
+    let since = run(&[
+        "messages",
+        "--env",
+        "dev",
+        "bus:orders",
+        "--since",
+        "2999-01-01T00:00:00Z",
+        "--output",
+        "json",
+    ]);
+    assert_eq!(since.ok(), "");
+    let bad = run(&["replay", "--env", "dev", "bus:missing", "--group", "billing", "--from", "beginning"]);
+    assert!(bad.failed(1).contains("TOPIC_NOT_FOUND"), "{bad:?}");
+}

@@ -24,6 +24,10 @@ use crate::load::{LOAD_CASE, load_lose_nothing};
 use crate::operations::{DLQ_CASE, dead_letters_are_listed_redriven_and_purged};
 use crate::private::Stop;
 use crate::process;
+use crate::replay::{
+    MESSAGES_CASE, REPLAY_CASE, messages_are_queried_by_key_id_and_time_oldest_first,
+    replay_redelivers_from_the_beginning_or_a_time,
+};
 use crate::restart::{CRASH_CASE, RESTART_CASE, RESTART_LIMIT, broker_restart_mid_publish_and_mid_consume};
 use crate::telemetry::{a_batch_span_links_to_each_publisher, a_handler_span_continues_the_publishers_trace};
 
@@ -210,6 +214,21 @@ pub(crate) static CASES: &[Case] = &[
         max_attempts: None,
         limit: Duration::from_secs(150),
         run: |ctx, _| Box::pin(dead_letters_are_listed_redriven_and_purged(ctx)),
+    },
+    // No needs: a broker without replay must refuse both with UNSUPPORTED, which the cases check.
+    Case {
+        name: REPLAY_CASE,
+        needs: &[],
+        max_attempts: None,
+        limit: Duration::from_secs(90),
+        run: |ctx, caps| Box::pin(replay_redelivers_from_the_beginning_or_a_time(ctx, caps)),
+    },
+    Case {
+        name: MESSAGES_CASE,
+        needs: &[],
+        max_attempts: None,
+        limit: NORMAL,
+        run: |ctx, caps| Box::pin(messages_are_queried_by_key_id_and_time_oldest_first(ctx, caps)),
     },
     Case {
         name: GROUPS_CASE,

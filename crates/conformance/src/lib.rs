@@ -25,6 +25,7 @@ mod operations;
 pub mod private;
 mod process;
 pub mod reliability;
+mod replay;
 mod restart;
 mod telemetry;
 pub mod tls;

@@ -12,7 +12,8 @@ fn main() -> ExitCode {
     }
     let dir = tempfile::tempdir().expect("a temporary directory for the embedded broker's file");
     let path = dir.path().join("broker.db");
-    let config = serde_json::json!({ "path": path.to_string_lossy() });
+    // Acked messages are kept, so that the replay case finds them whenever compaction runs.
+    let config = serde_json::json!({ "path": path.to_string_lossy(), "retention": {"keepAcked": true} });
     let target = Target::new("embedded", polybus_embedded::BROKER_TYPE, config)
         .connector(Arc::new(EmbeddedConnector))
         .no_private(

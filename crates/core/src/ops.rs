@@ -42,6 +42,21 @@ pub enum ReplayFrom {
     Time(Timestamp),
 }
 
+impl std::str::FromStr for ReplayFrom {
+    type Err = String;
+
+    /// `beginning`, or an RFC 3339 time such as `2026-05-01T12:00:00Z`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let s = s.trim();
+        if s.eq_ignore_ascii_case("beginning") {
+            return Ok(ReplayFrom::Beginning);
+        }
+        crate::wire::parse_time(s).map(ReplayFrom::Time).ok_or_else(|| {
+            format!("`{s}` is neither `beginning` nor an RFC 3339 time such as 2026-05-01T12:00:00Z")
+        })
+    }
+}
+
 /// Which stored messages to read back.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct MessageQuery {
@@ -69,6 +84,20 @@ pub struct StoredMessage {
     pub message: Message,
     /// The broker's own position of it (offset, stream id, sequence), for display.
     pub position: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replay_from_is_beginning_or_an_rfc3339_time() {
+        assert_eq!("Beginning".parse::<ReplayFrom>(), Ok(ReplayFrom::Beginning));
+        let at = crate::wire::parse_time("2026-05-01T12:00:00Z").expect("a time");
+        assert_eq!("2026-05-01T14:00:00+02:00".parse::<ReplayFrom>(), Ok(ReplayFrom::Time(at)));
+        let refused = "yesterday".parse::<ReplayFrom>().expect_err("not a time");
+        assert!(refused.contains("`yesterday` is neither `beginning` nor an RFC 3339 time"), "{refused}");
+    }
 }
 
 mod opt_millis {

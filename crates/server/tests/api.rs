@@ -11,7 +11,7 @@ use polybus_server::Options;
 use serde_json::{Value, json};
 
 /// Every route the server has, as `(METHOD, path)`.
-const ROUTES: [(&str, &str); 31] = [
+const ROUTES: [(&str, &str); 33] = [
     ("GET", "/"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -43,6 +43,8 @@ const ROUTES: [(&str, &str); 31] = [
     ("POST", "/v1/envs/{env}/events/{event}/dead-letters/purge"),
     ("GET", "/v1/envs/{env}/events/{event}/groups"),
     ("GET", "/v1/envs/{env}/events/{event}/idempotency/{key}"),
+    ("POST", "/v1/envs/{env}/events/{event}/replay"),
+    ("GET", "/v1/envs/{env}/events/{event}/messages"),
 ];
 
 #[tokio::test]
@@ -163,7 +165,7 @@ async fn read_only_keys_read_and_test_but_cannot_write_publish_consume_or_ack() 
     let (status, body) = api.call("POST", "/v1/brokers/bus/test?env=dev", reader, None).await;
     assert_eq!(status, StatusCode::OK, "{body}");
 
-    let writes: [(&str, String, Value); 8] = [
+    let writes: [(&str, String, Value); 9] = [
         (
             "POST",
             "/v1/brokers".into(),
@@ -176,6 +178,7 @@ async fn read_only_keys_read_and_test_but_cannot_write_publish_consume_or_ack() 
         ("POST", format!("/v1/envs/dev/events/{event}/messages"), json!({"payload": 1})),
         ("POST", format!("/v1/envs/dev/events/{event}/subscriptions/g/pull"), json!({})),
         ("POST", format!("/v1/envs/dev/events/{event}/subscriptions/g/ack"), json!({"leaseIds": ["x"]})),
+        ("POST", format!("/v1/envs/dev/events/{event}/replay"), json!({"group": "g", "from": "beginning"})),
     ];
     for (method, path, body) in writes {
         let body = (!body.is_null()).then_some(body);

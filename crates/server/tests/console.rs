@@ -105,6 +105,10 @@ async fn wait_for(client: &Client, css: &str) -> fantoccini::elements::Element {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_letter_is_redriven_by_clicking_and_then_consumed() {
     let api = TestApi::new().await;
+    // An embedded broker that keeps acked messages, so the message browser has them to show.
+    let broker = json!({"name": "Console", "tag": "console-bus", "envs": [{"slug": "dev", "type": "embedded",
+        "config": {"path": "console.db", "retention": {"keepAcked": true}}}]});
+    api.ok("POST", "/v1/brokers", Some(broker), axum::http::StatusCode::CREATED).await;
     let event = api.embedded_topic("console-bus", "orders").await;
     let bus = api.state.bus().clone();
 
@@ -161,6 +165,20 @@ async fn a_dead_letter_is_redriven_by_clicking_and_then_consumed() {
     assert_eq!(again.message().payload_str(), Some("order 42"));
     assert_eq!(again.message().key.as_deref(), Some("42"));
     again.ack().await.expect("ack the redriven order");
+    // The message browser finds both copies of the order by its key, oldest first.
+    let key = client.find(Locator::Css("#messages-form input[name=key]")).await.expect("key field");
+    key.send_keys("42").await.expect("type the key");
+    client
+        .find(Locator::Css("#messages-form button[type=submit]"))
+        .await
+        .expect("Browse")
+        .click()
+        .await
+        .expect("browse");
+    wait_for(&client, "#messages tr.message:nth-child(2)").await;
+    let ids = client.find_all(Locator::Css("#messages tr.message td.id")).await.expect("message rows");
+    assert_eq!(ids.len(), 2, "the order and its redriven copy");
+    assert_eq!(ids[0].text().await.expect("first id"), id, "oldest first");
     screenshot(&client, &shots, "redriven.png").await;
 
     // A reader sees the same page, without the buttons that act.

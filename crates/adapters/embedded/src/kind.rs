@@ -18,6 +18,9 @@ pub struct RetentionConfig {
     pub max_age_seconds: Option<u64>,
     /// At most this many messages are kept per topic.
     pub max_messages: Option<u64>,
+    /// Keeps messages every group acked until the age or count above removes them, so that a
+    /// group can replay them and a query finds them (default false: compacted within 30 s).
+    pub keep_acked: Option<bool>,
 }
 
 /// Embedded broker config.
@@ -26,7 +29,7 @@ pub struct RetentionConfig {
 pub struct EmbeddedConfig {
     /// Path of the broker's SQLite file (default `polybus-broker.db`).
     pub path: Option<String>,
-    /// Retention of messages; acked-by-all messages are compacted regardless.
+    /// Retention of messages; acked-by-all messages are compacted unless `keepAcked`.
     pub retention: Option<RetentionConfig>,
 }
 

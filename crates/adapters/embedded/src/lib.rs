@@ -10,6 +10,7 @@ mod groups;
 mod kind;
 mod log;
 mod ownership;
+mod replay;
 mod settle;
 mod store;
 mod subscription;

@@ -23,7 +23,7 @@ const CHUNKS_PER_FETCH: i64 = 8;
 /// connection, so that publishes and fetches wait for one chunk at most (about a millisecond).
 pub(crate) const DELETE_CHUNK: u64 = 512;
 
-fn write_tx(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
+pub(crate) fn write_tx(conn: &mut Connection) -> rusqlite::Result<Transaction<'_>> {
     // Taking the write lock up front means the busy timeout applies, instead of a failed
     // upgrade from a read snapshot that another process has moved past.
     conn.transaction_with_behavior(TransactionBehavior::Immediate)
@@ -186,13 +186,48 @@ fn copy_chunk(tx: &Transaction<'_>, topic_id: i64, group_id: i64, cursor: i64) -
 }
 
 /// A log row as stored.
-struct StoredMessage {
+pub(crate) struct StoredMessage {
     id: String,
     key: Option<String>,
     content_type: Option<String>,
     headers: String,
     payload: Vec<u8>,
     published_at: i64,
+}
+
+impl StoredMessage {
+    /// Reads the row's columns `id, msg_key, content_type, headers, payload, published_at`
+    /// starting at column `first`.
+    pub(crate) fn from_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Self> {
+        Ok(StoredMessage {
+            id: row.get(first)?,
+            key: row.get(first + 1)?,
+            content_type: row.get(first + 2)?,
+            headers: row.get(first + 3)?,
+            payload: row.get(first + 4)?,
+            published_at: row.get(first + 5)?,
+        })
+    }
+
+    /// The message as published, on its `attempt`.
+    pub(crate) fn into_message(self, attempt: u32) -> DbResult<Message> {
+        let StoredMessage { id, key, content_type, headers, payload, published_at } = self;
+        let headers: BTreeMap<String, String> = serde_json::from_str(&headers)?;
+        let published_at = DateTime::from_timestamp_millis(published_at).ok_or_else(|| {
+            DbError::Incompatible(format!("message {id} has an invalid publish time {published_at}"))
+        })?;
+        Ok(Message {
+            id,
+            payload: Bytes::from(payload),
+            headers,
+            key,
+            content_type,
+            published_at,
+            attempt,
+            delay: None,
+            idempotency_key: None,
+        })
+    }
 }
 
 /// How one fetch leases.
@@ -224,14 +259,7 @@ fn lease_ready(
         )?
         .query_map(params![group_id, now, limit], |row| {
             let message = match row.get::<_, Option<String>>(3)? {
-                Some(id) => Some(StoredMessage {
-                    id,
-                    key: row.get(4)?,
-                    content_type: row.get(5)?,
-                    headers: row.get(6)?,
-                    payload: row.get(7)?,
-                    published_at: row.get(8)?,
-                }),
+                Some(_) => Some(StoredMessage::from_row(row, 3)?),
                 None => None,
             };
             Ok((row.get(0)?, row.get(1)?, row.get(2)?, message))
@@ -241,7 +269,7 @@ fn lease_ready(
         "UPDATE pending SET available_at = ?3, attempts = attempts + 1, lease = ?4 WHERE group_id = ?1 AND seq = ?2",
     )?;
     for (seq, attempts, available_before, message) in rows {
-        let Some(StoredMessage { id, key, content_type, headers, payload, published_at }) = message else {
+        let Some(message) = message else {
             // Removed from the log by retention meanwhile: nothing left to deliver.
             let key: Option<String> = tx
                 .prepare_cached("DELETE FROM pending WHERE group_id = ?1 AND seq = ?2 RETURNING msg_key")?
@@ -253,21 +281,7 @@ fn lease_ready(
         };
         let lease = base.wrapping_add(seq);
         take.execute(params![group_id, seq, now.saturating_add(deadline_ms), lease])?;
-        let headers: BTreeMap<String, String> = serde_json::from_str(&headers)?;
-        let published_at = DateTime::from_timestamp_millis(published_at).ok_or_else(|| {
-            DbError::Incompatible(format!("message {id} has an invalid publish time {published_at}"))
-        })?;
-        let message = Message {
-            id,
-            payload: Bytes::from(payload),
-            headers,
-            key,
-            content_type,
-            published_at,
-            attempt: u32::try_from(attempts.saturating_add(1)).unwrap_or(u32::MAX),
-            delay: None,
-            idempotency_key: None,
-        };
+        let message = message.into_message(u32::try_from(attempts.saturating_add(1)).unwrap_or(u32::MAX))?;
         leased.push(Leased { seq, lease, available_before, leased_at: std::time::Instant::now(), message });
     }
     Ok(())

@@ -8,8 +8,8 @@ use std::time::Duration;
 use crate::kind::{EmbeddedConfig, RetentionConfig};
 use async_trait::async_trait;
 use polybus_core::{
-    Capabilities, Error, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec,
-    Transport,
+    Capabilities, Error, GroupInfo, Message, MessageQuery, Op, ReplayFrom, Result, StoredMessage,
+    SubscribeOptions, Subscription, Support, TopicSpec, Transport,
 };
 use rusqlite::Connection;
 use tokio::sync::watch;
@@ -29,7 +29,7 @@ const COMPACT_EVERY: Duration = Duration::from_secs(30);
 /// A connection to an embedded broker: a durable log per topic in one local SQLite file.
 #[derive(Clone)]
 pub struct EmbeddedTransport {
-    inner: Arc<Inner>,
+    pub(crate) inner: Arc<Inner>,
 }
 
 /// State shared by a transport and its subscriptions.
@@ -169,6 +169,9 @@ impl Inner {
         if expired > 0 {
             self.store.run(Op::Close, None, move |conn| log::forget_removed(conn, topic_id)).await?;
         }
+        if self.retention.keep_acked == Some(true) {
+            return Ok(expired);
+        }
         let acked = self.delete_chunks(move |conn| log::delete_acked(conn, topic_id)).await?;
         Ok(expired + acked)
     }
@@ -255,6 +258,14 @@ impl Transport for EmbeddedTransport {
         // Publishes are committed before they return: nothing is left to flush.
         self.inner.closed.send_replace(true);
         Ok(())
+    }
+
+    async fn replay(&self, topic: &TopicSpec, group: &str, from: ReplayFrom) -> Result<()> {
+        self.replay_group(topic, group, from).await
+    }
+
+    async fn messages(&self, topic: &TopicSpec, query: &MessageQuery) -> Result<Vec<StoredMessage>> {
+        self.stored_messages(topic, query).await
     }
 }
 

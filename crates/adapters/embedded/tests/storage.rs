@@ -6,7 +6,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use common::{PATIENCE, broker, config, next, options, text, topic};
-use polybus_core::{BrokerKind, ConnectTarget, Connector, Error, Message, Transport};
+use polybus_core::{BrokerKind, ConnectTarget, Connector, Error, Message, ReplayFrom, Transport};
 use polybus_embedded::RetentionConfig;
 use polybus_embedded::{EmbeddedConnector, EmbeddedTransport};
 use serde_json::json;
@@ -46,7 +46,7 @@ async fn compaction_removes_only_what_every_group_has_acked() {
 #[tokio::test]
 async fn retention_keeps_the_newest_messages() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let retention = RetentionConfig { max_age_seconds: None, max_messages: Some(3) };
+    let retention = RetentionConfig { max_messages: Some(3), ..RetentionConfig::default() };
     let broker = EmbeddedTransport::open(&config(&dir, Some(retention))).await.expect("open");
     let orders = topic("retention");
     let mut sub = broker.subscribe(&orders, &options("g", 16, 5_000)).await.expect("subscribe");
@@ -59,6 +59,32 @@ async fn retention_keeps_the_newest_messages() {
     assert_eq!(broker.compact().await.expect("compact"), 7);
     assert!(matches!(leased.ack().await, Err(Error::LeaseLost(_))));
     for expected in ["m7", "m8", "m9"] {
+        let delivery = next(&mut sub).await;
+        assert_eq!(text(&delivery), expected);
+        delivery.ack().await.expect("ack");
+    }
+}
+
+#[tokio::test]
+async fn keep_acked_keeps_acked_messages_for_a_replay_until_the_retention_removes_them() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let retention =
+        RetentionConfig { keep_acked: Some(true), max_messages: Some(4), ..RetentionConfig::default() };
+    let broker = EmbeddedTransport::open(&config(&dir, Some(retention))).await.expect("open");
+    let orders = topic("kept");
+    let mut sub = broker.subscribe(&orders, &options("g", 16, 5_000)).await.expect("subscribe");
+    broker
+        .publish_batch(&orders, (0..6).map(|i| Message::text(format!("m{i}"))).collect())
+        .await
+        .expect("publish");
+    for _ in 0..6 {
+        next(&mut sub).await.ack().await.expect("ack");
+    }
+    assert_eq!(broker.compact().await.expect("compact"), 2, "only what the retention removes");
+    sub.close().await.expect("close");
+    broker.replay(&orders, "g", ReplayFrom::Beginning).await.expect("replay");
+    let mut sub = broker.subscribe(&orders, &options("g", 16, 5_000)).await.expect("subscribe");
+    for expected in ["m2", "m3", "m4", "m5"] {
         let delivery = next(&mut sub).await;
         assert_eq!(text(&delivery), expected);
         delivery.ack().await.expect("ack");

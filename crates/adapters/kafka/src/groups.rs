@@ -24,6 +24,7 @@ const WAIT: Duration = Duration::from_secs(5);
 /// Most groups of one topic reported.
 const MAX_GROUPS: usize = 100;
 
+/// The consumers the groups and replay code open log as the transport's clients do.
 impl ConsumerContext for Logger {}
 
 /// The groups of topic `native`, with their lag.

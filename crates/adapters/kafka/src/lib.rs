@@ -17,6 +17,7 @@ mod groups;
 mod kind;
 mod offsets;
 mod refusal;
+mod replay;
 mod subscription;
 mod transport;
 

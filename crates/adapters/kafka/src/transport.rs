@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use polybus_core::{
-    Capabilities, Error, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription, Support, TopicSpec,
-    Transport,
+    Capabilities, Error, GroupInfo, Message, MessageQuery, Op, ReplayFrom, Result, StoredMessage,
+    SubscribeOptions, Subscription, Support, TopicSpec, Transport,
 };
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::ClientContext;
@@ -405,6 +405,11 @@ impl KafkaTransport {
         Ok(())
     }
 
+    /// The clients of this env.
+    pub(crate) fn client(&self) -> &Arc<Client> {
+        &self.client
+    }
+
     fn partitions(&self, topic: &TopicSpec) -> i32 {
         crate::kind::partitions_of(topic).unwrap_or(self.client.settings.partitions)
     }
@@ -474,6 +479,14 @@ impl Transport for KafkaTransport {
             .await
             .map_err(|e| self.client.error(Op::Close, &self.client.settings.servers, e))?;
         flushed.map_err(|e| self.client.error(Op::Close, &self.client.settings.servers, e))
+    }
+
+    async fn replay(&self, topic: &TopicSpec, group: &str, from: ReplayFrom) -> Result<()> {
+        self.replay_group(topic, group, from).await
+    }
+
+    async fn messages(&self, topic: &TopicSpec, query: &MessageQuery) -> Result<Vec<StoredMessage>> {
+        self.stored_messages(topic, query).await
     }
 }
 

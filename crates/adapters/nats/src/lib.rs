@@ -16,6 +16,7 @@ mod kind;
 mod mover;
 pub mod names;
 mod puller;
+mod replay;
 mod subscription;
 mod transport;
 

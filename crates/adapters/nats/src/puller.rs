@@ -60,6 +60,7 @@ impl Puller {
         let consumer = match &self.consumer {
             Some(consumer) => consumer,
             None => {
+                crate::replay::keep_start(&self.shared, &self.stream, &mut self.config).await;
                 let created = self
                     .shared
                     .js

@@ -14,8 +14,8 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use chrono::Datelike;
 use polybus_core::{
-    Capabilities, Error, FailureKind, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription,
-    Support, TopicSpec, Transport, wire,
+    Capabilities, Error, FailureKind, GroupInfo, Message, MessageQuery, Op, ReplayFrom, Result,
+    StoredMessage, SubscribeOptions, Subscription, Support, TopicSpec, Transport, wire,
 };
 use tokio::sync::{RwLock, watch};
 use tokio::task::JoinHandle;
@@ -24,6 +24,7 @@ use crate::codec::{self, DELIVER_AT};
 use crate::connect::{Connection, Secrets};
 use crate::mover;
 use crate::names::{self, TopicNames};
+use crate::replay;
 use crate::subscription::NatsSubscription;
 
 /// Room left for headers when the server's `max_payload` is below 1 MiB plus headers.
@@ -95,7 +96,7 @@ impl NatsTransport {
         &self.inner.shared.client
     }
 
-    fn shared(&self) -> &Shared {
+    pub(crate) fn shared(&self) -> &Shared {
         &self.inner.shared
     }
 
@@ -106,12 +107,12 @@ impl NatsTransport {
         Ok(())
     }
 
-    fn error(&self, op: Op, names: &TopicNames, e: impl std::fmt::Display) -> Error {
+    pub(crate) fn error(&self, op: Op, names: &TopicNames, e: impl std::fmt::Display) -> Error {
         Error::transport(op, format!("nats {}", names.stream), self.shared().secrets.scrub(e))
     }
 
     /// A transport error keeping the client's `e`, of `kind`, scrubbed of the secrets.
-    fn failed(
+    pub(crate) fn failed(
         &self,
         op: Op,
         names: &TopicNames,
@@ -165,7 +166,7 @@ impl NatsTransport {
         Ok(())
     }
 
-    async fn ensure_once(&self, topic: &TopicSpec, names: &TopicNames) -> Result<()> {
+    pub(crate) async fn ensure_once(&self, topic: &TopicSpec, names: &TopicNames) -> Result<()> {
         if self.inner.ensured.lock().unwrap_or_else(PoisonError::into_inner).contains(&topic.native_name) {
             return Ok(());
         }
@@ -371,8 +372,9 @@ impl Transport for NatsTransport {
         let names = TopicNames::of(&topic.native_name);
         self.check_open(Op::Subscribe, &names)?;
         self.ensure_once(topic, &names).await?;
-        let config = consumer_config(&topic.native_name, &names, options);
         let shared = self.shared();
+        let mut config = consumer_config(&topic.native_name, &names, options);
+        replay::keep_start(shared, &names.stream, &mut config).await;
         // Creating an existing durable consumer updates its ack wait and max ack pending.
         let create = || shared.js.create_consumer_on_stream(config.clone(), names.stream.clone());
         let consumer = match create().await {
@@ -437,6 +439,14 @@ impl Transport for NatsTransport {
         };
         let drained = shared.client.drain().await.map_err(|e| fail(e.to_string()));
         quiet.map(drop).and(flushed).and(drained)
+    }
+
+    async fn replay(&self, topic: &TopicSpec, group: &str, from: ReplayFrom) -> Result<()> {
+        self.replay_group(topic, group, from).await
+    }
+
+    async fn messages(&self, topic: &TopicSpec, query: &MessageQuery) -> Result<Vec<StoredMessage>> {
+        self.stored_messages(topic, query).await
     }
 }
 

@@ -367,4 +367,23 @@ impl Transport for PubsubTransport {
         }
         Ok(())
     }
+
+    async fn replay(&self, _: &TopicSpec, _: &str, _: polybus_core::ReplayFrom) -> Result<()> {
+        Err(polybus_core::transport::unsupported(NOT_RETAINED_REPLAY))
+    }
+
+    async fn messages(
+        &self,
+        _: &TopicSpec,
+        _: &polybus_core::MessageQuery,
+    ) -> Result<Vec<polybus_core::StoredMessage>> {
+        Err(polybus_core::transport::unsupported(NOT_RETAINED_QUERY))
+    }
 }
+
+/// Why a replay is refused: seeking back needs retained acked messages.
+const NOT_RETAINED_REPLAY: &str = "replay (its subscriptions do not retain acked messages, so there is nothing \
+     to seek back to; republish what is needed instead)";
+/// Why a message query is refused: Pub/Sub cannot read messages without consuming them.
+const NOT_RETAINED_QUERY: &str = "message query (it does not retain consumed messages, and reading one \
+     would deliver it to a subscription)";

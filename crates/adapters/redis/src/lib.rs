@@ -13,6 +13,7 @@ mod config;
 mod fields;
 mod groups;
 mod kind;
+mod replay;
 mod scripts;
 mod settle;
 mod subscription;

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use polybus_core::{
-    Capabilities, Error, FailureKind, GroupInfo, Message, Op, Result, SubscribeOptions, Subscription,
-    Support, TopicSpec, Transport,
+    Capabilities, Error, FailureKind, GroupInfo, Message, MessageQuery, Op, ReplayFrom, Result,
+    StoredMessage, SubscribeOptions, Subscription, Support, TopicSpec, Transport,
 };
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisError, RedisResult, ServerErrorKind, Value};
@@ -149,6 +149,11 @@ impl RedisTransport {
         })
     }
 
+    /// What the transport and its subscriptions share.
+    pub(crate) fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
     fn check_open(&self, op: Op) -> Result<()> {
         if *self.shared.closed.borrow() {
             return Err(Error::Closed(format!("redis transport to {} ({op})", self.shared.address)));
@@ -285,5 +290,13 @@ impl Transport for RedisTransport {
         // Publishes are written before `publish` returns: nothing is left to flush.
         self.shared.closed.send_replace(true);
         Ok(())
+    }
+
+    async fn replay(&self, topic: &TopicSpec, group: &str, from: ReplayFrom) -> Result<()> {
+        self.replay_group(topic, group, from).await
+    }
+
+    async fn messages(&self, topic: &TopicSpec, query: &MessageQuery) -> Result<Vec<StoredMessage>> {
+        self.stored_messages(topic, query).await
     }
 }

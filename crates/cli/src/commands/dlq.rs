@@ -137,7 +137,8 @@ fn print_list(ctx: &Context, letters: &[DeadLetter]) -> CliResult {
     output::table(&["ID", "DEAD-LETTERED", "ATTEMPTS", "GROUP", "REASON", "PAYLOAD"], &rows)
 }
 
-fn preview(message: &polybus::Message) -> String {
+/// The payload's first characters, on one line, or its size when it is binary.
+pub(super) fn preview(message: &polybus::Message) -> String {
     match message.payload_str() {
         Some(text) => {
             let flat: String = text.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();

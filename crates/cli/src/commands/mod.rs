@@ -10,6 +10,7 @@ mod idempotency;
 mod key;
 mod publish;
 mod quickstart;
+pub mod replay;
 mod secret;
 mod serve;
 mod topic;
@@ -127,6 +128,8 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Key(command) => key::run(&ctx, command).await,
         Command::Secret(command) => secret::run(&ctx, command).await,
         Command::Bench(args) => bench::run(&ctx, args).await,
+        Command::Replay(args) => replay::replay(&ctx, args).await,
+        Command::Messages(args) => replay::messages(&ctx, args).await,
         Command::Schema { of } => output::json(&match of {
             SchemaOf::Broker => polybus::broker_schema(),
             SchemaOf::Topic => polybus::topic_schema(),

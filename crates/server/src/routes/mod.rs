@@ -7,6 +7,7 @@ pub mod idempotency;
 pub mod messages;
 pub mod ops;
 pub mod registry;
+pub mod replay;
 pub mod secrets;
 
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use crate::{auth, dashboard};
         (name = "messages", description = "Publishing"),
         (name = "consume", description = "Consuming with leases: SSE stream or pull, then ack"),
         (name = "groups", description = "Consumer groups with members, pending, lag and oldest unacked age"),
+        (name = "replay", description = "Replay a group and read stored messages, on brokers that retain them"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "dashboard", description = "The web dashboard"),
     )
@@ -73,6 +75,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(deadletters::router())
         .merge(groups::router())
         .merge(idempotency::router())
+        .merge(replay::router())
         .merge(ops::protected())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .merge(ops::public())

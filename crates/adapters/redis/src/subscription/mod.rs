@@ -29,6 +29,7 @@ use crate::transport::{CONNECT_TIMEOUT, Shared};
 
 pub(crate) use member::Member;
 use pump::{Stop, fetch_loop};
+pub(crate) use reply::parse_range;
 
 /// Longest wait of a blocking read: it bounds how late a member notices entries that became
 /// claimable (a dead member's, a nacked one) while it was waiting.

@@ -87,3 +87,9 @@ pub(super) fn parse_read(value: Value) -> Option<Vec<Entry>> {
     let Value::Array(entries) = entries else { return None };
     entries.into_iter().map(|v| parse_entry(v, Some(1))).collect()
 }
+
+/// An `XRANGE` reply: `[[id, fields], …]`, as entry ids and fields.
+pub(crate) fn parse_range(value: Value) -> Option<Vec<(String, Fields)>> {
+    let Value::Array(entries) = value else { return None };
+    entries.into_iter().map(|v| parse_entry(v, Some(0)).map(|entry| (entry.id, entry.fields))).collect()
+}
