@@ -87,7 +87,8 @@ impl Puller {
             .messages()
             .await
             .map_err(|e| PullError::Failed(self.shared.secrets.scrub(e)))?;
-        Ok(Batch { inner, deadline: Instant::now() + PULL_EXPIRES + PULL_GRACE, connections })
+        let expires = Instant::now() + PULL_EXPIRES;
+        Ok(Batch { inner, expires, deadline: expires + PULL_GRACE, connections })
     }
 
     /// Records a failure; the consumer is looked up (or made) again next time. Returns how
@@ -112,11 +113,19 @@ impl Puller {
 /// The messages answering one pull request.
 pub struct Batch {
     inner: pull::Batch,
+    /// When the server ends the request at the latest.
+    expires: Instant,
     deadline: Instant,
     connections: watch::Receiver<u64>,
 }
 
 impl Batch {
+    /// When the server ends this request at the latest: until then, a message given back to
+    /// the group can be sent to it again, even once its inbox is dropped.
+    pub fn expires(&self) -> Instant {
+        self.expires
+    }
+
     /// The next message; `None` once the request is answered, expired, or lost to a reconnection.
     pub async fn next(&mut self) -> Option<Result<jetstream::Message, String>> {
         let reconnected = async {

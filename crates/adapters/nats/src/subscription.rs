@@ -11,10 +11,14 @@ use polybus_core::kit::gate::{self, Fetcher, Gated, Slot};
 use polybus_core::{Acker, Delivery, Error, Op, Result, Subscription};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use crate::codec::{self, Delivered};
 use crate::puller::{self, Puller};
 use crate::transport::Shared;
+
+/// How long after its pull request's expiry a closing member's messages are given back.
+const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
 
 /// Failures in a row before the subscriber is told (it keeps trying either way).
 const REPORT_AFTER_FAILURES: u32 = 3;
@@ -79,9 +83,13 @@ impl Subscription for NatsSubscription {
         // What the server sent to the open pull request before it heard of the close sits in
         // the request's inbox; dropped unread, it would wait out the ack deadline. After a round
         // trip all of it has arrived: take it, drop the request (its interest with it), and only
-        // once the server has seen that give everything back, so nothing goes back into it.
+        // once the server has seen that give everything back, so nothing goes back into it. What
+        // is given back is also held (a delayed nak) until the request has expired on the server,
+        // in case the server still sends to it.
         let mut arrived = Vec::new();
+        let mut hold = None;
         if let Some(mut batch) = open {
+            hold = Some(batch.expires() + EXPIRY_MARGIN);
             if let Err(e) = self.shared.client.flush().await {
                 tracing::debug!(error = %e, "flushing before closing a pull request");
             }
@@ -93,13 +101,14 @@ impl Subscription for NatsSubscription {
                 tracing::debug!(error = %e, "flushing after closing a pull request");
             }
         }
+        let delay = hold.map(|until| until.saturating_duration_since(Instant::now()));
         for message in arrived {
-            give_back(&self.shared, message).await;
+            give_back(&self.shared, message, delay).await;
         }
-        // Fetched but never handed out: give them back to the group now, not after the deadline.
+        // Fetched but never handed out: give them back to the group, not after the deadline.
         for received in self.deliveries.close() {
             if let Ok(delivery) = received
-                && let Err(e) = delivery.nack(None).await
+                && let Err(e) = delivery.nack(delay).await
             {
                 tracing::debug!(error = %e, "returning an unhandled delivery");
             }
@@ -159,7 +168,7 @@ async fn pull_forever(
             puller.succeeded();
             let Some(slot) = room.take() else {
                 // More than asked for: not ours to hold.
-                give_back(shared, message).await;
+                give_back(shared, message, None).await;
                 continue;
             };
             let Some(delivery) = delivery(shared, puller.stream(), message, slot) else { continue };
@@ -187,9 +196,11 @@ fn report(shared: &Shared, puller: &Puller, fetcher: &Fetcher<Result<Delivery>>,
     }
 }
 
-async fn give_back(shared: &Shared, message: jetstream::Message) {
+/// Returns `message` to the group, to be delivered again after `delay` (at once when `None`).
+async fn give_back(shared: &Shared, message: jetstream::Message, delay: Option<Duration>) {
+    let delay = delay.filter(|d| !d.is_zero());
     if let Some(reply) = &message.reply
-        && let Err(e) = puller::settle(shared, reply, AckKind::Nak(None)).await
+        && let Err(e) = puller::settle(shared, reply, AckKind::Nak(delay)).await
     {
         tracing::debug!(error = %e, "returning an extra delivery");
     }
