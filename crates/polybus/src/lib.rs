@@ -21,6 +21,7 @@ mod consume;
 mod delivery;
 mod dlq;
 pub mod files;
+pub mod jobs;
 pub mod metrics;
 mod ops;
 mod secrets;
