@@ -3,6 +3,7 @@
 pub mod consume;
 pub mod deadletters;
 pub mod groups;
+pub mod jobs;
 pub mod messages;
 pub mod ops;
 pub mod registry;
@@ -46,6 +47,7 @@ use crate::{auth, dashboard};
         (name = "messages", description = "Publishing"),
         (name = "consume", description = "Consuming with leases: SSE stream or pull, then ack"),
         (name = "groups", description = "Consumer groups with members, pending, lag and oldest unacked age"),
+        (name = "jobs", description = "Scheduled publishing: at a time, every interval or on a cron schedule"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "dashboard", description = "The web dashboard"),
     )
@@ -71,6 +73,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(consume::router())
         .merge(deadletters::router())
         .merge(groups::router())
+        .merge(jobs::router())
         .merge(ops::protected())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .merge(ops::public())
