@@ -5,6 +5,7 @@ mod broker;
 mod consume;
 mod dlq;
 mod groups;
+pub mod job;
 pub use dlq::Act as DlqAct;
 mod key;
 mod publish;
@@ -120,6 +121,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Consume(args) => consume::run(&ctx, args).await,
         Command::Dlq(command) => dlq::run(&ctx, command).await,
         Command::Groups(args) => groups::run(&ctx, args).await,
+        Command::Job(command) => job::run(&ctx, command).await,
         Command::Quickstart => quickstart::run(&ctx).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
         Command::Key(command) => key::run(&ctx, command).await,

@@ -92,12 +92,15 @@ async fn get_job(State(state): State<AppState>, ApiPath(id): ApiPath<String>) ->
 #[utoipa::path(delete, path = "/v1/jobs/{id}", tag = "jobs",
     params(("id" = String, Path, description = "The job id")),
     responses(
-        (status = 204, description = "Deleted"),
+        (status = 200, description = "Deleted", body = Object),
         (status = 404, description = "`JOB_NOT_FOUND`", body = ErrorBody),
     ))]
-async fn delete_job(State(state): State<AppState>, ApiPath(id): ApiPath<String>) -> ApiResult<StatusCode> {
+async fn delete_job(
+    State(state): State<AppState>,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<serde_json::Value>> {
     state.bus().delete_job(&id).await.map_err(not_found)?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(Json(serde_json::json!({ "deleted": "job", "id": id })))
 }
 
 /// Pauses a job.
