@@ -164,6 +164,23 @@ async fn a_cron_job_fires_at_new_york_wall_clock_times_across_the_dst_change() {
 }
 
 #[tokio::test]
+async fn a_cron_time_skipped_by_the_spring_forward_fires_right_after_the_gap() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (bus, event) = sqlite_bus(dir.path()).await;
+    let schedule = Schedule {
+        cron: Some("30 2 * * *".into()),
+        tz: Some("America/New_York".into()),
+        ..Default::default()
+    };
+    let start = Some(instant("2027-03-14T00:00:00Z"));
+    let job =
+        bus.create_job(JobSpec { start_at: start, ..spec("local", &event, schedule) }).await.expect("job");
+    // 02:30 does not exist on 14 March 2027 in New York: the run is at 03:00 EDT.
+    assert_eq!(job.next_run, Some(instant("2027-03-14T07:00:00Z")));
+    bus.close().await.expect("close");
+}
+
+#[tokio::test]
 async fn missed_runs_are_skipped_or_fired_once_as_the_job_says() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (bus, event) = sqlite_bus(dir.path()).await;
