@@ -245,6 +245,30 @@ async fn a_failed_run_is_recorded_and_can_be_retried_by_hand() {
 }
 
 #[tokio::test]
+async fn runs_are_counted_by_outcome_with_their_lag() {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    // This thread's recorder: the test's runtime runs every task on it.
+    let _recorder = metrics::set_default_local_recorder(&recorder);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (bus, event) = sqlite_bus(dir.path()).await;
+    let at = Utc::now() + chrono::Duration::hours(1);
+    let schedule = Schedule { at: Some(at), ..Default::default() };
+    bus.create_job(spec("local", &event, schedule.clone())).await.expect("job");
+    bus.create_job(spec("gone", &event, schedule)).await.expect("job");
+    let clock = Arc::new(ManualClock::new(at + chrono::Duration::seconds(2)));
+    let scheduler = Scheduler::new(bus.clone()).with_clock(clock);
+    assert_eq!(scheduler.tick().await.expect("tick"), 2);
+    let text = handle.render();
+    for outcome in ["succeeded", "failed"] {
+        let series = format!("polybus_job_runs_total{{outcome=\"{outcome}\"}} 1");
+        assert!(text.lines().any(|l| l == series), "{series} in {text}");
+    }
+    assert!(text.lines().any(|l| l == "polybus_job_schedule_lag_seconds_sum 4"), "two runs 2 s late: {text}");
+    bus.close().await.expect("close");
+}
+
+#[tokio::test]
 async fn invalid_jobs_are_refused_naming_the_field() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (bus, event) = sqlite_bus(dir.path()).await;

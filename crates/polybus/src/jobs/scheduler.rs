@@ -249,7 +249,7 @@ impl Scheduler {
             }
             if run.attempts == 1 {
                 let lag = (now - run.scheduled_at).to_std().unwrap_or_default();
-                metrics::histogram!("polybus_job_schedule_lag_seconds").record(lag.as_secs_f64());
+                metrics::histogram!(crate::metrics::names::JOB_LAG_SECONDS).record(lag.as_secs_f64());
             }
             let published = self.bus.publish(&job.spec.env, &job.spec.event, message.clone()).await;
             match published {
@@ -268,7 +268,7 @@ impl Scheduler {
 
     async fn finish(&self, job: &Job, mut run: Run, outcome: std::result::Result<(), String>) {
         let label = if outcome.is_ok() { "succeeded" } else { "failed" };
-        metrics::counter!("polybus_job_runs_total", "outcome" => label).increment(1);
+        metrics::counter!(crate::metrics::names::JOB_RUNS, "outcome" => label).increment(1);
         match outcome {
             Ok(()) => {
                 run.state = RunState::Succeeded;
