@@ -42,7 +42,19 @@ fn jobs_are_created_listed_paused_and_deleted_locally_and_through_a_server() {
     assert!(sandbox.run(&["job", "list"]).ok().contains("paused"));
 
     let missing = sandbox.run(&["job", "create", "--env", "dev", &event]);
-    assert!(missing.failed(1).contains("--at TIME, --every DURATION or --cron EXPR"), "{missing:?}");
+    assert!(missing.failed(1).contains("--cron EXPR or --on SOURCE_EVENT"), "{missing:?}");
+    let source = sandbox.embedded_topic("orders");
+    let on = sandbox
+        .run(&[
+            "--output", "json", "job", "create", "--env", "dev", &event, "--on", &source, "--delay", "10m",
+        ])
+        .json();
+    assert_eq!(
+        (on["schedule"]["on"].as_str(), on["schedule"]["delay"].as_str()),
+        (Some(source.as_str()), Some("10m"))
+    );
+    assert!(sandbox.run(&["job", "list"]).ok().contains(&format!("on {source} +10m")));
+    sandbox.run(&["job", "delete", on["id"].as_str().expect("id")]).ok();
     let wrong =
         sandbox.run(&["job", "create", "--env", "dev", &event, "--cron", "0 2 * * *", "--tz", "Lagos"]);
     assert!(wrong.failed(1).contains("schedule.tz"), "{wrong:?}");

@@ -1,13 +1,15 @@
 //! Jobs (issue 16): runs fire on schedule, in a time zone, once each across schedulers
-//! sharing a registry, and a run whose scheduler died is taken over.
+//! sharing a registry, and a run whose scheduler died is taken over; an `on` job runs once per
+//! source message.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use polybus::jobs::{
     CatchUp, JobPayload, JobSpec, JobStore, ManualClock, Run, RunState, Schedule, Scheduler,
-    SchedulerOptions, run_message_id,
+    SchedulerOptions, run_message_id, triggered_message_id,
 };
 use polybus::{Broker, Bus, Error, Group, Registry, Topic};
 use polybus_registry::PostgresStore;
@@ -126,6 +128,62 @@ async fn every_second_limit_three_publishes_three_messages_on_the_embedded_broke
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_second_limit_three_publishes_three_messages_on_redis() {
     every_second_limit_three_publishes_three_messages("redis").await;
+}
+
+async fn an_event_triggered_job_publishes_once_per_source_message(env: &str) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (bus, event) = sqlite_bus(dir.path()).await;
+    let source = event.replace(":ticks", ":orders");
+    bus.registry()
+        .create_topic(Topic::from_value(json!({ "tag": source })).expect("topic"))
+        .await
+        .expect("topic");
+    let mut sub = bus.subscribe(env, &event, Group("jobs-test")).await.expect("subscribe");
+    let schedule = Schedule { on: Some(source.clone()), ..Default::default() };
+    let job = bus.create_job(spec(env, &event, schedule)).await.expect("create job");
+    assert_eq!(job.next_run, None, "an `on` job has no scheduled time");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let scheduler = tokio::spawn(Scheduler::new(bus.clone()).run(async {
+        stopped.await.ok();
+    }));
+
+    let mut sources = Vec::new();
+    for n in 0..3 {
+        sources.push(
+            bus.publish(env, &source, polybus::Message::text(format!("order {n}"))).await.expect("publish"),
+        );
+    }
+    let got = receive(&mut sub, 3).await;
+    let ids: BTreeSet<String> = got.iter().map(|m| m.id.clone()).collect();
+    let expected: BTreeSet<String> = sources.iter().map(|s| triggered_message_id(&job.id, s)).collect();
+    assert_eq!(ids, expected, "one message per source message, with an id derived from it");
+    assert!(got.iter().all(|m| m.payload_str() == Some("tick")));
+    let runs = tokio::time::timeout(DEADLINE, async {
+        loop {
+            let runs = bus.job_runs(&job.id).await.expect("runs");
+            if runs.len() == 3 {
+                return runs;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("three runs recorded");
+    assert!(runs.iter().all(|r| r.state == RunState::Succeeded));
+    stop.send(()).ok();
+    scheduler.await.expect("scheduler stops");
+    bus.delete_job(&job.id).await.expect("delete job");
+    bus.close().await.expect("close");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_triggered_job_publishes_once_per_source_message_on_the_embedded_broker() {
+    an_event_triggered_job_publishes_once_per_source_message("local").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_triggered_job_publishes_once_per_source_message_on_redis() {
+    an_event_triggered_job_publishes_once_per_source_message("redis").await;
 }
 
 #[tokio::test]
@@ -287,6 +345,15 @@ async fn invalid_jobs_are_refused_naming_the_field() {
             "schedule.tz",
         ),
         (Schedule { at: Some(instant("2020-01-01T00:00:00Z")), ..Default::default() }, "schedule"),
+        (Schedule { on: Some("no-colon".into()), ..Default::default() }, "schedule.on"),
+        (
+            Schedule { every: Some("1m".into()), delay: Some("1m".into()), ..Default::default() },
+            "schedule.delay",
+        ),
+        (
+            Schedule { on: Some(event.clone()), delay: Some("later".into()), ..Default::default() },
+            "schedule.delay",
+        ),
     ];
     for (schedule, field) in cases {
         let shown = format!("{schedule:?}");

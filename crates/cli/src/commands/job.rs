@@ -1,5 +1,5 @@
-//! `polybus job create|list|get|runs|pause|resume|delete|retry`: scheduled publishing, on the
-//! local registry (run by `polybus serve`) or through `--server`.
+//! `polybus job create|list|get|runs|pause|resume|delete|retry`: scheduled and event-triggered
+//! publishing, on the local registry (run by `polybus serve`) or through `--server`.
 
 use std::path::PathBuf;
 
@@ -77,6 +77,12 @@ pub struct CreateArgs {
     /// The IANA time zone of `--cron` (default UTC).
     #[arg(long, requires = "cron")]
     pub tz: Option<String>,
+    /// Run once per message on this event (`broker-tag:topic-tag`, in `--env`).
+    #[arg(long, group = "when", value_name = "SOURCE_EVENT")]
+    pub on: Option<String>,
+    /// With `--on`: deliver each run's message this long after its source message (`10m`).
+    #[arg(long, requires = "on")]
+    pub delay: Option<String>,
     /// The payload as text.
     #[arg(long, conflicts_with = "file")]
     pub data: Option<String>,
@@ -166,10 +172,10 @@ fn spec(args: CreateArgs) -> CliResult<JobSpec> {
         },
         (None, None) => JobPayload::default(),
     };
-    if args.at.is_none() && args.every.is_none() && args.cron.is_none() {
+    if args.at.is_none() && args.every.is_none() && args.cron.is_none() && args.on.is_none() {
         return Err(Failure::new(
             "VALIDATION_FAILED",
-            "say when the job runs: --at TIME, --every DURATION or --cron EXPR",
+            "say when the job runs: --at TIME, --every DURATION, --cron EXPR or --on SOURCE_EVENT",
         ));
     }
     Ok(JobSpec {
@@ -179,7 +185,14 @@ fn spec(args: CreateArgs) -> CliResult<JobSpec> {
         payload,
         headers: args.headers.into_iter().collect(),
         key: args.key,
-        schedule: Schedule { at: args.at, every: args.every, cron: args.cron, tz: args.tz },
+        schedule: Schedule {
+            at: args.at,
+            every: args.every,
+            cron: args.cron,
+            tz: args.tz,
+            on: args.on,
+            delay: args.delay,
+        },
         start_at: args.start,
         end_date: args.until,
         limit: args.limit,
@@ -260,11 +273,15 @@ fn print_jobs(ctx: &Context, jobs: &[Job]) -> CliResult {
                 (Some(at), _, _) => format!("at {}", polybus::wire::format_time(*at)),
                 (_, Some(every), _) => format!("every {every}"),
                 (_, _, Some(cron)) => format!("cron {cron} {}", s.tz.as_deref().unwrap_or("UTC")),
-                _ => "-".to_owned(),
+                _ => match (&s.on, &s.delay) {
+                    (Some(on), Some(delay)) => format!("on {on} +{delay}"),
+                    (Some(on), None) => format!("on {on}"),
+                    _ => "-".to_owned(),
+                },
             };
             let state = if j.spec.paused {
                 "paused"
-            } else if j.next_run.is_none() {
+            } else if j.next_run.is_none() && s.on.is_none() {
                 "done"
             } else {
                 "active"

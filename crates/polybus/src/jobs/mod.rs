@@ -10,6 +10,7 @@ use polybus_core::{Error, Result, ValidationError};
 
 pub use model::{
     CatchUp, DEFAULT_RETRIES, Job, JobPayload, JobSpec, MIN_EVERY, Run, RunState, Schedule, run_message_id,
+    triggered_message_id,
 };
 pub use scheduler::{Clock, ManualClock, Scheduler, SchedulerOptions, SystemClock};
 pub use store::JobStore;
@@ -28,6 +29,9 @@ impl Bus {
     pub async fn create_job(&self, spec: JobSpec) -> Result<Job> {
         spec.validate()?;
         self.registry().fetch_topic(&spec.event).await?;
+        if let Some(source) = &spec.schedule.on {
+            self.registry().fetch_topic(source).await?;
+        }
         let now = Utc::now();
         let mut job = Job {
             id: uuid::Uuid::now_v7().to_string(),
@@ -38,7 +42,7 @@ impl Bus {
             version: 1,
         };
         job.next_run = job.next_after(now, true)?;
-        if job.next_run.is_none() {
+        if job.next_run.is_none() && job.spec.schedule.on.is_none() {
             return Err(Error::Validation(ValidationError::field(
                 "schedule",
                 "the schedule has no run from now on (a past `at`, or `endDate` already passed)",

@@ -61,6 +61,13 @@ pub struct Schedule {
     /// The IANA time zone `cron` is read in (default `UTC`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tz: Option<String>,
+    /// A run for every message on this event (`broker:topic`, in the job's env), read by a
+    /// consumer group of the job's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on: Option<String>,
+    /// With `on`: deliver each run's message this long after the source message arrived.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<String>,
 }
 
 /// What a user asks for: a job before it is stored.
@@ -176,6 +183,12 @@ pub struct Run {
     pub version: u64,
 }
 
+/// The message id of the run of an `on` job for the source message `source`: the same on
+/// every replica and redelivery.
+pub fn triggered_message_id(job_id: &str, source: &str) -> String {
+    format!("job-{job_id}-{source}")
+}
+
 /// The message id of a job's run scheduled at `at`: the same for every replica and attempt,
 /// so a consumer can drop the duplicate of a run published again after a crash.
 pub fn run_message_id(job_id: &str, at: DateTime<Utc>) -> String {
@@ -191,6 +204,7 @@ enum Plan {
     At(DateTime<Utc>),
     Every(chrono::Duration),
     Cron(Box<Cron>, Tz),
+    On,
 }
 
 impl JobSpec {
@@ -215,9 +229,20 @@ impl JobSpec {
 
     fn plan(&self) -> Result<Plan> {
         let s = &self.schedule;
-        let set = [s.at.is_some(), s.every.is_some(), s.cron.is_some()].iter().filter(|b| **b).count();
+        let set = [s.at.is_some(), s.every.is_some(), s.cron.is_some(), s.on.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
         if set != 1 {
-            return Err(invalid("schedule", "give exactly one of `at`, `every` or `cron`"));
+            return Err(invalid("schedule", "give exactly one of `at`, `every`, `cron` or `on`"));
+        }
+        if s.delay.is_some() && s.on.is_none() {
+            return Err(invalid("schedule.delay", "a delay applies to `on` only"));
+        }
+        self.delay()?;
+        if let Some(on) = &s.on {
+            on.parse::<polybus_core::EventRef>().map_err(|e| invalid("schedule.on", e.to_string()))?;
+            return Ok(Plan::On);
         }
         if s.tz.is_some() && s.cron.is_none() {
             return Err(invalid("schedule.tz", "a time zone applies to `cron` only"));
@@ -256,6 +281,18 @@ impl JobSpec {
             })?,
         };
         Ok(Plan::Cron(Box::new(cron), tz))
+    }
+
+    /// With `on`: how long after its source message a run's message is delivered.
+    pub fn delay(&self) -> Result<Option<Duration>> {
+        self.schedule
+            .delay
+            .as_deref()
+            .map(|d| {
+                humantime::parse_duration(d)
+                    .map_err(|e| invalid("schedule.delay", format!("`{d}` is not a duration like 10m: {e}")))
+            })
+            .transpose()
     }
 
     /// The message a run scheduled at `at` publishes.
@@ -319,6 +356,7 @@ impl Job {
                 let local = tz.from_utc_datetime(&from.naive_utc());
                 cron.find_next_occurrence(&local, inclusive).ok().map(|t| t.with_timezone(&Utc))
             }
+            Plan::On => None,
         };
         Ok(next.filter(|t| spec.end_date.is_none_or(|end| *t <= end)))
     }

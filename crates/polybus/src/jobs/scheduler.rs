@@ -1,6 +1,7 @@
 //! The scheduler: finds due runs, claims each one once across every scheduler on the same
 //! registry, and publishes it with retries.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use chrono::{DateTime, Utc};
 use polybus_core::Result;
 
-use super::model::{CatchUp, Job, Run, RunState, run_message_id};
+use super::model::{CatchUp, Job, Run, RunState, run_message_id, triggered_message_id};
 use super::store::JobStore;
 use crate::Bus;
 
@@ -89,6 +90,16 @@ pub struct Scheduler {
     options: SchedulerOptions,
     owner: String,
     last_lease_scan: Mutex<Option<DateTime<Utc>>>,
+    /// The consumer of each running `on` job, by job id.
+    triggers: Mutex<HashMap<String, tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Scheduler {
+    fn drop(&mut self) {
+        for (_, consumer) in self.triggers.lock().unwrap_or_else(|p| p.into_inner()).drain() {
+            consumer.abort();
+        }
+    }
 }
 
 fn to_chrono(d: Duration) -> chrono::Duration {
@@ -107,6 +118,7 @@ impl Scheduler {
             options: SchedulerOptions::default(),
             owner,
             last_lease_scan: Mutex::new(None),
+            triggers: Mutex::new(HashMap::new()),
         }
     }
 
@@ -150,7 +162,9 @@ impl Scheduler {
         let now = self.clock.now();
         let scan = self.lease_scan_due(now);
         let mut fired = Vec::new();
-        for job in self.jobs.list().await? {
+        let jobs = self.jobs.list().await?;
+        self.keep_triggers(&jobs);
+        for job in jobs {
             if job.spec.paused {
                 continue;
             }
@@ -173,6 +187,29 @@ impl Scheduler {
         let count = fired.len();
         futures::future::join_all(fired.into_iter().map(|(job, run)| self.execute(job, run))).await;
         Ok(count)
+    }
+
+    /// Starts a consumer for each active `on` job without one, stops those of jobs paused or gone.
+    fn keep_triggers(&self, jobs: &[Job]) {
+        let mut triggers = self.triggers.lock().unwrap_or_else(|p| p.into_inner());
+        let active: HashMap<&str, &Job> = jobs
+            .iter()
+            .filter(|j| j.spec.schedule.on.is_some() && !j.spec.paused)
+            .map(|j| (j.id.as_str(), j))
+            .collect();
+        triggers.retain(|id, consumer| {
+            let keep = active.contains_key(id.as_str()) && !consumer.is_finished();
+            if !keep {
+                consumer.abort();
+            }
+            keep
+        });
+        for (id, job) in active {
+            if !triggers.contains_key(id) {
+                let consumer = trigger(self.bus.clone(), self.jobs.clone(), (*job).clone());
+                triggers.insert(id.to_owned(), tokio::spawn(consumer));
+            }
+        }
     }
 
     fn lease_scan_due(&self, now: DateTime<Utc>) -> bool {
@@ -289,5 +326,81 @@ impl Scheduler {
             }
             Err(e) => tracing::warn!(job = %job.id, run = run.id, error = %e, "cannot record job run"),
         }
+    }
+}
+
+/// Consumes an `on` job's source event in the job's own group and publishes the job's message
+/// once per source message; a failed publish is nacked, so the broker delivers the source again.
+/// The group gives each source message to one replica, and the run's message id is derived
+/// from the source message's, so a redelivery after a crash publishes a copy with the same id.
+async fn trigger(bus: Bus, jobs: JobStore, job: Job) {
+    let Some(source) = job.spec.schedule.on.clone() else { return };
+    let group = format!("polybus-job-{}", job.id);
+    let mut subscriber = match bus.subscribe(&job.spec.env, &source, crate::Group(&group)).await {
+        Ok(s) => s,
+        Err(e) => {
+            // The scheduler starts a new consumer at its next tick.
+            tracing::warn!(job = %job.id, %source, error = %e, "cannot consume the job's source event");
+            return;
+        }
+    };
+    tracing::info!(job = %job.id, %source, %group, "job consumes its source event");
+    while let Some(delivery) = subscriber.next().await {
+        let delivery = match delivery {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(job = %job.id, %source, error = %e, "job source delivery failed");
+                continue;
+            }
+        };
+        let arrived = delivery.message().published_at;
+        let id = triggered_message_id(&job.id, &delivery.message().id);
+        let published = async {
+            let mut message = job.spec.message(&job.id, arrived)?.id(id.clone());
+            if let Some(delay) = job.spec.delay()? {
+                message = message.delay(delay);
+            }
+            bus.publish(&job.spec.env, &job.spec.event, message).await
+        }
+        .await;
+        let settled = match published {
+            Ok(_) => {
+                record_triggered(&jobs, &job, arrived, &id).await;
+                metrics::counter!(crate::metrics::names::JOB_RUNS, "outcome" => "succeeded").increment(1);
+                delivery.ack().await
+            }
+            Err(e) => {
+                tracing::warn!(job = %job.id, error = %e, "job publish failed; the source message will come again");
+                metrics::counter!(crate::metrics::names::JOB_RUNS, "outcome" => "failed").increment(1);
+                delivery.nack().await
+            }
+        };
+        if let Err(e) = settled {
+            tracing::warn!(job = %job.id, error = %e, "cannot settle the job's source message");
+        }
+    }
+}
+
+/// Records a published run of an `on` job.
+async fn record_triggered(jobs: &JobStore, job: &Job, arrived: DateTime<Utc>, message_id: &str) {
+    let recorded = async {
+        let now = Utc::now();
+        let run = Run {
+            id: jobs.next_number(&job.id).await?,
+            job_id: job.id.clone(),
+            scheduled_at: arrived,
+            fired_at: Some(now),
+            attempts: 1,
+            state: RunState::Succeeded,
+            error: None,
+            message_id: message_id.to_owned(),
+            owner: None,
+            lease_until: None,
+            version: 1,
+        };
+        jobs.claim(&run).await
+    };
+    if let Err(e) = recorded.await {
+        tracing::warn!(job = %job.id, error = %e, "cannot record the job's run");
     }
 }

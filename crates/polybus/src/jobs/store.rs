@@ -112,6 +112,18 @@ impl JobStore {
         }
     }
 
+    /// Takes the next run number of a job (compare-and-swap on the job's run count).
+    pub async fn next_number(&self, id: &str) -> Result<u64> {
+        for _ in 0..32 {
+            let mut job = self.get(id).await?;
+            job.runs += 1;
+            if self.replace(&job).await? {
+                return Ok(job.runs);
+            }
+        }
+        Err(Error::Storage(format!("job `{id}` kept changing under concurrent updates; try again")))
+    }
+
     /// Writes `run` if it is still at its version (bumping it); false when another scheduler
     /// changed it first (took it over after its lease expired).
     pub async fn update_run(&self, run: &mut Run) -> Result<bool> {

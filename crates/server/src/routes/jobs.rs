@@ -57,7 +57,7 @@ fn not_found(error: Error) -> ApiError {
 
 /// Creates a job.
 #[utoipa::path(post, path = "/v1/jobs", tag = "jobs",
-    request_body(content = Object, description = "The job: env, event, payload {json|text|base64}, headers, key, schedule {at|every|cron, tz}, startAt, endDate, limit, retries, catchUp, paused"),
+    request_body(content = Object, description = "The job: env, event, payload {json|text|base64}, headers, key, schedule {at|every|cron, tz | on, delay}, startAt, endDate, limit, retries, catchUp, paused"),
     responses(
         (status = 201, description = "Created, with its id and next run", body = Object),
         (status = 400, description = "`VALIDATION_FAILED` naming the field", body = ErrorBody),

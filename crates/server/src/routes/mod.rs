@@ -47,7 +47,7 @@ use crate::{auth, dashboard};
         (name = "messages", description = "Publishing"),
         (name = "consume", description = "Consuming with leases: SSE stream or pull, then ack"),
         (name = "groups", description = "Consumer groups with members, pending, lag and oldest unacked age"),
-        (name = "jobs", description = "Scheduled publishing: at a time, every interval or on a cron schedule"),
+        (name = "jobs", description = "Scheduled publishing: at a time, every interval, on a cron schedule or per message of another event"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "dashboard", description = "The web dashboard"),
     )
