@@ -30,7 +30,8 @@ async fn bus_on(registry: Registry, dir: &std::path::Path) -> (Bus, String) {
         {"slug": "redis", "type": "redis", "config": {"host": "127.0.0.1", "port": 6379}}]}))
     .expect("broker");
     registry.create_broker(broker).await.expect("create broker");
-    let event = format!("{tag}:ticks");
+    // Unique topic names: a Redis stream is named after the topic alone.
+    let event = format!("{tag}:{}", unique("ticks"));
     registry
         .create_topic(Topic::from_value(json!({ "tag": event })).expect("topic"))
         .await
@@ -133,7 +134,7 @@ async fn every_second_limit_three_publishes_three_messages_on_redis() {
 async fn an_event_triggered_job_publishes_once_per_source_message(env: &str) {
     let dir = tempfile::tempdir().expect("temp dir");
     let (bus, event) = sqlite_bus(dir.path()).await;
-    let source = event.replace(":ticks", ":orders");
+    let source = format!("{}:{}", event.split(':').next().expect("broker tag"), unique("orders"));
     bus.registry()
         .create_topic(Topic::from_value(json!({ "tag": source })).expect("topic"))
         .await
