@@ -151,7 +151,11 @@ pub async fn run(ctx: &Context, command: JobCommand) -> CliResult {
         }
         JobCommand::Delete { id } => {
             let _: Value = call(ctx, Method::DELETE, &[&id], None).await?;
-            output::line(format!("deleted job {id}"))
+            if ctx.json() {
+                output::json(&serde_json::json!({ "deleted": "job", "id": id }))
+            } else {
+                output::line(format!("deleted job {id}"))
+            }
         }
         JobCommand::Retry { id, run } => {
             let run = run.to_string();
