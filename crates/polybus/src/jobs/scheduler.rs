@@ -139,26 +139,41 @@ impl Scheduler {
         &self.owner
     }
 
-    /// Polls until `shutdown` completes.
+    /// Polls until `shutdown` completes. Each fired run publishes in a task of its own, so a
+    /// run that retries does not hold back the runs of other jobs.
     pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) {
+        let scheduler = Arc::new(self);
         tokio::pin!(shutdown);
-        tracing::info!(owner = %self.owner, "job scheduler started");
+        tracing::info!(owner = %scheduler.owner, "job scheduler started");
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
-                _ = tokio::time::sleep(self.options.poll) => {
-                    if let Err(e) = self.tick().await {
-                        tracing::warn!(error = %e, "job scheduler: checking jobs failed; trying again");
+                _ = tokio::time::sleep(scheduler.options.poll) => match scheduler.due().await {
+                    Ok(fired) => {
+                        for (job, run) in fired {
+                            let scheduler = scheduler.clone();
+                            tokio::spawn(async move { scheduler.execute(job, run).await });
+                        }
                     }
-                }
+                    Err(e) => tracing::warn!(error = %e, "job scheduler: checking jobs failed; trying again"),
+                },
             }
         }
-        tracing::info!(owner = %self.owner, "job scheduler stopped");
+        tracing::info!(owner = %scheduler.owner, "job scheduler stopped");
     }
 
     /// Fires every run due now (and takes over runs whose holder's lease expired), waiting
     /// for their publishes; returns how many runs this scheduler fired.
     pub async fn tick(&self) -> Result<usize> {
+        let fired = self.due().await?;
+        let count = fired.len();
+        futures::future::join_all(fired.into_iter().map(|(job, run)| self.execute(job, run))).await;
+        Ok(count)
+    }
+
+    /// Claims the runs due now and takes over those whose holder's lease expired: the runs this
+    /// scheduler is to publish.
+    async fn due(&self) -> Result<Vec<(Job, Run)>> {
         let now = self.clock.now();
         let scan = self.lease_scan_due(now);
         let mut fired = Vec::new();
@@ -184,9 +199,7 @@ impl Scheduler {
                 fired.push((job, run));
             }
         }
-        let count = fired.len();
-        futures::future::join_all(fired.into_iter().map(|(job, run)| self.execute(job, run))).await;
-        Ok(count)
+        Ok(fired)
     }
 
     /// Starts a consumer for each active `on` job without one, stops those of jobs paused or gone.
