@@ -131,7 +131,7 @@ async fn every_second_limit_three_publishes_three_messages_on_redis() {
     every_second_limit_three_publishes_three_messages("redis").await;
 }
 
-async fn an_event_triggered_job_publishes_once_per_source_message(env: &str) {
+async fn an_event_triggered_job_publishes_once_per_source_message(env: &str, forward: bool) {
     let dir = tempfile::tempdir().expect("temp dir");
     let (bus, event) = sqlite_bus(dir.path()).await;
     let source = format!("{}:{}", event.split(':').next().expect("broker tag"), unique("orders"));
@@ -141,7 +141,7 @@ async fn an_event_triggered_job_publishes_once_per_source_message(env: &str) {
         .expect("topic");
     let mut sub = bus.subscribe(env, &event, Group("jobs-test")).await.expect("subscribe");
     let schedule = Schedule { on: Some(source.clone()), ..Default::default() };
-    let job = bus.create_job(spec(env, &event, schedule)).await.expect("create job");
+    let job = bus.create_job(JobSpec { forward, ..spec(env, &event, schedule) }).await.expect("create job");
     assert_eq!(job.next_run, None, "an `on` job has no scheduled time");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let scheduler = tokio::spawn(Scheduler::new(bus.clone()).run(async {
@@ -158,7 +158,11 @@ async fn an_event_triggered_job_publishes_once_per_source_message(env: &str) {
     let ids: BTreeSet<String> = got.iter().map(|m| m.id.clone()).collect();
     let expected: BTreeSet<String> = sources.iter().map(|s| triggered_message_id(&job.id, s)).collect();
     assert_eq!(ids, expected, "one message per source message, with an id derived from it");
-    assert!(got.iter().all(|m| m.payload_str() == Some("tick")));
+    let mut payloads: Vec<_> = got.iter().map(|m| m.payload_str().expect("text").to_owned()).collect();
+    payloads.sort();
+    let expected: Vec<String> =
+        if forward { (0..3).map(|n| format!("order {n}")).collect() } else { vec!["tick".into(); 3] };
+    assert_eq!(payloads, expected, "the job's payload, or with `forward` the source's");
     let runs = tokio::time::timeout(DEADLINE, async {
         loop {
             let runs = bus.job_runs(&job.id).await.expect("runs");
@@ -179,12 +183,13 @@ async fn an_event_triggered_job_publishes_once_per_source_message(env: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_triggered_job_publishes_once_per_source_message_on_the_embedded_broker() {
-    an_event_triggered_job_publishes_once_per_source_message("local").await;
+    an_event_triggered_job_publishes_once_per_source_message("local", false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_triggered_job_publishes_once_per_source_message_on_redis() {
-    an_event_triggered_job_publishes_once_per_source_message("redis").await;
+    // Forwarding the source message's payload.
+    an_event_triggered_job_publishes_once_per_source_message("redis", true).await;
 }
 
 #[tokio::test]
@@ -362,6 +367,10 @@ async fn invalid_jobs_are_refused_naming_the_field() {
             Err(Error::Validation(e)) => assert_eq!(e.field, field, "{shown}: {e}"),
             other => panic!("{shown}: expected a validation error on `{field}`, got {other:?}"),
         }
+    }
+    match bus.create_job(JobSpec { forward: true, ..spec("local", &event, every("1s")) }).await {
+        Err(Error::Validation(e)) => assert_eq!(e.field, "forward"),
+        other => panic!("expected a validation error on `forward`, got {other:?}"),
     }
     let two = JobPayload { text: Some("a".into()), base64: Some("Yg==".into()), ..Default::default() };
     match bus.create_job(JobSpec { payload: two, ..spec("local", &event, every("1s")) }).await {

@@ -116,6 +116,9 @@ pub struct CreateArgs {
     /// Create the job paused.
     #[arg(long)]
     pub paused: bool,
+    /// With `--on`: publish the source message's payload, headers and key instead of `--data`.
+    #[arg(long, requires = "on", conflicts_with_all = ["data", "file"])]
+    pub forward: bool,
 }
 
 /// `--catch-up`.
@@ -206,6 +209,7 @@ fn spec(args: CreateArgs) -> CliResult<JobSpec> {
             CatchUpArg::Once => CatchUp::Once,
         },
         paused: args.paused,
+        forward: args.forward,
     })
 }
 

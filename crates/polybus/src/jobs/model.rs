@@ -110,6 +110,10 @@ pub struct JobSpec {
     /// Created paused: no run until resumed.
     #[serde(default)]
     pub paused: bool,
+    /// With `schedule.on`: publish the source message's payload, headers and key (the job's
+    /// own headers and key added over them) instead of the job's payload.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forward: bool,
 }
 
 fn default_retries() -> u32 {
@@ -221,6 +225,9 @@ impl JobSpec {
         {
             return Err(invalid("endDate", "must not be before startAt"));
         }
+        if self.forward && self.schedule.on.is_none() {
+            return Err(invalid("forward", "forwarding the source message applies to `schedule.on` only"));
+        }
         if self.retries == 0 {
             return Err(invalid("retries", "at least 1 publish attempt is needed"));
         }
@@ -293,6 +300,30 @@ impl JobSpec {
                     .map_err(|e| invalid("schedule.delay", format!("`{d}` is not a duration like 10m: {e}")))
             })
             .transpose()
+    }
+
+    /// The message an `on` job publishes for the source message `source`.
+    pub fn triggered_message(&self, job_id: &str, source: &Message) -> Result<Message> {
+        let mut message = if self.forward {
+            let mut message = Message::new(source.payload.clone());
+            message.headers = source.headers.clone();
+            message.key = source.key.clone();
+            message.content_type = source.content_type.clone();
+            for (name, value) in &self.headers {
+                message = message.header(name, value);
+            }
+            if let Some(key) = &self.key {
+                message = message.key(key);
+            }
+            message
+        } else {
+            self.message(job_id, source.published_at)?
+        };
+        message = message.id(triggered_message_id(job_id, &source.id));
+        if let Some(delay) = self.delay()? {
+            message = message.delay(delay);
+        }
+        Ok(message)
     }
 
     /// The message a run scheduled at `at` publishes.

@@ -369,10 +369,7 @@ async fn trigger(bus: Bus, jobs: JobStore, job: Job) {
         let arrived = delivery.message().published_at;
         let id = triggered_message_id(&job.id, &delivery.message().id);
         let published = async {
-            let mut message = job.spec.message(&job.id, arrived)?.id(id.clone());
-            if let Some(delay) = job.spec.delay()? {
-                message = message.delay(delay);
-            }
+            let message = job.spec.triggered_message(&job.id, delivery.message())?;
             bus.publish(&job.spec.env, &job.spec.event, message).await
         }
         .await;
