@@ -81,6 +81,9 @@ pub enum Command {
     Replay(crate::commands::replay::ReplayArgs),
     /// Read stored messages by id, key and time, oldest first (brokers that retain messages).
     Messages(crate::commands::replay::MessagesArgs),
+    /// Scheduled publishing: jobs that publish at a time, every interval or on a cron schedule.
+    #[command(subcommand)]
+    Job(crate::commands::job::JobCommand),
     /// Set up a local broker and topic, publish and consume a few messages, show what to try next.
     Quickstart,
     /// Run the HTTP server: API, metrics, OpenAPI document and dashboard, over `--registry`;
@@ -125,6 +128,7 @@ impl Command {
             Command::Idempotency(_) => "idempotency",
             Command::Replay(_) => "replay",
             Command::Messages(_) => "messages",
+            Command::Job(_) => "job",
             Command::Quickstart => "quickstart",
             Command::Serve(_) => "serve",
             Command::Key(_) => "key",
@@ -149,6 +153,10 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port).
     #[arg(long, env = "POLYBUS_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// How long a job run this server claimed is held: if the server dies, another replica on
+    /// the same registry takes the run over after this.
+    #[arg(long, env = "POLYBUS_JOB_LEASE", value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub job_lease: std::time::Duration,
     /// Only `${VAR}` references whose name starts with this resolve in broker configs; repeat
     /// for several (comma-separated in the variable). An empty prefix lets anyone who can write
     /// a definition read every variable of the server: do not.
@@ -440,7 +448,7 @@ pub struct ConsumeArgs {
     pub timeout: Option<Duration>,
 }
 
-fn parse_header(value: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_header(value: &str) -> Result<(String, String), String> {
     match value.split_once('=') {
         Some((name, value)) if !name.is_empty() => Ok((name.to_owned(), value.to_owned())),
         _ => Err(format!("`{value}` is not a header: expected NAME=VALUE")),

@@ -500,6 +500,12 @@ impl Client {
         Ok(())
     }
 
+    /// A request under `/v1/jobs`; the JSON answer.
+    pub async fn jobs(&self, method: Method, path: &[&str], body: Option<&Value>) -> CliResult<Value> {
+        let segments: Vec<&str> = std::iter::once("jobs").chain(path.iter().copied()).collect();
+        self.call(method, &segments, &[], body, REQUEST_TIMEOUT).await
+    }
+
     /// `POST /v1/envs/{env}/events/{event}/messages` with a batch; the ids, in order, and
     /// which were duplicates not sent.
     pub async fn publish(

@@ -22,6 +22,7 @@ mod delivery;
 mod dlq;
 pub mod files;
 mod idempotency;
+pub mod jobs;
 pub mod metrics;
 mod ops;
 mod secrets;

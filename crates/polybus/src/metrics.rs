@@ -40,6 +40,10 @@ pub mod names {
     pub const HANDLER_SECONDS: &str = "polybus_handler_seconds";
     /// `consume` handlers running now.
     pub const HANDLERS_IN_FLIGHT: &str = "polybus_handlers_in_flight";
+    /// Job runs finished, by `outcome` (`succeeded`, `failed`).
+    pub const JOB_RUNS: &str = "polybus_job_runs_total";
+    /// How late a job run's first attempt started after its scheduled time.
+    pub const JOB_LAG_SECONDS: &str = "polybus_job_schedule_lag_seconds";
 }
 
 /// Describes the series to the installed recorder (help texts and units); call once after
@@ -55,6 +59,12 @@ pub fn describe() {
     describe_counter!(DEAD_LETTERED, "Deliveries sent to the dead-letter destination.");
     describe_histogram!(HANDLER_SECONDS, metrics::Unit::Seconds, "Time a consume handler took.");
     describe_gauge!(HANDLERS_IN_FLIGHT, "Consume handlers running now.");
+    describe_counter!(JOB_RUNS, "Job runs finished, by outcome.");
+    describe_histogram!(
+        JOB_LAG_SECONDS,
+        metrics::Unit::Seconds,
+        "How late a job run started after its scheduled time."
+    );
 }
 
 fn labels(system: &str, env: &str, event: &str, group: Option<&str>) -> Vec<Label> {

@@ -35,6 +35,10 @@ pub enum Kind {
     ApiKey,
     /// A `$Secret{name}` value, stored encrypted.
     Secret,
+    /// A scheduled job, keyed by id.
+    Job,
+    /// One run of a job, keyed by `JOB/NUMBER`, with its job id as parent.
+    JobRun,
 }
 
 impl Kind {
@@ -45,6 +49,8 @@ impl Kind {
             Kind::Topic => "topic",
             Kind::ApiKey => "api_key",
             Kind::Secret => "secret",
+            Kind::Job => "job",
+            Kind::JobRun => "job_run",
         }
     }
 }

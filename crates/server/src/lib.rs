@@ -116,6 +116,8 @@ pub struct Server {
     listener: TcpListener,
     tls: Option<std::sync::Arc<rustls::ServerConfig>>,
     state: AppState,
+    /// How the job scheduler runs, when it does.
+    jobs: Option<polybus::jobs::SchedulerOptions>,
 }
 
 impl Server {
@@ -139,13 +141,14 @@ impl Server {
         if let Err(reason) = &options.secrets_key {
             tracing::warn!("`$Secret{{..}}` references cannot be used: {reason}");
         }
+        let jobs = options.jobs.clone();
         let state = AppState::open(registry, options).await?;
-        Ok(Server { listener, tls, state })
+        Ok(Server { listener, tls, state, jobs })
     }
 
-    /// Serves `state` on an already bound listener.
+    /// Serves `state` on an already bound listener (without the job scheduler).
     pub fn with_listener(listener: TcpListener, state: AppState) -> Server {
-        Server { listener, tls: None, state }
+        Server { listener, tls: None, state, jobs: None }
     }
 
     /// True when the server speaks HTTPS.
@@ -166,7 +169,14 @@ impl Server {
     /// Serves until `shutdown` completes; then ends event streams, waits for open requests,
     /// nacks unsettled leases (so their messages are redelivered at once) and closes the bus.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), ServeError> {
-        let Server { listener, tls, state } = self;
+        let Server { listener, tls, state, jobs } = self;
+        let (stop_jobs, jobs_stopped) = tokio::sync::oneshot::channel::<()>();
+        let scheduler = jobs.map(|options| {
+            let scheduler = polybus::jobs::Scheduler::new(state.bus().clone()).with_options(options);
+            tokio::spawn(scheduler.run(async {
+                jobs_stopped.await.ok();
+            }))
+        });
         let app = router(state.clone());
         let stopping = state.clone();
         let shutdown = async move {
@@ -182,6 +192,10 @@ impl Server {
             }
         }
         .map_err(ServeError::Serve);
+        stop_jobs.send(()).ok();
+        if let Some(scheduler) = scheduler {
+            scheduler.await.ok();
+        }
         let closed = state.close().await;
         served?;
         closed.map_err(ServeError::from)

@@ -29,6 +29,8 @@ pub struct Options {
     /// The data folder: every file the server creates or reads for a definition is inside it.
     /// `None`: `polybus-data` beside a SQLite registry ([`crate::Server::bind`]), else `./polybus-data`.
     pub data_dir: Option<PathBuf>,
+    /// How the job scheduler runs; `None`: this server fires no job runs.
+    pub jobs: Option<polybus::jobs::SchedulerOptions>,
 }
 
 impl Default for Options {
@@ -38,6 +40,7 @@ impl Default for Options {
             secret_env_prefixes: vec![polybus::DEFAULT_ENV_PREFIX.to_owned()],
             secrets_key: Err("this server was started without a secrets key".to_owned()),
             data_dir: None,
+            jobs: Some(polybus::jobs::SchedulerOptions::default()),
         }
     }
 }

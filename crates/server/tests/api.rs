@@ -11,7 +11,7 @@ use polybus_server::Options;
 use serde_json::{Value, json};
 
 /// Every route the server has, as `(METHOD, path)`.
-const ROUTES: [(&str, &str); 33] = [
+const ROUTES: [(&str, &str); 41] = [
     ("GET", "/"),
     ("GET", "/healthz"),
     ("GET", "/readyz"),
@@ -45,6 +45,14 @@ const ROUTES: [(&str, &str); 33] = [
     ("GET", "/v1/envs/{env}/events/{event}/idempotency/{key}"),
     ("POST", "/v1/envs/{env}/events/{event}/replay"),
     ("GET", "/v1/envs/{env}/events/{event}/messages"),
+    ("POST", "/v1/jobs"),
+    ("GET", "/v1/jobs"),
+    ("GET", "/v1/jobs/{id}"),
+    ("DELETE", "/v1/jobs/{id}"),
+    ("POST", "/v1/jobs/{id}/pause"),
+    ("POST", "/v1/jobs/{id}/resume"),
+    ("GET", "/v1/jobs/{id}/runs"),
+    ("POST", "/v1/jobs/{id}/runs/{run}/retry"),
 ];
 
 #[tokio::test]
@@ -108,7 +116,8 @@ async fn every_api_route_needs_a_key_but_health_readiness_and_the_page() {
             .replace("{group}", "g")
             .replace("{name}", "pw")
             .replace("{id}", "m1")
-            .replace("{key}", "order-1");
+            .replace("{key}", "order-1")
+            .replace("{run}", "1");
         let (status, body) = api.call(method, &path, None, None).await;
         if ["/", "/healthz", "/readyz"].contains(&path.as_str()) {
             assert_eq!(status, StatusCode::OK, "{method} {path}: {body}");
@@ -504,4 +513,43 @@ async fn metrics_include_the_series_of_a_bus_the_server_does_not_drive() {
     let line = r#"polybus_published_total{system="embedded",env="dev",event="library-bus:orders"} 2"#;
     assert!(text.lines().any(|l| l == line), "missing `{line}` in:\n{text}");
     assert!(text.contains("# TYPE polybus_publish_seconds histogram"), "{text}");
+}
+
+#[tokio::test]
+async fn jobs_are_created_listed_paused_resumed_and_deleted_with_a_write_key() {
+    let api = TestApi::new().await;
+    let event = api.embedded_topic("bus", "orders").await;
+    let spec = json!({"env": "dev", "event": event, "payload": {"text": "tick"}, "schedule": {"cron": "0 2 * * *", "tz": "Africa/Lagos"}});
+    let reader = Some(api.reader.as_str());
+    let (status, answer) = api.call("POST", "/v1/jobs", reader, Some(spec.clone())).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{answer}");
+
+    let job = api.ok("POST", "/v1/jobs", Some(spec), StatusCode::CREATED).await;
+    let id = job["id"].as_str().expect("id").to_owned();
+    let next = job["nextRun"].as_str().expect("next run");
+    assert!(next.contains("T01:00:00"), "02:00 in Lagos is 01:00 UTC: {next}");
+    let (status, listed) = api.call("GET", "/v1/jobs", reader, None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(listed["jobs"][0]["id"], id.as_str());
+    let paused = api.ok("POST", &format!("/v1/jobs/{id}/pause"), None, StatusCode::OK).await;
+    assert_eq!(paused["paused"], true);
+    let resumed = api.ok("POST", &format!("/v1/jobs/{id}/resume"), None, StatusCode::OK).await;
+    assert_eq!(resumed["paused"], false);
+    let runs = api.ok("GET", &format!("/v1/jobs/{id}/runs"), None, StatusCode::OK).await;
+    assert_eq!(runs["runs"], json!([]));
+    let (status, answer) =
+        api.call("POST", &format!("/v1/jobs/{id}/runs/1/retry"), Some(&api.admin), None).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("RUN_NOT_FOUND")));
+
+    let bad = json!({"env": "dev", "event": event, "schedule": {"every": "10ms"}});
+    let (status, answer) = api.call("POST", "/v1/jobs", Some(&api.admin), Some(bad)).await;
+    assert_eq!(
+        (status, answer["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("schedule.every"))
+    );
+
+    let (status, _) = api.call("DELETE", &format!("/v1/jobs/{id}"), Some(&api.admin), None).await;
+    assert_eq!(status, StatusCode::OK);
+    let (status, answer) = api.call("GET", &format!("/v1/jobs/{id}"), Some(&api.admin), None).await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("JOB_NOT_FOUND")));
 }

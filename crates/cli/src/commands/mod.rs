@@ -5,6 +5,7 @@ mod broker;
 mod consume;
 mod dlq;
 mod groups;
+pub mod job;
 pub use dlq::Act as DlqAct;
 mod idempotency;
 mod key;
@@ -123,6 +124,7 @@ pub async fn run(cli: Cli) -> CliResult {
         Command::Dlq(command) => dlq::run(&ctx, command).await,
         Command::Groups(args) => groups::run(&ctx, args).await,
         Command::Idempotency(command) => idempotency::run(&ctx, command).await,
+        Command::Job(command) => job::run(&ctx, command).await,
         Command::Quickstart => quickstart::run(&ctx).await,
         Command::Serve(args) => serve::run(&ctx, args).await,
         Command::Key(command) => key::run(&ctx, command).await,

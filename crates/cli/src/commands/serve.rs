@@ -25,6 +25,8 @@ pub async fn run(ctx: &Context, args: ServeArgs) -> CliResult {
     config.secrets_key_file = ctx.secrets_key_file.clone();
     config.options.secret_env_prefixes = args.secret_env_prefixes;
     config.options.data_dir = Some(ctx.data_dir.clone());
+    config.options.jobs =
+        Some(polybus::jobs::SchedulerOptions { lease: args.job_lease, ..Default::default() });
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(polybus_server::TlsFiles { cert, key });
     }

@@ -4,6 +4,7 @@ pub mod consume;
 pub mod deadletters;
 pub mod groups;
 pub mod idempotency;
+pub mod jobs;
 pub mod messages;
 pub mod ops;
 pub mod registry;
@@ -49,6 +50,7 @@ use crate::{auth, dashboard};
         (name = "consume", description = "Consuming with leases: SSE stream or pull, then ack"),
         (name = "groups", description = "Consumer groups with members, pending, lag and oldest unacked age"),
         (name = "replay", description = "Replay a group and read stored messages, on brokers that retain them"),
+        (name = "jobs", description = "Scheduled publishing: at a time, every interval, on a cron schedule or per message of another event"),
         (name = "operations", description = "Health, readiness, metrics, this document"),
         (name = "dashboard", description = "The web dashboard"),
     )
@@ -76,6 +78,7 @@ fn routes(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(groups::router())
         .merge(idempotency::router())
         .merge(replay::router())
+        .merge(jobs::router())
         .merge(ops::protected())
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::require_key))
         .merge(ops::public())
