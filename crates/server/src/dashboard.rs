@@ -1,7 +1,8 @@
 //! The operations console at `/`: brokers with their envs, types and health; topics with live
 //! counters and throughput charts; for one topic in one env, its consumer groups with lag, its
 //! dead letters (with reason, and redrive and purge buttons) and a browser of its stored
-//! messages. Plain HTML rendered here, inline JavaScript, no external assets.
+//! messages; the scheduled jobs with their next run, last result and failures. Plain HTML
+//! rendered here, inline JavaScript, no external assets.
 //!
 //! The page needs an API key (a read-only one is enough to see): open `/?key=KEY` or type it
 //! into the sign-in field. The page then keeps the key in the browser's localStorage, removes it
@@ -30,6 +31,8 @@ const SIGN_IN_SCRIPT: &str = include_str!("dashboard/sign-in.js");
 
 /// The panel for one topic in one env, filled by the script when a topic's Operate is pressed.
 const DETAIL: &str = include_str!("dashboard/detail.html");
+/// The jobs table, filled by the script from `/v1/jobs`.
+const JOBS: &str = include_str!("dashboard/jobs.html");
 
 /// The dashboard route (no key needed for the page itself; it asks for one).
 pub fn router() -> OpenApiRouter<AppState> {
@@ -203,6 +206,7 @@ fn overview(
         body.push_str("</tbody></table>");
     }
     body.push_str("</section>\n");
+    body.push_str(JOBS);
     body.push_str(DETAIL);
     body.push_str("</main>");
     let attrs = format!(" data-key=\"{}\" data-write=\"{}\"", esc(key), if can_write { "1" } else { "0" });

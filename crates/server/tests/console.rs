@@ -124,6 +124,10 @@ async fn a_dead_letter_is_redriven_by_clicking_and_then_consumed() {
     assert_eq!(first.message().id, id);
     first.dead_letter("card declined: insufficient funds").await.expect("dead-lettered");
 
+    // A nightly job in Lagos time: listed with its next run and no runs yet.
+    let job = json!({"name": "nightly-invoices", "env": "dev", "event": event, "payload": {"text": "invoice"},
+        "schedule": {"cron": "0 2 * * *", "tz": "Africa/Lagos"}});
+    api.ok("POST", "/v1/jobs", Some(job), axum::http::StatusCode::CREATED).await;
     let listening = api.listen().await;
     let address = listening.address;
 
@@ -134,6 +138,10 @@ async fn a_dead_letter_is_redriven_by_clicking_and_then_consumed() {
 
     // A writer opens the topic, sees the dead letter with its reason, and redrives it.
     client.goto(&format!("http://{address}/?key={}", api.admin)).await.expect("open the console");
+    let schedule = wait_for(&client, "#jobs tr.job td.schedule").await;
+    assert_eq!(schedule.text().await.expect("schedule"), "cron 0 2 * * * (Africa/Lagos)");
+    let next = client.find(Locator::Css("#jobs tr.job td.next")).await.expect("next run");
+    assert!(next.text().await.expect("next").ends_with("T01:00:00Z"), "02:00 in Lagos is 01:00 UTC");
     let topic_row = format!("tr.topic[data-event=\"{event}\"][data-env=\"dev\"]");
     wait_for(&client, &format!("{topic_row} button.open")).await.click().await.expect("press Operate");
     // The group that dead-lettered it is listed with its numbers.

@@ -1,7 +1,8 @@
 // The operations console. Keeps the key in localStorage (not in the address bar); polls
 // /v1/stats every second for counters and the throughput charts; runs each env's connection
-// test every 30 seconds; and, for the topic whose Operate button was pressed, shows its groups
-// (refreshed every 5 seconds), its dead letters with redrive and purge, and a message browser.
+// test every 30 seconds; lists the jobs every 10 seconds; and, for the topic whose Operate
+// button was pressed, shows its groups (refreshed every 5 seconds), its dead letters with
+// redrive and purge, and a message browser.
 (function () {
   "use strict";
   var key = document.body.dataset.key;
@@ -266,6 +267,43 @@
     });
   }
 
+  function schedule(job) {
+    var s = job.schedule || {};
+    if (s.cron) { return "cron " + s.cron + (s.tz ? " (" + s.tz + ")" : ""); }
+    if (s.every) { return "every " + s.every; }
+    if (s.at) { return "at " + s.at; }
+    if (s.on) { return "on " + s.on + (s.delay ? " after " + s.delay : ""); }
+    return "–";
+  }
+
+  // Every job with its next run; its runs give the last result and the failures.
+  function loadJobs() {
+    var tbody = $("jobs").querySelector("tbody");
+    api("GET", "/v1/jobs").then(function (body) {
+      var jobs = (body && body.jobs) || [];
+      $("jobs-note").textContent = jobs.length ? "" : "No jobs: polybus job create --env E EVENT --every 1m …";
+      return Promise.all(jobs.slice(0, 50).map(function (job) {
+        return api("GET", "/v1/jobs/" + encodeURIComponent(job.id) + "/runs").then(function (runs) {
+          return { job: job, runs: (runs && runs.runs) || [] };
+        }, function () { return { job: job, runs: null }; });
+      }));
+    }).then(function (rows) {
+      clear(tbody);
+      rows.forEach(function (r) {
+        var last = r.runs && r.runs.length ? r.runs[r.runs.length - 1] : null;
+        var failed = r.runs ? r.runs.filter(function (run) { return run.state === "failed"; }).length : null;
+        var next = r.job.paused ? "paused" : r.job.nextRun;
+        var tr = row("job", [[r.job.name || r.job.id, "name"], [r.job.event, "event"], [r.job.env, "env"],
+          [schedule(r.job), "schedule"], [next, "next"], [r.job.runs, "runs"],
+          [last ? last.state + (last.error ? ": " + last.error : "") : null, "last"], [failed, "failures"]]);
+        tr.dataset.id = r.job.id;
+        tbody.appendChild(tr);
+      });
+    }).catch(function (e) {
+      $("jobs-note").textContent = String(e.message || e);
+    });
+  }
+
   function operate(row) {
     open = { env: row.dataset.env, event: row.dataset.event };
     $("detail-event").textContent = open.event;
@@ -301,6 +339,9 @@
     Array.prototype.forEach.call(document.querySelectorAll(".write"), function (b) { b.hidden = true; });
   }
 
+  $("jobs-refresh").addEventListener("click", loadJobs);
+  loadJobs();
+  setInterval(loadJobs, 10000);
   poll();
   setInterval(poll, 1000);
   checkHealth();
