@@ -8,16 +8,11 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Run, Sandbox, finish};
+use common::{Run, Sandbox, finish, postgres_url};
 use serde_json::{Value, json};
 
 /// Longest the job may take: 20 runs a second apart, plus a lease taken over.
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn postgres_url() -> String {
-    std::env::var("POLYBUS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
 
 /// A PostgreSQL schema of this test's own (so other tests' servers never see its job), dropped at the end.
 struct Schema {
@@ -59,18 +54,8 @@ impl Drop for Schema {
 }
 
 fn polybus(sandbox: &Sandbox, registry: &str, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_polybus"));
-    command
-        .args(["--registry", registry, "--output", "json"])
-        .args(args)
-        .current_dir(sandbox.path())
-        .env_remove("POLYBUS_REGISTRY")
-        .env_remove("POLYBUS_SERVER")
-        .env_remove("POLYBUS_API_KEY")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = sandbox.command_without_registry(&["--registry", registry, "--output", "json"]);
+    command.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     command
 }
 

@@ -6,26 +6,12 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Output, Stdio};
 
-use common::{Run, Sandbox, finish};
+use common::{Run, Sandbox, finish, postgres_url};
 use serde_json::{Value, json};
 
-fn postgres_url() -> String {
-    std::env::var("POLYBUS_TEST_POSTGRES_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
 fn polybus(sandbox: &Sandbox, args: &[&str]) -> Command {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_polybus"));
-    command
-        .args(args)
-        .current_dir(sandbox.path())
-        .env_remove("POLYBUS_REGISTRY")
-        .env_remove("POLYBUS_SERVER")
-        .env_remove("POLYBUS_API_KEY")
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+    let mut command = sandbox.command_without_registry(args);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     command
 }
 

@@ -51,6 +51,21 @@ fn remote(client: &Sandbox, server: &Server, key: Option<&str>, args: &[&str]) -
     finish(command.output().expect("run polybus"))
 }
 
+/// Creates, through `server`, broker `bus` with one embedded env `dev` keeping its file at `path`
+/// (relative: in the server's data folder) with `retention` YAML lines when given, and topic
+/// `bus:orders`.
+fn orders_topic(client: &Sandbox, server: &Server, path: &str, retention: Option<&str>) {
+    let key = Some(server.key.as_str());
+    let retention = retention.map(|r| format!("      retention:\n        {r}\n")).unwrap_or_default();
+    let broker = client.write(
+        "b.yaml",
+        format!("name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: {path}\n{retention}"),
+    );
+    remote(client, server, key, &["broker", "create", "-f", &broker]).ok();
+    let topic = client.write("t.yaml", "tag: bus:orders\n");
+    remote(client, server, key, &["topic", "create", "-f", &topic]).ok();
+}
+
 fn json_lines(text: &str) -> Vec<Value> {
     text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"))).collect()
 }
@@ -300,13 +315,7 @@ fn a_body_over_the_server_limit_is_reported_as_the_server_answered_it() {
     let server = Server::start();
     let client = Sandbox::new();
     let key = Some(server.key.as_str());
-    let broker = client.write(
-        "b.yaml",
-        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: broker.db\n",
-    );
-    remote(&client, &server, key, &["broker", "create", "-f", &broker]).ok();
-    let topic = client.write("t.yaml", "tag: bus:orders\n");
-    remote(&client, &server, key, &["topic", "create", "-f", &topic]).ok();
+    orders_topic(&client, &server, "broker.db", None);
     // 16 MiB, base64-encoded in the request: far over the server's default limit of 3 MiB.
     let big = client.write("big.bin", vec![b'x'; 16 << 20]);
     let run = remote(&client, &server, key, &["publish", "--env", "dev", "bus:orders", "--file", &big]);
@@ -345,13 +354,7 @@ fn dead_letters_are_listed_shown_redriven_and_purged_through_the_server() {
     let client = Sandbox::new();
     let key = Some(server.key.as_str());
     let run = |args: &[&str]| remote(&client, &server, key, args);
-    let broker = client.write(
-        "b.yaml",
-        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: dlq.db\n",
-    );
-    run(&["broker", "create", "-f", &broker]).ok();
-    let topic = client.write("t.yaml", "tag: bus:orders\n");
-    run(&["topic", "create", "-f", &topic]).ok();
+    orders_topic(&client, &server, "dlq.db", None);
     for n in 1..=3 {
         run(&[
             "publish",
@@ -447,13 +450,7 @@ fn groups_are_listed_through_the_server_as_locally() {
     let server = Server::start();
     let client = Sandbox::new();
     let run = |args: &[&str]| remote(&client, &server, Some(server.key.as_str()), args);
-    let broker = client.write(
-        "b.yaml",
-        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: groups.db\n",
-    );
-    run(&["broker", "create", "-f", &broker]).ok();
-    let topic = client.write("t.yaml", "tag: bus:orders\n");
-    run(&["topic", "create", "-f", &topic]).ok();
+    orders_topic(&client, &server, "groups.db", None);
     run(&["publish", "--env", "dev", "bus:orders", "--data", "1"]).ok();
     run(&["publish", "--env", "dev", "bus:orders", "--data", "2"]).ok();
     run(&["consume", "--env", "dev", "bus:orders", "--group", "billing", "--count", "2"]).ok();
@@ -475,14 +472,7 @@ fn replay_and_messages_work_through_the_server() {
     let client = Sandbox::new();
     let key = Some(server.key.as_str());
     let run = |args: &[&str]| remote(&client, &server, key, args);
-    let broker = client.write(
-        "b.yaml",
-        "name: Bus\ntag: bus\nenvs:\n  - slug: dev\n    type: embedded\n    config:\n      path: replay.db\n      \
-         retention:\n        keepAcked: true\n",
-    );
-    run(&["broker", "create", "-f", &broker]).ok();
-    let topic = client.write("t.yaml", "tag: bus:orders\n");
-    run(&["topic", "create", "-f", &topic]).ok();
+    orders_topic(&client, &server, "replay.db", Some("keepAcked: true"));
     let mut ids = Vec::new();
     for key in ["a", "b"] {
         let published =

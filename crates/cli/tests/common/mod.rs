@@ -70,9 +70,16 @@ impl Sandbox {
 
     /// A `polybus` command in the sandbox, with the sandbox's registry and a clean environment.
     pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = self.command_without_registry(&["--registry", "registry.db"]);
+        command.args(args);
+        command
+    }
+
+    /// A `polybus` command in the sandbox with a clean environment and no registry chosen
+    /// (for tests that pass their own, e.g. PostgreSQL).
+    pub fn command_without_registry(&self, args: &[&str]) -> Command {
         let mut command = Command::new(env!("CARGO_BIN_EXE_polybus"));
         command
-            .args(["--registry", "registry.db"])
             .args(args)
             .current_dir(self.dir.path())
             .env_remove("POLYBUS_REGISTRY")
@@ -148,6 +155,13 @@ impl Sandbox {
         self.run(&["topic", "create", "-f", &file]).ok();
         event
     }
+}
+
+/// The PostgreSQL server of the replica tests: `POLYBUS_TEST_POSTGRES_URL`, else the one
+/// `scripts/services postgres` starts.
+pub fn postgres_url() -> String {
+    std::env::var("POLYBUS_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// Collects a finished child's output.
