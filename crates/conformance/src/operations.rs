@@ -77,8 +77,7 @@ pub(crate) async fn dead_letters_are_listed_redriven_and_purged(ctx: Ctx) {
     assert!(none.is_empty(), "nothing is left: {:?}", ids(&none));
 }
 
-/// How long a dead letter an operation gave back may stay out of sight: not at all. (NATS,
-/// which can hold one back until the scan's ack deadline, skips this case as a known defect.)
+/// How long a dead letter an operation gave back may stay out of sight: not at all.
 const REAPPEAR: Duration = Duration::ZERO;
 
 /// Lists until exactly `expected` is seen (or [`REAPPEAR`] passed); never more than `expected`.

@@ -190,6 +190,13 @@ pub trait Subscription: Send {
         Ok(batch)
     }
 
+    /// Stops receiving ahead of [`close`](Self::close), so deliveries given back (nacked) after
+    /// it go to other members rather than to this one's open fetch; `next` then ends. Brokers
+    /// whose nacks cannot reach a closing member need nothing here.
+    async fn stop(&mut self) -> Result<()> {
+        Ok(())
+    }
+
     /// Stops fetching; deliveries already handed out can still be settled.
     async fn close(&mut self) -> Result<()>;
 }

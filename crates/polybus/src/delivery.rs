@@ -301,6 +301,12 @@ impl Subscriber {
         }
     }
 
+    /// Stops receiving before a [`close`](Self::close): deliveries nacked after this go back
+    /// to the group, not to this member's open fetch (NATS JetStream). `next` then ends.
+    pub async fn stop(&mut self) -> Result<()> {
+        self.inner.stop().await
+    }
+
     /// Stops fetching; deliveries already handed out can still be settled.
     pub async fn close(&mut self) -> Result<()> {
         self.inner.close().await

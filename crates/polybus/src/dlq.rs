@@ -199,8 +199,12 @@ impl Bus {
         .await;
         // Whatever happened, what was read and not acted on goes back, before closing: with
         // nothing unsettled, closing waits for the member to leave its group (Kafka commits
-        // then), so the next operation reads from where this one left. What comes back into
-        // the subscription meanwhile is given back by its close.
+        // then), so the next operation reads from where this one left. The member stops
+        // receiving first, so nothing given back is sent to its open fetch (NATS: it would wait
+        // out HOLD there); what it received meanwhile is given back by its close.
+        if let Err(e) = subscriber.stop().await {
+            tracing::debug!(error = %e, "stopping a dead-letter scan");
+        }
         let give_back = held.into_iter().map(|d| async move {
             if let Err(e) = d.nack().await {
                 tracing::debug!(error = %e, "giving back a dead letter after a scan");

@@ -276,6 +276,10 @@ impl Subscription for ScrubbedSubscription {
         Ok(ready.into_iter().map(|delivery| self.wrap(delivery)).collect())
     }
 
+    async fn stop(&mut self) -> Result<()> {
+        self.inner.stop().await.map_err(|e| self.scrubber.scrub(e))
+    }
+
     async fn close(&mut self) -> Result<()> {
         self.inner.close().await.map_err(|e| self.scrubber.scrub(e))
     }

@@ -20,6 +20,12 @@ use crate::transport::Shared;
 /// How long after its pull request's expiry a closing member's messages are given back.
 const EXPIRY_MARGIN: Duration = Duration::from_millis(250);
 
+/// The shortest delay of a nak. A nak without a delay while no pull request of the group waits
+/// makes nats-server 2.9 lose the message: it is not sent again (until the ack deadline), and a
+/// later one of the same consumer is sent again as if new. A delayed nak is redelivered by the
+/// server's timer, which does not.
+const MIN_NAK_DELAY: Duration = Duration::from_millis(1);
+
 /// Failures in a row before the subscriber is told (it keeps trying either way).
 const REPORT_AFTER_FAILURES: u32 = 3;
 
@@ -31,6 +37,8 @@ pub struct NatsSubscription {
     stop: watch::Sender<bool>,
     /// The pulling task; it ends with the pull request it left open, if any.
     task: Option<JoinHandle<Option<puller::Batch>>>,
+    /// Set once the member has stopped receiving, until `close` gives back what it left.
+    stopped: Option<Stopped>,
     closed: bool,
 }
 
@@ -48,7 +56,7 @@ impl NatsSubscription {
         let (stop, stopped) = watch::channel(false);
         let puller = Puller::new(shared.clone(), stream, config, Some(consumer));
         let task = tokio::spawn(run(shared.clone(), puller, fetcher, stopped));
-        NatsSubscription { shared, deliveries, stop, task: Some(task), closed: false }
+        NatsSubscription { shared, deliveries, stop, task: Some(task), stopped: None, closed: false }
     }
 }
 
@@ -63,44 +71,54 @@ impl Drop for NatsSubscription {
 #[async_trait]
 impl Subscription for NatsSubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
-        if self.closed {
+        if self.closed || self.stopped.is_some() {
             return None;
         }
         self.deliveries.recv().await
     }
 
-    async fn close(&mut self) -> Result<()> {
-        if self.closed {
+    async fn stop(&mut self) -> Result<()> {
+        if self.closed || self.stopped.is_some() {
             return Ok(());
         }
-        self.closed = true;
         self.stop.send_replace(true);
         // The task stops at its next await; a panic in it has been reported already.
         let open = match self.task.take() {
             Some(task) => task.await.ok().flatten(),
             None => None,
         };
-        // What the server sent to the open pull request before it heard of the close sits in
-        // the request's inbox; dropped unread, it would wait out the ack deadline. After a round
-        // trip all of it has arrived: take it, drop the request (its interest with it), and only
-        // once the server has seen that give everything back, so nothing goes back into it. What
-        // is given back is also held (a delayed nak) until the request has expired on the server,
-        // in case the server still sends to it.
-        let mut arrived = Vec::new();
-        let mut hold = None;
+        // What the server sent to the open pull request before it heard of the stop sits in the
+        // request's inbox; dropped unread, it would wait out the ack deadline. After a round trip
+        // all of it has arrived: take it, and drop the request (its interest with it). Once the
+        // server has seen that, nothing given back can be sent to this member again: only then
+        // may this member, or its caller, give anything back.
+        let mut stopped = Stopped::default();
         if let Some(mut batch) = open {
-            hold = Some(batch.expires() + EXPIRY_MARGIN);
+            stopped.hold = Some(batch.expires() + EXPIRY_MARGIN);
             if let Err(e) = self.shared.client.flush().await {
                 tracing::debug!(error = %e, "flushing before closing a pull request");
             }
             while let Some(Some(Ok(message))) = batch.next().now_or_never() {
-                arrived.push(message);
+                stopped.arrived.push(message);
             }
             drop(batch);
             if let Err(e) = self.shared.client.flush().await {
                 tracing::debug!(error = %e, "flushing after closing a pull request");
             }
         }
+        self.stopped = Some(stopped);
+        Ok(())
+    }
+
+    async fn close(&mut self) -> Result<()> {
+        if self.closed {
+            return Ok(());
+        }
+        self.stop().await?;
+        self.closed = true;
+        let Stopped { arrived, hold } = self.stopped.take().unwrap_or_default();
+        // What is given back is also held (a delayed nak) until the request has expired on the
+        // server, in case the server still sends to it.
         let delay = hold.map(|until| until.saturating_duration_since(Instant::now()));
         for message in arrived {
             give_back(&self.shared, message, delay).await;
@@ -115,6 +133,15 @@ impl Subscription for NatsSubscription {
         }
         Ok(())
     }
+}
+
+/// What [`NatsSubscription::stop`] left for `close` to give back.
+#[derive(Default)]
+struct Stopped {
+    /// Messages that reached the dropped pull request's inbox.
+    arrived: Vec<jetstream::Message>,
+    /// Until when the dropped request may still be open on the server.
+    hold: Option<Instant>,
 }
 
 async fn run(
@@ -198,12 +225,16 @@ fn report(shared: &Shared, puller: &Puller, fetcher: &Fetcher<Result<Delivery>>,
 
 /// Returns `message` to the group, to be delivered again after `delay` (at once when `None`).
 async fn give_back(shared: &Shared, message: jetstream::Message, delay: Option<Duration>) {
-    let delay = delay.filter(|d| !d.is_zero());
     if let Some(reply) = &message.reply
-        && let Err(e) = puller::settle(shared, reply, AckKind::Nak(delay)).await
+        && let Err(e) = puller::settle(shared, reply, nak(delay)).await
     {
         tracing::debug!(error = %e, "returning an extra delivery");
     }
+}
+
+/// A nak redelivering after `delay`, and never at once (see [`MIN_NAK_DELAY`]).
+fn nak(delay: Option<Duration>) -> AckKind {
+    AckKind::Nak(Some(delay.unwrap_or_default().max(MIN_NAK_DELAY)))
 }
 
 fn delivery(shared: &Shared, stream: &str, message: jetstream::Message, slot: Slot) -> Option<Delivery> {
@@ -251,6 +282,6 @@ impl Acker for NatsAcker {
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        self.settle(Op::Nack, AckKind::Nak(delay.filter(|d| !d.is_zero()))).await
+        self.settle(Op::Nack, nak(delay)).await
     }
 }

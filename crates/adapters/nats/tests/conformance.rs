@@ -21,12 +21,7 @@ fn main() -> ExitCode {
     if let Some(code) = polybus_conformance::member_process(&[Arc::new(NatsConnector)]) {
         return code;
     }
-    let target = Target::new("nats", polybus_nats::BROKER_TYPE, json!({})).connector(Arc::new(NatsConnector)).known_defect(
-        "dead_letters_are_listed_redriven_and_purged",
-        "a dead-letter scan right after another can miss a letter (about 1 run in 6): one given back by the \
-         first scan just before it closes can reach its pull request after the close drained it, and stays \
-         out of sight until the scan's ack deadline (issue 15)",
-    );
+    let target = Target::new("nats", polybus_nats::BROKER_TYPE, json!({})).connector(Arc::new(NatsConnector));
     if let Ok(url) = std::env::var("POLYBUS_NATS_URL") {
         return run_on_shared_server(target.no_private("POLYBUS_NATS_URL names a shared server"), &url);
     }
