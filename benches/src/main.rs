@@ -65,6 +65,16 @@ struct Args {
     /// Seconds of the embedded broker's latency test at 1,000 msg/s; 0 skips it.
     #[arg(long, default_value_t = 10)]
     latency_secs: u64,
+    /// Messages of each one-by-one run (one publisher awaiting every publish, 256 B); 0 skips them.
+    #[arg(long, default_value_t = 2_000)]
+    one_messages: usize,
+    /// Repetitions of each one-by-one way.
+    #[arg(long, default_value_t = 3)]
+    one_reps: usize,
+    /// Adapters whose consumers are also measured from a backlog: joining only once everything
+    /// is published, so neither client holds messages when its consume clock starts.
+    #[arg(long, value_delimiter = ',', default_value = "kafka")]
+    backlog: Vec<String>,
     /// Longest one run may take, in seconds.
     #[arg(long, default_value_t = 120)]
     run_limit: u64,
@@ -196,6 +206,7 @@ async fn run(args: Args) -> Result<()> {
                 payload: Bytes::from(vec![b'x'; size]),
                 batch: args.batch,
                 prefetch: args.prefetch,
+                cold: false,
             };
             let kinds: Vec<Kind> = [Kind::Polybus, Kind::Raw, Kind::Omniqueue]
                 .into_iter()
@@ -223,6 +234,78 @@ async fn run(args: Args) -> Result<()> {
                     }
                     results.record(adapter.name, size, messages, kind, outcome);
                 }
+            }
+        }
+    }
+
+    if args.one_messages > 0 {
+        for adapter in &selected {
+            let messages = match adapter.name {
+                // moto answers a few hundred calls a second; the emulator's publisher is slow one by one.
+                "sqs" => args.one_messages.min(200),
+                "pubsub" => args.one_messages.min(1_000),
+                "mqtt" => args.one_messages.min(args.mqtt_messages),
+                _ => args.one_messages,
+            };
+            let work = Workload {
+                messages,
+                payload: Bytes::from(vec![b'x'; 256]),
+                batch: 1,
+                prefetch: args.prefetch,
+                cold: false,
+            };
+            for rep in 1..=args.one_reps {
+                for kind in [Kind::Polybus, Kind::Raw] {
+                    let Some(mut way) = make(kind, adapter.name, &bus, &args) else { continue };
+                    let outcome = way::run(way.as_mut(), &work, limit).await;
+                    match &outcome {
+                        Ok(r) => eprintln!(
+                            "{:<9} one by one × {messages:<5} {:<9} rep {rep}: {:>7.0}/s  p50 {} µs  p99 {} µs",
+                            adapter.name,
+                            kind.name(),
+                            r.publish,
+                            r.publish_call.p50_us,
+                            r.publish_call.p99_us
+                        ),
+                        Err(e) => eprintln!(
+                            "{:<9} one by one {:<9} rep {rep}: FAILED {e:#}",
+                            adapter.name,
+                            kind.name()
+                        ),
+                    }
+                    results.record_one(adapter.name, messages, kind, outcome);
+                }
+            }
+        }
+    }
+
+    for adapter in selected.iter().filter(|a| args.backlog.iter().any(|b| b == a.name)) {
+        let work = Workload {
+            messages: args.messages,
+            payload: Bytes::from(vec![b'x'; 256]),
+            batch: args.batch,
+            prefetch: args.prefetch,
+            cold: true,
+        };
+        for rep in 1..=args.reps {
+            for kind in [Kind::Polybus, Kind::Raw] {
+                let Some(mut way) = make(kind, adapter.name, &bus, &args) else { continue };
+                let outcome = way::run(way.as_mut(), &work, limit).await;
+                match &outcome {
+                    Ok(r) => eprintln!(
+                        "{:<9} from a backlog × {:<7} {:<9} rep {rep}: consume {:>9.0}/s",
+                        adapter.name,
+                        work.messages,
+                        kind.name(),
+                        r.consume
+                    ),
+                    Err(e) => eprintln!(
+                        "{:<9} from a backlog {:<9} rep {rep}: FAILED {e:#}",
+                        adapter.name,
+                        kind.name()
+                    ),
+                }
+                results.record_backlog(adapter.name, work.messages, kind, outcome);
             }
         }
     }

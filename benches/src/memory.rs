@@ -63,7 +63,13 @@ pub async fn measure(
     let mut joined = bus.subscribe(env, &event, SubscribeOptions::new(group.as_str())).await?;
     joined.close().await?;
     drop(joined);
-    let work = Workload { messages: behind, payload: Bytes::from(vec![b'x'; 256]), batch: 1000, prefetch };
+    let work = Workload {
+        messages: behind,
+        payload: Bytes::from(vec![b'x'; 256]),
+        batch: 1000,
+        prefetch,
+        cold: false,
+    };
     crate::polybus_way::publish(bus, env, &event, &work).await?;
     // The embedded broker's file is shared with the child: let go of it first.
     bus.close().await?;

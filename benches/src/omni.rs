@@ -39,30 +39,16 @@ impl OmniRedis {
     }
 }
 
-/// Publishes the workload in batches; `send(n)` sends one batch of `n` messages.
-async fn publish_in_batches<F, Fut>(work: &Workload, mut send: F) -> Result<()>
-where
-    F: FnMut(usize) -> Fut,
-    Fut: Future<Output = omniqueue::Result<()>>,
-{
-    let mut left = work.messages;
-    while left > 0 {
-        let n = left.min(work.batch);
-        send(n).await.map_err(|e| anyhow!("{e}"))?;
-        left -= n;
-    }
-    Ok(())
-}
-
-/// Publishes the workload as concurrent `send_raw` calls per batch (for backends whose batch
-/// send goes one by one).
-async fn publish_each(producer: &impl QueueProducer<Payload = Vec<u8>>, work: &Workload) -> Result<()> {
+/// Sends one batch of `n` as concurrent `send_raw` calls (for backends whose batch send goes
+/// one by one).
+async fn send_each(
+    producer: &impl QueueProducer<Payload = Vec<u8>>,
+    work: &Workload,
+    n: usize,
+) -> Result<()> {
     let payload = work.payload.to_vec();
     let payload = &payload;
-    publish_in_batches(work, |n| async move {
-        try_join_all((0..n).map(|_| producer.send_raw(payload))).await.map(drop)
-    })
-    .await
+    try_join_all((0..n).map(|_| producer.send_raw(payload))).await.map(drop).map_err(|e| anyhow!("{e}"))
 }
 
 /// Receives and acks `messages` messages, at most `max` per `receive_all` waiting up to `wait`.
@@ -120,9 +106,9 @@ impl Way for OmniRedis {
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let Some((producer, _)) = self.pair.as_ref() else { bail!("not prepared") };
-        publish_each(producer, work).await
+        send_each(producer, work, n).await
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
@@ -175,9 +161,9 @@ impl Way for OmniRabbitmq {
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let Some((producer, _)) = self.pair.as_ref() else { bail!("not prepared") };
-        publish_each(producer, work).await
+        send_each(producer, work, n).await
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
@@ -219,11 +205,11 @@ impl Way for OmniSqs {
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let Some((producer, _)) = self.pair.as_ref() else { bail!("not prepared") };
         // omniqueue's batch takes items that are `AsRef<String>`: a shared body does.
         let body = std::sync::Arc::new(String::from_utf8(work.payload.to_vec())?);
-        publish_in_batches(work, |n| producer.send_raw_batch((0..n).map(|_| body.clone()))).await
+        producer.send_raw_batch((0..n).map(|_| body.clone())).await.map_err(|e| anyhow!("{e}"))
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {

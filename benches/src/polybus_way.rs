@@ -1,4 +1,5 @@
-//! The workload through polybus: `Bus::publish_batch`, `Subscriber::next`, `Delivery::ack`.
+//! The workload through polybus: `Bus::publish_batch` (`Bus::publish` one by one),
+//! `Subscriber::next_batch` and `Batch::ack_all`.
 
 use std::path::Path;
 
@@ -51,19 +52,35 @@ impl PolybusWay {
 impl Way for PolybusWay {
     async fn prepare(&mut self, work: &Workload) -> Result<()> {
         self.event = fresh_topic(self.bus.registry()).await?;
-        let mut options = SubscribeOptions::new(unique("g"));
-        options.prefetch = work.prefetch;
-        self.subscriber = Some(self.bus.subscribe(&self.env, &self.event, options).await?);
+        if !work.cold {
+            self.join(work).await?;
+        }
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
-        publish(&self.bus, &self.env, &self.event, work).await
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
+        if n == 1 {
+            // One by one, as an application without batches publishes.
+            self.bus.publish(&self.env, &self.event, Message::new(work.payload.clone())).await?;
+        } else {
+            let batch = (0..n).map(|_| Message::new(work.payload.clone())).collect();
+            self.bus.publish_batch(&self.env, &self.event, batch).await?;
+        }
+        Ok(())
+    }
+
+    async fn join(&mut self, work: &Workload) -> Result<()> {
+        if self.subscriber.is_none() {
+            let mut options = SubscribeOptions::new(unique("g"));
+            options.prefetch = work.prefetch;
+            self.subscriber = Some(self.bus.subscribe(&self.env, &self.event, options).await?);
+        }
+        Ok(())
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
         let subscriber = self.subscriber.as_mut().context("not prepared")?;
-        consume(subscriber, work.messages, work.prefetch, |_| {}).await
+        consume_batches(subscriber, work.messages, work.prefetch).await
     }
 
     async fn cleanup(&mut self) -> Result<()> {
@@ -85,6 +102,31 @@ pub async fn publish(bus: &Bus, env: &str, event: &str, work: &Workload) -> Resu
         let batch = (0..n).map(|_| Message::new(work.payload.clone())).collect();
         bus.publish_batch(env, event, batch).await?;
         left -= n;
+    }
+    Ok(())
+}
+
+/// Receives `count` deliveries in batches of what is ready (at most `prefetch`, the most a
+/// member holds unsettled) and acks each batch together while the next is taken, as an
+/// application consuming in batches would.
+pub async fn consume_batches(subscriber: &mut Subscriber, count: usize, prefetch: usize) -> Result<()> {
+    let mut acks = JoinSet::new();
+    let mut received = 0;
+    while received < count {
+        // Cancel-safe while it waits for a first delivery, which is all the race can interrupt.
+        let batch = loop {
+            tokio::select! {
+                next = subscriber.next_batch(prefetch.max(1)) => break next,
+                Some(done) = acks.join_next(), if !acks.is_empty() => done??,
+            }
+        };
+        let Some(batch) = batch else { bail!("the subscription ended") };
+        let batch = batch?;
+        received += batch.len();
+        acks.spawn(batch.ack_all());
+    }
+    while let Some(done) = acks.join_next().await {
+        done??;
     }
     Ok(())
 }

@@ -26,12 +26,20 @@ pub struct RawKafka {
     topic: String,
     producer: Option<FutureProducer>,
     consumer: Option<StreamConsumer>,
+    /// Messages received while joining (before the consume clock started).
+    early: usize,
 }
 
 impl RawKafka {
     /// A run against `brokers` (`host:port,…`).
     pub fn new(brokers: &str) -> Self {
-        RawKafka { brokers: brokers.to_owned(), topic: unique("raw"), producer: None, consumer: None }
+        RawKafka {
+            brokers: brokers.to_owned(),
+            topic: unique("raw"),
+            producer: None,
+            consumer: None,
+            early: 0,
+        }
     }
 
     fn config(&self) -> ClientConfig {
@@ -43,7 +51,7 @@ impl RawKafka {
 
 #[async_trait]
 impl Way for RawKafka {
-    async fn prepare(&mut self, _work: &Workload) -> Result<()> {
+    async fn prepare(&mut self, work: &Workload) -> Result<()> {
         let admin: AdminClient<DefaultClientContext> = self.config().create()?;
         let topic = NewTopic::new(&self.topic, PARTITIONS, TopicReplication::Fixed(1));
         for result in admin.create_topics([&topic], &AdminOptions::new()).await? {
@@ -60,6 +68,17 @@ impl Way for RawKafka {
             .set("socket.nagle.disable", "true")
             .set("message.timeout.ms", "30000")
             .create()?;
+        self.producer = Some(producer);
+        if !work.cold {
+            self.join(work).await?;
+        }
+        Ok(())
+    }
+
+    async fn join(&mut self, _work: &Workload) -> Result<()> {
+        if self.consumer.is_some() {
+            return Ok(());
+        }
         let consumer: StreamConsumer = self
             .config()
             .set("group.id", "g")
@@ -71,45 +90,44 @@ impl Way for RawKafka {
             .set("fetch.queue.backoff.ms", "50")
             .create()?;
         consumer.subscribe(&[&self.topic])?;
-        // Joined before the clock starts, as polybus's subscribe is.
+        // Joined before the clock starts, as polybus's subscribe is. A message received while
+        // waiting (a cold run's backlog) counts as consumed.
         let joined = tokio::time::Instant::now() + Duration::from_secs(30);
         while consumer.assignment()?.count() == 0 {
             if tokio::time::Instant::now() > joined {
                 bail!("no partitions assigned within 30 s");
             }
-            let _ = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await;
+            if let Ok(received) = tokio::time::timeout(Duration::from_millis(100), consumer.recv()).await {
+                let message = received?;
+                consumer.store_offset(message.topic(), message.partition(), message.offset())?;
+                self.early += 1;
+            }
         }
-        self.producer = Some(producer);
         self.consumer = Some(consumer);
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let Some(producer) = self.producer.as_ref() else { bail!("not prepared") };
-        let mut left = work.messages;
-        while left > 0 {
-            let n = left.min(work.batch);
-            let mut deliveries = Vec::with_capacity(n);
-            for _ in 0..n {
-                let record = FutureRecord::<(), [u8]>::to(&self.topic).payload(&work.payload[..]);
-                match producer.send_result(record) {
-                    Ok(delivery) => deliveries.push(delivery),
-                    Err((e, _)) => bail!("enqueueing: {e}"),
-                }
+        let mut deliveries = Vec::with_capacity(n);
+        for _ in 0..n {
+            let record = FutureRecord::<(), [u8]>::to(&self.topic).payload(&work.payload[..]);
+            match producer.send_result(record) {
+                Ok(delivery) => deliveries.push(delivery),
+                Err((e, _)) => bail!("enqueueing: {e}"),
             }
-            for delivery in deliveries {
-                if let Err((e, _)) = delivery.await? {
-                    bail!("delivery: {e}");
-                }
+        }
+        for delivery in deliveries {
+            if let Err((e, _)) = delivery.await? {
+                bail!("delivery: {e}");
             }
-            left -= n;
         }
         Ok(())
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
         let Some(consumer) = self.consumer.as_ref() else { bail!("not prepared") };
-        for i in 1..=work.messages {
+        for i in (1 + self.early)..=work.messages {
             let message = consumer.recv().await?;
             consumer.store_offset(message.topic(), message.partition(), message.offset())?;
             if i % COMMIT_EVERY == 0 {

@@ -22,6 +22,8 @@ pub struct RawMqtt {
     topic: String,
     publisher: Option<(AsyncClient, Arc<Acked>, JoinHandle<()>)>,
     subscriber: Option<(AsyncClient, mpsc::UnboundedReceiver<Publish>, JoinHandle<()>)>,
+    /// Messages published so far (PUBACKs are counted against it).
+    sent: usize,
 }
 
 /// PUBACKs counted by the publisher's event loop.
@@ -34,7 +36,14 @@ struct Acked {
 impl RawMqtt {
     /// A run against `host:port`.
     pub fn new(host: &str, port: u16) -> Self {
-        RawMqtt { host: host.to_owned(), port, topic: unique("raw"), publisher: None, subscriber: None }
+        RawMqtt {
+            host: host.to_owned(),
+            port,
+            topic: unique("raw"),
+            publisher: None,
+            subscriber: None,
+            sent: 0,
+        }
     }
 
     fn options(&self, id: &str, receive_maximum: u16) -> MqttOptions {
@@ -93,19 +102,15 @@ impl Way for RawMqtt {
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let Some((client, acked, _)) = self.publisher.as_ref() else { bail!("not prepared") };
-        let mut sent = 0;
-        while sent < work.messages {
-            let n = (work.messages - sent).min(work.batch);
-            for _ in 0..n {
-                client.publish(self.topic.as_str(), QoS::AtLeastOnce, false, work.payload.clone()).await?;
-            }
-            sent += n;
-            while acked.count.load(Ordering::Acquire) < sent {
-                if tokio::time::timeout(Duration::from_secs(30), acked.changed.notified()).await.is_err() {
-                    bail!("PUBACKs stopped coming");
-                }
+        for _ in 0..n {
+            client.publish(self.topic.as_str(), QoS::AtLeastOnce, false, work.payload.clone()).await?;
+        }
+        self.sent += n;
+        while acked.count.load(Ordering::Acquire) < self.sent {
+            if tokio::time::timeout(Duration::from_secs(30), acked.changed.notified()).await.is_err() {
+                bail!("PUBACKs stopped coming");
             }
         }
         Ok(())

@@ -52,24 +52,17 @@ impl Way for RawNats {
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let Some(js) = self.js.as_ref() else { bail!("not prepared") };
-        let mut left = work.messages;
-        while left > 0 {
-            let n = left.min(work.batch);
-            let mut acks = Vec::with_capacity(n);
-            for _ in 0..n {
-                // A message id, as the adapter sends, so JetStream deduplicates the same way.
-                let mut headers = async_nats::HeaderMap::new();
-                headers.insert("Nats-Msg-Id", uuid::Uuid::new_v4().simple().to_string().as_str());
-                acks.push(
-                    js.publish_with_headers(self.subject.clone(), headers, work.payload.clone()).await?,
-                );
-            }
-            for ack in acks {
-                ack.await?;
-            }
-            left -= n;
+        let mut acks = Vec::with_capacity(n);
+        for _ in 0..n {
+            // A message id, as the adapter sends, so JetStream deduplicates the same way.
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert("Nats-Msg-Id", uuid::Uuid::new_v4().simple().to_string().as_str());
+            acks.push(js.publish_with_headers(self.subject.clone(), headers, work.payload.clone()).await?);
+        }
+        for ack in acks {
+            ack.await?;
         }
         Ok(())
     }

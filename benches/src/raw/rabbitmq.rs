@@ -91,32 +91,27 @@ impl Way for RawRabbitmq {
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let Some(channel) = self.publisher.as_ref() else { bail!("not prepared") };
         let properties = BasicProperties::default().with_delivery_mode(2);
-        let mut left = work.messages;
-        while left > 0 {
-            let n = left.min(work.batch);
-            let mut confirms = Vec::with_capacity(n);
-            for _ in 0..n {
-                confirms.push(
-                    channel
-                        .basic_publish(
-                            EXCHANGE.into(),
-                            self.routing_key.as_str().into(),
-                            BasicPublishOptions::default(),
-                            &work.payload,
-                            properties.clone(),
-                        )
-                        .await?,
-                );
+        let mut confirms = Vec::with_capacity(n);
+        for _ in 0..n {
+            confirms.push(
+                channel
+                    .basic_publish(
+                        EXCHANGE.into(),
+                        self.routing_key.as_str().into(),
+                        BasicPublishOptions::default(),
+                        &work.payload,
+                        properties.clone(),
+                    )
+                    .await?,
+            );
+        }
+        for confirm in confirms {
+            if confirm.await?.is_nack() {
+                bail!("the broker refused a message");
             }
-            for confirm in confirms {
-                if confirm.await?.is_nack() {
-                    bail!("the broker refused a message");
-                }
-            }
-            left -= n;
         }
         Ok(())
     }

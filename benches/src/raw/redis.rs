@@ -48,18 +48,13 @@ impl Way for RawRedis {
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let Some(conn) = self.publisher.as_mut() else { bail!("not prepared") };
-        let mut left = work.messages;
-        while left > 0 {
-            let n = left.min(work.batch);
-            let mut pipe = redis::pipe();
-            for _ in 0..n {
-                pipe.cmd("XADD").arg(&self.stream).arg("*").arg("payload").arg(&work.payload[..]);
-            }
-            pipe.query_async::<redis::Value>(conn).await?;
-            left -= n;
+        let mut pipe = redis::pipe();
+        for _ in 0..n {
+            pipe.cmd("XADD").arg(&self.stream).arg("*").arg("payload").arg(&work.payload[..]);
         }
+        pipe.query_async::<redis::Value>(conn).await?;
         Ok(())
     }
 

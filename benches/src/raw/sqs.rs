@@ -61,35 +61,29 @@ impl Way for RawSqs {
         Ok(())
     }
 
-    async fn publish(&mut self, work: &Workload) -> Result<()> {
+    async fn publish_batch(&mut self, work: &Workload, n: usize) -> Result<()> {
         let (client, url) = self.parts()?;
         let body = String::from_utf8(work.payload.to_vec())?;
-        let mut left = work.messages;
         let mut sends = JoinSet::new();
-        while left > 0 {
-            let n = left.min(work.batch);
-            for start in (0..n).step_by(SQS_BATCH) {
-                let entries = (start..n.min(start + SQS_BATCH))
-                    .map(|i| {
-                        SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(&body).build()
-                    })
-                    .collect::<Result<Vec<_>, _>>()?;
-                let (client, url) = (client.clone(), url.to_owned());
-                sends.spawn(async move {
-                    let sent =
-                        client.send_message_batch().queue_url(url).set_entries(Some(entries)).send().await?;
-                    if !sent.failed().is_empty() {
-                        bail!("{} messages of a batch were refused", sent.failed().len());
-                    }
-                    anyhow::Ok(())
-                });
-                wait_below(&mut sends, SEND_IN_FLIGHT - 1).await?;
-            }
-            // A batch counts once every message in it is confirmed, as for the other ways.
-            wait_below(&mut sends, 0).await?;
-            left -= n;
+        for start in (0..n).step_by(SQS_BATCH) {
+            let entries = (start..n.min(start + SQS_BATCH))
+                .map(|i| {
+                    SendMessageBatchRequestEntry::builder().id(i.to_string()).message_body(&body).build()
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let (client, url) = (client.clone(), url.to_owned());
+            sends.spawn(async move {
+                let sent =
+                    client.send_message_batch().queue_url(url).set_entries(Some(entries)).send().await?;
+                if !sent.failed().is_empty() {
+                    bail!("{} messages of a batch were refused", sent.failed().len());
+                }
+                anyhow::Ok(())
+            });
+            wait_below(&mut sends, SEND_IN_FLIGHT - 1).await?;
         }
-        Ok(())
+        // A batch counts once every message in it is confirmed, as for the other ways.
+        wait_below(&mut sends, 0).await
     }
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {

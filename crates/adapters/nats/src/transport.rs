@@ -206,28 +206,35 @@ impl NatsTransport {
 
     async fn send(
         &self,
-        subject: &str,
+        subject: String,
         headers: HeaderMap,
         payload: Bytes,
     ) -> Result<PublishAckFuture, PublishError> {
         self.shared()
             .js
-            .send_publish(subject.to_owned(), PublishMessage::build().payload(payload).headers(headers))
+            .send_publish(subject, PublishMessage::build().payload(payload).headers(headers))
             .await
             .map_err(PublishError::from)
     }
 
-    /// Sends `messages` and waits for all their acks; returns the indexes whose stream was missing.
+    /// Sends the `only` ones of `messages` and waits for all their acks; returns the indexes
+    /// whose stream was missing. Sends what `routed` holds for a message (taking it: no copy is
+    /// kept), or encodes it again when a first send took it.
     async fn send_all(
         &self,
         names: &TopicNames,
-        messages: &[(String, HeaderMap, Bytes)],
+        messages: &[Message],
+        routed: &mut [Option<(String, HeaderMap)>],
         only: &[usize],
     ) -> Result<Vec<usize>> {
         let mut pending = Vec::with_capacity(only.len());
         for &i in only {
-            let (subject, headers, payload) = &messages[i];
-            pending.push((i, self.send(subject, headers.clone(), payload.clone()).await));
+            let message = &messages[i];
+            let (subject, headers) = match routed[i].take() {
+                Some(routed) => routed,
+                None => self.route(names, message)?,
+            };
+            pending.push((i, self.send(subject, headers, message.payload.clone()).await));
         }
         let mut missing = Vec::new();
         let mut first_error = None;
@@ -254,19 +261,15 @@ impl NatsTransport {
         let names = TopicNames::of(&topic.native_name);
         let _in_flight = self.shared().in_flight.read().await;
         self.check_open(Op::Publish, &names)?;
-        let mut routed = Vec::with_capacity(messages.len());
-        let mut delayed = false;
-        for message in messages {
-            let (subject, headers) = self.route(&names, &message)?;
-            delayed |= message.delay.is_some();
-            routed.push((subject, headers, message.payload));
-        }
-        if delayed {
+        if messages.iter().any(|m| m.delay.is_some()) {
             self.ensure_once(topic, &names).await?;
             self.start_mover(&names);
         }
-        let all: Vec<usize> = (0..routed.len()).collect();
-        let missing = self.send_all(&names, &routed, &all).await?;
+        // Every message is encoded (and so checked) before the first is sent.
+        let mut routed =
+            messages.iter().map(|m| self.route(&names, m).map(Some)).collect::<Result<Vec<_>>>()?;
+        let all: Vec<usize> = (0..messages.len()).collect();
+        let missing = self.send_all(&names, &messages, &mut routed, &all).await?;
         if missing.is_empty() {
             return Ok(());
         }
@@ -274,7 +277,7 @@ impl NatsTransport {
         // Their `Nats-Msg-Id` keeps a message that did land from being stored twice.
         self.inner.ensured.lock().unwrap_or_else(PoisonError::into_inner).remove(&topic.native_name);
         self.ensure_once(topic, &names).await?;
-        let still_missing = self.send_all(&names, &routed, &missing).await?;
+        let still_missing = self.send_all(&names, &messages, &mut routed, &missing).await?;
         if !still_missing.is_empty() {
             return Err(self.error(Op::Publish, &names, "no stream found for the topic's subject"));
         }
