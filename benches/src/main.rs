@@ -75,6 +75,10 @@ struct Args {
     /// is published, so neither client holds messages when its consume clock starts.
     #[arg(long, value_delimiter = ',', default_value = "kafka")]
     backlog: Vec<String>,
+    /// Deliveries polybus takes at once (`next_batch`, acked with `ack_all`); 1 takes them one by
+    /// one with `next`, each acked on its own.
+    #[arg(long, default_value_t = 1)]
+    consume_batch: usize,
     /// Longest one run may take, in seconds.
     #[arg(long, default_value_t = 120)]
     run_limit: u64,
@@ -340,7 +344,9 @@ async fn run(args: Args) -> Result<()> {
 /// The way `kind` runs on `adapter`, when there is one.
 fn make(kind: Kind, adapter: &str, bus: &Bus, args: &Args) -> Option<Box<dyn Way>> {
     match (kind, adapter) {
-        (Kind::Polybus, _) => Some(Box::new(polybus_way::PolybusWay::new(bus.clone(), adapter))),
+        (Kind::Polybus, _) => {
+            Some(Box::new(polybus_way::PolybusWay::new(bus.clone(), adapter, args.consume_batch)))
+        }
         (Kind::Raw, "redis") => Some(Box::new(raw::redis::RawRedis::new(REDIS_URL))),
         (Kind::Raw, "rabbitmq") => Some(Box::new(raw::rabbitmq::RawRabbitmq::new(AMQP_URL))),
         (Kind::Raw, "nats") => Some(Box::new(raw::nats::RawNats::new(NATS_URL))),

@@ -1,5 +1,5 @@
 //! The workload through polybus: `Bus::publish_batch` (`Bus::publish` one by one),
-//! `Subscriber::next_batch` and `Batch::ack_all`.
+//! `Subscriber::next` and `Delivery::ack`, or `Subscriber::next_batch` and `Batch::ack_all`.
 
 use std::path::Path;
 
@@ -39,12 +39,14 @@ pub struct PolybusWay {
     env: String,
     event: String,
     subscriber: Option<Subscriber>,
+    /// Most deliveries taken at once; 1 takes them one by one, each acked on its own.
+    consume_batch: usize,
 }
 
 impl PolybusWay {
     /// A run on `env` of the bench broker; the topic is made by `prepare`.
-    pub fn new(bus: Bus, env: &str) -> Self {
-        PolybusWay { bus, env: env.to_owned(), event: String::new(), subscriber: None }
+    pub fn new(bus: Bus, env: &str, consume_batch: usize) -> Self {
+        PolybusWay { bus, env: env.to_owned(), event: String::new(), subscriber: None, consume_batch }
     }
 }
 
@@ -80,7 +82,11 @@ impl Way for PolybusWay {
 
     async fn consume(&mut self, work: &Workload) -> Result<()> {
         let subscriber = self.subscriber.as_mut().context("not prepared")?;
-        consume_batches(subscriber, work.messages, work.prefetch).await
+        if self.consume_batch > 1 {
+            consume_batches(subscriber, work.messages, self.consume_batch.min(work.prefetch)).await
+        } else {
+            consume(subscriber, work.messages, work.prefetch, |_| {}).await
+        }
     }
 
     async fn cleanup(&mut self) -> Result<()> {
@@ -106,17 +112,16 @@ pub async fn publish(bus: &Bus, env: &str, event: &str, work: &Workload) -> Resu
     Ok(())
 }
 
-/// Receives `count` deliveries in batches of what is ready (at most `prefetch`, the most a
-/// member holds unsettled) and acks each batch together while the next is taken, as an
-/// application consuming in batches would.
-pub async fn consume_batches(subscriber: &mut Subscriber, count: usize, prefetch: usize) -> Result<()> {
+/// Receives `count` deliveries in batches of what is ready (at most `max`) and acks each batch
+/// together while the next is taken, as an application consuming in batches would.
+pub async fn consume_batches(subscriber: &mut Subscriber, count: usize, max: usize) -> Result<()> {
     let mut acks = JoinSet::new();
     let mut received = 0;
     while received < count {
         // Cancel-safe while it waits for a first delivery, which is all the race can interrupt.
         let batch = loop {
             tokio::select! {
-                next = subscriber.next_batch(prefetch.max(1)) => break next,
+                next = subscriber.next_batch(max.max(1)) => break next,
                 Some(done) = acks.join_next(), if !acks.is_empty() => done??,
             }
         };
