@@ -258,27 +258,17 @@ async fn run(args: Args) -> Result<()> {
                 prefetch: args.prefetch,
                 cold: false,
             };
-            for rep in 1..=args.one_reps {
-                for kind in [Kind::Polybus, Kind::Raw] {
-                    let Some(mut way) = make(kind, adapter.name, &bus, &args) else { continue };
-                    let outcome = way::run(way.as_mut(), &work, limit).await;
-                    match &outcome {
-                        Ok(r) => eprintln!(
-                            "{:<9} one by one × {messages:<5} {:<9} rep {rep}: {:>7.0}/s  p50 {} µs  p99 {} µs",
-                            adapter.name,
-                            kind.name(),
-                            r.publish,
-                            r.publish_call.p50_us,
-                            r.publish_call.p99_us
-                        ),
-                        Err(e) => eprintln!(
-                            "{:<9} one by one {:<9} rep {rep}: FAILED {e:#}",
-                            adapter.name,
-                            kind.name()
-                        ),
-                    }
-                    results.record_one(adapter.name, messages, kind, outcome);
-                }
+            let show = |r: &way::Rates| {
+                format!(
+                    "{:>7.0}/s  p50 {} µs  p99 {} µs",
+                    r.publish, r.publish_call.p50_us, r.publish_call.p99_us
+                )
+            };
+            let what = format!("one by one × {messages}");
+            for (kind, outcome) in
+                alternate(&bus, &args, adapter.name, &work, args.one_reps, &what, show).await
+            {
+                results.record_one(adapter.name, messages, kind, outcome);
             }
         }
     }
@@ -291,26 +281,10 @@ async fn run(args: Args) -> Result<()> {
             prefetch: args.prefetch,
             cold: true,
         };
-        for rep in 1..=args.reps {
-            for kind in [Kind::Polybus, Kind::Raw] {
-                let Some(mut way) = make(kind, adapter.name, &bus, &args) else { continue };
-                let outcome = way::run(way.as_mut(), &work, limit).await;
-                match &outcome {
-                    Ok(r) => eprintln!(
-                        "{:<9} from a backlog × {:<7} {:<9} rep {rep}: consume {:>9.0}/s",
-                        adapter.name,
-                        work.messages,
-                        kind.name(),
-                        r.consume
-                    ),
-                    Err(e) => eprintln!(
-                        "{:<9} from a backlog {:<9} rep {rep}: FAILED {e:#}",
-                        adapter.name,
-                        kind.name()
-                    ),
-                }
-                results.record_backlog(adapter.name, work.messages, kind, outcome);
-            }
+        let what = format!("from a backlog × {}", work.messages);
+        let show = |r: &way::Rates| format!("consume {:>9.0}/s", r.consume);
+        for (kind, outcome) in alternate(&bus, &args, adapter.name, &work, args.reps, &what, show).await {
+            results.record_backlog(adapter.name, work.messages, kind, outcome);
         }
     }
 
@@ -339,6 +313,33 @@ async fn run(args: Args) -> Result<()> {
     }
     print!("{}", results.markdown());
     Ok(())
+}
+
+/// Runs `work` `reps` times through polybus and the raw client (where `adapter` has one),
+/// alternating; prints each outcome (`show` for a success) and returns them in order.
+async fn alternate(
+    bus: &Bus,
+    args: &Args,
+    adapter: &str,
+    work: &Workload,
+    reps: usize,
+    what: &str,
+    show: impl Fn(&way::Rates) -> String,
+) -> Vec<(Kind, Result<way::Rates>)> {
+    let limit = Duration::from_secs(args.run_limit);
+    let mut outcomes = Vec::new();
+    for rep in 1..=reps {
+        for kind in [Kind::Polybus, Kind::Raw] {
+            let Some(mut way) = make(kind, adapter, bus, args) else { continue };
+            let outcome = way::run(way.as_mut(), work, limit).await;
+            match &outcome {
+                Ok(r) => eprintln!("{adapter:<9} {what} {:<9} rep {rep}: {}", kind.name(), show(r)),
+                Err(e) => eprintln!("{adapter:<9} {what} {:<9} rep {rep}: FAILED {e:#}", kind.name()),
+            }
+            outcomes.push((kind, outcome));
+        }
+    }
+    outcomes
 }
 
 /// The way `kind` runs on `adapter`, when there is one.

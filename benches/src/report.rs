@@ -62,6 +62,26 @@ fn way_key(adapter: &str, kind: Kind) -> String {
     format!("{adapter}|{}", kind.name())
 }
 
+/// "met" or "**missed**".
+fn verdict(value: f64, target: f64) -> &'static str {
+    if value >= target { "met" } else { "**missed**" }
+}
+
+/// **median** [min – max] of `values`, or "–".
+fn spread_cell(mut values: Vec<f64>) -> String {
+    spread(&mut values).map_or("–".to_owned(), |(lo, mid, hi)| {
+        format!("**{}** [{} – {}]", human(mid), human(lo), human(hi))
+    })
+}
+
+/// The ratio `polybus / other` with its verdict, or "–" when either is missing.
+fn ratio_cell(polybus: Option<f64>, other: Option<f64>, target: f64, suffix: &str) -> String {
+    match (polybus, other) {
+        (Some(p), Some(o)) => format!("{:.2} {}{suffix}", p / o, verdict(p / o, target)),
+        _ => "–".to_owned(),
+    }
+}
+
 /// The median of one field over runs.
 fn median_of(runs: Option<&Vec<Rates>>, field: impl Fn(&Rates) -> f64) -> Option<f64> {
     let mut values: Vec<f64> = runs?.iter().map(field).collect();
@@ -179,11 +199,7 @@ impl Results {
             for kind in [Kind::Polybus, Kind::Raw, Kind::Omniqueue] {
                 let Some(runs) = self.runs.get(&key(&adapter, size, kind)) else { continue };
                 let cell = |publish: bool| {
-                    let mut v: Vec<f64> =
-                        runs.iter().map(|r| if publish { r.publish } else { r.consume }).collect();
-                    spread(&mut v).map_or("–".to_owned(), |(lo, mid, hi)| {
-                        format!("**{}** [{} – {}]", human(mid), human(lo), human(hi))
-                    })
+                    spread_cell(runs.iter().map(|r| if publish { r.publish } else { r.consume }).collect())
                 };
                 let _ = writeln!(
                     out,
@@ -206,14 +222,17 @@ impl Results {
         for (adapter, size) in self.workloads() {
             for (direction, publish) in [("publish", true), ("consume", false)] {
                 let cell = |other: Kind, target: f64| {
-                    self.ratio(&adapter, size, other, publish).map_or("–".to_owned(), |r| {
-                        let stated = if other == Kind::Raw && target != RAW_TARGET {
-                            format!(" (≥ {target})")
-                        } else {
-                            String::new()
-                        };
-                        format!("{r:.2} {}{stated}", if r >= target { "met" } else { "**missed**" })
-                    })
+                    let stated = if other == Kind::Raw && target != RAW_TARGET {
+                        format!(" (≥ {target})")
+                    } else {
+                        String::new()
+                    };
+                    ratio_cell(
+                        self.median(&adapter, size, Kind::Polybus, publish),
+                        self.median(&adapter, size, other, publish),
+                        target,
+                        &stated,
+                    )
                 };
                 let _ = writeln!(
                     out,
@@ -248,16 +267,7 @@ impl Results {
                     (Some(p50), Some(p99)) => format!("{:.3} / {:.3}", p50 / 1000.0, p99 / 1000.0),
                     _ => "–".to_owned(),
                 };
-                let ratio = match (rate(Kind::Polybus), rate(Kind::Raw)) {
-                    (Some(p), Some(r)) => {
-                        let ratio = p / r;
-                        format!(
-                            "{ratio:.2} {}",
-                            if ratio >= ONE_BY_ONE_TARGET { "met" } else { "**missed**" }
-                        )
-                    }
-                    _ => "–".to_owned(),
-                };
+                let ratio = ratio_cell(rate(Kind::Polybus), rate(Kind::Raw), ONE_BY_ONE_TARGET, "");
                 let _ = writeln!(
                     out,
                     "| {adapter} | {messages} | {} | {} | {} | {} | {ratio} |",
@@ -283,27 +293,14 @@ impl Results {
             );
             let _ = writeln!(out, "|---|---:|---|---|---|");
             for (adapter, messages) in &self.backlog_messages {
+                let runs = |kind| self.backlog.get(&way_key(adapter, kind));
                 let cell = |kind| {
-                    let mut v: Vec<f64> = self
-                        .backlog
-                        .get(&way_key(adapter, kind))
-                        .map_or(Vec::new(), |r| r.iter().map(|r| r.consume).collect());
-                    spread(&mut v).map_or("–".to_owned(), |(lo, mid, hi)| {
-                        format!("**{}** [{} – {}]", human(mid), human(lo), human(hi))
-                    })
+                    spread_cell(runs(kind).map_or(Vec::new(), |r| r.iter().map(|r| r.consume).collect()))
                 };
-                let median = |kind| median_of(self.backlog.get(&way_key(adapter, kind)), |r| r.consume);
-                let ratio = match (median(Kind::Polybus), median(Kind::Raw)) {
-                    (Some(p), Some(r)) => {
-                        let target = raw_target(adapter, false);
-                        let ratio = p / r;
-                        format!(
-                            "{ratio:.2} {} (≥ {target})",
-                            if ratio >= target { "met" } else { "**missed**" }
-                        )
-                    }
-                    _ => "–".to_owned(),
-                };
+                let median = |kind| median_of(runs(kind), |r| r.consume);
+                let target = raw_target(adapter, false);
+                let ratio =
+                    ratio_cell(median(Kind::Polybus), median(Kind::Raw), target, &format!(" (≥ {target})"));
                 let _ = writeln!(
                     out,
                     "| {adapter} | {messages} | {} | {} | {ratio} |",
@@ -315,7 +312,7 @@ impl Results {
 
         if self.messages.keys().any(|k| k.starts_with("kafka|")) {
             let _ = writeln!(out, "\n### Kafka publishing (issue 14)\n");
-            let met = |v: f64, t: f64| if v >= t { "met" } else { "**missed**" };
+            let met = verdict;
             if let Some(one) = median_of(self.one_by_one.get(&way_key("kafka", Kind::Polybus)), |r| r.publish)
             {
                 let _ = writeln!(
@@ -340,7 +337,7 @@ impl Results {
 
         let _ = writeln!(out, "\n### Embedded broker\n");
         if let Some((_, size)) = self.workloads().into_iter().find(|(a, _)| a == "embedded") {
-            let met = |v: f64, t: f64| if v >= t { "met" } else { "**missed**" };
+            let met = verdict;
             if let Some(p) = self.median("embedded", size, Kind::Polybus, true) {
                 let _ = writeln!(
                     out,
