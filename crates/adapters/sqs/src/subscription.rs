@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::operation::receive_message::ReceiveMessageOutput;
 use aws_sdk_sqs::types::MessageSystemAttributeName;
 use polybus_core::kit::gate::{self, Fetcher, Gated, Slot};
 use polybus_core::{Acker, Delivery, Error, Message, Op, Result, Subscription};
@@ -83,6 +84,8 @@ pub struct SqsSubscription {
     pending: Option<Receiving>,
     rx: Option<Gated<Item>>,
     task: Option<JoinHandle<()>>,
+    /// Turns true when this member closes or is dropped: its receive loop ends.
+    leave: watch::Sender<bool>,
     buffered: Arc<Buffered>,
     settler: Settler,
     visibility: Duration,
@@ -98,6 +101,7 @@ impl SqsSubscription {
             pending: Some(receiving),
             rx: None,
             task: None,
+            leave: watch::channel(false).0,
             buffered: Arc::default(),
             closed: false,
         }
@@ -107,7 +111,8 @@ impl SqsSubscription {
         if let Some(receiving) = self.pending.take() {
             // One place more than the slots, for a failure report.
             let (fetcher, rx) = gate::gate(receiving.prefetch, receiving.prefetch.max(1) + 1);
-            self.task = Some(tokio::spawn(receive_loop(receiving, self.buffered.clone(), fetcher)));
+            let leave = self.leave.subscribe();
+            self.task = Some(tokio::spawn(receive_loop(receiving, leave, self.buffered.clone(), fetcher)));
             self.rx = Some(rx);
         }
         // Closed before receiving: a gate whose fetcher is gone, so it ends at once.
@@ -162,8 +167,10 @@ impl Subscription for SqsSubscription {
             return Ok(());
         }
         self.pending = None;
+        // The loop ends at once: a receive still open at SQS is left to a task that gives back
+        // whatever it brings, and a message received but not buffered yet is given back.
+        self.leave.send_replace(true);
         if let Some(task) = self.task.take() {
-            task.abort();
             let _ = task.await;
         }
         // What was received but never handed out goes back at once, not after the ack deadline.
@@ -186,9 +193,7 @@ impl Subscription for SqsSubscription {
 
 impl Drop for SqsSubscription {
     fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
+        self.leave.send_replace(true);
     }
 }
 
@@ -214,8 +219,14 @@ impl Acker for SqsAcker {
 /// Receives while the member has free prefetch slots, one batch at a time: the next
 /// `ReceiveMessage` goes out once the previous batch has been handed out, so received
 /// messages do not sit in a buffer while their visibility timeout runs.
-async fn receive_loop(receiving: Receiving, buffered: Arc<Buffered>, fetcher: Fetcher<Item>) {
-    let Receiving { client, url, visibility, mut stop, .. } = receiving;
+async fn receive_loop(
+    receiving: Receiving,
+    leave: watch::Receiver<bool>,
+    buffered: Arc<Buffered>,
+    fetcher: Fetcher<Item>,
+) {
+    let Receiving { client, url, visibility, stop, settler, .. } = receiving;
+    let mut halt = Halt { stop, leave };
     let queue = queue_name(&url).to_owned();
     let mut failures = 0u32;
     loop {
@@ -227,38 +238,48 @@ async fn receive_loop(receiving: Receiving, buffered: Arc<Buffered>, fetcher: Fe
                 Some(room) => room,
                 None => return,
             },
-            _ = stopped(&mut stop) => return,
+            _ = halt.wait() => return,
         };
-        let request = client
-            .receive_message()
-            .queue_url(&url)
-            .max_number_of_messages(room.len() as i32)
-            .wait_time_seconds(LONG_POLL_SECONDS)
-            .visibility_timeout(visibility)
-            .message_attribute_names("All")
-            .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
-            .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
-            .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
-            .send();
+        let mut request = Box::pin(
+            client
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(room.len() as i32)
+                .wait_time_seconds(LONG_POLL_SECONDS)
+                .visibility_timeout(visibility)
+                .message_attribute_names("All")
+                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .message_system_attribute_names(MessageSystemAttributeName::SentTimestamp)
+                .message_system_attribute_names(MessageSystemAttributeName::MessageGroupId)
+                .send(),
+        );
         let result = tokio::select! {
-            result = request => result,
-            _ = stopped(&mut stop) => return,
+            result = &mut request => result,
+            _ = halt.wait() => {
+                // SQS answers a long poll whether or not its sender still listens, and what it
+                // hands that answer stays invisible for a whole ack deadline: listen on.
+                tokio::spawn(give_back_when_answered(request, settler));
+                return;
+            }
         };
         match result {
             Ok(out) => {
                 failures = 0;
                 let at = Instant::now();
-                for received in out.messages() {
-                    let Some(receipt) = received.receipt_handle() else { continue };
+                let mut received = out.messages().iter().filter_map(|m| Some((m, m.receipt_handle()?)));
+                while let Some((message, receipt)) = received.next() {
                     let Some(slot) = room.take() else { break };
                     let item = Item::Received {
-                        message: codec::decode(received),
+                        message: codec::decode(message),
                         receipt: receipt.to_owned(),
                         at,
                         slot,
                     };
                     buffered.count.fetch_add(1, Ordering::AcqRel);
                     if fetcher.send(item).await.is_err() {
+                        // Closed meanwhile: this message and the rest of the answer go back.
+                        let rest = std::iter::once(receipt).chain(received.map(|(_, r)| r));
+                        tokio::spawn(give_back(rest.map(str::to_owned).collect(), settler));
                         return;
                     }
                 }
@@ -274,14 +295,52 @@ async fn receive_loop(receiving: Receiving, buffered: Arc<Buffered>, fetcher: Fe
                 let backoff = Duration::from_millis(100 << failures.min(6));
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = stopped(&mut stop) => return,
+                    _ = halt.wait() => return,
                 }
             }
         }
     }
 }
 
-/// Resolves once the transport closed (never, when the transport is gone without closing).
+/// What ends a receive loop: the transport closing, or the member leaving.
+struct Halt {
+    stop: watch::Receiver<bool>,
+    leave: watch::Receiver<bool>,
+}
+
+impl Halt {
+    /// Resolves once either turned true.
+    async fn wait(&mut self) {
+        tokio::select! {
+            _ = stopped(&mut self.stop) => {}
+            _ = stopped(&mut self.leave) => {}
+        }
+    }
+}
+
+/// Waits for the answer to a receive its member no longer listens for, and gives back what it
+/// holds.
+async fn give_back_when_answered<F, E>(request: F, settler: Settler)
+where
+    F: Future<Output = std::result::Result<ReceiveMessageOutput, E>>,
+{
+    if let Ok(out) = request.await {
+        let receipts = out.messages().iter().filter_map(|m| m.receipt_handle()).map(str::to_owned).collect();
+        give_back(receipts, settler).await;
+    }
+}
+
+/// Makes received messages visible again at once.
+async fn give_back(receipts: Vec<String>, settler: Settler) {
+    let releases = receipts.into_iter().map(|receipt| settler.settle(receipt, Settle::Release(0)));
+    for result in futures::future::join_all(releases).await {
+        if let Err(e) = result {
+            tracing::debug!(error = %e, "giving back a message received after its member left");
+        }
+    }
+}
+
+/// Resolves once the flag turns true (never, when its sender is gone without turning it).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     if stop.wait_for(|closed| *closed).await.is_err() {
         std::future::pending::<()>().await;

@@ -285,3 +285,36 @@ async fn delays_sqs_cannot_take_are_refused_at_publish() {
     })
     .await;
 }
+
+/// A long poll outlives the client that sent it: SQS (and moto) may still hand it a message
+/// after the member that polled has closed. That message must come back at once, not after
+/// the member's ack deadline (60 s here, far past this test's deadline).
+#[tokio::test]
+async fn a_message_taken_by_a_closed_members_open_poll_comes_back_at_once() {
+    World::run(false, |w| async move {
+        let options =
+            SubscribeOptions { ack_deadline: Duration::from_secs(60), ..SubscribeOptions::new("leavers") };
+        let mut leaving = within("subscribing", w.bus.subscribe(ENV, &w.event, options.clone()))
+            .await
+            .expect("subscribing");
+        // Asking for a delivery sends the member's long poll; the queue is empty, so it stays open.
+        let asked = tokio::time::timeout(Duration::from_millis(500), leaving.next()).await;
+        assert!(asked.is_err(), "nothing was published, so nothing is delivered");
+        within("closing", leaving.close()).await.expect("closing");
+
+        // The only poll open at SQS now is the closed member's: it takes this message.
+        let id = within("publishing", w.bus.publish(ENV, &w.event, Message::text("after close")))
+            .await
+            .expect("publishing");
+        let mut staying =
+            within("subscribing", w.bus.subscribe(ENV, &w.event, options)).await.expect("subscribing");
+        let delivery = within("the message the closed member's poll took", staying.next())
+            .await
+            .expect("open")
+            .expect("a delivery");
+        assert_eq!(delivery.id, id, "the message published after the close");
+        delivery.ack().await.expect("acking");
+        staying.close().await.expect("closing");
+    })
+    .await;
+}
