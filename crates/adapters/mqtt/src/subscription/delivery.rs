@@ -71,12 +71,16 @@ impl Member {
                 _ => None,
             }
         };
-        match ack {
-            Some((pkid, client)) => {
-                client.ack(&ack_for(pkid)).await.map_err(|_| "the connection task ended".to_owned())
-            }
-            None => Ok(()),
+        let Some((pkid, client)) = ack else { return Ok(()) };
+        let ack = ack_for(pkid);
+        if client.try_ack(&ack).is_ok() {
+            return Ok(());
         }
+        // The connection's request queue is full (or gone). Acks wait for room one at a time:
+        // each sender leaving flume's queue of waiting senders scans that whole queue, so a
+        // batch of acks all waiting there costs the square of its size.
+        let _turn = self.ack_turn.lock().await;
+        client.ack(&ack).await.map_err(|_| "the connection task ended".to_owned())
     }
 
     /// Publishes a copy for the group with `attempt`, then acks the original.

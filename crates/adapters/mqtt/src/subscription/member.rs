@@ -77,6 +77,8 @@ pub(super) struct Member {
     pub(super) ack_deadline: Duration,
     /// Notified when deliveries are settled.
     pub(super) changed: Notify,
+    /// Held by the one ack that waits for room in the connection's request queue.
+    pub(super) ack_turn: tokio::sync::Mutex<()>,
     pub(super) state: Mutex<MemberState>,
 }
 

@@ -82,6 +82,7 @@ pub(crate) async fn subscribe(
         publisher,
         ack_deadline: options.ack_deadline,
         changed: Notify::new(),
+        ack_turn: tokio::sync::Mutex::new(()),
         state: Mutex::new(MemberState {
             session: 0,
             incarnation,
