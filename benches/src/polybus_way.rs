@@ -1,7 +1,9 @@
 //! The workload through polybus: `Bus::publish_batch` (`Bus::publish` one by one),
 //! `Subscriber::next` and `Delivery::ack`, or `Subscriber::next_batch` and `Batch::ack_all`.
 
+use std::future::Future;
 use std::path::Path;
+use std::task::{Context as TaskContext, Poll, Waker};
 
 use anyhow::{Context, Result, bail};
 use async_trait::async_trait;
@@ -155,7 +157,13 @@ pub async fn consume(
         let Some(delivery) = delivery else { bail!("the subscription ended") };
         let delivery = delivery?;
         seen(&delivery);
-        acks.spawn(delivery.ack());
+        // An ack that is done at once (the broker is told later, as Kafka's offsets are) costs
+        // what awaiting it in line costs; only one that waits for the broker is left running.
+        let mut ack = Box::pin(delivery.ack());
+        match ack.as_mut().poll(&mut TaskContext::from_waker(Waker::noop())) {
+            Poll::Ready(done) => done?,
+            Poll::Pending => drop(acks.spawn(ack)),
+        }
         while acks.len() >= in_flight.max(1) {
             if let Some(done) = acks.join_next().await {
                 done??;

@@ -49,6 +49,22 @@ impl Message {
         }
     }
 
+    /// A message read from a broker, with the id and publish time it carries, attempt 1 (no
+    /// fresh id is made: a consumer reads the one it was published with).
+    pub fn received(id: String, payload: impl Into<Bytes>, published_at: DateTime<Utc>) -> Self {
+        Message {
+            id,
+            payload: payload.into(),
+            headers: BTreeMap::new(),
+            key: None,
+            content_type: None,
+            published_at,
+            attempt: 1,
+            delay: None,
+            idempotency_key: None,
+        }
+    }
+
     /// A `text/plain` message.
     pub fn text(text: impl Into<String>) -> Self {
         Message::new(text.into()).content_type("text/plain")
@@ -132,4 +148,18 @@ pub type Timestamp = DateTime<Utc>;
 /// The current time.
 pub fn now() -> Timestamp {
     Utc::now()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_received_message_keeps_the_id_and_time_it_carries() {
+        let at = DateTime::from_timestamp_millis(1_700_000_000_123).expect("a valid time");
+        let message = Message::received("m-7".to_owned(), "hi", at);
+        assert_eq!((message.id.as_str(), message.published_at, message.attempt), ("m-7", at, 1));
+        assert_eq!(message.payload, Bytes::from_static(b"hi"));
+        assert!(message.headers.is_empty() && message.key.is_none() && message.content_type.is_none());
+    }
 }

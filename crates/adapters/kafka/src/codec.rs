@@ -5,6 +5,8 @@
 //! `polybus-attempt` and [`NOT_BEFORE`]. A record from another client (no `polybus-id`) gets
 //! the id `<topic>-<partition>-<offset>`, the same on every delivery.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use polybus_core::{Message, wire};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
@@ -65,32 +67,36 @@ pub(crate) struct Decoded {
 
 /// Reads a fetched record.
 pub(crate) fn decode(record: &BorrowedMessage<'_>) -> Decoded {
-    let mut message = Message::new(record.payload().map(bytes::Bytes::copy_from_slice).unwrap_or_default());
-    message.key = record.key().map(|k| String::from_utf8_lossy(k).into_owned());
     let mut id = None;
+    let mut content_type = None;
     let mut published_at = None;
     let mut attempt = None;
     let mut not_before = None;
+    let mut others = BTreeMap::new();
     if let Some(headers) = record.headers() {
         for header in headers.iter() {
             let value = header.value.map(|v| String::from_utf8_lossy(v).into_owned()).unwrap_or_default();
             match header.key {
                 wire::ID => id = Some(value),
-                wire::CONTENT_TYPE => message.content_type = Some(value),
+                wire::CONTENT_TYPE => content_type = Some(value),
                 wire::PUBLISHED_AT => published_at = wire::parse_time(&value),
                 wire::ATTEMPT => attempt = value.parse::<u32>().ok(),
                 NOT_BEFORE => not_before = wire::parse_time(&value),
                 name => {
-                    message.headers.insert(name.to_owned(), value);
+                    others.insert(name.to_owned(), value);
                 }
             }
         }
     }
-    message.id =
-        id.unwrap_or_else(|| format!("{}-{}-{}", record.topic(), record.partition(), record.offset()));
-    message.published_at = published_at
+    let id = id.unwrap_or_else(|| format!("{}-{}-{}", record.topic(), record.partition(), record.offset()));
+    let published_at = published_at
         .or_else(|| record.timestamp().to_millis().and_then(DateTime::from_timestamp_millis))
         .unwrap_or_else(Utc::now);
+    let payload = record.payload().map(bytes::Bytes::copy_from_slice).unwrap_or_default();
+    let mut message = Message::received(id, payload, published_at);
+    message.key = record.key().map(|k| String::from_utf8_lossy(k).into_owned());
+    message.content_type = content_type;
+    message.headers = others;
     message.attempt = attempt.unwrap_or(1).max(1);
     Decoded { message, not_before }
 }

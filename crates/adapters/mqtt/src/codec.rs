@@ -4,6 +4,8 @@
 //! headers are user properties; id, key, publish time and (on redeliveries polybus makes)
 //! the attempt are user properties named in [`polybus_core::wire`].
 
+use std::collections::BTreeMap;
+
 use polybus_core::{Message, wire};
 use rumqttc::v5::mqttbytes::v5::{Publish, PublishProperties};
 
@@ -37,33 +39,47 @@ pub(crate) fn encode(message: &Message, attempt: u32) -> PublishProperties {
 /// The message a publish carries. A publish from a client that sets no polybus id gets a
 /// fresh one; `attempt` counts the broker's redelivery flag on top of `polybus-attempt`.
 pub(crate) fn decode(publish: &Publish) -> Message {
-    let mut message = Message::new(publish.payload.clone());
-    message.attempt = 1;
-    let mut stated_attempt = None;
+    let (mut id, mut key, mut published_at, mut stated_attempt) = (None, None, None, None);
+    let mut content_type = None;
+    let mut headers = BTreeMap::new();
     if let Some(props) = &publish.properties {
-        message.content_type = props.content_type.clone();
+        content_type = props.content_type.clone();
         for (name, value) in &props.user_properties {
             match name.as_str() {
-                wire::ID if !value.is_empty() => message.id = value.clone(),
-                wire::KEY => message.key = Some(value.clone()),
+                wire::ID if !value.is_empty() => id = Some(value.clone()),
+                wire::KEY => key = Some(value.clone()),
                 wire::PUBLISHED_AT => {
                     if let Some(t) = wire::parse_time(value) {
-                        message.published_at = t;
+                        published_at = Some(t);
                     }
                 }
                 wire::ATTEMPT => stated_attempt = value.parse::<u32>().ok().filter(|n| *n >= 1),
                 wire::CONTENT_TYPE => {
-                    if message.content_type.is_none() {
-                        message.content_type = Some(value.clone());
+                    if content_type.is_none() {
+                        content_type = Some(value.clone());
                     }
                 }
                 wire::ID => {}
                 _ => {
-                    message.headers.insert(name.clone(), value.clone());
+                    headers.insert(name.clone(), value.clone());
                 }
             }
         }
     }
+    let payload = publish.payload.clone();
+    let mut message = match (id, published_at) {
+        (Some(id), Some(published_at)) => Message::received(id, payload, published_at),
+        // From another client: a fresh id, and the time it came, for what it lacks.
+        (id, published_at) => {
+            let mut message = Message::new(payload);
+            message.id = id.unwrap_or(message.id);
+            message.published_at = published_at.unwrap_or(message.published_at);
+            message
+        }
+    };
+    message.key = key;
+    message.content_type = content_type;
+    message.headers = headers;
     message.attempt = stated_attempt.unwrap_or(1).saturating_add(u32::from(publish.dup));
     message
 }

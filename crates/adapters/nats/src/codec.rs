@@ -72,11 +72,11 @@ pub fn decode(headers: Option<&HeaderMap>, payload: bytes::Bytes, delivered: Del
     let id = get(wire::ID)
         .or_else(|| get(MSG_ID))
         .unwrap_or_else(|| format!("{}:{}", delivered.stream, delivered.sequence));
-    let mut message = Message::new(payload).id(id);
+    let published_at =
+        get(wire::PUBLISHED_AT).and_then(|t| wire::parse_time(&t)).unwrap_or(delivered.stored_at);
+    let mut message = Message::received(id, payload, published_at);
     message.key = get(wire::KEY);
     message.content_type = get(wire::CONTENT_TYPE);
-    message.published_at =
-        get(wire::PUBLISHED_AT).and_then(|t| wire::parse_time(&t)).unwrap_or(delivered.stored_at);
     message.attempt = delivered.attempt;
     let ours = headers.is_some_and(|h| h.get(wire::ID).is_some());
     for (name, values) in headers.into_iter().flat_map(HeaderMap::iter) {
