@@ -174,19 +174,12 @@ impl Subscription for SqsSubscription {
             let _ = task.await;
         }
         // What was received but never handed out goes back at once, not after the ack deadline.
-        let mut buffered = Vec::new();
-        if let Some(rx) = &mut self.rx {
-            for item in rx.close() {
-                if let Item::Received { receipt, .. } = item {
-                    buffered.push(self.settler.settle(receipt, Settle::Release(0)));
-                }
-            }
-        }
-        for result in futures::future::join_all(buffered).await {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "releasing a buffered message on close");
-            }
-        }
+        let buffered = self.rx.as_mut().map(Gated::close).unwrap_or_default();
+        let receipts = buffered.into_iter().filter_map(|item| match item {
+            Item::Received { receipt, .. } => Some(receipt),
+            Item::Failed(_) => None,
+        });
+        give_back(receipts.collect(), self.settler.clone()).await;
         Ok(())
     }
 }
@@ -335,7 +328,7 @@ async fn give_back(receipts: Vec<String>, settler: Settler) {
     let releases = receipts.into_iter().map(|receipt| settler.settle(receipt, Settle::Release(0)));
     for result in futures::future::join_all(releases).await {
         if let Err(e) = result {
-            tracing::debug!(error = %e, "giving back a message received after its member left");
+            tracing::debug!(error = %e, "giving back a message its member will not hand out");
         }
     }
 }
