@@ -38,35 +38,35 @@ pub(crate) fn encode(message: &Message, attempt: u32) -> PublishProperties {
 
 /// The message a publish carries. A publish from a client that sets no polybus id gets a
 /// fresh one; `attempt` counts the broker's redelivery flag on top of `polybus-attempt`.
-pub(crate) fn decode(publish: &Publish) -> Message {
+pub(crate) fn decode(publish: Publish) -> Message {
     let (mut id, mut key, mut published_at, mut stated_attempt) = (None, None, None, None);
     let mut content_type = None;
     let mut headers = BTreeMap::new();
-    if let Some(props) = &publish.properties {
-        content_type = props.content_type.clone();
-        for (name, value) in &props.user_properties {
+    if let Some(props) = publish.properties {
+        content_type = props.content_type;
+        for (name, value) in props.user_properties {
             match name.as_str() {
-                wire::ID if !value.is_empty() => id = Some(value.clone()),
-                wire::KEY => key = Some(value.clone()),
+                wire::ID if !value.is_empty() => id = Some(value),
+                wire::KEY => key = Some(value),
                 wire::PUBLISHED_AT => {
-                    if let Some(t) = wire::parse_time(value) {
+                    if let Some(t) = wire::parse_time(&value) {
                         published_at = Some(t);
                     }
                 }
                 wire::ATTEMPT => stated_attempt = value.parse::<u32>().ok().filter(|n| *n >= 1),
                 wire::CONTENT_TYPE => {
                     if content_type.is_none() {
-                        content_type = Some(value.clone());
+                        content_type = Some(value);
                     }
                 }
                 wire::ID => {}
                 _ => {
-                    headers.insert(name.clone(), value.clone());
+                    headers.insert(name, value);
                 }
             }
         }
     }
-    let payload = publish.payload.clone();
+    let payload = publish.payload;
     let mut message = match (id, published_at) {
         (Some(id), Some(published_at)) => Message::received(id, payload, published_at),
         // From another client: a fresh id, and the time it came, for what it lacks.
@@ -134,7 +134,7 @@ mod tests {
             .key("customer-42")
             .header("traceparent", "00-abc-def-01")
             .content_type("application/octet-stream");
-        let got = decode(&received(&sent, 1, false));
+        let got = decode(received(&sent, 1, false));
         assert_eq!(got.payload, sent.payload);
         assert_eq!((got.id.as_str(), got.key.as_deref()), (sent.id.as_str(), Some("customer-42")));
         assert_eq!(got.headers, sent.headers);
@@ -146,15 +146,15 @@ mod tests {
     #[test]
     fn attempts_come_from_the_property_and_the_dup_flag() {
         let m = Message::text("x");
-        assert_eq!(decode(&received(&m, 3, false)).attempt, 3);
-        assert_eq!(decode(&received(&m, 3, true)).attempt, 4);
-        assert_eq!(decode(&received(&m, 1, true)).attempt, 2);
+        assert_eq!(decode(received(&m, 3, false)).attempt, 3);
+        assert_eq!(decode(received(&m, 3, true)).attempt, 4);
+        assert_eq!(decode(received(&m, 1, true)).attempt, 2);
     }
 
     #[test]
     fn reserved_names_never_leak_into_headers() {
         let m = Message::text("x").header(wire::KEY, "spoof").header(wire::DEAD_LETTER_REASON, "why");
-        let got = decode(&received(&m, 2, false));
+        let got = decode(received(&m, 2, false));
         assert_eq!(got.key, None);
         assert_eq!(got.headers.len(), 1);
         assert_eq!(got.headers[wire::DEAD_LETTER_REASON], "why");

@@ -271,9 +271,10 @@ async fn pass_one(
     publish: Publish,
     exit: Exit,
 ) -> Result<bool, String> {
-    let mut message = codec::decode(&publish);
+    let dup = publish.dup;
+    let mut message = codec::decode(publish.clone());
     if exit == Exit::Closed {
-        message.attempt = message.attempt.saturating_sub(u32::from(publish.dup)).max(1);
+        message.attempt = message.attempt.saturating_sub(u32::from(dup)).max(1);
     }
     let properties = codec::encode(&message, message.attempt);
     match publisher.publish(&retry_topic, false, message.payload, properties).await? {

@@ -20,14 +20,14 @@ pub(super) struct MqttAcker {
 #[async_trait]
 impl Acker for MqttAcker {
     async fn ack(self: Box<Self>) -> Result<()> {
-        if !self.member.claim(self.key, self.lease, false) {
+        if !self.member.claim(self.key, self.lease) {
             return Err(Error::LeaseLost(self.id));
         }
         self.member.settle(self.key).await.map_err(|e| Error::transport(Op::Ack, &self.member.label, e))
     }
 
     async fn nack(self: Box<Self>, delay: Option<Duration>) -> Result<()> {
-        if !self.member.claim(self.key, self.lease, false) {
+        if !self.member.claim(self.key, self.lease) {
             return Err(Error::LeaseLost(self.id));
         }
         let MqttAcker { member, key, attempt, .. } = *self;

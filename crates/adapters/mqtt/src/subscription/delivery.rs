@@ -1,15 +1,18 @@
 //! A delivery's life: handed out under a lease with an ack deadline, then acked or
 //! redelivered to the group through its retry topic.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 
 use bytes::Bytes;
 use polybus_core::Delivery;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::Publish;
+use tokio::sync::Notify;
+use tokio::time::Instant;
 
 use super::Answer;
 use super::acker::MqttAcker;
+use super::member::MemberState;
 use super::member::{Held, Member, Stage};
 use crate::codec;
 use crate::publisher::{Ack, lock};
@@ -25,32 +28,39 @@ impl Member {
     /// Hands a buffered message to the application, starting its ack deadline.
     pub(super) fn hand_out(self: &Arc<Self>, key: u64) -> Option<Delivery> {
         let mut state = lock(&self.state);
-        let lease = state.next_key;
-        state.next_key += 1;
         let held = state.held.get_mut(&key)?;
         if !matches!(held.stage, Stage::Buffered) {
             return None;
         }
-        let timer = tokio::spawn(self.clone().expire(key, lease)).abort_handle();
-        held.stage = Stage::HandedOut { lease, timer };
         let message = held.message.clone();
+        let lease = self.start_lease(&mut state, key);
         let acker =
             MqttAcker { member: self.clone(), key, lease, id: message.id.clone(), attempt: message.attempt };
         Some(Delivery::new(message, Box::new(acker)))
     }
 
-    /// Takes a handed-out message for settling, when `lease` is still its current one, and
-    /// stops its ack-deadline timer unless the timer itself settles it (aborting a running
-    /// task cancels it at its next await: the redelivery would stop half done).
-    pub(super) fn claim(&self, key: u64, lease: u64, by_timer: bool) -> bool {
+    /// Marks `key` handed out under a new lease whose ack deadline starts now.
+    fn start_lease(&self, state: &mut MemberState, key: u64) -> u64 {
+        let lease = state.next_key;
+        state.next_key += 1;
+        if let Some(held) = state.held.get_mut(&key) {
+            held.stage = Stage::HandedOut { lease };
+        }
+        if state.expiring.is_empty() {
+            // A stored permit when the task is busy: it finds this entry on its next turn.
+            self.expiry_wake.notify_one();
+        }
+        state.expiring.insert(lease, (key, Instant::now() + self.ack_deadline));
+        lease
+    }
+
+    /// Takes a handed-out message for settling, when `lease` is still its current one.
+    pub(super) fn claim(&self, key: u64, lease: u64) -> bool {
         let mut state = lock(&self.state);
         match state.held.get_mut(&key) {
-            Some(held) if matches!(&held.stage, Stage::HandedOut { lease: l, .. } if *l == lease) => {
-                if let Stage::HandedOut { timer, .. } = std::mem::replace(&mut held.stage, Stage::Settling)
-                    && !by_timer
-                {
-                    timer.abort();
-                }
+            Some(held) if matches!(&held.stage, Stage::HandedOut { lease: l } if *l == lease) => {
+                held.stage = Stage::Settling;
+                state.expiring.remove(&lease);
                 true
             }
             _ => false,
@@ -100,26 +110,19 @@ impl Member {
     /// the message unacked in the session.
     pub(super) fn recover(self: &Arc<Self>, key: u64) {
         let mut state = lock(&self.state);
-        let lease = state.next_key;
-        state.next_key += 1;
-        let listening = state.listening;
-        if let Some(held) = state.held.get_mut(&key) {
-            held.stage = if listening {
-                Stage::HandedOut {
-                    lease,
-                    timer: tokio::spawn(self.clone().expire(key, lease)).abort_handle(),
-                }
-            } else {
-                Stage::InSession
-            };
+        if state.held.contains_key(&key) {
+            if state.listening {
+                self.start_lease(&mut state, key);
+            } else if let Some(held) = state.held.get_mut(&key) {
+                held.stage = Stage::InSession;
+            }
         }
         self.changed.notify_waiters();
     }
 
     /// At the ack deadline: redeliver to the group with the next attempt.
     async fn expire(self: Arc<Self>, key: u64, lease: u64) {
-        tokio::time::sleep(self.ack_deadline).await;
-        if !self.claim(key, lease, true) {
+        if !self.claim(key, lease) {
             return;
         }
         let attempt = match lock(&self.state).held.get(&key) {
@@ -129,6 +132,40 @@ impl Member {
         if let Err(e) = self.redeliver(key, attempt).await {
             tracing::warn!(topic = %self.label, error = %e, "redelivering a message past its ack deadline");
             self.recover(key);
+        }
+    }
+}
+
+/// Expires a member's handed-out deliveries at their ack deadlines, oldest first. It holds
+/// the member only while a delivery is handed out (as that delivery's acker does).
+pub(super) async fn expire_due(member: Weak<Member>, wake: Arc<Notify>) {
+    loop {
+        let next = {
+            let Some(member) = member.upgrade() else { return };
+            let now = Instant::now();
+            let mut due = Vec::new();
+            let next = {
+                let mut state = lock(&member.state);
+                loop {
+                    match state.expiring.first_key_value() {
+                        Some((_, (_, at))) if *at <= now => {
+                            if let Some((lease, (key, _))) = state.expiring.pop_first() {
+                                due.push((key, lease));
+                            }
+                        }
+                        first => break first.map(|(_, (_, at))| *at),
+                    }
+                }
+            };
+            for (key, lease) in due {
+                tokio::spawn(member.clone().expire(key, lease));
+            }
+            next.map(|at| (member, at))
+        };
+        match next {
+            // Entries added meanwhile expire later than this one.
+            Some((_member, at)) => tokio::time::sleep_until(at).await,
+            None => wake.notified().await,
         }
     }
 }

@@ -36,7 +36,7 @@ impl Member {
             self.on_record(seen);
             return;
         }
-        let qos1 = publish.qos != QoS::AtMostOnce;
+        let pkid = (publish.qos != QoS::AtMostOnce).then_some(publish.pkid);
         let mut state = lock(&self.state);
         let Some(deliveries) = state.deliveries.clone().filter(|_| state.listening && !state.retired) else {
             // Arrived while leaving: left unacked in the session, for the member adopting it.
@@ -45,15 +45,9 @@ impl Member {
         let key = state.next_key;
         state.next_key += 1;
         let session = state.session;
-        state.held.insert(
-            key,
-            Held {
-                message: codec::decode(&publish),
-                pkid: qos1.then_some(publish.pkid),
-                session,
-                stage: Stage::Buffered,
-            },
-        );
+        state
+            .held
+            .insert(key, Held { message: codec::decode(publish), pkid, session, stage: Stage::Buffered });
         drop(state);
         let _ = deliveries.send(key);
     }

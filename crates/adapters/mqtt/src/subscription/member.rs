@@ -1,7 +1,7 @@
 //! A member's state, and how it leaves its group: its session is left to the group once
 //! every delivery handed out is settled.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +10,8 @@ use polybus_core::Message;
 use rumqttc::v5::AsyncClient;
 use rumqttc::v5::mqttbytes::QoS;
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio::task::{AbortHandle, JoinHandle};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 use super::naming::{Incarnation, Names};
 use super::{Answer, BROKER_WAIT, Reply, wait};
@@ -21,8 +22,8 @@ use crate::publisher::{Publisher, lock};
 pub(super) enum Stage {
     /// Received, waiting in the channel for `next`.
     Buffered,
-    /// Handed to the application; expires at the ack deadline.
-    HandedOut { lease: u64, timer: AbortHandle },
+    /// Handed to the application under `lease`; expires at the ack deadline.
+    HandedOut { lease: u64 },
     /// Being acked or redelivered.
     Settling,
     /// Left unacked in the member's session after a redelivery failed on a leaving member.
@@ -47,6 +48,11 @@ pub(super) struct MemberState {
     /// Source of held keys and leases.
     pub(super) next_key: u64,
     pub(super) held: HashMap<u64, Held>,
+    /// Handed-out deliveries by lease, with their ack deadline: leases are taken in time order
+    /// under this lock, so the first entry is always the next to expire.
+    pub(super) expiring: BTreeMap<u64, (u64, Instant)>,
+    /// The member's one task expiring deliveries at their ack deadline.
+    pub(super) expiry: Option<JoinHandle<()>>,
     pub(super) subacks: VecDeque<Reply>,
     /// Round trips awaiting the PUBACK of their publish.
     pub(super) round_trips: VecDeque<Reply>,
@@ -77,6 +83,8 @@ pub(super) struct Member {
     pub(super) ack_deadline: Duration,
     /// Notified when deliveries are settled.
     pub(super) changed: Notify,
+    /// Wakes the expiry task when a delivery is handed out while none was.
+    pub(super) expiry_wake: Arc<Notify>,
     /// Held by the one ack that waits for room in the connection's request queue.
     pub(super) ack_turn: tokio::sync::Mutex<()>,
     pub(super) state: Mutex<MemberState>,
@@ -88,6 +96,9 @@ impl Drop for Member {
         let state = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
         if let Some(driver) = state.driver.take() {
             driver.abort();
+        }
+        if let Some(expiry) = state.expiry.take() {
+            expiry.abort();
         }
     }
 }

@@ -25,7 +25,7 @@ mod events;
 mod member;
 mod naming;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,6 +37,7 @@ use crate::config::Settings;
 use crate::orphan;
 use crate::publisher::{Publisher, lock};
 
+use delivery::expire_due;
 use driver::drive;
 use member::{Member, MemberState};
 use naming::Names;
@@ -82,6 +83,7 @@ pub(crate) async fn subscribe(
         publisher,
         ack_deadline: options.ack_deadline,
         changed: Notify::new(),
+        expiry_wake: Arc::new(Notify::new()),
         ack_turn: tokio::sync::Mutex::new(()),
         state: Mutex::new(MemberState {
             session: 0,
@@ -89,6 +91,8 @@ pub(crate) async fn subscribe(
             driver: None,
             next_key: 0,
             held: HashMap::new(),
+            expiring: BTreeMap::new(),
+            expiry: None,
             subacks: VecDeque::new(),
             round_trips: VecDeque::new(),
             orphans: HashSet::new(),
@@ -109,7 +113,12 @@ pub(crate) async fn subscribe(
         .try_subscribe_many(member.names.filters())
         .map_err(|_| Error::transport(Op::Subscribe, &label, "the connection task ended"))?;
     let driver = tokio::spawn(drive(Arc::downgrade(&member), eventloop));
-    lock(&member.state).driver = Some(driver);
+    let expiry = tokio::spawn(expire_due(Arc::downgrade(&member), member.expiry_wake.clone()));
+    {
+        let mut state = lock(&member.state);
+        state.driver = Some(driver);
+        state.expiry = Some(expiry);
+    }
     wait(subscribed, "the subscription").await.map_err(|e| Error::transport(Op::Subscribe, &label, e))?;
     Ok(MqttSubscription { member, rx, closed: false })
 }
