@@ -87,6 +87,7 @@ pub async fn measure(
     let mut memory: Memory = serde_json::from_slice(&output.stdout).context("the consumer's report")?;
     memory.adapter = env.to_owned();
     bus.registry().delete_topic(&event).await?;
+    crate::polybus_way::drop_broker_side(env, &event).await?;
     Ok(memory)
 }
 

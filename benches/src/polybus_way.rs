@@ -97,9 +97,31 @@ impl Way for PolybusWay {
         }
         if !self.event.is_empty() {
             self.bus.registry().delete_topic(&self.event).await?;
+            drop_broker_side(&self.env, &self.event).await?;
         }
         Ok(())
     }
+}
+
+/// Deletes what polybus made at the broker for `event` where it would outlive the run on a
+/// shared broker: on Redis, the stream and its side keys (polybus deletes a topic from the
+/// registry only, and a run leaves up to a million entries).
+pub async fn drop_broker_side(env: &str, event: &str) -> Result<()> {
+    if env != "redis" {
+        return Ok(());
+    }
+    let stream = event.split_once(':').map_or(event, |(_, name)| name);
+    let mut conn = redis::Client::open(crate::REDIS_URL)?.get_multiplexed_async_connection().await?;
+    let mut keys = vec![stream.to_owned()];
+    {
+        let mut side =
+            redis::AsyncCommands::scan_match::<_, String>(&mut conn, format!("{stream}:*")).await?;
+        while let Some(key) = futures::StreamExt::next(&mut side).await {
+            keys.push(key?);
+        }
+    }
+    redis::cmd("DEL").arg(&keys).query_async::<i64>(&mut conn).await?;
+    Ok(())
 }
 
 /// Publishes `work.messages` copies of the payload in batches.

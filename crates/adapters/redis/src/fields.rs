@@ -26,21 +26,28 @@ pub const HEADER_PREFIX: &str = "h:";
 /// Field name / value pairs, in stream order.
 pub(crate) type Fields = Vec<(Vec<u8>, Vec<u8>)>;
 
-/// The fields `message` is stored as (its `attempt` and `delay` are not stored).
-pub(crate) fn encode(message: &Message) -> Fields {
-    let mut fields: Fields = Vec::with_capacity(4 + message.headers.len());
-    fields.push((PAYLOAD.into(), message.payload.to_vec()));
-    fields.push((ID.into(), message.id.clone().into_bytes()));
+/// Calls `field` with each name and value `message` is stored as, in stream order (its
+/// `attempt` and `delay` are not stored).
+pub(crate) fn each(message: &Message, mut field: impl FnMut(&[u8], &[u8])) {
+    field(PAYLOAD.as_bytes(), &message.payload);
+    field(ID.as_bytes(), message.id.as_bytes());
     if let Some(key) = &message.key {
-        fields.push((KEY.into(), key.clone().into_bytes()));
+        field(KEY.as_bytes(), key.as_bytes());
     }
     if let Some(content_type) = &message.content_type {
-        fields.push((CONTENT_TYPE.into(), content_type.clone().into_bytes()));
+        field(CONTENT_TYPE.as_bytes(), content_type.as_bytes());
     }
-    fields.push((PUBLISHED_AT.into(), wire::format_time(message.published_at).into_bytes()));
+    field(PUBLISHED_AT.as_bytes(), wire::format_time(message.published_at).as_bytes());
     for (name, value) in &message.headers {
-        fields.push((format!("{HEADER_PREFIX}{name}").into_bytes(), value.clone().into_bytes()));
+        field(format!("{HEADER_PREFIX}{name}").as_bytes(), value.as_bytes());
     }
+}
+
+/// The fields `message` is stored as.
+#[cfg(test)]
+fn encode(message: &Message) -> Fields {
+    let mut fields = Fields::new();
+    each(message, |name, value| fields.push((name.to_vec(), value.to_vec())));
     fields
 }
 

@@ -163,7 +163,6 @@ impl RedisTransport {
 
     /// The command that publishes `message` to `stream`: `XADD`, or the delayed-publish script.
     fn publish_command(&self, stream: &str, message: &Message) -> Cmd {
-        let fields = fields::encode(message);
         match message.delay.filter(|d| !d.is_zero()) {
             None => {
                 let mut cmd = redis::cmd("XADD");
@@ -172,9 +171,9 @@ impl RedisTransport {
                     cmd.arg("MAXLEN").arg("~").arg(max_len);
                 }
                 cmd.arg("*");
-                for (name, value) in fields {
+                fields::each(message, |name, value| {
                     cmd.arg(name).arg(value);
-                }
+                });
                 cmd
             }
             Some(delay) => {
@@ -186,9 +185,9 @@ impl RedisTransport {
                     .arg(scripts::delayed_key(stream))
                     .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
                     .arg(uuid::Uuid::new_v4().simple().to_string());
-                for (name, value) in fields {
+                fields::each(message, |name, value| {
                     cmd.arg(name).arg(value);
-                }
+                });
                 cmd
             }
         }
@@ -236,7 +235,7 @@ impl Transport for RedisTransport {
         let command = self.publish_command(&topic.native_name, &message);
         self.shared
             .retrying(Op::Publish, &topic.native_name, |mut conn| {
-                let command = command.clone();
+                let command = &command;
                 async move { command.query_async::<Value>(&mut conn).await }
             })
             .await?;
@@ -254,7 +253,7 @@ impl Transport for RedisTransport {
         }
         self.shared
             .retrying(Op::Publish, &topic.native_name, |mut conn| {
-                let pipeline = pipeline.clone();
+                let pipeline = &pipeline;
                 async move { pipeline.query_async::<Vec<Value>>(&mut conn).await }
             })
             .await?;
