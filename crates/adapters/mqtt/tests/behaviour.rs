@@ -119,6 +119,47 @@ async fn an_ack_after_the_deadline_is_refused_and_the_message_comes_back() {
 }
 
 #[tokio::test]
+async fn only_the_deliveries_left_unacked_come_back_after_the_deadline() {
+    let world = World::new().await;
+    let mut sub =
+        world.bus.subscribe(ENV, &world.event, options("partial", Duration::from_secs(1))).await.unwrap();
+    for i in 0..4 {
+        world.bus.publish(ENV, &world.event, Message::text(format!("job {i}"))).await.unwrap();
+    }
+    let mut held = Vec::new();
+    for n in 0..4 {
+        held.push(receive(&mut sub, &format!("delivery {n}")).await);
+    }
+    // Acked out of order: the second and the last, so the deadlines left are not a prefix.
+    let mut unacked = Vec::new();
+    for (n, delivery) in held.into_iter().enumerate() {
+        if n % 2 == 1 {
+            delivery.ack().await.unwrap();
+        } else {
+            unacked.push(delivery);
+        }
+    }
+    let mut expected: Vec<String> = unacked.iter().map(|d| d.id.clone()).collect();
+    let mut back = Vec::new();
+    for n in 0..2 {
+        let again = receive(&mut sub, &format!("redelivery {n}")).await;
+        assert_eq!(again.attempt, 2, "attempt of the redelivery of {}", again.id);
+        back.push(again.id.clone());
+        again.ack().await.unwrap();
+    }
+    expected.sort();
+    back.sort();
+    assert_eq!(back, expected, "the unacked deliveries, each once");
+    expect_nothing(&mut sub, Duration::from_millis(1500), "after acking both redeliveries").await;
+    for late in unacked {
+        assert!(matches!(late.ack().await, Err(Error::LeaseLost(_))), "a late ack must be refused");
+    }
+    sub.close().await.unwrap();
+    world.bus.close().await.unwrap();
+    world.forget_groups(&["partial"]).await;
+}
+
+#[tokio::test]
 async fn a_subscription_keeps_redelivering_after_its_bus_closed() {
     let world = World::new().await;
     let mut sub =

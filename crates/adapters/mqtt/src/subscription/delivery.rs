@@ -12,8 +12,7 @@ use tokio::time::Instant;
 
 use super::Answer;
 use super::acker::MqttAcker;
-use super::member::MemberState;
-use super::member::{Held, Member, Stage};
+use super::member::{Held, Member, MemberState, Stage};
 use crate::codec;
 use crate::publisher::{Ack, lock};
 
