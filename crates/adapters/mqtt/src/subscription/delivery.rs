@@ -2,6 +2,7 @@
 //! redelivered to the group through its retry topic.
 
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use polybus_core::Delivery;
@@ -15,6 +16,9 @@ use super::acker::MqttAcker;
 use super::member::{Held, Member, MemberState, Stage};
 use crate::codec;
 use crate::publisher::{Ack, lock};
+
+/// Stands in for an ack deadline too far away for `Instant`.
+const FAR: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A PUBACK request for `pkid` (rumqttc builds it from a publish's QoS and packet id).
 fn ack_for(pkid: u16) -> Publish {
@@ -49,7 +53,10 @@ impl Member {
             // A stored permit when the task is busy: it finds this entry on its next turn.
             self.expiry_wake.notify_one();
         }
-        state.expiring.insert(lease, (key, Instant::now() + self.ack_deadline));
+        // A deadline beyond what `Instant` holds never comes: a year stands in for it.
+        let now = Instant::now();
+        let at = now.checked_add(self.ack_deadline).unwrap_or_else(|| now + FAR);
+        state.expiring.insert(lease, (key, at));
         lease
     }
 
@@ -135,8 +142,9 @@ impl Member {
     }
 }
 
-/// Expires a member's handed-out deliveries at their ack deadlines, oldest first. It holds
-/// the member only while a delivery is handed out (as that delivery's acker does).
+/// Expires a member's handed-out deliveries at their ack deadlines, oldest first. While
+/// deliveries are out it holds the member until the first deadline it sleeps for (so at most
+/// one ack deadline past the last ack); with none out, only a weak reference.
 pub(super) async fn expire_due(member: Weak<Member>, wake: Arc<Notify>) {
     loop {
         let next = {

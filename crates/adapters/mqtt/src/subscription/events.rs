@@ -37,6 +37,8 @@ impl Member {
             return;
         }
         let pkid = (publish.qos != QoS::AtMostOnce).then_some(publish.pkid);
+        // Decoded before taking the lock the application's `next` and acks wait on.
+        let message = codec::decode(publish);
         let mut state = lock(&self.state);
         let Some(deliveries) = state.deliveries.clone().filter(|_| state.listening && !state.retired) else {
             // Arrived while leaving: left unacked in the session, for the member adopting it.
@@ -45,9 +47,7 @@ impl Member {
         let key = state.next_key;
         state.next_key += 1;
         let session = state.session;
-        state
-            .held
-            .insert(key, Held { message: codec::decode(publish), pkid, session, stage: Stage::Buffered });
+        state.held.insert(key, Held { message, pkid, session, stage: Stage::Buffered });
         drop(state);
         let _ = deliveries.send(key);
     }
