@@ -36,17 +36,7 @@ pub struct Message {
 impl Message {
     /// A message carrying `payload`, with a fresh id.
     pub fn new(payload: impl Into<Bytes>) -> Self {
-        Message {
-            id: uuid::Uuid::now_v7().to_string(),
-            payload: payload.into(),
-            headers: BTreeMap::new(),
-            key: None,
-            content_type: None,
-            published_at: Utc::now(),
-            attempt: 0,
-            delay: None,
-            idempotency_key: None,
-        }
+        Message { attempt: 0, ..Message::received(uuid::Uuid::now_v7().to_string(), payload, Utc::now()) }
     }
 
     /// A message read from a broker, with the id and publish time it carries, attempt 1 (no

@@ -153,16 +153,13 @@ pub(super) async fn expire_due(member: Weak<Member>, wake: Arc<Notify>) {
             let mut due = Vec::new();
             let next = {
                 let mut state = lock(&member.state);
-                loop {
-                    match state.expiring.first_key_value() {
-                        Some((_, (_, at))) if *at <= now => {
-                            if let Some((lease, (key, _))) = state.expiring.pop_first() {
-                                due.push((key, lease));
-                            }
-                        }
-                        first => break first.map(|(_, (_, at))| *at),
-                    }
+                while let Some(first) = state.expiring.first_entry()
+                    && first.get().1 <= now
+                {
+                    let (lease, (key, _)) = first.remove_entry();
+                    due.push((key, lease));
                 }
+                state.expiring.first_key_value().map(|(_, (_, at))| *at)
             };
             for (key, lease) in due {
                 tokio::spawn(member.clone().expire(key, lease));
